@@ -1,0 +1,247 @@
+"""The built-in GPT family: one decoder-only transformer, configured by shape.
+
+Written so that ``torch.fx.symbolic_trace`` sees every op (no data-dependent control flow) and so
+that the per-op tensor-parallel rules find the Megatron structure by themselves: attention is
+``qkv projections -> view into heads -> scores -> softmax -> dropout -> @v -> merge heads -> proj``,
+the MLP is ``fc1 (-> gate) -> act -> fc2``. Head counts appear as integer view arguments, which is
+exactly what the lowering localises when heads are split across tensor-parallel ranks.
+
+GPT-3 style: learned position embeddings, LayerNorm, GELU, FFN = 4h (Brown et al. 2020).
+Llama style: RMSNorm, SwiGLU, rotary position embeddings, grouped-query attention (kv_heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """Shape of a decoder-only transformer."""
+
+    hidden: int
+    """Model width h."""
+    layers: int
+    """Number of transformer layers l."""
+    heads: int
+    """Attention heads a; ``hidden`` must be a multiple."""
+    vocab: int
+    """Vocabulary size V."""
+    seq: int
+    """Maximum sequence length s (sizes the position table / rotary cache)."""
+    ffn: int | None = None
+    """MLP inner width; default 4h for GELU, the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
+    kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; default = heads."""
+    norm: str = "layernorm"
+    """``layernorm`` or ``rmsnorm``."""
+    act: str = "gelu"
+    """``gelu`` or ``swiglu``."""
+    dropout: float = 0.0
+    """Dropout probability on attention probabilities and residual branches (Megatron's places)."""
+    fused_attention: bool = False
+    """Use ``scaled_dot_product_attention`` (scores not materialised) instead of explicit softmax."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output projection."""
+    bias: bool = True
+    """Biases in Linear layers (GPT-3: yes, Llama: no)."""
+
+    def __post_init__(self) -> None:
+        from autopar.errors import ModelSpecError
+
+        for name in ("hidden", "layers", "heads", "vocab", "seq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelSpecError(f"GPT {name}={value!r}: must be a positive integer")
+        if self.hidden % self.heads:
+            raise ModelSpecError(
+                f"GPT hidden={self.hidden} is not divisible by heads={self.heads}; "
+                "choose heads that divide the hidden size"
+            )
+        if self.heads % self.kv_heads_resolved:
+            raise ModelSpecError(
+                f"GPT heads={self.heads} is not a multiple of kv_heads={self.kv_heads}; "
+                "grouped-query attention needs heads = kv_heads * group"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ModelSpecError(f"GPT norm={self.norm!r}: choose layernorm or rmsnorm")
+        if self.act not in ("gelu", "swiglu"):
+            raise ModelSpecError(f"GPT act={self.act!r}: choose gelu or swiglu")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelSpecError(f"GPT dropout={self.dropout}: must be in [0, 1)")
+
+    @property
+    def kv_heads_resolved(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def ffn_resolved(self) -> int:
+        if self.ffn:
+            return self.ffn
+        if self.act == "swiglu":
+            return 256 * math.ceil(8 * self.hidden / 3 / 256)
+        return 4 * self.hidden
+
+    @property
+    def rotary(self) -> bool:
+        """Llama-style models (RMSNorm) use rotary embeddings; GPT-style learned positions."""
+        return self.norm == "rmsnorm"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(cfg: GPTConfig, device) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden, device=device)
+    return nn.LayerNorm(cfg.hidden, device=device)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, device=None):
+        super().__init__()
+        h, hd = cfg.hidden, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads_resolved, hd
+        self.q_proj = nn.Linear(h, cfg.heads * hd, bias=cfg.bias, device=device)
+        self.k_proj = nn.Linear(h, self.kv_heads * hd, bias=cfg.bias, device=device)
+        self.v_proj = nn.Linear(h, self.kv_heads * hd, bias=cfg.bias, device=device)
+        self.o_proj = nn.Linear(cfg.heads * hd, h, bias=cfg.bias, device=device)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.dropout_p = cfg.dropout
+        self.fused = cfg.fused_attention
+        self.rotary = cfg.rotary
+        self.scale = 1.0 / math.sqrt(hd)
+        mask = torch.full((cfg.seq, cfg.seq), float("-inf"), device=device).triu(1)
+        self.register_buffer("causal_mask", mask, persistent=False)
+        if self.rotary:
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device).float() / hd))
+            freqs = torch.outer(torch.arange(cfg.seq, device=device).float(), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.register_buffer("rope_cos", emb.cos(), persistent=False)
+            self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        if self.kv_heads != self.heads:
+            group = self.heads // self.kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if self.fused:
+            p = self.dropout_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.scale + self.causal_mask[:t, :t]
+            probs = self.attn_dropout(torch.softmax(scores, dim=-1))
+            y = probs @ v
+        y = y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, device=None):
+        super().__init__()
+        h, f = cfg.hidden, cfg.ffn_resolved
+        self.swiglu = cfg.act == "swiglu"
+        self.fc1 = nn.Linear(h, f, bias=cfg.bias, device=device)
+        if self.swiglu:
+            self.gate = nn.Linear(h, f, bias=cfg.bias, device=device)
+        self.fc2 = nn.Linear(f, h, bias=cfg.bias, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer (pre-norm): the repeated block the planner solves once."""
+
+    def __init__(self, cfg: GPTConfig, device=None):
+        super().__init__()
+        self.ln_1 = _norm(cfg, device)
+        self.attn = Attention(cfg, device)
+        self.drop_1 = nn.Dropout(cfg.dropout)
+        self.ln_2 = _norm(cfg, device)
+        self.mlp = MLP(cfg, device)
+        self.drop_2 = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_1(self.attn(self.ln_1(x)))
+        return x + self.drop_2(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. ``forward(tokens)`` returns logits ``[b, t, vocab]``.
+
+    The loss is separate (``gpt_loss``) so that the model is an ordinary ``nn.Module`` and
+    ``autopar.trace`` / ``autopar.compile`` get it through their ``loss_fn`` argument.
+    """
+
+    def __init__(self, cfg: GPTConfig, device=None):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.hidden, device=device)
+        if not cfg.rotary:
+            self.pos_emb = nn.Embedding(cfg.seq, cfg.hidden, device=device)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, device) for _ in range(cfg.layers))
+        self.ln_f = _norm(cfg, device)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, device=device)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if device is None or torch.device(device).type != "meta":
+            self.apply(_init_weights)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)
+        if not self.config.rotary:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            x = x + self.pos_emb(positions)
+        x = self.emb_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over all positions."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2's scheme: N(0, 0.02) weights, zero biases.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -135,14 +135,9 @@ class Attention(nn.Module):
         self.fused = cfg.fused_attention
         self.rotary = cfg.rotary
         self.scale = 1.0 / math.sqrt(hd)
-        mask = torch.full((cfg.seq, cfg.seq), float("-inf"), device=device).triu(1)
-        self.register_buffer("causal_mask", mask, persistent=False)
         if self.rotary:
             inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device).float() / hd))
-            freqs = torch.outer(torch.arange(cfg.seq, device=device).float(), inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self.register_buffer("rope_cos", emb.cos(), persistent=False)
-            self.register_buffer("rope_sin", emb.sin(), persistent=False)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -150,7 +145,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
-            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            # Computed from t rather than sliced from a cached table: slicing a buffer by a traced
+            # length is not expressible under symbolic tracing.
+            freqs = torch.outer(torch.arange(t, device=x.device).float(), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         if self.kv_heads != self.heads:
@@ -161,7 +160,9 @@ class Attention(nn.Module):
             p = self.dropout_p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            scores = (q @ k.transpose(-2, -1)) * self.scale + self.causal_mask[:t, :t]
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            causal = torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
             probs = self.attn_dropout(torch.softmax(scores, dim=-1))
             y = probs @ v
         y = y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)

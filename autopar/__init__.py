@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # stage: trace / ir
-    "trace": "autopar.trace",
+    "trace": "autopar.tracing",
     "OpGraph": "autopar.ir",
     "OpNode": "autopar.ir",
     # declarations
@@ -30,7 +30,7 @@ _LAZY = {
     # model zoo
     "build_model": "autopar.models",
     # cost / solve / compile / report
-    "estimate": "autopar.estimate",
+    "estimate": "autopar.estimator",
     "profile": "autopar.profiler",
     "plan": "autopar.solve",
     "compile": "autopar.compiler",

@@ -150,6 +150,14 @@ class PredictedCost:
 
     step_time_s: float
     breakdown_s: dict[str, float] = field(default_factory=dict)
+    """Step time by component: compute, tp_comm, pp_bubble, pp_p2p, dp_comm_exposed, optimizer, ..."""
+    tokens_per_s: float = 0.0
+    model_flops_per_step: float = 0.0
+    """FLOPs of one step without recompute (the MFU numerator)."""
+    hardware_flops_per_step: float = 0.0
+    """FLOPs actually executed, recompute included."""
+    mfu: float = 0.0
+    """model_flops_per_step / (step_time_s * devices * peak FLOP/s)."""
     memory_bytes_per_device: float = 0.0
     """The largest per-device memory over all ranks."""
     memory_breakdown_bytes: dict[str, float] = field(default_factory=dict)

@@ -12,7 +12,20 @@ from __future__ import annotations
 
 import importlib
 
+# ``autopar.plan`` is both a module (the Plan type) and the planner function. Load the module
+# first: Python binds a submodule onto its package only on first import, so the function defined
+# below keeps the name for good.
+import autopar.plan as _plan_module  # noqa: F401
+
 __version__ = "0.1.0"
+
+
+def plan(model_or_graph, cluster, **kwargs):
+    """Find the fastest plan that fits; see :func:`autopar.solve.plan`."""
+    from autopar.solve import plan as _plan
+
+    return _plan(model_or_graph, cluster, **kwargs)
+
 
 _LAZY = {
     # stage: trace / ir
@@ -32,7 +45,6 @@ _LAZY = {
     # cost / solve / compile / report
     "estimate": "autopar.estimator",
     "profile": "autopar.profiler",
-    "plan": "autopar.solve",
     "compile": "autopar.compiler",
     "ParallelModule": "autopar.compiler",
     # errors
@@ -45,7 +57,7 @@ _LAZY = {
     "RuntimeFailure": "autopar.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "plan"])
 
 
 def __getattr__(name: str):

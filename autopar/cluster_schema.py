@@ -118,7 +118,7 @@ def parse_link(d: object, path: str) -> Link:
             _join(path, "bandwidth_bytes_per_s"), _require(d, "bandwidth_bytes_per_s", path, required)
         )
     if "latency_us" in d:
-        lat = to_float(_join(path, "latency_us"), d["latency_us"], allow_zero=True) * 1e-6
+        lat = to_float(_join(path, "latency_us"), d["latency_us"], allow_zero=True) / 1e6
     else:
         required = ("bandwidth_bytes_per_s", "latency_s (or latency_us)")
         lat = to_float(_join(path, "latency_s"), _require(d, "latency_s", path, required), allow_zero=True)

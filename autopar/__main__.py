@@ -1,0 +1,7 @@
+"""``python -m autopar ...`` runs the command line (see :mod:`autopar.cli`)."""
+
+import sys
+
+from autopar.cli import main
+
+sys.exit(main())

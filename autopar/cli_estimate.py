@@ -1,0 +1,143 @@
+"""``autopar estimate MODEL --cluster CLUSTER --global-batch B [--plan k=v,...] [--json]``.
+
+Builds the model on the ``meta`` device (nothing is allocated), traces it with its loss at the
+micro-batch size, resolves the plan keys (:func:`autopar.plan_keys.resolve_plan`) and prints what
+:func:`autopar.estimator.estimate` predicts: step time and its breakdown, tokens/s, MFU, memory
+per device against capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ORDER = 10
+
+JSON_KEYS = (
+    "step_time_s",
+    "tokens_per_s",
+    "model_flops_per_step",
+    "hardware_flops_per_step",
+    "mfu",
+    "memory_bytes_per_device",
+    "memory_capacity_bytes",
+    "fits",
+    "breakdown_s",
+    "memory_breakdown_bytes",
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="predict step time and memory of one plan on a cluster",
+        description="Predict the step time (with its breakdown), throughput, MFU and per-device memory of "
+        "training MODEL on CLUSTER under one plan. Plan keys left out take defaults "
+        "(tp=pp=1, dp=rest, mbs=1, 1f1b, recompute=none, sp=0, zero=0).",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
+    )
+    p.add_argument(
+        "--cluster",
+        required=True,
+        metavar="CLUSTER",
+        help="PRESET, PRESET:N (N devices), PRESET:nodes=4,inter_node_gbps=100, local:N, or a .yaml/.json file",
+    )
+    p.add_argument("--global-batch", required=True, type=positive_int, metavar="B", help="sequences per step")
+    p.add_argument(
+        "--plan", default="", metavar="k=v,...", help="keys: dp tp pp mbs vpp schedule recompute sp zero"
+    )
+    p.add_argument(
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autopar.cluster import Cluster
+    from autopar.model_spec import load_model
+    from autopar.plan_keys import parse_plan_arg, plan_keys, resolve_plan
+
+    cluster = Cluster.parse(args.cluster)
+    keys = parse_plan_arg(args.plan)
+    cluster.device  # noqa: B018  a heterogeneous cluster stops here with a clear message
+    loaded = load_model(args.model, seq=args.seq)
+    plan = resolve_plan(keys, cluster, loaded.num_layers, loaded.heads, args.global_batch)
+    graph = loaded.trace(batch=plan.micro_batch_size)
+
+    from autopar.estimator import estimate
+
+    cost = estimate(graph, cluster, plan)
+    resolved = plan_keys(plan)
+    defaulted = [
+        k for k in ("dp", "tp", "pp", "mbs", "vpp", "schedule", "recompute", "sp", "zero") if k not in keys
+    ]
+    if args.json:
+        out = {k: getattr(cost, k) for k in JSON_KEYS}
+        out.update(
+            plan=resolved, defaulted=defaulted, model=args.model, seq=loaded.seq, cluster=cluster.to_dict()
+        )
+        out["extra"] = cost.extra
+        json.dump(out, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=defaulted))
+    return 0
+
+
+# ------------------------------------------------------------------------------- output
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.2f} GB"
+
+
+def _time(value: float) -> str:
+    if value >= 1:
+        return f"{value:,.3f} s"
+    return f"{value * 1e3:,.2f} ms"
+
+
+def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[str]) -> str:
+    """The human-readable report of one estimate."""
+    dev = cluster.device
+    lines = [
+        f"model    {model}" + (f"  (seq {seq})" if seq else ""),
+        f"cluster  {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} {dev.name} = {cluster.num_devices} devices",
+        f"plan     {plan.summary()}" + (f"   (defaults: {', '.join(defaulted)})" if defaulted else ""),
+        "",
+        f"{'step time':<26}{_time(cost.step_time_s):>14}",
+    ]
+    total = cost.step_time_s or 1.0
+    for name, seconds in cost.breakdown_s.items():
+        lines.append(f"  {name:<24}{_time(seconds):>14}  {100 * seconds / total:5.1f}%")
+    lines += [
+        f"{'tokens/s':<26}{cost.tokens_per_s:>14,.0f}",
+        f"{'MFU':<26}{100 * cost.mfu:>13.1f}%",
+        f"{'model FLOPs/step':<26}{cost.model_flops_per_step:>14.3e}",
+        f"{'hardware FLOPs/step':<26}{cost.hardware_flops_per_step:>14.3e}",
+        "",
+        f"{'memory per device':<26}{_gb(cost.memory_bytes_per_device):>14}  of {_gb(cost.memory_capacity_bytes)}",
+    ]
+    for name, value in cost.memory_breakdown_bytes.items():
+        lines.append(f"  {name:<24}{_gb(value):>14}")
+    if cost.fits:
+        lines.append(f"{'fits':<26}{'yes':>14}")
+    else:
+        over = cost.memory_bytes_per_device - cost.memory_capacity_bytes
+        lines.append(
+            f"{'fits':<26}{'NO':>14}  over by {_gb(over)}: try recompute, zero, more pp/tp or a smaller mbs"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Resolve a CLI ``MODEL`` argument into what the commands need: a model on ``meta``, example inputs
+at any batch size, its loss, and its layer and head counts.
+
+The model zoo (:func:`autopar.models.build_model`) does the building; this module adapts what it
+returns for the CLI commands (``estimate`` now, ``plan`` later) so they share one path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from autopar.errors import ModelSpecError
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    spec: str
+    model: Any
+    """The ``nn.Module``, on the ``meta`` device for built-in specs."""
+    loss_fn: Callable | None
+    make_inputs: Callable[[int], tuple]
+    """``batch -> example inputs`` (model inputs, then loss targets)."""
+    num_layers: int
+    """Repeated blocks (transformer layers): the pipeline-stage granularity."""
+    heads: int | None
+    """Attention heads (the tensor-parallel rule); None when unknown."""
+    seq: int | None
+    """Sequence length of the example inputs, when the model has one."""
+
+    def trace(self, batch: int):
+        """The analysed graph at ``batch`` samples per micro-batch."""
+        from autopar.tracing import trace
+
+        return trace(self.model, self.make_inputs(batch), loss_fn=self.loss_fn)
+
+
+def _config_dims(model: Any) -> tuple[int | None, int | None, int | None]:
+    """(layers, heads, seq) from a built-in GPT ``cfg`` or a HuggingFace ``config``."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "layers"):
+        return cfg.layers, cfg.heads, cfg.seq
+    hf = getattr(model, "config", None)
+    if hf is not None:
+        return (
+            getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer", None),
+            getattr(hf, "num_attention_heads", None) or getattr(hf, "n_head", None),
+            getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None),
+        )
+    return None, None, None
+
+
+def _token_inputs(seq: int) -> Callable[[int], tuple]:
+    """Token ids and next-token targets, both ``(batch, seq)`` int64 on meta."""
+
+    def make(batch: int) -> tuple:
+        import torch
+
+        tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        return tokens, torch.zeros(batch, seq, dtype=torch.long, device="meta")
+
+    return make
+
+
+def load_model(spec: str, *, seq: int | None = None) -> LoadedModel:
+    """Build ``spec`` on ``meta`` and describe it; ``seq`` overrides the model's sequence length."""
+    try:
+        from autopar.models import build_model
+    except ImportError as e:
+        raise ModelSpecError(f"the model zoo is not available in this build ({e})") from None
+    built = build_model(spec, device="meta")
+    return adapt(spec, built, seq=seq)
+
+
+def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
+    """Adapt what ``build_model`` returns (a model, or an object/tuple carrying one) to LoadedModel."""
+    model = getattr(built, "model", built)
+    if isinstance(built, tuple):
+        model = built[0]
+    layers, heads, model_seq = _config_dims(model)
+    seq = seq or model_seq
+    loss_fn = getattr(built, "loss_fn", None)
+    make_inputs = getattr(built, "make_inputs", None) or getattr(built, "example_inputs", None)
+    cfg = getattr(model, "cfg", None)
+    if loss_fn is None and cfg is not None and hasattr(cfg, "vocab"):
+        from autopar.models.gpt import gpt_loss
+
+        loss_fn = gpt_loss
+    if not callable(make_inputs):
+        if cfg is None or not hasattr(cfg, "vocab"):
+            raise ModelSpecError(
+                f"model {spec!r}: cannot build example inputs for it; a factory should return the model "
+                "with make_inputs(batch) (see docs/cli.md)"
+            )
+        if seq and seq > cfg.seq:
+            raise ModelSpecError(f"--seq {seq} exceeds the model's maximum sequence length {cfg.seq}")
+        make_inputs = _token_inputs(seq)
+    if not layers:
+        raise ModelSpecError(f"model {spec!r}: its number of layers is unknown; cannot split it into stages")
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        loss_fn=loss_fn,
+        make_inputs=make_inputs,
+        num_layers=layers,
+        heads=heads,
+        seq=seq,
+    )

@@ -1,0 +1,194 @@
+"""The command line: exit codes and messages through a real subprocess (`python -m autopar`), the
+subcommand-module framework, and the --plan key rules (resolve_plan) against hand-computed cases."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from autopar import Cluster, PlanError
+from autopar.cli import command_modules, main
+from autopar.errors import AutoparError
+from autopar.plan_keys import parse_plan_arg, plan_keys, resolve_plan
+
+
+def autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autopar", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, every fragment in stderr, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------- commands
+def test_hardware_table_lists_every_kind_and_preset():
+    r = autopar("hardware")
+    assert r.returncode == 0, r.stderr
+    for name in ("a100-40g", "a100-80g", "h100-sxm", "h200", "v100-16g", "v100-32g", "cpu"):
+        assert f"\n{name} " in r.stdout
+    for name in ("dgx-a100-80g", "dgx-a100-40g", "dgx-h100", "hgx-h200", "aws-p3.16xlarge", "local"):
+        assert f"\n{name} " in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("dgx-h100 "))
+    assert row.split()[1:6] == ["h100-sxm", "8", "450", "3.4", "50"]
+
+
+def test_hardware_json_round_trips_the_constants():
+    r = autopar("hardware", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["devices"]["a100-80g"]["peak_flops_per_s"]["bf16"] == 312e12
+    assert data["presets"]["dgx-a100-80g"]["inter_node"]["bandwidth_bytes_per_s"] == 25e9
+    assert data["presets"]["aws-p3.16xlarge"]["inter_node"]["bandwidth_bytes_per_s"] == pytest.approx(
+        25e9 / 64
+    )
+
+
+def test_models_lists_the_zoo_or_degrades():
+    r = autopar("models")
+    try:
+        from autopar.models import list_models  # noqa: F401
+    except ImportError:
+        assert r.returncode == 1 and "model zoo is not available" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    assert "gpt3-175b" in r.stdout and "gpt:hidden=H" in r.stdout
+
+
+def test_no_command_and_bad_arguments_exit_2():
+    r = autopar()
+    assert r.returncode == 2 and "usage: autopar" in r.stderr
+    assert_user_error(autopar("nosuch"), "invalid choice: 'nosuch'")
+    assert_user_error(autopar("estimate", "gpt3-175b", "--cluster", "dgx-h100"), "--global-batch")
+    assert_user_error(
+        autopar("estimate", "x", "--cluster", "dgx-h100", "--global-batch", "0"),
+        "--global-batch: 0 must be >= 1",
+    )
+
+
+@pytest.mark.parametrize(
+    "cluster, plan, fragments",
+    [
+        ("dgx-a100", "", ["unknown cluster preset 'dgx-a100'", "dgx-a100-80g, dgx-a100-40g"]),
+        ("dgx-a100-80g:nodes=0", "", ["nodes: 0 must be >= 1"]),
+        ("dgx-a100-80g:100", "", ["100 devices is not a whole number of 8-device nodes"]),
+        ("dgx-a100-80g:node=2", "", ["unknown override 'node' (did you mean 'nodes'?)"]),
+        ("no/such/cluster.yaml", "", ["cluster file 'no/such/cluster.yaml' not found"]),
+        ("dgx-h100", "tpp=2", ["unknown plan key 'tpp' (did you mean 'tp'?)"]),
+        ("dgx-h100", "tp=0", ["plan key tp='0': must be a whole number >= 1"]),
+        ("dgx-h100", "schedule=zigzag", ["schedule='zigzag': choose one of gpipe, 1f1b, interleaved"]),
+        ("dgx-h100", "zero=4", ["ZeRO stage must be 0, 1, 2 or 3"]),
+        ("dgx-h100", "tp", ["--plan item 'tp' is not key=value"]),
+    ],
+)
+def test_estimate_rejects_bad_cluster_and_plan_keys(cluster, plan, fragments):
+    r = autopar("estimate", "gpt3-175b", "--cluster", cluster, "--global-batch", "64", "--plan", plan)
+    assert_user_error(r, *fragments)
+
+
+def test_estimate_heterogeneous_cluster_is_a_clear_error(tmp_path):
+    f = tmp_path / "mixed.yaml"
+    f.write_text(
+        "devices_per_node: 8\n"
+        "node_groups: [{nodes: 2, device: a100-80g}, {nodes: 2, device: v100-32g}]\n"
+        "intra_node: {bandwidth_bytes_per_s: 300.0e9, latency_s: 5.0e-6}\n"
+        "inter_node: {bandwidth_bytes_per_s: 25.0e9, latency_s: 1.0e-5}\n"
+    )
+    r = autopar("estimate", "gpt3-175b", "--cluster", str(f), "--global-batch", "64")
+    assert_user_error(r, "heterogeneous", "not yet planned")
+
+
+# ------------------------------------------------------------------------------ framework
+def test_every_command_module_imports_and_registers():
+    names = command_modules()
+    assert {"autopar.cli_estimate", "autopar.cli_hardware", "autopar.cli_models"} <= set(names)
+    for name in names:
+        module = importlib.import_module(name)
+        assert callable(module.add_parser), name
+
+
+def _fake_command(exc: BaseException):
+    def add_parser(subparsers):
+        p = subparsers.add_parser("boom")
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(exc))
+
+    return types.SimpleNamespace(__name__="autopar.cli_boom", ORDER=1, add_parser=add_parser)
+
+
+def test_user_errors_exit_2_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    monkeypatch.setattr("autopar.cli._load_commands", lambda: [_fake_command(PlanError("tp=3 is wrong"))])
+    assert main(["boom"]) == 2
+    assert "autopar boom: error: tp=3 is wrong" in capsys.readouterr().err
+    monkeypatch.setattr("autopar.cli._load_commands", lambda: [_fake_command(ZeroDivisionError("bug"))])
+    with pytest.raises(ZeroDivisionError):
+        main(["boom"])
+    assert issubclass(PlanError, AutoparError)
+
+
+# ---------------------------------------------------------------------------- plan keys
+DGX16 = Cluster.preset("dgx-a100-80g", nodes=16)  # 128 GPUs
+
+
+def test_resolve_plan_defaults_fill_the_devices():
+    plan = resolve_plan(parse_plan_arg("tp=8,pp=8"), DGX16, num_layers=96, heads=96, global_batch=1536)
+    assert plan_keys(plan) == {
+        "dp": 2, "tp": 8, "pp": 8, "mbs": 1, "vpp": 1, "schedule": "1f1b", "recompute": "none",
+        "sp": 0, "zero": 0, "micro_batches": 768, "global_batch": 1536,
+    }  # fmt: skip
+    assert plan.world_size == 128
+    plan = resolve_plan({}, DGX16, num_layers=96, heads=96, global_batch=1536)
+    assert (plan.dp, plan.tp, plan.pp) == (128, 1, 1)
+    plan = resolve_plan(
+        parse_plan_arg("tp=8,pp=4,vpp=3,mbs=2,sp=1,recompute=selective,zero=1"), DGX16, 96, 96, 1536
+    )
+    assert plan.schedule == "interleaved" and plan.virtual_stages == 3 and plan.sequence_parallel
+    assert plan.num_micro_batches == 1536 // (4 * 2) and plan.zero_stage == 1
+
+
+@pytest.mark.parametrize(
+    "keys, layers, heads, batch, message",
+    [
+        (
+            "dp=4,tp=8,pp=8",
+            96,
+            96,
+            1536,
+            "dp*tp*pp = 4*8*8 = 256 but cluster 'dgx-a100-80g:nodes=16' has 128 devices",
+        ),
+        ("tp=3", 96, 96, 1536, "tp*pp = 3*1 = 3 does not divide the 128 devices"),
+        ("tp=16", 96, 96, 1536, None),  # allowed: 16 divides 96 heads and 128 devices
+        ("tp=64,pp=2", 96, 96, 1536, "tp=64 does not divide the model's 96 attention heads"),
+        ("pp=128", 96, 96, 1536, "pp*vpp = 128*1 = 128 stages exceed the model's 96 layers"),
+        ("tp=8,pp=8,mbs=5", 96, 96, 1536, "mbs=5 does not divide the per-replica batch 1536/dp=2 = 768"),
+        ("tp=8", 96, 96, 100, "global batch 100 does not split over dp=16 data-parallel replicas"),
+        ("tp=8,pp=8,vpp=2,mbs=256", 96, 96, 1536, "needs the 3 micro-batches per step"),
+        ("tp=8,pp=8,schedule=interleaved", 96, 96, 1536, "schedule=interleaved needs vpp >= 2"),
+        ("vpp=2,schedule=1f1b,pp=2", 96, 96, 1536, "vpp=2 needs schedule=interleaved"),
+        ("sp=1", 96, 96, 1536, "sp=1 needs tp > 1"),
+    ],
+)
+def test_resolve_plan_rules(keys, layers, heads, batch, message):
+    parsed = parse_plan_arg(keys)
+    if message is None:
+        resolve_plan(parsed, DGX16, layers, heads, batch)
+        return
+    with pytest.raises(PlanError) as e:
+        resolve_plan(parsed, DGX16, layers, heads, batch)
+    assert message in str(e.value), str(e.value)
+
+
+def test_resolve_plan_error_lists_valid_choices():
+    with pytest.raises(PlanError, match=r"choose tp in \{1, 2, 4, 8\}"):
+        resolve_plan({"tp": 16, "pp": 1}, Cluster.preset("dgx-h100", nodes=2), 32, 40, 64)
+    with pytest.raises(PlanError, match=r"choose mbs in \{1, 2, 3, 4, 6, 12\}"):
+        resolve_plan({"mbs": 5}, Cluster.preset("dgx-h100"), 32, 32, 96)

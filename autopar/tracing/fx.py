@@ -30,6 +30,7 @@ import torch.fx
 from torch import nn
 
 from autopar.errors import TraceError
+from autopar.tracing.blocks import find_blocks, replication_templates
 from autopar.tracing.propagate import PropagationError, propagate
 from autopar.tracing.wrap import MODEL_PREFIX, wrap
 
@@ -167,7 +168,9 @@ def fx_trace(
     ``loss_fn(model(*inputs), *targets)``; without ``loss_fn`` the graph returns ``model(*inputs)``
     (the model computes its own loss; a HuggingFace output's ``loss`` field is taken if present).
     Placeholders are named after the model's forward arguments, then the loss_fn's.
-    ``gm.meta["autopar"]`` records ``tracer``, ``input_names``, ``target_names``, ``trace_s``.
+    ``gm.meta["autopar"]`` records ``tracer``, ``input_names``, ``target_names``, ``trace_s`` and
+    ``blocks`` (:class:`~autopar.tracing.blocks.BlockInstance` list); nodes of a repeated block
+    carry ``node.meta["autopar_block"] = (block_type, instance)``.
 
     ``tracer``: ``"auto"`` (symbolic trace, export if that fails), ``"symbolic_trace"`` or
     ``"export"``. ``leaf_modules``: module types or qualified names (in ``model``) kept as one
@@ -185,7 +188,8 @@ def fx_trace(
         t0 = time.perf_counter()
         try:
             gm = _symbolic(wrapper, leaf_modules) if name == "symbolic_trace" else _export(wrapper, args)
-            propagate(gm, args, keep_val=name == "export")
+            blocks = find_blocks(gm)
+            propagate(gm, args, keep_val=name == "export", templates=replication_templates(blocks))
         except Exception as exc:  # noqa: BLE001 - reported below with its location
             log.info("%s failed on %s: %s", name, type(model).__name__, exc)
             failures.append((name, exc))
@@ -195,6 +199,7 @@ def fx_trace(
             "input_names": wrapper.input_names,
             "target_names": wrapper.target_names,
             "trace_s": time.perf_counter() - t0,
+            "blocks": blocks,
         }
         return gm
     _raise_untraceable(model, failures)

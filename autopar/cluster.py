@@ -27,6 +27,7 @@ from pathlib import Path
 from autopar import cluster_schema as schema
 from autopar.errors import ClusterError
 from autopar.hardware import DEVICES, LOOPBACK_GLOO, PRESETS, DeviceSpec, Link, cpu_spec
+from autopar.suggest import did_you_mean
 
 __all__ = ["Cluster", "DeviceSpec", "Link", "NodeGroup", "DEVICES", "PRESETS"]
 
@@ -299,10 +300,7 @@ class Cluster:
 
 def _preset_dict(name: str, where: str) -> dict:
     if name not in PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), [*PRESETS, "local"], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(name), [*PRESETS, "local"])
         raise ClusterError(
             f"{where}: unknown cluster preset {name!r}{hint}; known presets: "
             f"{', '.join([*PRESETS, 'local'])}; or give a path to a .yaml/.json cluster file"

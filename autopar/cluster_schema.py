@@ -8,7 +8,6 @@ Kept apart from :mod:`autopar.cluster` so the dataclass stays small. Every error
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from autopar.errors import ClusterError
 from autopar.hardware import DTYPES, DeviceSpec, Link, canonical_dtype, device_kind
+from autopar.suggest import did_you_mean
 
 TOP_KEYS = (
     "name",
@@ -90,8 +90,7 @@ def check_keys(d: object, allowed: tuple[str, ...], path: str) -> dict:
         raise ClusterError(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {d!r}")
     for key in d:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), allowed)
             raise ClusterError(
                 f"{_join(path, str(key))}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
             )
@@ -269,8 +268,7 @@ def parse_override_args(args: str, spec: str) -> dict[str, str]:
 
 def _check_override_key(key: str, where: str) -> None:
     if key not in OVERRIDE_KEYS:
-        close = difflib.get_close_matches(key, OVERRIDE_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(key, OVERRIDE_KEYS)
         raise ClusterError(f"{where}: unknown override {key!r}{hint}; known: {', '.join(OVERRIDE_KEYS)}")
 
 

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 from autopar.errors import ClusterError
+from autopar.suggest import did_you_mean
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 """Canonical keys of :attr:`DeviceSpec.peak_flops_per_s`."""
@@ -249,10 +250,7 @@ def device_kind(name: str, where: str = "device") -> DeviceSpec:
     """The known device kind ``name``; a ClusterError listing the known kinds otherwise."""
     if name in DEVICES:
         return DEVICES[name]
-    import difflib
-
-    close = difflib.get_close_matches(str(name), list(DEVICES), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(str(name), list(DEVICES))
     raise ClusterError(
         f"{where}: unknown device kind {name!r}{hint}; known kinds: {', '.join(DEVICES)}; "
         "or give a mapping {name, peak_flops_per_s, memory_bytes, hbm_bytes_per_s}"

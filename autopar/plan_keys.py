@@ -12,10 +12,9 @@ defaults with its own choice for the missing keys. Every rule a value breaks rai
 
 from __future__ import annotations
 
-import difflib
-
 from autopar.errors import PlanError
 from autopar.plan import RECOMPUTE, SCHEDULES, Plan
+from autopar.suggest import did_you_mean
 
 PLAN_KEYS = ("dp", "tp", "pp", "mbs", "vpp", "schedule", "recompute", "sp", "zero")
 _DEGREE_KEYS = ("dp", "tp", "pp", "mbs", "vpp")
@@ -58,8 +57,7 @@ def check_keys(keys: dict) -> dict:
     out = {}
     for key, raw in keys.items():
         if key not in PLAN_KEYS:
-            close = difflib.get_close_matches(str(key), PLAN_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), PLAN_KEYS)
             raise PlanError(f"unknown plan key {key!r}{hint}; known keys: {', '.join(PLAN_KEYS)}")
         out[key] = _value(key, raw)
     return out

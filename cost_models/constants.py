@@ -1,0 +1,106 @@
+"""Every constant of the cost model in one place, each with its source.
+
+A :class:`Calibration` is plain data: the estimator, the planner and the fidelity benchmark all
+take one. :data:`DEFAULT` is the set fitted once, on all published rows together, by
+``benchmarks/fidelity.py --fit`` (procedure and cross-validation in ``docs/cost_model.md``).
+Constants marked *fitted* are the only ones the fit touches; the others come from datasheets,
+papers or measurements and are never tuned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Efficiency factors and software behaviour assumed by the cost model."""
+
+    # ---------------------------------------------------------------- compute (cost_models.compute)
+    gemm_max_efficiency: float = 0.80
+    """*fitted.* Fraction of dense tensor-core peak a large, well-shaped GEMM reaches. cuBLAS fp16 on
+    A100 reaches 0.80-0.87 of 312 TFLOP/s for m=n=k >= 4096 (NVIDIA Deep Learning Performance guide,
+    "Matrix Multiplication Background", A100 figures); the fit must land in that band."""
+    gemm_wave_elements: float = 1.77e6
+    """Output elements of one full wave of GEMM tiles: A100 has 108 SMs, one 128x128 output tile per
+    SM per wave (NVIDIA "Matrix Multiplication Background": tile and wave quantization) ->
+    108 * 128 * 128 = 1.77e6. Utilisation of a GEMM with x output elements is x / (x + this)."""
+    gemm_k_half: float = 128.0
+    """*fitted.* Reduction depth k at which the per-tile main loop is half of the tile's time (the
+    rest: prologue, epilogue, writing the output). Efficiency factor k / (k + this). NVIDIA's guide
+    shows throughput still rising with k up to ~1024 at m=n=8192; 64-256 is the plausible band."""
+    hbm_efficiency: float = 0.85
+    """Fraction of datasheet HBM bandwidth a streaming kernel reaches: A100-80GB copies at about
+    1.7-1.75 TB/s of 2.039 (BabelStream / NVIDIA "GPU Performance Background", memory-bound ops
+    reach 80-90% of peak bandwidth)."""
+    kernel_overhead_s: float = 4e-6
+    """Fixed cost of one kernel (launch + tail): CUDA launch latency is 3-5 us (NVIDIA CUDA C++ Best
+    Practices Guide, "Asynchronous transfers"; measured by many, e.g. PyTorch dev-discuss)."""
+    fuse_elementwise: bool = True
+    """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused
+    bias-GeLU, bias-dropout-add, scale-mask-softmax and Apex LayerNorm; torch.compile does the same).
+    Their traffic is then the chain's external inputs and outputs only."""
+    bwd_bytes_factor: float = 2.0
+    """Backward traffic of a memory-bound op relative to its forward: it reads the output gradient
+    and the saved input(s) and writes the input gradient (unary op: 3 tensors vs 2 -> 1.5; LayerNorm
+    and softmax also re-read statistics / outputs -> ~2). 2.0 is the rounded upper value."""
+
+    # -------------------------------------------------------------- communication (cost_models.comm)
+    intra_node_efficiency: float = 230.0 / 300.0
+    """Achievable NCCL bus bandwidth / per-GPU NVLink bandwidth inside a node: 230 GB/s of 300 GB/s on
+    A100 NVSwitch (NCCL maintainer, NVIDIA/nccl-tests issue 149)."""
+    inter_node_efficiency: float = 0.85
+    """*fitted.* Achievable bandwidth / NIC line rate across nodes. nccl-tests on HDR InfiniBand report
+    ~20-23 GB/s per 25 GB/s port; the ZeRO-3 rows of Narayanan et al. Table 2 (communication-bound
+    at 768 and 1536 GPUs) pin it down."""
+    collective_base_latency_s: float = 8.4e-6
+    """Fixed latency per collective call (NCCL src/graph/tuning.cc baseLat, Ring/Simple)."""
+    tp_comm_overlap: float = 0.0
+    """Fraction of tensor-parallel collective time hidden behind compute. Megatron-LM (SC'21) runs the
+    TP all-reduces synchronously on the critical path: 0."""
+    dp_overlap: bool = True
+    """Data-parallel gradient reduction overlaps the backward pass (PyTorch DDP buckets, which autopar
+    lowers to; Megatron's ``--DDP-impl torch`` in Table 1 rows 1-4). The overlap window is the
+    backward of the last micro-batch (earlier ones run under ``no_sync``)."""
+    dp_last_bucket_bytes: float = 25 * 2**20
+    """The last DDP bucket cannot overlap anything: 25 MiB, PyTorch DDP's ``bucket_cap_mb`` default."""
+    zero3_prefetch_overlap: bool = True
+    """ZeRO-3 / FSDP prefetch the next layer's parameters while computing this one, so gathers overlap
+    compute (DeepSpeed ``prefetch_bucket_size``, FSDP ``forward_prefetch``)."""
+    overlap_sharpness: float = 2.0
+    """*fitted.* Overlapped compute ``C`` and communication ``K`` take ``(C^p + K^p)^(1/p)``: ``p -> inf``
+    is perfect overlap (``max``), ``p = 1`` none (sum). Overlap is worst when the two are comparable
+    (both compete for SMs and HBM; per-layer jitter makes the sum of per-layer maxima exceed the max
+    of the sums). Pinned by the ZeRO-3 rows of Narayanan et al. Table 2 (384 and 640 GPUs)."""
+    pp_p2p_blocking: bool = True
+    """Pipeline send/recv sit on the critical path (Megatron's ``send_forward_recv_backward`` waits)."""
+    pp_scatter_gather: bool = True
+    """Megatron's scatter/gather optimisation: with tp > 1 each TP rank sends only 1/tp of the
+    activation across nodes, then an intra-node all-gather rebuilds it (Narayanan et al. §4.1)."""
+
+    # ------------------------------------------------------------------ optimizer and memory
+    optimizer_bytes_per_param: float = 36.0
+    """HBM traffic of a mixed-precision Adam step per parameter: read fp16/fp32 grad (4), fp32 master,
+    m, v (12), write master, m, v (12), write fp16 weight (2), plus the unscale/clip pass over the
+    fp32 grads (6): 36 bytes (Megatron FusedAdam, Apex multi-tensor apply)."""
+    runtime_reserved_bytes: float = 1.5e9
+    """Memory taken before the model: CUDA context (~0.5 GB), cuBLAS workspaces, NCCL buffers
+    (NCCL_BUFFSIZE 4 MiB x channels x peers) and allocator fragmentation."""
+
+    def with_(self, **changes: float) -> Calibration:
+        """A copy with some constants replaced (names checked)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise KeyError(f"unknown calibration constant(s) {sorted(unknown)}; known: {sorted(known)}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FITTED = ("gemm_max_efficiency", "gemm_k_half", "inter_node_efficiency", "overlap_sharpness")
+"""Names of the constants the fidelity fit may change; every other constant is fixed by its source."""
+
+DEFAULT = Calibration()
+"""The calibration every caller gets unless it passes its own."""

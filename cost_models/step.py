@@ -1,0 +1,323 @@
+"""Step time of a whole plan: per-stage compute and collectives, pipeline bubble, p2p, DP sync.
+
+Per micro-batch, stage ``s`` (all its virtual chunks) takes ::
+
+    t_s = fwd_s + bwd_s + recompute_s + tp_s + zero3_exposed_s + p2p_s
+
+``recompute_s`` re-runs the forward of the recomputed ops (all of a layer under ``full``, the
+attention-score region under ``selective``) including its forward collectives. ``tp_s`` is the
+exposed part ``(1 - tp_comm_overlap)`` of the tensor-parallel collectives. ZeRO-3 gathers each
+block's parameters before its forward, before its recompute and before its backward, and
+reduce-scatters its gradients after it; with prefetching the block costs ``max(compute, gather)``.
+``p2p_s`` is ``2 v`` blocking sends (forward activation, backward gradient, per chunk).
+
+A pipeline of ``p`` stages, ``m`` micro-batches and ``v`` virtual chunks per stage (1F1B, GPipe and
+interleaved 1F1B all have the same critical path, they differ in memory)::
+
+    T_pipe = m * max_s t_s + (sum_s t_s - max_s t_s) / v      bubble = (p - 1) / (v m) for equal stages
+
+Data parallelism adds the exposed gradient reduction (all-reduce, or reduce-scatter + all-gather
+of the updated parameters under ZeRO-1/2) after the last backward; with DDP-style overlap the
+reduction hides behind the last micro-batch's backward except for the last bucket. The optimizer
+step is memory-bound: ``optimizer_bytes_per_param * params_per_device / (W * eff_hbm)``.
+
+Inference: forward only, ``T = (m + p - 1) * max_s fwd_s`` (a filled and drained pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cost_models.comm import GroupSpec, LinkSpec, collective_time_s, p2p_time_s
+from cost_models.compute import (
+    DeviceRates,
+    gemm_backward_time_s,
+    gemm_time_s,
+    memory_op_time_s,
+    roofline_time_s,
+)
+from cost_models.constants import DEFAULT, Calibration
+from cost_models.workload import BlockWork, OpWork, StageWork
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+RECOMPUTE = ("none", "selective", "full")
+
+
+# ------------------------------------------------------------------------------------ ops
+def overlapped_s(compute_s: float, comm_s: float, calib: Calibration = DEFAULT) -> float:
+    """Wall time of compute and communication that run concurrently: ``(C^p + K^p)^(1/p)``."""
+    if compute_s <= 0 or comm_s <= 0:
+        return max(compute_s, comm_s, 0.0)
+    p = calib.overlap_sharpness
+    hi = max(compute_s, comm_s)
+    return hi * ((compute_s / hi) ** p + (comm_s / hi) ** p) ** (1.0 / p)
+
+
+def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> tuple[float, float]:
+    """(forward, backward) seconds of ``op`` (all ``count`` copies)."""
+    if op.op_class == "gemm":
+        b, m, n, k = op.gemm
+        fwd = gemm_time_s(b, m, n, k, device, elem_bytes=op.elem_bytes, calib=calib)
+        bwd = gemm_backward_time_s(
+            b,
+            m,
+            n,
+            k,
+            device,
+            elem_bytes=op.elem_bytes,
+            calib=calib,
+            weight_grad=op.weight_grad,
+            input_grad=op.input_grad,
+        )
+    else:
+        bytes_bwd = op.bytes_bwd if op.bytes_bwd is not None else calib.bwd_bytes_factor * op.bytes_fwd
+        if op.op_class == "memory":
+            fwd = memory_op_time_s(op.bytes_fwd, device, calib=calib)
+            bwd = memory_op_time_s(bytes_bwd, device, calib=calib)
+        else:
+            fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, calib=calib)
+            bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, calib=calib)
+    if op.measured_fwd_s is not None:
+        fwd = op.measured_fwd_s
+    if op.measured_bwd_s is not None:
+        bwd = op.measured_bwd_s
+    return fwd * op.count, bwd * op.count
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTime:
+    """Seconds one device spends on one block for one micro-batch."""
+
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    recompute_s: float = 0.0
+    tp_fwd_s: float = 0.0
+    """Exposed tensor-parallel collective time of the forward pass."""
+    tp_recompute_s: float = 0.0
+    tp_bwd_s: float = 0.0
+    zero_comm_s: float = 0.0
+    """ZeRO-3 parameter gathers and gradient reduce-scatters (before overlap)."""
+    zero_exposed_s: float = 0.0
+
+    @property
+    def tp_s(self) -> float:
+        return self.tp_fwd_s + self.tp_recompute_s + self.tp_bwd_s
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.recompute_s
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.tp_s + self.zero_exposed_s
+
+    def scaled(self, k: float) -> BlockTime:
+        return BlockTime(**{f: getattr(self, f) * k for f in self.__dataclass_fields__})
+
+    def __add__(self, other: BlockTime) -> BlockTime:
+        return BlockTime(**{f: getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__})
+
+
+def _tp_times(
+    block: BlockWork, groups: dict[str, GroupSpec], recompute: str, calib: Calibration
+) -> tuple[float, float, float]:
+    """Exposed (forward, recompute, backward) collective seconds of the block."""
+    fwd = bwd = 0.0
+    for c in block.comms:
+        group = groups.get(c.axis)
+        if group is None or group.size == 1:
+            continue
+        t = collective_time_s(c.collective, c.nbytes, group, calib=calib) * c.count
+        if c.phase == "fwd":
+            fwd += t
+        else:
+            bwd += t
+    keep = 1.0 - calib.tp_comm_overlap
+    rec = fwd if (block.recomputable and recompute == "full") else 0.0
+    return fwd * keep, rec * keep, bwd * keep
+
+
+def _zero3_time(
+    block: BlockWork, dp_group: GroupSpec | None, recompute: str, bytes_per_param: tuple[float, float], calib
+) -> float:
+    if dp_group is None or dp_group.size == 1 or block.param_count == 0:
+        return 0.0
+    param_b, grad_b = bytes_per_param
+    gather = collective_time_s("all_gather", block.param_count * param_b, dp_group, calib=calib)
+    scatter = collective_time_s("reduce_scatter", block.param_count * grad_b, dp_group, calib=calib)
+    gathers = 3 if (recompute == "full" and block.recomputable) else 2
+    return gathers * gather + scatter
+
+
+def block_time(
+    block: BlockWork,
+    device: DeviceRates,
+    groups: dict[str, GroupSpec],
+    *,
+    recompute: str = "none",
+    zero_stage: int = 0,
+    bytes_per_param: tuple[float, float] = (2.0, 2.0),
+    calib: Calibration = DEFAULT,
+) -> BlockTime:
+    """Time of one block for one micro-batch on one device."""
+    fwd = bwd = rec = 0.0
+    for op in block.ops:
+        f, b = op_time_s(op, device, calib)
+        fwd += f
+        bwd += b
+        if block.recomputable and (
+            recompute == "full" or (recompute == "selective" and op.selective_recompute)
+        ):
+            rec += f
+    tp_fwd, tp_rec, tp_bwd = _tp_times(block, groups, recompute, calib)
+    zero = _zero3_time(block, groups.get("dp"), recompute, bytes_per_param, calib) if zero_stage == 3 else 0.0
+    compute = fwd + bwd + rec
+    exposed = overlapped_s(compute, zero, calib) - compute if calib.zero3_prefetch_overlap else zero
+    return BlockTime(
+        fwd_s=fwd,
+        bwd_s=bwd,
+        recompute_s=rec,
+        tp_fwd_s=tp_fwd,
+        tp_recompute_s=tp_rec,
+        tp_bwd_s=tp_bwd,
+        zero_comm_s=zero,
+        zero_exposed_s=exposed,
+    )
+
+
+# --------------------------------------------------------------------------------- the step
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """A whole training (or inference) step: stages, schedule and data parallelism."""
+
+    stages: tuple[StageWork, ...]
+    num_micro_batches: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+    mode: str = "train"
+    zero_stage: int = 0
+    groups: dict[str, GroupSpec] = field(default_factory=dict)
+    """Process groups by mesh axis (``tp``, ``dp``); absent = size 1."""
+    pp_link: LinkSpec | None = None
+    """Link between consecutive pipeline stages."""
+    pp_link_inter_node: bool = True
+    tp: int = 1
+    param_bytes: float = 2.0
+    """Bytes per parameter of the compute copy (fp16/bf16: 2)."""
+    grad_bytes: float = 2.0
+    """Bytes per gradient element communicated (fp16/bf16 DDP: 2)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} not in {SCHEDULES}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r} not in {RECOMPUTE}")
+        if self.num_micro_batches < 1 or self.virtual_stages < 1 or not self.stages:
+            raise ValueError("need at least one stage, one micro-batch and one virtual stage")
+
+
+@dataclass(kw_only=True)
+class StepTime:
+    step_time_s: float
+    breakdown_s: dict[str, float]
+    stage_times: list[BlockTime]
+    """Per pipeline stage, per micro-batch (all chunks)."""
+    stage_p2p_s: list[float]
+
+
+def stage_time(stage: StageWork, step: StepSpec, device: DeviceRates, calib: Calibration) -> BlockTime:
+    total = BlockTime()
+    for block, count in stage.blocks:
+        t = block_time(
+            block,
+            device,
+            step.groups,
+            recompute=step.recompute,
+            zero_stage=step.zero_stage,
+            bytes_per_param=(step.param_bytes, step.grad_bytes),
+            calib=calib,
+        )
+        total = total + t.scaled(count)
+    return total
+
+
+def _p2p_time(stage: StageWork, step: StepSpec, calib: Calibration) -> float:
+    """Blocking sends per micro-batch on this stage: per chunk one forward (and, when training, one
+    backward) transfer."""
+    if len(step.stages) == 1 or step.pp_link is None or stage.p2p_bytes <= 0:
+        return 0.0
+    nbytes = stage.p2p_bytes
+    extra = 0.0
+    tp_group = step.groups.get("tp")
+    if calib.pp_scatter_gather and step.tp > 1 and step.pp_link_inter_node and tp_group is not None:
+        extra = collective_time_s("all_gather", nbytes, tp_group, calib=calib)
+        nbytes /= step.tp
+    one = p2p_time_s(nbytes, step.pp_link, inter=step.pp_link_inter_node, calib=calib) + extra
+    per_mb = (2 if step.mode == "train" else 1) * step.virtual_stages * one
+    return per_mb if calib.pp_p2p_blocking else 0.0
+
+
+def _dp_exposed(step: StepSpec, stage_times: list[BlockTime], calib: Calibration) -> float:
+    dp = step.groups.get("dp")
+    if step.mode != "train" or dp is None or dp.size == 1 or step.zero_stage == 3:
+        return 0.0
+    worst = 0.0
+    for stage, t in zip(step.stages, stage_times):
+        grads = stage.param_count * step.grad_bytes
+        if step.zero_stage == 0:
+            reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
+            after_s = 0.0
+        else:
+            reduce_s = collective_time_s("reduce_scatter", grads, dp, calib=calib)
+            after_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)
+        if calib.dp_overlap:
+            last = collective_time_s("all_reduce", min(grads, calib.dp_last_bucket_bytes), dp, calib=calib)
+            window = t.bwd_s + t.recompute_s
+            reduce_s = max(overlapped_s(window, reduce_s, calib) - window, min(last, reduce_s))
+        worst = max(worst, reduce_s + after_s)
+    return worst
+
+
+def _optimizer_s(step: StepSpec, device: DeviceRates, calib: Calibration) -> float:
+    if step.mode != "train":
+        return 0.0
+    dp = step.groups.get("dp")
+    shard = dp.size if (dp is not None and step.zero_stage >= 1) else 1
+    params = max(s.param_count for s in step.stages) / shard
+    return params * calib.optimizer_bytes_per_param / (device.hbm_bytes_per_s * calib.hbm_efficiency)
+
+
+def step_time(step: StepSpec, device: DeviceRates, calib: Calibration = DEFAULT) -> StepTime:
+    """Predicted time of one optimizer step, with a breakdown whose parts sum to the total."""
+    times = [stage_time(s, step, device, calib) for s in step.stages]
+    p2p = [_p2p_time(s, step, calib) for s in step.stages]
+    m, v = step.num_micro_batches, step.virtual_stages
+    if step.mode != "train":
+        per = [t.fwd_s + t.tp_fwd_s + p for t, p in zip(times, p2p)]
+        worst = max(range(len(per)), key=per.__getitem__)
+        breakdown = {
+            "compute": m * times[worst].fwd_s,
+            "tp_comm": m * times[worst].tp_fwd_s,
+            "pp_p2p": m * p2p[worst],
+            "pp_bubble": (sum(per) - per[worst]) / v,
+        }
+        total = sum(breakdown.values())
+        return StepTime(step_time_s=total, breakdown_s=breakdown, stage_times=times, stage_p2p_s=p2p)
+    per = [t.total_s + p for t, p in zip(times, p2p)]
+    worst = max(range(len(per)), key=per.__getitem__)
+    bubble = (sum(per) - per[worst]) / v
+    t = times[worst]
+    breakdown = {
+        "compute": m * (t.fwd_s + t.bwd_s),
+        "recompute": m * t.recompute_s,
+        "tp_comm": m * t.tp_s,
+        "zero_comm_exposed": m * t.zero_exposed_s,
+        "pp_p2p": m * p2p[worst],
+        "pp_bubble": bubble,
+        "dp_comm_exposed": _dp_exposed(step, times, calib),
+        "optimizer": _optimizer_s(step, device, calib),
+    }
+    return StepTime(
+        step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_times=times, stage_p2p_s=p2p
+    )

@@ -74,9 +74,11 @@ def run(args) -> int:
 
     cluster = Cluster.parse(args.cluster)
     keys = parse_plan_arg(args.plan)
-    cluster.device  # noqa: B018  a heterogeneous cluster stops here with a clear message
+    _ = cluster.device  # a heterogeneous cluster stops here with a clear message
     loaded = load_model(args.model, seq=args.seq)
-    plan = resolve_plan(keys, cluster, loaded.num_layers, loaded.heads, args.global_batch)
+    plan = resolve_plan(
+        keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
+    )
     graph = loaded.trace(batch=plan.micro_batch_size)
 
     from autopar.estimator import estimate

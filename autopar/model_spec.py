@@ -26,6 +26,8 @@ class LoadedModel:
     """Repeated blocks (transformer layers): the pipeline-stage granularity."""
     heads: int | None
     """Attention heads (the tensor-parallel rule); None when unknown."""
+    kv_heads: int | None = None
+    """Key/value heads under grouped-query attention; None when equal to heads or unknown."""
     seq: int | None
     """Sequence length of the example inputs, when the model has one."""
 
@@ -36,10 +38,19 @@ class LoadedModel:
         return trace(self.model, self.make_inputs(batch), loss_fn=self.loss_fn)
 
 
+def _gpt_config(model: Any) -> Any:
+    """The built-in GPT's ``GPTConfig`` (``model.config``), or None for other models."""
+    for attr in ("config", "cfg"):
+        cfg = getattr(model, attr, None)
+        if cfg is not None and all(hasattr(cfg, k) for k in ("layers", "heads", "vocab", "seq")):
+            return cfg
+    return None
+
+
 def _config_dims(model: Any) -> tuple[int | None, int | None, int | None]:
-    """(layers, heads, seq) from a built-in GPT ``cfg`` or a HuggingFace ``config``."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "layers"):
+    """(layers, heads, seq) from a built-in GPT's config or a HuggingFace ``config``."""
+    cfg = _gpt_config(model)
+    if cfg is not None:
         return cfg.layers, cfg.heads, cfg.seq
     hf = getattr(model, "config", None)
     if hf is not None:
@@ -82,13 +93,13 @@ def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
     seq = seq or model_seq
     loss_fn = getattr(built, "loss_fn", None)
     make_inputs = getattr(built, "make_inputs", None) or getattr(built, "example_inputs", None)
-    cfg = getattr(model, "cfg", None)
-    if loss_fn is None and cfg is not None and hasattr(cfg, "vocab"):
+    cfg = _gpt_config(model)
+    if loss_fn is None and cfg is not None:
         from autopar.models.gpt import gpt_loss
 
         loss_fn = gpt_loss
     if not callable(make_inputs):
-        if cfg is None or not hasattr(cfg, "vocab"):
+        if cfg is None:
             raise ModelSpecError(
                 f"model {spec!r}: cannot build example inputs for it; a factory should return the model "
                 "with make_inputs(batch) (see docs/cli.md)"
@@ -105,5 +116,13 @@ def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
         make_inputs=make_inputs,
         num_layers=layers,
         heads=heads,
+        kv_heads=_kv_heads(model),
         seq=seq,
     )
+
+
+def _kv_heads(model: Any) -> int | None:
+    cfg = _gpt_config(model)
+    if cfg is not None:
+        return getattr(cfg, "kv_heads_resolved", None)
+    return getattr(getattr(model, "config", None), "num_key_value_heads", None)

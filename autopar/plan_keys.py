@@ -76,10 +76,19 @@ def parse_plan_arg(text: str | None) -> dict:
     return check_keys(keys)
 
 
-def resolve_plan(keys: dict, cluster, num_layers: int, heads: int | None, global_batch: int) -> Plan:
+def resolve_plan(
+    keys: dict,
+    cluster,
+    num_layers: int,
+    heads: int | None,
+    global_batch: int,
+    *,
+    kv_heads: int | None = None,
+) -> Plan:
     """A full :class:`Plan` from the keys given; the rest take the documented defaults.
 
-    ``heads`` may be None for a model whose head count is unknown (the tp rule is then skipped).
+    ``heads`` may be None for a model whose head count is unknown (the tp rule is then skipped);
+    ``kv_heads`` (grouped-query attention) must be divisible by tp as well, as in Megatron-LM.
     """
     k = check_keys(keys)
     devices = cluster.num_devices
@@ -104,6 +113,12 @@ def resolve_plan(keys: dict, cluster, num_layers: int, heads: int | None, global
         raise PlanError(
             f"tp={tp} does not divide the model's {heads} attention heads (tensor parallelism splits "
             f"attention by heads); choose tp in {_choices(ok)}"
+        )
+    if kv_heads and kv_heads % tp:
+        ok = [d for d in _divisors(kv_heads) if devices % d == 0]
+        raise PlanError(
+            f"tp={tp} does not divide the model's {kv_heads} key/value heads (grouped-query attention "
+            f"splits key/value heads across tp ranks); choose tp in {_choices(ok)}"
         )
     vpp = k.get("vpp", 1)
     schedule = k.get("schedule", "interleaved" if vpp > 1 else "1f1b")

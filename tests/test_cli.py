@@ -192,3 +192,26 @@ def test_resolve_plan_error_lists_valid_choices():
         resolve_plan({"tp": 16, "pp": 1}, Cluster.preset("dgx-h100", nodes=2), 32, 40, 64)
     with pytest.raises(PlanError, match=r"choose mbs in \{1, 2, 3, 4, 6, 12\}"):
         resolve_plan({"mbs": 5}, Cluster.preset("dgx-h100"), 32, 32, 96)
+
+
+def test_grouped_query_attention_limits_tp():
+    with pytest.raises(
+        PlanError, match=r"tp=16 does not divide the model's 8 key/value heads .*\{1, 2, 4, 8\}"
+    ):
+        resolve_plan({"tp": 16}, Cluster.preset("dgx-h100", nodes=2), 80, 64, 64, kv_heads=8)
+    assert resolve_plan({"tp": 8}, Cluster.preset("dgx-h100", nodes=2), 80, 64, 64, kv_heads=8).dp == 2
+
+
+# ---------------------------------------------------------------------------- model spec
+def test_model_spec_adapts_the_builtin_gpt_on_meta():
+    from autopar.model_spec import adapt
+    from autopar.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(hidden=64, layers=3, heads=4, kv_heads=2, vocab=128, seq=16, norm="rmsnorm", act="swiglu")
+    loaded = adapt("tiny", GPT(cfg, device="meta"), seq=8)
+    assert (loaded.num_layers, loaded.heads, loaded.kv_heads, loaded.seq) == (3, 4, 2, 8)
+    tokens, targets = loaded.make_inputs(5)
+    assert tokens.shape == targets.shape == (5, 8) and tokens.device.type == "meta"
+    graph = loaded.trace(batch=2)
+    assert graph.batch_size == 2
+    assert max(bt.count for bt in graph.block_types.values()) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,31 @@ def test_device_kinds_match_datasheets(name):
         assert dev.peak_flops(dtype) == value
     assert dev.memory_bytes == memory and dev.hbm_bytes_per_s == hbm
     assert "datasheet" in dev.source
+
+
+SHARED_HARDWARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hardware.json"
+
+
+@pytest.mark.skipif(not SHARED_HARDWARE.is_file(), reason="../shared/data/hardware.json not beside the repo")
+def test_package_constants_equal_the_shared_reference_data():
+    ref = json.loads(SHARED_HARDWARE.read_text())
+    for name, d in ref["devices"].items():
+        dev = DEVICES[name]
+        assert dev.peak_flops_per_s == {**dev.peak_flops_per_s, **d["peak_flops_per_s"]}, name
+        assert (dev.memory_bytes, dev.hbm_bytes_per_s) == (d["memory_bytes"], d["hbm_bytes_per_s"]), name
+    nets = ref["networks"]
+    assert (
+        PRESETS["dgx-a100-80g"].inter_node.bandwidth_bytes_per_s
+        == nets["infiniband_hdr"]["bytes_per_s_per_port"]
+    )
+    assert (
+        PRESETS["dgx-h100"].inter_node.bandwidth_bytes_per_s == nets["infiniband_ndr"]["bytes_per_s_per_port"]
+    )
+    p3 = nets["aws_p3_16xlarge"]["bytes_per_s_per_node"] / 8
+    assert PRESETS["aws-p3.16xlarge"].inter_node.bandwidth_bytes_per_s == pytest.approx(p3)
+    for name in ("dgx-a100-80g", "dgx-h100", "aws-p3.16xlarge"):
+        nvlink = ref["devices"][PRESETS[name].device.name]["nvlink_bytes_per_s_per_direction"]
+        assert PRESETS[name].intra_node.bandwidth_bytes_per_s == nvlink
 
 
 def test_every_required_kind_exists_and_cites_a_source():

@@ -224,6 +224,11 @@ class GPT(nn.Module):
         if device is None or torch.device(device).type != "meta":
             self.apply(_init_weights)
 
+    @property
+    def cfg(self) -> GPTConfig:
+        """Alias of ``config``."""
+        return self.config
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(tokens)
         if not self.config.rotary:

@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from autopar.ir import BlockType, OpGraph, OpNode
 from autopar.tracing import opkinds
-from autopar.tracing.blocks import BlockInstance, node_module_path, strip_prefix
+from autopar.tracing.blocks import node_module_path, strip_prefix
 from autopar.tracing.fx import _is_user_file, fx_trace
 from autopar.tracing.wrap import MODEL_PREFIX
 
@@ -249,19 +249,18 @@ def _op_meta(node: torch.fx.Node, module, name: str) -> dict:
     return meta
 
 
-def _block_tables(blocks: list[BlockInstance]):
+def _block_tables(blocks: list[dict]):
     block_types: dict[str, BlockType] = {}
     block_order: list[tuple[str, int]] = []
-    for inst in blocks:
-        bt = block_types.get(inst.type_key)
+    for order, inst in enumerate(blocks):
+        key = inst["type_key"]
+        bt = block_types.get(key)
         if bt is None:
-            bt = block_types[inst.type_key] = BlockType(
-                key=inst.type_key, count=0, instances=[], node_names=[]
-            )
+            bt = block_types[key] = BlockType(key=key, count=0, instances=[], node_names=[])
         bt.count += 1
-        bt.instances.append(inst.order)
-        bt.node_names.append([n.name for n in inst.nodes])
-        block_order.append((inst.type_key, inst.index_in_type))
+        bt.instances.append(order)
+        bt.node_names.append(list(inst["nodes"]))
+        block_order.append((key, inst["index_in_type"]))
     return block_types, block_order
 
 
@@ -274,7 +273,15 @@ def _notes(nodes: list[OpNode], tracer: str) -> list[str]:
             "per-row logsumexp), so saved activations per layer are about 5*a*s^2*b bytes smaller than "
             "with materialised scores (Korthikanti et al. 2022, Eq. 1 vs. its flash-attention note)"
         )
-    others = sorted({n.target for n in nodes if n.op_kind == "other" and n.meta.get("op") == "call_module"})
+    others = sorted(
+        {
+            n.target
+            for n in nodes
+            if n.op_kind == "other"
+            and n.meta.get("op") == "call_module"
+            and not n.target.endswith("GuardsFn")
+        }
+    )
     if others:
         notes.append(f"leaf modules without a cost rule (FLOPs counted as 0): {', '.join(others)}")
     notes.append(

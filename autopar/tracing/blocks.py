@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch import nn
 from torch.fx.node import map_aggregate
 
 from autopar.tracing.wrap import MODEL_PREFIX
@@ -35,6 +36,15 @@ class BlockInstance:
     index_in_type: int = 0
     order: int = 0
     """Position in execution order among all instances."""
+
+    def as_dict(self) -> dict:
+        """Plain data (node names, not nodes) for ``gm.meta``: survives copies of the graph module."""
+        return {
+            "prefix": self.prefix,
+            "type_key": self.type_key,
+            "index_in_type": self.index_in_type,
+            "nodes": [n.name for n in self.nodes],
+        }
 
 
 def strip_prefix(qualname: str) -> str:
@@ -72,9 +82,13 @@ def _target_repr(node: torch.fx.Node, prefix: str, gm: torch.fx.GraphModule) -> 
             return (rel, type(obj).__name__, obj.extra_repr(), shapes)
         try:
             attr = _fetch(gm, str(node.target))
-            return (rel, tuple(attr.shape), attr.dtype) if isinstance(attr, torch.Tensor) else (rel,)
         except AttributeError:
             return (rel,)
+        if isinstance(attr, nn.Parameter):
+            return (rel, tuple(attr.shape), attr.dtype)
+        # Buffers and constants lifted by export (lifted_tensor_3) are numbered graph-wide: compare by
+        # shape and dtype only.
+        return (tuple(attr.shape), attr.dtype) if isinstance(attr, torch.Tensor) else (type(attr).__name__,)
     target = node.target
     return (getattr(target, "__qualname__", None) or str(target),)
 

@@ -130,7 +130,8 @@ def _describe_failure(exc: BaseException) -> str:
     frame = user_frame_from_traceback(exc.__traceback__)
     loc = f"{frame[0]}:{frame[1]} `{frame[2]}`" if frame else "unknown source"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"in module '{where or '?'}' at {loc}: {type(exc).__name__}: {first_line}"
+    mod = f"in module '{where}' " if where else ""
+    return f"{mod}at {loc}: {type(exc).__name__}: {first_line}"
 
 
 def _strip(qualname) -> str:
@@ -145,8 +146,25 @@ _FIX = (
 )
 
 
+def _is_control_flow(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "control flow" in text or "GuardOnDataDependent" in text or "data-dependent" in text
+
+
+def _headline(model: nn.Module, failures: list[tuple[str, BaseException]]) -> str:
+    head = f"cannot trace {type(model).__name__} with its loss"
+    for _, exc in failures:
+        if _is_control_flow(exc):
+            where = getattr(exc, "autopar_module_path", None)
+            frame = user_frame_from_traceback(exc.__traceback__)
+            loc = f" at {frame[0]}:{frame[1]} `{frame[2]}`" if frame else ""
+            mod = f" in module '{where}'" if where else ""
+            return f"{head}: data-dependent control flow{mod}{loc}"
+    return head
+
+
 def _raise_untraceable(model: nn.Module, failures: list[tuple[str, BaseException]]):
-    lines = [f"cannot trace {type(model).__name__} with its loss:"]
+    lines = [_headline(model, failures) + "; tracers tried:"]
     lines += [f"  {name}: {_describe_failure(exc)}" for name, exc in failures]
     lines.append(_FIX)
     raise TraceError("\n".join(lines)) from failures[-1][1]
@@ -160,6 +178,7 @@ def fx_trace(
     num_targets: int | None = None,
     tracer: str = "auto",
     leaf_modules: Iterable = (),
+    replicate_blocks: bool = True,
 ) -> torch.fx.GraphModule:
     """The fx graph of ``model`` with its loss, every node annotated (see the module docstring).
 
@@ -169,8 +188,10 @@ def fx_trace(
     (the model computes its own loss; a HuggingFace output's ``loss`` field is taken if present).
     Placeholders are named after the model's forward arguments, then the loss_fn's.
     ``gm.meta["autopar"]`` records ``tracer``, ``input_names``, ``target_names``, ``trace_s`` and
-    ``blocks`` (:class:`~autopar.tracing.blocks.BlockInstance` list); nodes of a repeated block
-    carry ``node.meta["autopar_block"] = (block_type, instance)``.
+    ``blocks`` (per instance in execution order: ``{"prefix", "type_key", "index_in_type",
+    "nodes"}``, node names); nodes of a repeated block carry
+    ``node.meta["autopar_block"] = (block_type, instance)``. ``replicate_blocks=False`` runs every
+    block instance during propagation instead of copying identical ones (for checking).
 
     ``tracer``: ``"auto"`` (symbolic trace, export if that fails), ``"symbolic_trace"`` or
     ``"export"``. ``leaf_modules``: module types or qualified names (in ``model``) kept as one
@@ -189,7 +210,8 @@ def fx_trace(
         try:
             gm = _symbolic(wrapper, leaf_modules) if name == "symbolic_trace" else _export(wrapper, args)
             blocks = find_blocks(gm)
-            propagate(gm, args, keep_val=name == "export", templates=replication_templates(blocks))
+            templates = replication_templates(blocks) if replicate_blocks else None
+            propagate(gm, args, keep_val=name == "export", templates=templates)
         except Exception as exc:  # noqa: BLE001 - reported below with its location
             log.info("%s failed on %s: %s", name, type(model).__name__, exc)
             failures.append((name, exc))
@@ -199,7 +221,7 @@ def fx_trace(
             "input_names": wrapper.input_names,
             "target_names": wrapper.target_names,
             "trace_s": time.perf_counter() - t0,
-            "blocks": blocks,
+            "blocks": [b.as_dict() for b in blocks],
         }
         return gm
     _raise_untraceable(model, failures)

@@ -275,7 +275,8 @@ def _execution_mode(gm: torch.nn.Module, args: tuple):
     # The converter memoises per real tensor, so these are the fakes the graph will see.
     fake_state = [mode.from_tensor(t) for t in state]
     with mode:
-        yield fake_args, fake_state
+        # Autograd runs above the fake mode: it saves the real parameters themselves, not their fakes.
+        yield fake_args, [*fake_state, *state]
 
 
 def propagate(gm: torch.fx.GraphModule, args: tuple, *, keep_val: bool = False, templates=None):

@@ -1,0 +1,103 @@
+"""Named model shapes: ``autopar models`` lists them; ``build_model("gpt3-175b")`` builds one.
+
+Every shape cites where it comes from. Vocabularies of the GPT-3 and Megatron presets are 51200
+(GPT-2's 50257 padded to a multiple of 1024, as Megatron-LM does, and as the issue's Megatron
+formulas assume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    name: str
+    description: str
+    source: str
+    config: dict = field(default_factory=dict)
+    """Keyword arguments of :class:`~autopar.models.gpt.GPTConfig`."""
+
+
+_GPT3 = "Brown et al. 2020, 'Language Models are Few-Shot Learners', Table 2.1"
+_MEGATRON = (
+    "Narayanan et al. SC'21, 'Efficient Large-Scale Language Model Training on GPU Clusters "
+    "Using Megatron-LM', Table 1 (s=2048, V=51200)"
+)
+_LLAMA3 = "Llama Team 2024, 'The Llama 3 Herd of Models', Table 3; Hugging Face config.json (vocab 128256)"
+
+_GPT_STYLE = {"vocab": 51200, "seq": 2048, "dropout": 0.1}
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _add(name: str, description: str, source: str, **config) -> None:
+    PRESETS[name] = Preset(name=name, description=description, source=source, config=config)
+
+
+# GPT-3 (Table 2.1). 1.3B lists 24 heads of 128 (3072 != d_model 2048) and 13B d_model 5140 (not a
+# multiple of 40 heads): we use 16 heads and d_model 5120, as Megatron-LM and most reproductions do.
+_add("gpt3-1.3b", "GPT-3 XL 1.3B", _GPT3, hidden=2048, layers=24, heads=16, **_GPT_STYLE)
+_add("gpt3-2.7b", "GPT-3 2.7B", _GPT3, hidden=2560, layers=32, heads=32, **_GPT_STYLE)
+_add("gpt3-6.7b", "GPT-3 6.7B", _GPT3, hidden=4096, layers=32, heads=32, **_GPT_STYLE)
+_add("gpt3-13b", "GPT-3 13B", _GPT3, hidden=5120, layers=40, heads=40, **_GPT_STYLE)
+_add("gpt3-175b", "GPT-3 175B", _GPT3, hidden=12288, layers=96, heads=96, **_GPT_STYLE)
+
+# Megatron-LM SC'21 Table 1 (params_b, heads, hidden, layers), the weak-scaling GPT family.
+for _params, _heads, _hidden, _layers, _label in (
+    (1.7, 24, 2304, 24, "1.7b"),
+    (3.6, 32, 3072, 30, "3.6b"),
+    (7.5, 32, 4096, 36, "7.5b"),
+    (18.4, 48, 6144, 40, "18.4b"),
+    (39.1, 64, 8192, 48, "39.1b"),
+    (76.1, 80, 10240, 60, "76.1b"),
+    (145.6, 96, 12288, 80, "145.6b"),
+    (310.1, 128, 16384, 96, "310.1b"),
+    (529.6, 128, 20480, 105, "529.6b"),
+    (1008.0, 160, 25600, 128, "1t"),
+):
+    _add(
+        f"megatron-{_label}",
+        f"Megatron-LM GPT {_params}B (SC'21 Table 1)",
+        _MEGATRON,
+        hidden=_hidden,
+        layers=_layers,
+        heads=_heads,
+        **_GPT_STYLE,
+    )
+
+_LLAMA_STYLE = {
+    "vocab": 128256,
+    "seq": 8192,
+    "kv_heads": 8,
+    "norm": "rmsnorm",
+    "act": "swiglu",
+    "bias": False,
+    "tie_embeddings": False,
+    "fused_attention": True,
+}
+_add("llama3-8b", "Llama 3 8B", _LLAMA3, hidden=4096, layers=32, heads=32, ffn=14336, **_LLAMA_STYLE)
+_add("llama3-70b", "Llama 3 70B", _LLAMA3, hidden=8192, layers=80, heads=64, ffn=28672, **_LLAMA_STYLE)
+_add("llama3-405b", "Llama 3 405B", _LLAMA3, hidden=16384, layers=126, heads=128, ffn=53248, **_LLAMA_STYLE)
+
+_add(
+    "gpt2-small",
+    "GPT-2 small 124M",
+    "Radford et al. 2019, 'Language Models are Unsupervised Multitask Learners', Table 2; HF gpt2 config",
+    hidden=768,
+    layers=12,
+    heads=12,
+    vocab=50257,
+    seq=1024,
+    dropout=0.1,
+)
+_add(
+    "tiny",
+    "a 2-layer GPT for tests and demos",
+    "autopar",
+    hidden=64,
+    layers=2,
+    heads=4,
+    vocab=128,
+    seq=16,
+)

@@ -168,7 +168,9 @@ def gemm_dims(kind: str, in_shapes: list, out_shape, weight_shape=None) -> tuple
     """(batch, m, n, k) of a matmul-like op."""
     if kind == "linear" and in_shapes and weight_shape is not None and len(weight_shape) == 2:
         n, k = weight_shape
-        return (1, _numel(in_shapes[0][:-1]), n, k)
+        # m = all output elements but the last dim (addmm's first input is the bias, not x)
+        m = _numel(out_shape[:-1]) if out_shape else _numel(in_shapes[0][:-1])
+        return (1, m, n, k)
     if kind == "matmul" and len(in_shapes) >= 2 and out_shape is not None:
         a, b = in_shapes[-2], in_shapes[-1]
         if len(a) < 1 or len(b) < 1:

@@ -40,10 +40,13 @@ class Calibration:
     """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused
     bias-GeLU, bias-dropout-add, scale-mask-softmax and Apex LayerNorm; torch.compile does the same).
     Their traffic is then the chain's external inputs and outputs only."""
-    bwd_bytes_factor: float = 2.0
-    """Backward traffic of a memory-bound op relative to its forward: it reads the output gradient
-    and the saved input(s) and writes the input gradient (unary op: 3 tensors vs 2 -> 1.5; LayerNorm
-    and softmax also re-read statistics / outputs -> ~2). 2.0 is the rounded upper value."""
+    fuse_sibling_gemms: bool = True
+    """Linears that read the same tensor with the same reduction dim run as one GEMM with the output
+    widths added (Megatron's fused QKV projection; fused gate/up projections of SwiGLU MLPs)."""
+    bwd_bytes_factor: float = 1.5
+    """Backward traffic of a memory-bound op relative to its forward: a unary op's backward reads the
+    output gradient and the saved input (or output) and writes the input gradient, 3 tensors against
+    the forward's 2 (LayerNorm, GeLU, softmax backward kernels in Megatron / Apex)."""
 
     # -------------------------------------------------------------- communication (cost_models.comm)
     intra_node_efficiency: float = 230.0 / 300.0

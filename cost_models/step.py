@@ -75,8 +75,9 @@ def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> 
             fwd = memory_op_time_s(op.bytes_fwd, device, calib=calib)
             bwd = memory_op_time_s(bytes_bwd, device, calib=calib)
         else:
-            fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, calib=calib)
-            bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, calib=calib)
+            eff = op.efficiency
+            fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, efficiency=eff, calib=calib)
+            bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
     if op.measured_fwd_s is not None:
         fwd = op.measured_fwd_s
     if op.measured_bwd_s is not None:

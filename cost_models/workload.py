@@ -36,6 +36,9 @@ class OpWork:
     activation of an activation-activation matmul)."""
     input_grad: bool = True
     """The backward computes the first-operand gradient (False for the very first op)."""
+    efficiency: float = 1.0
+    """Fraction of peak FLOP/s a ``roofline`` op reaches (fused attention: the GEMM efficiency of its
+    score product)."""
     selective_recompute: bool = False
     """Recomputed under ``recompute='selective'`` (the attention-score region)."""
     count: float = 1.0

@@ -333,7 +333,9 @@ def count_params(cfg: GPTConfig) -> int:
 
 
 def list_models() -> dict[str, dict[str, Any]]:
-    """Preset name -> description, parameter count and shape (JSON-ready), for ``autopar models``."""
+    """Preset name -> description, parameter count and shape (JSON-ready), for ``autopar models``.
+
+    Each preset's source (paper, table) is ``PRESETS[name].source``."""
     out = {}
     for name, preset in PRESETS.items():
         cfg = GPTConfig(**preset.config)
@@ -351,6 +353,5 @@ def list_models() -> dict[str, dict[str, Any]]:
             "seq": cfg.seq,
             "norm": cfg.norm,
             "act": cfg.act,
-            "source": preset.source,
         }
     return out

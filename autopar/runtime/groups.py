@@ -1,0 +1,117 @@
+"""Process groups for every mesh axis of a plan, passed around as one object (no globals).
+
+Rank layout is the plan's: row-major over ``plan.mesh``, ``tp`` innermost. For ``dp=2, pp=2, tp=2``::
+
+    rank = ((dp_i * pp) + pp_i) * tp + tp_i
+    tp groups  [[0,1],[2,3],[4,5],[6,7]]
+    pp groups  [[0,2],[1,3],[4,6],[5,7]]
+    dp groups  [[0,4],[1,5],[2,6],[3,7]]
+    tie groups [[0,2],[1,3],[4,6],[5,7]]   (first and last pipeline stage: tied-weight gradients)
+
+Every group gets the same ``timeout_s`` so a failed peer turns a collective into an error, never a hang.
+``dist.new_group`` must be called by every rank for every group in the same order, so all groups of
+all axes are created on every rank and each rank keeps those that contain it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from autopar.errors import PlanError, RuntimeFailure
+from autopar.plan import Plan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU, NCCL on CUDA."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def tie_groups(plan: Plan) -> list[list[int]]:
+    """Pairs (first stage, last stage) with equal dp and tp coordinates; empty when pp == 1."""
+    if plan.pp == 1:
+        return []
+    return [[g[0], g[-1]] for g in plan.groups("pp")]
+
+
+@dataclass
+class ProcessGroups:
+    """This rank's view of the mesh: its coordinates and one group per axis.
+
+    A group is ``None`` when the axis has size 1 (nothing to communicate).
+    """
+
+    plan: Plan
+    rank: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    """The global ranks of this rank's group on each axis (and ``tie``), in group order."""
+
+    @property
+    def coords(self) -> dict[str, int]:
+        return self.plan.coords(self.rank)
+
+    def group(self, axis: str) -> dist.ProcessGroup | None:
+        return self.groups.get(axis)
+
+    def size(self, axis: str) -> int:
+        return len(self.ranks.get(axis, [self.rank]))
+
+    def index(self, axis: str) -> int:
+        """This rank's position in its ``axis`` group (its coordinate on that axis)."""
+        return self.ranks.get(axis, [self.rank]).index(self.rank)
+
+    def describe(self) -> str:
+        return " ".join(f"{a}={r}" for a, r in self.ranks.items())
+
+
+def _all_axis_groups(plan: Plan) -> dict[str, list[list[int]]]:
+    out = {a.name: plan.groups(a.name) for a in plan.mesh if a.size > 1}
+    ties = tie_groups(plan)
+    if ties:
+        out["tie"] = ties
+    return out
+
+
+def describe_groups(plan: Plan, rank: int) -> dict[str, list[int]]:
+    """The ranks of each of ``rank``'s groups, without creating any (for ``rank_code``)."""
+    out: dict[str, list[int]] = {}
+    for axis, groups in _all_axis_groups(plan).items():
+        for g in groups:
+            if rank in g:
+                out[axis] = g
+    return out
+
+
+def build_process_groups(plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessGroups:
+    """Create the groups of ``plan`` on the initialised default process group (collective call)."""
+    if not dist.is_initialized():
+        raise RuntimeFailure(
+            "torch.distributed is not initialised: launch with torchrun (each rank calls autopar.compile) "
+            "or autopar.runtime.launch.run_local(fn, nprocs)"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != plan.world_size:
+        raise PlanError(
+            f"the plan needs {plan.world_size} ranks ({plan.summary()}) but {world} processes were "
+            f"launched; launch {plan.world_size} processes or choose a plan for {world}"
+        )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    pg = ProcessGroups(plan=plan, rank=rank, timeout_s=timeout_s)
+    for axis, groups in _all_axis_groups(plan).items():
+        for g in groups:
+            handle = dist.new_group(g, timeout=timeout)
+            if rank in g:
+                pg.groups[axis] = handle
+                pg.ranks[axis] = list(g)
+    log.debug("rank %d groups: %s", rank, pg.describe())
+    return pg

@@ -1,0 +1,148 @@
+"""Running one rank's stage over the micro-batches of a step.
+
+* ``pp == 1``: a plain gradient-accumulation loop (DDP ``no_sync`` / FSDP gradient sync only on
+  the last micro-batch); each micro-batch loss enters the backward scaled by ``1/m``.
+* ``pp > 1``: ``torch.distributed.pipelining``'s ``PipelineStage`` with ``ScheduleGPipe`` or
+  ``Schedule1F1B``. Our stage modules fit it as they are; two adaptations:
+
+  - the loss is part of the traced graph (it may itself be tensor-parallel), so the last stage
+    *returns* the micro-batch loss and the schedule's ``loss_fn`` is the identity; targets (and all
+    other graph inputs) reach the stages as keyword arguments, which the schedule splits into
+    micro-batches and passes to every stage;
+  - stage input/output shapes are inferred by us once (a no-grad forward of micro-batch 0, shapes
+    sent stage to stage) and given to ``PipelineStage`` (its static mode). Its own dynamic
+    inference runs a forward *and backward* outside DDP's control, which leaves DDP's reducer
+    expecting gradients that never come.
+
+  ``scale_grads=True`` divides the accumulated gradients by ``m`` (mean-reduced micro-batch losses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopar.runtime.groups import ProcessGroups
+from autopar.runtime.microbatch import merge_micro_batches, split_micro_batches
+from autopar.runtime.stages import StageSpec
+
+log = logging.getLogger(__name__)
+
+
+def _identity_loss(output, _target):
+    return output
+
+
+def _no_sync(module: nn.Module, last: bool):
+    """DDP: skip the all-reduce except on the last micro-batch. FSDP2: the same via its flag."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel) and not last:
+        return module.no_sync()
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def run_accumulation(module: nn.Module, spec: StageSpec, inputs: tuple, side: dict, m: int, train: bool):
+    """pp == 1: forward (and backward) of ``m`` micro-batches; returns per-micro-batch outputs."""
+    names = list(side)
+    chunks = split_micro_batches(tuple(inputs) + tuple(side[k] for k in names), m)
+    outs = []
+    for i, chunk in enumerate(chunks):
+        args, kw = chunk[: len(inputs)], dict(zip(names, chunk[len(inputs) :]))
+        if not train:
+            with torch.no_grad():
+                outs.append(module(*args, **kw))
+            continue
+        with _no_sync(module, i == m - 1):
+            loss = module(*args, **kw)
+            (loss / m).backward()
+        outs.append(loss.detach())
+    return outs
+
+
+class Pipeline:
+    """One rank's ``PipelineStage`` and schedule, created at the first step (see the module docstring)."""
+
+    def __init__(
+        self, module: nn.Module, spec: StageSpec, groups: ProcessGroups, device, schedule: str, m: int
+    ):
+        self.module, self.spec, self.groups, self.device = module, spec, groups, device
+        self.schedule_name, self.m = schedule, m
+        self.pp_ranks = groups.ranks["pp"]
+        self._schedules: dict[bool, object] = {}
+        self._stage = None
+
+    def _infer_shapes(self, inputs: tuple, side: dict) -> tuple[tuple, tuple]:
+        group, idx = self.groups.group("pp"), self.spec.index
+        mb = split_micro_batches(tuple(inputs) + tuple(side.values()), self.m)[0]
+        mb_side = dict(zip(side, mb[len(inputs) :]))
+        with torch.no_grad():
+            if self.spec.is_first:
+                args = tuple(mb[: len(inputs)])
+            else:
+                metas: list = [None]
+                dist.recv_object_list(metas, src=self.pp_ranks[idx - 1], group=group)
+                args = tuple(torch.zeros(s, dtype=d, device=self.device) for s, d in metas[0])
+            out = self.module(*args, **mb_side)
+        outs = out if isinstance(out, tuple) else (out,)
+        if not self.spec.is_last:
+            dist.send_object_list(
+                [[(tuple(t.shape), t.dtype) for t in outs]], dst=self.pp_ranks[idx + 1], group=group
+            )
+        # requires_grad in the metadata is what tells PipelineStage that gradients flow back.
+        in_args = tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
+        out_args = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in outs)
+        return in_args, out_args
+
+    def _schedule(self, train: bool, inputs: tuple, side: dict):
+        if train in self._schedules:
+            return self._schedules[train]
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if self._stage is None:
+            in_args, out_args = self._infer_shapes(inputs, side)
+            self._stage = PipelineStage(
+                self.module,
+                self.spec.index,
+                self.spec.num_stages,
+                self.device,
+                input_args=in_args,
+                output_args=out_args,
+                group=self.groups.group("pp"),
+            )
+        cls = Schedule1F1B if (train and self.schedule_name == "1f1b") else ScheduleGPipe
+        sched = cls(
+            self._stage, n_microbatches=self.m, loss_fn=_identity_loss if train else None, scale_grads=True
+        )
+        self._schedules[train] = sched
+        return sched
+
+    def run(self, inputs: tuple, side: dict, train: bool):
+        """One step; returns the per-micro-batch losses (train) or the merged output (inference) on
+        the last stage, None elsewhere."""
+        sched = self._schedule(train, inputs, side)
+        args = tuple(inputs) if self.spec.is_first else ()
+        if not train:
+            with torch.no_grad():
+                out = sched.step(*args, **side)
+            return out if self.spec.is_last else None
+        losses: list = []
+        target = None
+        if self.spec.is_last:
+            n = next(iter(side.values())).shape[0] if side else inputs[0].shape[0]
+            target = torch.zeros(n, device=self.device)
+        sched.step(
+            *args, target=target, losses=losses if self.spec.is_last else None, return_outputs=False, **side
+        )
+        return [loss.detach() for loss in losses] if self.spec.is_last else None
+
+
+def merge_outputs(outputs: list):
+    return merge_micro_batches(outputs)

@@ -1,0 +1,225 @@
+"""THE reference-vs-parallel helper: one device vs the compiled run, step by step.
+
+Oracle: the same model (same seed), the same global batches and the same optimizer run eagerly on
+one device for ``steps`` steps. The compiled run (any plan, any number of gloo ranks) must give,
+after every step, the same loss, the same full gradients (gathered from every shard) and the
+same updated parameters (``state_dict()``), within ``rtol=1e-5, atol=1e-6`` in fp32.
+
+Dropout: the reference swaps ``nn.Dropout`` for :class:`autopar.runtime.rng.DeterministicDropout`
+and feeds the step's sample ids, so it draws exactly the masks the compiled graph draws for the
+same samples (see ``autopar/runtime/rng.py``); dropout-free models run the untouched eager model.
+
+Usage (everything must be picklable: module-level builders, ``functools.partial``)::
+
+    case = gpt_case(layers=2)
+    trajs = run_ranks(run_plans, 2, args=(case, [Plan.manual(dp=2, global_batch=8)]))
+    assert_equivalent(reference(case), trajs[0][0], "dp=2")
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import autopar
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.runtime import rng
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model, its data, loss and optimizer: everything both runs need."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    """Builds the model with its initial weights (seeded inside: every call gives the same model)."""
+    make_batches: Callable[[int], list[tuple]]
+    """``make_batches(steps)``: one global batch ``(inputs..., targets...)`` per step."""
+    loss_fn: Callable | None
+    global_batch: int
+    optimizer: Callable = field(default=functools.partial(torch.optim.AdamW, lr=1e-3, eps=1e-6))
+    """AdamW with eps=1e-6 (not 1e-8): Adam's update ``m / (sqrt(v) + eps)`` is scale-free, so a
+    gradient that is analytically zero but ~1e-10 in fp32 (the key-projection bias: softmax is
+    shift-invariant) becomes a full ``±lr`` step whose sign is rounding noise. With eps=1e-6 such
+    noise moves a parameter < 1e-7, while real gradients (>= 1e-4 here) are unaffected."""
+    steps: int = 3
+    num_targets: int = 1
+
+
+@dataclass
+class Trajectory:
+    losses: list[float] = field(default_factory=list)
+    grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Full gradients after each step's backward, by parameter name."""
+    params: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Full state dict after each step's update."""
+
+
+# ----------------------------------------------------------------------------------- cases
+def build_gpt(cfg: GPTConfig, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def token_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 1) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+        targets = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append((tokens, targets))
+    return out
+
+
+def gpt_case(*, layers=2, hidden=16, heads=4, vocab=64, seq=8, batch=8, dropout=0.0, **cfg) -> Case:
+    config = GPTConfig(
+        hidden=hidden, layers=layers, heads=heads, vocab=vocab, seq=seq, dropout=dropout, **cfg
+    )
+    return Case(
+        name=f"gpt(l={layers},h={hidden},dropout={dropout})",
+        build=functools.partial(build_gpt, config, 0),
+        make_batches=functools.partial(token_batches, vocab, batch, seq),
+        loss_fn=gpt_loss,
+        global_batch=batch,
+    )
+
+
+# ----------------------------------------------------------------------------------- runs
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def reference(case: Case) -> Trajectory:
+    """The single-device run (see the module docstring)."""
+    model = case.build()
+    if _has_dropout(model):
+        rng.make_deterministic(model)
+    opt = case.optimizer(model.parameters())
+    out = Trajectory()
+    for step, batch in enumerate(case.make_batches(case.steps)):
+        cut = len(batch) - case.num_targets
+        opt.zero_grad(set_to_none=True)
+        with rng.sample_ids(rng.sample_ids_for_step(step, case.global_batch)):
+            output = model(*batch[:cut])
+        loss = case.loss_fn(output, *batch[cut:]) if case.loss_fn else output
+        loss.backward()
+        out.losses.append(loss.item())
+        out.grads.append(
+            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
+        opt.step()
+        out.params.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def parallel(case: Case, plan: autopar.Plan) -> Trajectory:
+    """The compiled run of ``case`` under ``plan``; call on every rank (or in-process for 1 rank)."""
+    model = case.build()
+    batches = case.make_batches(case.steps)
+    compiled = autopar.compile(
+        model,
+        plan.world_size,
+        example_inputs=batches[0],
+        loss_fn=case.loss_fn,
+        optimizer=case.optimizer,
+        plan=plan,
+        global_batch=case.global_batch,
+        num_targets=case.num_targets,
+    )
+    out = Trajectory()
+    for batch in batches:
+        out.losses.append(compiled.step(batch))
+        out.grads.append(compiled.full_grads())
+        out.params.append(compiled.state_dict())
+    return out
+
+
+def run_plans(case: Case, plans: list[autopar.Plan]) -> list[Trajectory]:
+    """Rank function: the compiled trajectory of ``case`` under each plan, in one launch."""
+    return [parallel(case, plan) for plan in plans]
+
+
+def reference_output(case: Case) -> torch.Tensor:
+    """Inference oracle: the eager model's output on the first batch's inputs."""
+    model = case.build().eval()
+    batch = case.make_batches(1)[0]
+    with torch.no_grad():
+        return model(*batch[: len(batch) - case.num_targets])
+
+
+def parallel_output(case: Case, plan: autopar.Plan):
+    model = case.build()
+    batch = case.make_batches(1)[0]
+    inputs = batch[: len(batch) - case.num_targets]
+    compiled = autopar.compile(
+        model,
+        plan.world_size,
+        example_inputs=inputs,
+        plan=plan,
+        global_batch=case.global_batch,
+        mode="inference",
+    )
+    return compiled(*inputs)
+
+
+def run_inference_plans(case: Case, plans: list[autopar.Plan]) -> list:
+    return [parallel_output(case, plan) for plan in plans]
+
+
+# ----------------------------------------------------------------------------------- compare
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:
+    if a.shape != b.shape:
+        return False, float("inf")
+    diff = (a.double() - b.double()).abs()
+    ok = bool((diff <= atol + rtol * b.double().abs()).all())
+    return ok, float(diff.max()) if diff.numel() else 0.0
+
+
+def compare(ref: Trajectory, par: Trajectory, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Every mismatch as a readable line (empty = equivalent)."""
+    problems = []
+    if len(ref.losses) != len(par.losses):
+        return [f"{len(par.losses)} steps ran, expected {len(ref.losses)}"]
+    for step in range(len(ref.losses)):
+        ok, d = _close(torch.tensor(par.losses[step]), torch.tensor(ref.losses[step]), rtol, atol)
+        if not ok:
+            problems.append(f"step {step}: loss {par.losses[step]!r} vs {ref.losses[step]!r}")
+        for kind, r, p in (
+            ("grad", ref.grads[step], par.grads[step]),
+            ("param", ref.params[step], par.params[step]),
+        ):
+            for name, expected in r.items():
+                if name not in p:
+                    problems.append(f"step {step}: {kind} {name} missing")
+                    continue
+                ok, d = _close(p[name], expected, rtol, atol)
+                if not ok:
+                    problems.append(f"step {step}: {kind} {name} differs (max abs diff {d:.3g})")
+    return problems
+
+
+def assert_equivalent(ref: Trajectory, par: Trajectory, label: str, rtol: float = RTOL, atol: float = ATOL):
+    problems = compare(ref, par, rtol, atol)
+    if problems:
+        shown = "\n  ".join(problems[:12])
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise AssertionError(f"{label}: {len(problems)} mismatches vs one device:\n  {shown}{more}")
+
+
+def assert_same_on_all_ranks(per_rank: list, label: str) -> None:
+    """Every rank reports the same losses (the loss is a global quantity)."""
+    first = [t.losses for t in per_rank[0]] if isinstance(per_rank[0], list) else per_rank[0].losses
+    for r, traj in enumerate(per_rank[1:], start=1):
+        losses = [t.losses for t in traj] if isinstance(traj, list) else traj.losses
+        assert losses == first, f"{label}: rank {r} losses {losses} differ from rank 0 {first}"
+
+
+def clone_case(case: Case, **changes) -> Case:
+    return copy.replace(case, **changes) if hasattr(copy, "replace") else Case(**{**case.__dict__, **changes})

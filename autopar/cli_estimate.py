@@ -69,17 +69,22 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from autopar.cluster import Cluster
-    from autopar.model_spec import load_model
+    from autopar.model_spec import graph_layers, load_model
     from autopar.plan_keys import parse_plan_arg, plan_keys, resolve_plan
 
     cluster = Cluster.parse(args.cluster)
     keys = parse_plan_arg(args.plan)
     _ = cluster.device  # a heterogeneous cluster stops here with a clear message
     loaded = load_model(args.model, seq=args.seq)
+    graph = None
+    if loaded.num_layers is None:  # a user model without a config: count its blocks in the graph
+        graph = loaded.trace(batch=1)
+        loaded.num_layers = graph_layers(graph)
     plan = resolve_plan(
         keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
     )
-    graph = loaded.trace(batch=plan.micro_batch_size)
+    if graph is None:
+        graph = loaded.trace(batch=plan.micro_batch_size)
 
     from autopar.estimator import estimate
 

@@ -22,8 +22,9 @@ class LoadedModel:
     loss_fn: Callable | None
     make_inputs: Callable[[int], tuple]
     """``batch -> example inputs`` (model inputs, then loss targets)."""
-    num_layers: int
-    """Repeated blocks (transformer layers): the pipeline-stage granularity."""
+    num_layers: int | None
+    """Repeated blocks (transformer layers), the pipeline-stage granularity; None until traced
+    for a model without a known config (:func:`graph_layers` counts them in the graph)."""
     heads: int | None
     """Attention heads (the tensor-parallel rule); None when unknown."""
     kv_heads: int | None = None
@@ -75,40 +76,40 @@ def _token_inputs(seq: int) -> Callable[[int], tuple]:
 
 
 def load_model(spec: str, *, seq: int | None = None) -> LoadedModel:
-    """Build ``spec`` on ``meta`` and describe it; ``seq`` overrides the model's sequence length."""
+    """Build ``spec`` on ``meta`` and describe it; ``seq`` overrides a built-in GPT's sequence length."""
     try:
         from autopar.models import build_model
     except ImportError as e:
         raise ModelSpecError(f"the model zoo is not available in this build ({e})") from None
-    built = build_model(spec, device="meta")
+    built = build_model(spec, device="meta", seq=seq)
+    if seq is not None and getattr(built, "config", None) is None:
+        raise ModelSpecError(
+            f"--seq {seq} applies to built-in GPT models; the factory {spec!r} fixes its own example "
+            "inputs (return make_inputs/example_inputs at the sequence length you want)"
+        )
     return adapt(spec, built, seq=seq)
 
 
 def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
-    """Adapt what ``build_model`` returns (a model, or an object/tuple carrying one) to LoadedModel."""
+    """Adapt a :class:`~autopar.models.BuiltModel` (or a bare built-in GPT) to LoadedModel."""
     model = getattr(built, "model", built)
-    if isinstance(built, tuple):
-        model = built[0]
     layers, heads, model_seq = _config_dims(model)
-    seq = seq or model_seq
     loss_fn = getattr(built, "loss_fn", None)
-    make_inputs = getattr(built, "make_inputs", None) or getattr(built, "example_inputs", None)
+    make_inputs = getattr(built, "make_inputs", None)
     cfg = _gpt_config(model)
+    if not callable(make_inputs):
+        if cfg is None:
+            raise ModelSpecError(
+                f"model {spec!r}: cannot build example inputs for it; a factory should return "
+                "(model, example_inputs, loss_fn) or a dict with make_inputs (see docs/cli.md)"
+            )
+        if seq and seq > cfg.seq:
+            raise ModelSpecError(f"--seq {seq} exceeds the model's maximum sequence length {cfg.seq}")
+        make_inputs = _token_inputs(seq or cfg.seq)
     if loss_fn is None and cfg is not None:
         from autopar.models.gpt import gpt_loss
 
         loss_fn = gpt_loss
-    if not callable(make_inputs):
-        if cfg is None:
-            raise ModelSpecError(
-                f"model {spec!r}: cannot build example inputs for it; a factory should return the model "
-                "with make_inputs(batch) (see docs/cli.md)"
-            )
-        if seq and seq > cfg.seq:
-            raise ModelSpecError(f"--seq {seq} exceeds the model's maximum sequence length {cfg.seq}")
-        make_inputs = _token_inputs(seq)
-    if not layers:
-        raise ModelSpecError(f"model {spec!r}: its number of layers is unknown; cannot split it into stages")
     return LoadedModel(
         spec=spec,
         model=model,
@@ -117,8 +118,17 @@ def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
         num_layers=layers,
         heads=heads,
         kv_heads=_kv_heads(model),
-        seq=seq,
+        seq=_example_seq(getattr(built, "example_inputs", None)) or seq or model_seq,
     )
+
+
+def _example_seq(example_inputs: Any) -> int | None:
+    """Dim 1 of the first input of rank >= 2 (tokens ``[batch, seq]``), if any."""
+    for t in example_inputs or ():
+        shape = getattr(t, "shape", ())
+        if len(shape) >= 2:
+            return int(shape[1])
+    return None
 
 
 def _kv_heads(model: Any) -> int | None:
@@ -126,3 +136,9 @@ def _kv_heads(model: Any) -> int | None:
     if cfg is not None:
         return getattr(cfg, "kv_heads_resolved", None)
     return getattr(getattr(model, "config", None), "num_key_value_heads", None)
+
+
+def graph_layers(graph: Any) -> int:
+    """Repeated blocks of a traced graph: the largest block type's count (1 without blocks)."""
+    counts = [bt.count for bt in getattr(graph, "block_types", {}).values()]
+    return max(counts, default=1)

@@ -215,3 +215,56 @@ def test_model_spec_adapts_the_builtin_gpt_on_meta():
     graph = loaded.trace(batch=2)
     assert graph.batch_size == 2
     assert max(bt.count for bt in graph.block_types.values()) == 3
+
+
+# ------------------------------------------------------------------------- end to end
+TINY = "gpt:hidden=64,layers=4,heads=4,vocab=256,seq=32"
+
+
+def test_estimate_json_end_to_end():
+    r = autopar("estimate", TINY, "--cluster", "dgx-h100", "--global-batch", "16", "--plan", "tp=2,pp=2", "--seq", "16", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    required = {"step_time_s", "tokens_per_s", "model_flops_per_step", "hardware_flops_per_step", "mfu",
+                "memory_bytes_per_device", "memory_capacity_bytes", "fits", "plan", "breakdown_s",
+                "memory_breakdown_bytes"}  # fmt: skip
+    assert required <= set(out)
+    assert out["plan"] == {"dp": 2, "tp": 2, "pp": 2, "mbs": 1, "vpp": 1, "schedule": "1f1b", "recompute": "none",
+                           "sp": 0, "zero": 0, "micro_batches": 8, "global_batch": 16}  # fmt: skip
+    assert set(out["defaulted"]) == {"dp", "mbs", "vpp", "schedule", "recompute", "sp", "zero"}
+    assert out["seq"] == 16 and out["memory_capacity_bytes"] == 80e9
+    # Internal consistency of the report: the parts add up, throughput and MFU follow from the time.
+    assert sum(out["breakdown_s"].values()) == pytest.approx(out["step_time_s"], rel=1e-6)
+    assert out["tokens_per_s"] == pytest.approx(16 * 16 / out["step_time_s"], rel=1e-6)
+    mfu = out["model_flops_per_step"] / (out["step_time_s"] * 8 * 989.4e12)
+    assert out["mfu"] == pytest.approx(mfu, rel=1e-6)
+    assert sum(out["memory_breakdown_bytes"].values()) == pytest.approx(
+        out["memory_bytes_per_device"], rel=1e-6
+    )
+    assert out["fits"] is True
+
+
+def test_estimate_table_reports_overflow_on_a_small_device(tmp_path, capsys):
+    # In-process (autopar.cli.main): the same code path as the console script, without a
+    # second torch start-up; the subprocess tests above cover the process boundary.
+    cluster = tmp_path / "small.yaml"
+    cluster.write_text(
+        "nodes: 1\ndevices_per_node: 2\n"
+        "device: {name: tiny-gpu, peak_flops_per_s: {bf16: 1.0e14, fp32: 1.0e13}, memory_bytes: 1.0e6,"
+        " hbm_bytes_per_s: 1.0e12}\n"
+        "intra_node: {bandwidth_gbps: 800, latency_us: 5}\n"
+    )
+    assert main(["estimate", TINY, "--cluster", str(cluster), "--global-batch", "8", "--plan", "mbs=2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "plan     dp=2 pp=1 tp=1 mbs=2 m=2 1f1b" in stdout
+    for row in ("step time", "compute", "tokens/s", "MFU", "memory per device", "of 0.00 GB"):
+        assert row in stdout, stdout
+    assert "NO  over by" in stdout
+
+
+def test_estimate_model_rules_and_bad_model(capsys):
+    assert main(["estimate", TINY, "--cluster", "dgx-h100", "--global-batch", "16", "--plan", "tp=8"]) == 2
+    err = capsys.readouterr().err
+    assert "tp=8 does not divide the model's 4 attention heads" in err and "choose tp in {1, 2, 4}" in err
+    assert main(["estimate", "gpt4-1t", "--cluster", "dgx-h100", "--global-batch", "16"]) == 2
+    assert "autopar estimate: error: " in capsys.readouterr().err

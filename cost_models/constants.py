@@ -17,18 +17,18 @@ class Calibration:
     """Efficiency factors and software behaviour assumed by the cost model."""
 
     # ---------------------------------------------------------------- compute (cost_models.compute)
-    gemm_max_efficiency: float = 0.80
-    """*fitted.* Fraction of dense tensor-core peak a large, well-shaped GEMM reaches. cuBLAS fp16 on
-    A100 reaches 0.80-0.87 of 312 TFLOP/s for m=n=k >= 4096 (NVIDIA Deep Learning Performance guide,
-    "Matrix Multiplication Background", A100 figures); the fit must land in that band."""
+    gemm_max_efficiency: float = 0.795
+    """*fitted* (band 0.6-0.9). Fraction of dense tensor-core peak a large, well-shaped GEMM reaches.
+    cuBLAS fp16 on A100 reaches roughly 0.75-0.87 of 312 TFLOP/s for m=n=k >= 4096 (NVIDIA Deep
+    Learning Performance docs, "Matrix Multiplication Background User's Guide", A100 figures)."""
     gemm_wave_elements: float = 1.77e6
     """Output elements of one full wave of GEMM tiles: A100 has 108 SMs, one 128x128 output tile per
     SM per wave (NVIDIA "Matrix Multiplication Background": tile and wave quantization) ->
     108 * 128 * 128 = 1.77e6. Utilisation of a GEMM with x output elements is x / (x + this)."""
-    gemm_k_half: float = 128.0
-    """*fitted.* Reduction depth k at which the per-tile main loop is half of the tile's time (the
-    rest: prologue, epilogue, writing the output). Efficiency factor k / (k + this). NVIDIA's guide
-    shows throughput still rising with k up to ~1024 at m=n=8192; 64-256 is the plausible band."""
+    gemm_k_half: float = 390.0
+    """*fitted* (band 16-512). Reduction depth k at which the per-tile main loop is half of the tile's
+    time (the rest: prologue, epilogue, writing the output). Efficiency factor k / (k + this).
+    NVIDIA's guide shows A100 GEMM throughput still rising with k into the thousands at m=n=8192."""
     hbm_efficiency: float = 0.85
     """Fraction of datasheet HBM bandwidth a streaming kernel reaches: A100-80GB copies at about
     1.7-1.75 TB/s of 2.039 (BabelStream / NVIDIA "GPU Performance Background", memory-bound ops
@@ -52,10 +52,10 @@ class Calibration:
     intra_node_efficiency: float = 230.0 / 300.0
     """Achievable NCCL bus bandwidth / per-GPU NVLink bandwidth inside a node: 230 GB/s of 300 GB/s on
     A100 NVSwitch (NCCL maintainer, NVIDIA/nccl-tests issue 149)."""
-    inter_node_efficiency: float = 0.85
-    """*fitted.* Achievable bandwidth / NIC line rate across nodes. nccl-tests on HDR InfiniBand report
-    ~20-23 GB/s per 25 GB/s port; the ZeRO-3 rows of Narayanan et al. Table 2 (communication-bound
-    at 768 and 1536 GPUs) pin it down."""
+    inter_node_efficiency: float = 0.96
+    """*fitted* (band 0.5-0.96). Achievable bandwidth / NIC line rate across nodes. nccl-tests on HDR
+    InfiniBand reach ~23-24 GB/s per 25 GB/s port; the ZeRO-3 rows of Narayanan et al. Table 2
+    (communication-bound at 768-2240 GPUs) pin it down, and the fit ends at the band's top."""
     collective_base_latency_s: float = 8.4e-6
     """Fixed latency per collective call (NCCL src/graph/tuning.cc baseLat, Ring/Simple)."""
     tp_comm_overlap: float = 0.0
@@ -70,11 +70,12 @@ class Calibration:
     zero3_prefetch_overlap: bool = True
     """ZeRO-3 / FSDP prefetch the next layer's parameters while computing this one, so gathers overlap
     compute (DeepSpeed ``prefetch_bucket_size``, FSDP ``forward_prefetch``)."""
-    overlap_sharpness: float = 2.0
+    overlap_sharpness: float = 2.07
     """*fitted.* Overlapped compute ``C`` and communication ``K`` take ``(C^p + K^p)^(1/p)``: ``p -> inf``
     is perfect overlap (``max``), ``p = 1`` none (sum). Overlap is worst when the two are comparable
     (both compete for SMs and HBM; per-layer jitter makes the sum of per-layer maxima exceed the max
-    of the sums). Pinned by the ZeRO-3 rows of Narayanan et al. Table 2 (384 and 640 GPUs)."""
+    of the sums). *fitted* (band 1-8); pinned by the ZeRO-3 rows of Narayanan et al. Table 2 at 384
+    and 640 GPUs, where compute and parameter gathers take about as long as each other."""
     pp_p2p_blocking: bool = True
     """Pipeline send/recv sit on the critical path (Megatron's ``send_forward_recv_backward`` waits)."""
     pp_scatter_gather: bool = True
@@ -102,8 +103,15 @@ class Calibration:
         return asdict(self)
 
 
-FITTED = ("gemm_max_efficiency", "gemm_k_half", "inter_node_efficiency", "overlap_sharpness")
-"""Names of the constants the fidelity fit may change; every other constant is fixed by its source."""
+FIT_BOUNDS = {
+    "gemm_max_efficiency": (0.6, 0.9),
+    "gemm_k_half": (16.0, 512.0),
+    "inter_node_efficiency": (0.5, 0.96),
+    "overlap_sharpness": (1.0, 8.0),
+}
+"""The constants the fidelity fit may change, each within its physically plausible band (see the
+field docs); every other constant is fixed by its source."""
+FITTED = tuple(FIT_BOUNDS)
 
 DEFAULT = Calibration()
 """The calibration every caller gets unless it passes its own."""

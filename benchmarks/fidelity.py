@@ -1,0 +1,319 @@
+"""Fidelity of the cost model against published large-scale training runs.
+
+For every row of Narayanan et al. SC'21 Table 1 and Table 2 (PTD-P and ZeRO-3) it builds the model on
+``meta``, traces it at the row's micro-batch size, estimates the published plan on DGX A100 80GB
+nodes and compares the predicted iteration time with the published one,
+``t = F / (gpus * TFLOP/s * 1e12)`` with the paper's ``F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))``.
+
+    python benchmarks/fidelity.py                 # the table with the shipped constants
+    python benchmarks/fidelity.py --fit           # refit the constants on all rows, then the table
+    python benchmarks/fidelity.py --crossval      # fit on half the rows, test on the other half
+    python benchmarks/fidelity.py --markdown      # tables for docs/cost_model.md
+
+It also checks memory: every published plan fits in 80 GB and the same model with tp = pp = 1
+does not (with the overflow in bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import autopar
+from autopar.cluster import Cluster
+from autopar.estimator import Workload, predicted_cost, workload
+from autopar.plan import Plan
+from cost_models import DEFAULT, FITTED, Calibration, step_time
+from cost_models.constants import FIT_BOUNDS as BOUNDS
+from cost_models.transformer import megatron_flops_per_iteration
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs.json"
+SEQ, VOCAB = 2048, 51200
+
+
+@dataclass
+class Row:
+    table: str
+    label: str
+    hidden: int
+    heads: int
+    layers: int
+    tp: int
+    pp: int
+    gpus: int
+    global_batch: int
+    mbs: int
+    vpp: int
+    zero: int
+    tflops: float
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def published_s(self) -> float:
+        f = megatron_flops_per_iteration(
+            batch=self.global_batch, seq=SEQ, layers=self.layers, hidden=self.hidden, vocab=VOCAB
+        )
+        return f / (self.gpus * self.tflops * 1e12)
+
+
+def load_rows(path: Path) -> list[Row]:
+    d = json.loads(path.read_text())
+    rows = []
+    for r in d["megatron_sc21_table1"]["rows"]:
+        params, heads, hidden, layers, tp, pp, gpus, gb, mbs, vpp, tflops, _ = r
+        rows.append(Row("T1", f"{params:g}B", hidden, heads, layers, tp, pp, gpus, gb, mbs, vpp, 0, tflops))
+    t2 = d["megatron_sc21_table2_zero3_vs_ptdp"]
+    shapes = {174.6: t2["model_175b"], 529.6: t2["model_530b"]}
+    for scheme, params, mp, gb, gpus, mbs, tflops in t2["rows"]:
+        s = shapes[params]
+        tp, pp, zero = (1, 1, 3) if scheme == "zero3" else (8, mp // 8, 0)
+        table = "Z3" if scheme == "zero3" else "T2"
+        label = f"{params:g}B/{gpus}"
+        rows.append(
+            Row(table, label, s["hidden"], s["heads"], s["layers"], tp, pp, gpus, gb, mbs, 1, zero, tflops)
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------ the real path
+_GRAPHS: dict[tuple, object] = {}
+
+
+def _model(hidden: int, heads: int, layers: int):
+    """The Megatron GPT of the row on meta, in fp16 (build_model when the zoo has it)."""
+    from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+
+    cfg = GPTConfig(hidden=hidden, layers=layers, heads=heads, vocab=VOCAB, seq=SEQ, dropout=0.1)
+    return GPT(cfg, device="meta").to(torch.float16), gpt_loss
+
+
+def graph_for(row: Row):
+    key = (row.hidden, row.heads, row.layers, row.mbs)
+    if key not in _GRAPHS:
+        model, loss = _model(row.hidden, row.heads, row.layers)
+        tokens = torch.zeros(row.mbs, SEQ, dtype=torch.long, device="meta")
+        _GRAPHS[key] = autopar.trace(model, (tokens, tokens), loss_fn=loss)
+    return _GRAPHS[key]
+
+
+def plan_for(row: Row, *, tp: int | None = None, pp: int | None = None) -> Plan:
+    tp = row.tp if tp is None else tp
+    pp = row.pp if pp is None else pp
+    vpp = row.vpp if pp > 1 else 1
+    return Plan.manual(
+        dp=row.gpus // (tp * pp),
+        tp=tp,
+        pp=pp,
+        global_batch=row.global_batch,
+        micro_batch_size=row.mbs,
+        schedule="interleaved" if vpp > 1 else "1f1b",
+        virtual_stages=vpp,
+        recompute="full",
+        zero_stage=row.zero,
+    )
+
+
+def cluster_for(row: Row) -> Cluster:
+    return Cluster.preset("dgx-a100-80g", nodes=row.gpus // 8)
+
+
+@dataclass
+class Case:
+    row: Row
+    work: Workload
+    plan: Plan
+    cluster: Cluster
+
+    def predict_s(self, calib: Calibration) -> float:
+        return step_time(self.work.spec, self.work.rates, calib).step_time_s
+
+    def error(self, calib: Calibration) -> float:
+        return self.predict_s(calib) / self.row.published_s - 1.0
+
+
+def build_cases(rows: list[Row]) -> list[Case]:
+    cases = []
+    for row in rows:
+        plan, cluster = plan_for(row), cluster_for(row)
+        cases.append(Case(row, workload(graph_for(row), cluster, plan), plan, cluster))
+    return cases
+
+
+# ------------------------------------------------------------------------------ fitting
+def objective(cases: list[Case], calib: Calibration) -> float:
+    """Mean squared relative error of the predicted iteration time."""
+    return sum(c.error(calib) ** 2 for c in cases) / len(cases)
+
+
+def fit(cases: list[Case], start: Calibration = DEFAULT, rounds: int = 40) -> Calibration:
+    """Pattern search over the FITTED constants within BOUNDS (no per-row freedom)."""
+    best, best_f = start, objective(cases, start)
+    step = 0.2
+    for _ in range(rounds):
+        improved = False
+        for name in FITTED:
+            lo, hi = BOUNDS[name]
+            for direction in (1.0, -1.0):
+                value = getattr(best, name)
+                trial_value = min(hi, max(lo, value * (1.0 + direction * step)))
+                trial = best.with_(**{name: trial_value})
+                f = objective(cases, trial)
+                if f < best_f - 1e-12:
+                    best, best_f, improved = trial, f, True
+        if not improved:
+            step /= 2
+            if step < 1e-3:
+                break
+    return best
+
+
+def halves(cases: list[Case]) -> tuple[list[Case], list[Case]]:
+    """Alternate rows within each table: even positions vs odd positions."""
+    a, b, seen = [], [], {}
+    for c in cases:
+        k = seen.get(c.row.table, 0)
+        (a if k % 2 == 0 else b).append(c)
+        seen[c.row.table] = k + 1
+    return a, b
+
+
+# ------------------------------------------------------------------------------ output
+def summarise(errors: list[float]) -> tuple[float, float]:
+    return sum(abs(e) for e in errors) / len(errors), max(abs(e) for e in errors)
+
+
+def time_table(cases: list[Case], calib: Calibration, markdown: bool) -> list[str]:
+    head = ("table", "run", "tp", "pp", "dp", "mbs", "vpp", "gpus", "published s", "predicted s", "error")
+    lines = [_fmt(head, markdown, header=True)]
+    for c in cases:
+        r = c.row
+        pred = c.predict_s(calib)
+        lines.append(
+            _fmt(
+                (
+                    r.table,
+                    r.label,
+                    r.tp,
+                    r.pp,
+                    r.dp,
+                    r.mbs,
+                    r.vpp,
+                    r.gpus,
+                    f"{r.published_s:.2f}",
+                    f"{pred:.2f}",
+                    f"{(pred / r.published_s - 1) * 100:+.1f}%",
+                ),
+                markdown,
+            )
+        )
+    return lines
+
+
+def memory_table(cases: list[Case], calib: Calibration, markdown: bool) -> tuple[list[str], bool]:
+    head = ("run", "published plan GB", "fits", "tp=pp=1 GB", "fits", "overflow GB")
+    lines, ok = [_fmt(head, markdown, header=True)], True
+    done = set()
+    for c in cases:
+        r = c.row
+        if r.zero or (r.hidden, r.mbs) in done:
+            continue
+        done.add((r.hidden, r.mbs))
+        cost = predicted_cost(c.work, c.plan, c.cluster, calib)
+        if r.tp == 1 and r.pp == 1:
+            single = ("n/a (published plan is tp=pp=1)", "", "")
+            ok &= cost.fits
+        else:
+            # Memory per device does not depend on dp: one node, dp = 8, one micro-batch each.
+            node = Cluster.preset("dgx-a100-80g", nodes=1)
+            plan1 = Plan.manual(dp=8, global_batch=8 * r.mbs, micro_batch_size=r.mbs, recompute="full")
+            one = predicted_cost(workload(graph_for(r), node, plan1), plan1, node, calib)
+            single = (
+                f"{one.memory_bytes_per_device / 1e9:.1f}",
+                "yes" if one.fits else "no",
+                f"{one.extra['overflow_bytes'] / 1e9:.1f}",
+            )
+            ok &= cost.fits and not one.fits
+        lines.append(
+            _fmt(
+                (
+                    f"{r.table} {r.label}",
+                    f"{cost.memory_bytes_per_device / 1e9:.1f}",
+                    "yes" if cost.fits else "no",
+                    *single,
+                ),
+                markdown,
+            )
+        )
+    return lines, ok
+
+
+def _fmt(cells, markdown: bool, header: bool = False) -> str:
+    cells = [str(x) for x in cells]
+    if markdown:
+        line = "| " + " | ".join(cells) + " |"
+        return line + "\n|" + "---|" * len(cells) if header else line
+    widths = [5, 12, 3, 3, 3, 4, 4, 5, 12, 12, 8] if len(cells) == 11 else [22, 18, 5, 34, 5, 11]
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def table_stats(cases: list[Case], calib: Calibration) -> dict[str, tuple[float, float]]:
+    out = {}
+    for table in ("T1", "T2", "Z3"):
+        errs = [c.error(calib) for c in cases if c.row.table == table]
+        if errs:
+            out[table] = summarise(errs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA, help="published_runs.json")
+    ap.add_argument("--fit", action="store_true", help="refit the constants on all rows first")
+    ap.add_argument("--crossval", action="store_true", help="fit on half the rows, test on the other half")
+    ap.add_argument("--markdown", action="store_true", help="markdown tables (for docs/cost_model.md)")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    cases = build_cases(load_rows(args.data))
+    calib = fit(cases) if args.fit else DEFAULT
+    if args.fit:
+        print("fitted constants: " + ", ".join(f"{k}={getattr(calib, k):.4g}" for k in FITTED))
+    print("\n".join(time_table(cases, calib, args.markdown)))
+    print()
+    mem_lines, mem_ok = memory_table(cases, calib, args.markdown)
+    print("\n".join(mem_lines))
+    print()
+    if args.crossval:
+        a, b = halves(cases)
+        for train, test, name in ((a, b, "A->B"), (b, a, "B->A")):
+            c = fit(train)
+            mean, worst = summarise([x.error(c) for x in test])
+            consts = ", ".join(f"{k}={getattr(c, k):.3g}" for k in FITTED)
+            print(
+                f"cross-validation {name}: fitted on {len(train)} rows ({consts}); "
+                f"test on {len(test)}: mean {mean * 100:.2f}%, max {worst * 100:.2f}%"
+            )
+    stats = table_stats(cases, calib)
+    limits = {"T1": (0.05, 0.10), "T2": (0.05, 0.10), "Z3": (0.15, 0.15)}
+    ok = mem_ok and all(m <= limits[t][0] and w <= limits[t][1] for t, (m, w) in stats.items())
+    parts = [f"{t}: mean {m * 100:.2f}% max {w * 100:.2f}%" for t, (m, w) in stats.items()]
+    allm, allw = summarise([c.error(calib) for c in cases])
+    print(
+        f"SUMMARY {'PASS' if ok else 'FAIL'}  all {len(cases)} rows: mean |error| {allm * 100:.2f}%, "
+        f"max {allw * 100:.2f}%  ({'; '.join(parts)}); memory checks {'ok' if mem_ok else 'FAILED'}; "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

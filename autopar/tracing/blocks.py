@@ -78,7 +78,8 @@ def _target_repr(node: torch.fx.Node, prefix: str, gm: torch.fx.GraphModule) -> 
         rel = rel[len(prefix) :] if rel.startswith(prefix) else "~" + rel
         obj = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if obj is not None:
-            shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in obj.named_parameters())
+            params = obj.named_parameters() if obj._modules else obj._parameters.items()
+            shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in params if p is not None)
             return (rel, type(obj).__name__, obj.extra_repr(), shapes)
         try:
             attr = _fetch(gm, str(node.target))

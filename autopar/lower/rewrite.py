@@ -1,0 +1,323 @@
+"""The graph rewrite: one rank's program from the chosen strategies.
+
+For each node, in order: convert every input to the placement the node's strategy requires
+(inserting the collective of :mod:`autopar.sharding.reshard`, or ``autopar_copy_to_tp`` when a
+replicated input feeds sharded work and so receives partial gradients), emit the op itself with
+shape arguments localised, then convert its result to the placement the plan gives consumers.
+Conversions are cached per (producer, placement, gradient kind): three column-parallel
+projections of one input share one ``autopar_copy_to_tp``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+
+import torch
+import torch.fx
+
+from autopar.errors import PlanError
+from autopar.lower import collectives as C
+from autopar.lower import parallel_ops as O
+from autopar.lower.choose import Choice
+from autopar.plan import Partial, Placement, Replicate, Shard
+from autopar.sharding.graph import ShardingGraph
+from autopar.sharding.ops import OpCall, describe, shape, tensor_meta
+from autopar.sharding.reshard import reshard_kind
+from autopar.sharding.rules import NO_PLACEMENT
+
+log = logging.getLogger(__name__)
+Node = torch.fx.Node
+R = Replicate()
+CTX_ATTR = "autopar_tp"
+
+
+class Rewriter:
+    def __init__(
+        self, sg: ShardingGraph, choices: dict[Node, Choice], params: dict[str, Placement], rank: int
+    ):
+        self.sg, self.choices, self.params, self.rank = sg, choices, params, rank
+        self.tp = sg.tp
+        self.graph = torch.fx.Graph()
+        self.env: dict[Node, Node] = {}
+        self.cache: dict[tuple, Node] = {}
+        self.ctx_node: Node | None = None
+        self.notes: list[str] = []
+
+    # ---------------------------------------------------------------------- helpers
+    def placement(self, node: Node) -> Placement:
+        if self.sg.is_param(node):
+            return self.params.get(str(node.target), R)
+        return self.choices[node].final
+
+    def ctx(self) -> Node:
+        if self.ctx_node is None:
+            self.ctx_node = self.graph.get_attr(CTX_ATTR)
+        return self.ctx_node
+
+    def call(self, fn, args, like: Node, name: str | None = None) -> Node:
+        node = self.graph.call_function(fn, tuple(args))
+        if name:
+            node.name = self.graph._graph_namespace.create_name(name, node)
+        for key in ("nn_module_stack", "stack_trace", "autopar_block"):
+            if key in like.meta:
+                node.meta[key] = copy.copy(like.meta[key])
+        return node
+
+    def _collective(self, fn, base: Node, like: Node, *extra) -> Node:
+        if fn in (C.autopar_all_reduce, C.autopar_copy_to_tp):
+            return self.call(fn, (base, self.ctx()), like)
+        return self.call(fn, (base, *extra, self.ctx()), like)
+
+    def convert(self, src_node: Node, base: Node, src: Placement, dst: Placement, partial_grad: bool) -> Node:
+        """``base`` (placed ``src``) as ``dst``; ``partial_grad``: the result feeds sharded work."""
+        key = (src_node, str(dst), partial_grad)
+        if key in self.cache:
+            return self.cache[key]
+        kind = reshard_kind(src, dst)
+        like = src_node
+        if kind is None:
+            out = self._collective(C.autopar_copy_to_tp, base, like) if partial_grad else base
+        elif kind == "split":
+            out = self._collective(C.autopar_split, base, like, dst.dim)
+        elif kind == "all_reduce":
+            out = self._collective(C.autopar_all_reduce, base, like)
+            if partial_grad:
+                out = self._collective(C.autopar_copy_to_tp, out, like)
+        elif kind == "reduce_scatter":
+            out = self._collective(C.autopar_reduce_scatter, base, like, dst.dim)
+        elif kind == "all_gather":
+            fn = C.autopar_all_gather if partial_grad else C.autopar_gather
+            out = self._collective(fn, base, like, src.dim)
+        elif kind == "all_to_all":
+            full = self._collective(C.autopar_gather, base, like, src.dim)
+            out = self._collective(C.autopar_split, full, like, dst.dim)
+        else:
+            raise PlanError(f"{describe(src_node)}: cannot move a {src} tensor to {dst}")
+        self.cache[key] = out
+        return out
+
+    def inputs_for(self, node: Node, choice: Choice) -> dict[Node, Node]:
+        call = self.sg.calls[node]
+        s = choice.strategy
+        mapped: dict[Node, Node] = {}
+        for i, (inp, req) in enumerate(zip(call.inputs, s.inputs)):
+            if req is None:
+                mapped[inp] = self.env[inp]
+                continue
+            partial_grad = s.grad_needs_all_reduce(i) and self.sg.requires_grad(inp)
+            mapped[inp] = self.convert(inp, self.env[inp], self.placement(inp), req, partial_grad)
+        return mapped
+
+    def copy_node(self, node: Node, mapped: dict[Node, Node], args=None, kwargs=None) -> Node:
+        def m(n: Node) -> Node:
+            return mapped[n] if n in mapped else self.env[n]
+
+        new = self.graph.node_copy(node, m)
+        if args is not None:
+            new.args = tuple(torch.fx.node.map_arg(a, m) for a in args)
+        if kwargs is not None:
+            new.kwargs = {k: torch.fx.node.map_arg(v, m) for k, v in kwargs.items()}
+        return new
+
+    # ---------------------------------------------------------------------- the pass
+    def run(self) -> torch.fx.Graph:
+        for node in self.sg.nodes:
+            call = self.sg.calls[node]
+            if node.op in ("placeholder", "get_attr"):
+                self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+            elif call.kind == "output":
+                self.output(node)
+            elif call.kind in NO_PLACEMENT:
+                self.env[node] = self.non_tensor(node, call)
+            else:
+                self.tensor_op(node, call)
+        return self.graph
+
+    def output(self, node: Node) -> None:
+        choice = self.choices[node]
+        mapped = self.inputs_for(node, choice)
+        self.graph.output(torch.fx.node.map_arg(node.args[0], lambda n: mapped.get(n, self.env[n])))
+
+    def tensor_op(self, node: Node, call: OpCall) -> None:
+        choice = self.choices[node]
+        mapped = self.inputs_for(node, choice)
+        emit = _EMITTERS.get(call.kind, _emit_copy)
+        out = emit(self, node, call, choice, mapped)
+        raw = choice.strategy.output
+        if raw != choice.final:
+            out = self.convert(node, out, raw, choice.final, False)
+        self.env[node] = out
+
+    def non_tensor(self, node: Node, call: OpCall) -> Node:
+        x = call.args.get("x")
+        placed = isinstance(x, Node) and (x in self.choices or self.sg.is_param(x))
+        if (
+            call.kind == "shape"
+            and placed
+            and call.name in ("shape", "size", "sym_size", "numel", "sym_numel")
+        ):
+            p = self.placement(x)
+            if isinstance(p, Shard):
+                return self.global_shape(node, call, p.dim)
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def global_shape(self, node: Node, call: OpCall, dim: int) -> Node:
+        x = self.env[call.args["x"]]
+        if call.name == "shape":
+            return self.call(O.autopar_global_shape, (x, dim, self.tp), node, node.name)
+        if call.name in ("numel", "sym_numel"):
+            local = self.graph.node_copy(node, lambda n: self.env[n])
+            return self.call(operator.mul, (local, self.tp), node)
+        q = call.args.get("dim")
+        return self.call(O.autopar_global_size, (x, dim, self.tp, q), node, node.name)
+
+
+# -------------------------------------------------------------------------- emitters
+def _emit_copy(rw: Rewriter, node, call, choice, mapped) -> Node:
+    return rw.copy_node(node, mapped)
+
+
+def _local_dim(rw: Rewriter, item, like: Node):
+    if isinstance(item, int):
+        return item if item == -1 else item // rw.tp
+    if isinstance(item, Node):
+        return rw.call(operator.floordiv, (rw.env[item], rw.tp), like)
+    raise PlanError(f"{describe(like)}: cannot localise the shape argument {item!r} of a sharded dim")
+
+
+def _emit_reshape(rw: Rewriter, node, call, choice, mapped) -> Node:
+    out = choice.strategy.output
+    items = call.args.get("shape")
+    if not isinstance(out, Shard) or items is None:
+        return rw.copy_node(node, mapped)
+    o = out.dim
+    if len(items) == len(call.out_shape):
+        new_items = [rw.env[i] if isinstance(i, Node) else i for i in items]
+        new_items[o] = _local_dim(rw, items[o], node)
+    elif len(items) == 1 and isinstance(items[0], Node):
+        new_items = [rw.call(O.autopar_local_shape, (rw.env[items[0]], o, rw.tp), node)]
+    else:
+        raise PlanError(f"{describe(node)}: shape arguments {items!r} do not match the output rank")
+    x = mapped[call.args["x"]]
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple, torch.Size)):
+        args = (
+            x,
+            type(node.args[1])(new_items) if not isinstance(node.args[1], torch.Size) else list(new_items),
+        )
+    elif len(node.args) >= 2:
+        args = (x, *new_items)
+    else:
+        key = "size" if "size" in node.kwargs else "shape"
+        new = rw.copy_node(node, mapped)
+        new.kwargs = {**new.kwargs, key: list(new_items)}
+        return new
+    new = rw.copy_node(node, mapped)
+    new.args = args
+    return new
+
+
+def _emit_linear(rw: Rewriter, node, call, choice, mapped) -> Node:
+    b = call.args.get("b")
+    if not isinstance(choice.strategy.output, Partial) or not isinstance(b, Node):
+        return rw.copy_node(node, mapped)
+    bias = rw.call(O.autopar_partial_bias, (mapped[b], rw.rank), node)
+    return rw.copy_node(node, {**mapped, b: bias})
+
+
+def _emit_embedding(rw: Rewriter, node, call, choice, mapped) -> Node:
+    if choice.strategy.name != "vocab_parallel":
+        return rw.copy_node(node, mapped)
+    vocab = shape(call.args["w"])[0] // rw.tp
+    start = rw.rank * vocab
+    args = (
+        mapped[call.args["idx"]],
+        mapped[call.args["w"]],
+        start,
+        start + vocab,
+        call.args.get("padding_idx"),
+    )
+    return rw.call(O.autopar_vocab_embedding, args, node, node.name)
+
+
+def _emit_cross_entropy(rw: Rewriter, node, call, choice, mapped) -> Node:
+    if choice.strategy.name != "vocab_parallel":
+        return _emit_mean_fix(rw, node, call, choice, mapped)
+    a = call.args
+    vocab = shape(a["x"])[1] // rw.tp
+    args = (mapped[a["x"]], mapped[a["target"]], rw.rank * vocab, a["ignore_index"], a["reduction"], rw.ctx())
+    return rw.call(O.autopar_vocab_parallel_cross_entropy, args, node, node.name)
+
+
+def _emit_mean_fix(rw: Rewriter, node, call, choice, mapped) -> Node:
+    """A mean over a sharded dim: local mean / tp is this rank's share of the global mean."""
+    new = rw.copy_node(node, mapped)
+    s = choice.strategy
+    sharded_in = any(isinstance(p, Shard) for p in s.inputs)
+    is_mean = call.name == "mean" or call.args.get("reduction") == "mean"
+    if isinstance(s.output, Partial) and sharded_in and is_mean:
+        return rw.call(operator.truediv, (new, rw.tp), node)
+    return new
+
+
+def _dropout_args(node: Node) -> tuple:
+    args, kw = node.args, node.kwargs
+    p = args[1] if len(args) > 1 else kw.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kw.get("training", kw.get("train", True))
+    return p, training
+
+
+def _emit_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
+    out = choice.strategy.output
+    p, training = _dropout_args(node)
+    training = rw.env[training] if isinstance(training, Node) else training
+    dim = out.dim if isinstance(out, Shard) else None
+    tm = tensor_meta(node)
+    stride = list(tm.stride) if getattr(tm, "stride", None) is not None else None
+    args = (mapped[call.args["x"]], p, training, dim, rw.ctx(), stride)
+    return rw.call(O.autopar_dropout, args, node, node.name)
+
+
+def _emit_rng_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
+    new = rw.copy_node(node, mapped)
+    out = choice.strategy.output
+    if isinstance(out, Shard):
+        new.kwargs = {**new.kwargs, "shard": (out.dim, rw.rank, rw.tp)}
+    return new
+
+
+def _emit_sdpa(rw: Rewriter, node, call, choice, mapped) -> Node:
+    dropout_p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    if isinstance(choice.strategy.output, Shard) and (isinstance(dropout_p, Node) or dropout_p):
+        rw.notes.append(
+            f"{describe(node)}: fused attention draws its dropout mask inside the kernel, per local "
+            "head; masks follow the same distribution as on one device but not the same numbers"
+        )
+        log.warning(rw.notes[-1])
+    return rw.copy_node(node, mapped)
+
+
+_EMITTERS = {
+    "reshape": _emit_reshape,
+    "expand": _emit_reshape,
+    "linear": _emit_linear,
+    "embedding": _emit_embedding,
+    "cross_entropy": _emit_cross_entropy,
+    "reduction": _emit_mean_fix,
+    "pointwise_loss": _emit_mean_fix,
+    "dropout": _emit_dropout,
+    "rng_dropout": _emit_rng_dropout,
+    "sdpa": _emit_sdpa,
+}
+
+
+def _emit_addmm(rw: Rewriter, node, call, choice, mapped) -> Node:
+    b = call.args.get("b")
+    if not isinstance(choice.strategy.output, Partial) or not isinstance(b, Node):
+        return rw.copy_node(node, mapped)
+    bias = rw.call(O.autopar_partial_bias, (mapped[b], rw.rank), node)
+    return rw.copy_node(node, {**mapped, b: bias})
+
+
+_EMITTERS["addmm"] = _emit_addmm

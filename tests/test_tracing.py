@@ -15,6 +15,7 @@ from torch import nn
 
 import autopar
 from autopar.errors import TraceError
+from autopar.ir import OP_KINDS
 from autopar.models import build_model
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.tracing import fx_trace
@@ -119,7 +120,7 @@ def test_nodes_carry_kinds_shapes_flops_and_locations(tiny_graph):
         "elementwise",
         "loss",
     } <= kinds
-    assert all(n.op_kind in autopar.ir.OP_KINDS for n in g.nodes) if hasattr(autopar, "ir") else True
+    assert all(n.op_kind in OP_KINDS for n in g.nodes)
 
 
 def _line_of(snippet: str) -> int:

@@ -9,8 +9,10 @@ ORDER = 90
 
 SPEC_FORMS = (
     "gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,norm=layernorm|rmsnorm,act=gelu|swiglu]",
-    "PRESET                 a named preset from the list above",
-    "path/to/file.py:factory  your own model: factory() returns the model (see docs/cli.md)",
+    "PRESET                    a preset above (gpt:175b = gpt3-175b)",
+    "PRESET:layers=2,dropout=0 a preset with GPTConfig fields overridden",
+    "path/to/file.py:factory   your own model: factory() returns a model, (model, example_inputs, loss_fn)",
+    "                          or a dict with those keys (see docs/cli.md)",
 )
 
 
@@ -39,6 +41,22 @@ def _rows(models) -> list[tuple[str, str]]:
     return rows
 
 
+def _table(models: dict[str, dict]) -> str:
+    """One row per model; columns from the first entry (``source`` left out, ``description`` last)."""
+    first = next(iter(models.values()))
+    cols = [k for k in first if k not in ("source", "description")]
+    cols += ["description"] if "description" in first else []
+    header = ["model", *cols]
+    rows = [
+        [name, *("-" if info.get(c) is None else str(info.get(c)) for c in cols)]
+        for name, info in models.items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _describe(info) -> str:
     if isinstance(info, str):
         return info
@@ -60,11 +78,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(models, indent=2, default=str))
         return 0
-    rows = _rows(models)
-    width = max((len(n) for n, _ in rows), default=0)
     print("Built-in models")
-    for name, desc in rows:
-        print(f"  {name.ljust(width)}  {desc}".rstrip())
+    if isinstance(models, dict) and models and all(isinstance(v, dict) for v in models.values()):
+        print(_table(models))
+    else:
+        rows = _rows(models)
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, desc in rows:
+            print(f"  {name.ljust(width)}  {desc}".rstrip())
     print("\nMODEL spec forms")
     for form in SPEC_FORMS:
         print(f"  {form}")

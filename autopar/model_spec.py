@@ -123,11 +123,11 @@ def adapt(spec: str, built: Any, *, seq: int | None = None) -> LoadedModel:
 
 
 def _example_seq(example_inputs: Any) -> int | None:
-    """Dim 1 of the first input of rank >= 2 (tokens ``[batch, seq]``), if any."""
+    """Dim 1 of the first integer input of rank 2 (token ids ``[batch, seq]``), if any."""
     for t in example_inputs or ():
-        shape = getattr(t, "shape", ())
-        if len(shape) >= 2:
-            return int(shape[1])
+        dtype = getattr(t, "dtype", None)
+        if len(getattr(t, "shape", ())) == 2 and dtype is not None and not dtype.is_floating_point:
+            return int(t.shape[1])
     return None
 
 

@@ -103,7 +103,7 @@ def resolve_plan(
             )
     elif devices % (tp * pp):
         raise PlanError(
-            f"tp*pp = {tp}*{pp} = {tp * pp} does not divide the {devices} devices ({where}); "
+            f"tp*pp = {tp}*{pp} = {tp * pp} does not divide the {devices} devices of cluster {cluster.name!r}; "
             f"choose tp*pp in {_choices(_divisors(devices))}"
         )
     else:

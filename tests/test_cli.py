@@ -268,3 +268,54 @@ def test_estimate_model_rules_and_bad_model(capsys):
     assert "tp=8 does not divide the model's 4 attention heads" in err and "choose tp in {1, 2, 4}" in err
     assert main(["estimate", "gpt4-1t", "--cluster", "dgx-h100", "--global-batch", "16"]) == 2
     assert "autopar estimate: error: " in capsys.readouterr().err
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d=16, n=6):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def build(device="meta", batch=1):
+    with torch.device(device):
+        model = Net()
+    x = torch.zeros(batch, 16, device=device)
+    return model, (x, torch.zeros(batch, dtype=torch.long, device=device)), nn.functional.cross_entropy
+"""
+
+
+def test_estimate_user_factory_counts_its_blocks_in_the_graph(tmp_path, capsys):
+    path = tmp_path / "mlp.py"
+    path.write_text(FACTORY)
+    spec = f"{path}:build"
+    # No config to read the layer count from: it comes from the traced graph (6 identical blocks).
+    assert main(["estimate", spec, "--cluster", "local:8", "--global-batch", "4", "--plan", "pp=8"]) == 2
+    assert "pp*vpp = 8*1 = 8 stages exceed the model's 6 layers" in capsys.readouterr().err
+    assert (
+        main(["estimate", spec, "--cluster", "local:2", "--global-batch", "4", "--plan", "pp=2", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["pp"] == 2 and out["seq"] is None and out["step_time_s"] > 0
+    assert main(["estimate", spec, "--cluster", "local:2", "--global-batch", "4", "--seq", "8"]) == 2
+    assert "--seq 8 applies to built-in GPT models" in capsys.readouterr().err

@@ -97,9 +97,15 @@ def resolve_plan(
     if "dp" in k:
         dp = k["dp"]
         if dp * tp * pp != devices:
+            hint = ""
+            if dp * tp * pp == devices * cluster.devices_per_node:
+                hint = (
+                    f"; note that PRESET:{devices} means {devices} devices in all: for {devices} nodes "
+                    f"write PRESET:nodes={devices}"
+                )
             raise PlanError(
                 f"dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} but {where}; the degrees must multiply to "
-                f"{devices} (leave dp out to use all the devices left after tp and pp)"
+                f"{devices} (leave dp out to use all the devices left after tp and pp){hint}"
             )
     elif devices % (tp * pp):
         raise PlanError(

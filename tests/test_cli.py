@@ -187,6 +187,18 @@ def test_resolve_plan_rules(keys, layers, heads, batch, message):
     assert message in str(e.value), str(e.value)
 
 
+def test_bare_device_count_mistaken_for_nodes_gets_a_hint():
+    # DESIGN.md's example pairs dgx-a100-80g:128 with dp=16,tp=8,pp=8 (1024 GPUs = 128 nodes).
+    with pytest.raises(
+        PlanError, match=r"PRESET:128 means 128 devices in all: for 128 nodes write PRESET:nodes=128"
+    ):
+        resolve_plan(parse_plan_arg("tp=8,pp=8,dp=16"), Cluster.parse("dgx-a100-80g:128"), 96, 96, 1536)
+    plan = resolve_plan(
+        parse_plan_arg("tp=8,pp=8,dp=16"), Cluster.parse("dgx-a100-80g:nodes=128"), 96, 96, 1536
+    )
+    assert plan.world_size == 1024
+
+
 def test_resolve_plan_error_lists_valid_choices():
     with pytest.raises(PlanError, match=r"choose tp in \{1, 2, 4, 8\}"):
         resolve_plan({"tp": 16, "pp": 1}, Cluster.preset("dgx-h100", nodes=2), 32, 40, 64)

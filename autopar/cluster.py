@@ -93,6 +93,9 @@ class Cluster:
     def __post_init__(self) -> None:
         device = object.__getattribute__(self, "_device")
         schema.check_count("devices_per_node", self.devices_per_node)
+        groups = tuple(self.node_groups)
+        if device is not None and len(groups) == 1 and groups[0].device == device:
+            self.node_groups = ()  # dataclasses.replace() passes both: nodes/device win
         if self.node_groups:
             if device is not None:
                 raise ClusterError("give either device or node_groups, not both")

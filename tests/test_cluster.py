@@ -4,6 +4,7 @@ here so the test runs without shared/) and hand-computed per-GPU shares."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -309,6 +310,7 @@ def test_constructor_validates():
     nv = Link(300e9, 5e-6)
     c = Cluster(nodes=2, devices_per_node=8, device=a100, intra_node=nv, inter_node=Link(25e9, 1e-5))
     assert c.num_devices == 16 and not c.is_heterogeneous and c.device is a100
+    assert dataclasses.replace(c, nodes=8).num_devices == 64 and c.num_devices == 16
     with pytest.raises(ClusterError, match="nodes: 0 must be >= 1"):
         Cluster(nodes=0, devices_per_node=8, device=a100, intra_node=nv, inter_node=nv)
     with pytest.raises(ClusterError, match="inter_node is required for nodes=2"):

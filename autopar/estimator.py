@@ -111,8 +111,21 @@ def _out_bytes(n: OpNode) -> float:
     return _tensor_bytes(n.output_shape, n.output_dtype)
 
 
+def _cached(graph: OpGraph, key: tuple, make):
+    """Memoise a graph-derived value on the graph itself. The planner costs thousands of plans of
+    one graph; everything that depends only on (graph, tp, sp, micro-batch) is derived once."""
+    cache = graph.__dict__.setdefault("_estimator_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
     """The Megatron placement derived from the graph (see the module docstring, step 2)."""
+    return _cached(graph, ("megatron_tp", tp, sp), lambda: _derive_megatron_tp(graph, tp, sp))
+
+
+def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
     out = _TP()
     split: dict[str, bool] = {}
     column_inputs_seen: set[str] = set()
@@ -497,6 +510,10 @@ class _Parts:
 
 
 def _parts(graph: OpGraph) -> _Parts:
+    return _cached(graph, ("parts",), lambda: _derive_parts(graph))
+
+
+def _derive_parts(graph: OpGraph) -> _Parts:
     by_name = {n.name: n for n in graph.nodes}
     blocks = []
     for key, idx in graph.block_order:
@@ -517,16 +534,21 @@ def _parts(graph: OpGraph) -> _Parts:
     return _Parts(stem=stem, blocks=blocks, after=dict(after))
 
 
-def _stage_works(graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibration) -> list[StageWork]:
+def _stage_works(
+    graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibration, tp_key: tuple | None = None
+) -> list[StageWork]:
+    """``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching."""
     parts = _parts(graph)
-    consumers: dict[str, list[OpNode]] = defaultdict(list)
-    for n in graph.nodes:
-        for i in n.inputs:
-            consumers[i].append(n)
+    consumers = _cached(graph, ("consumers",), lambda: _consumers(graph))
 
     def work(nodes: list[OpNode], name: str, recomputable: bool) -> BlockWork:
-        ctx = _Ctx(graph=graph, nodes=nodes, tp=tp, sc=sc, calib=calib, consumers=consumers)
-        return _block_work(ctx, name, recomputable)
+        def make() -> BlockWork:
+            ctx = _Ctx(graph=graph, nodes=nodes, tp=tp, sc=sc, calib=calib, consumers=consumers)
+            return _block_work(ctx, name, recomputable)
+
+        if tp_key is None:
+            return make()
+        return _cached(graph, ("work", nodes[0].name, name, tp_key, sc, calib), make)
 
     pp = plan.pp
     if not parts.blocks:
@@ -551,7 +573,30 @@ def _stage_works(graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibra
         label = "head" if i == len(parts.blocks) - 1 else f"glue after block {i}"
         extra[rank_of[i]].append(work(nodes, label, False))
     first_nodes = parts.blocks[0][1]
-    p2p = _saved_bytes(
+
+    def p2p_make() -> float:
+        return _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers)
+
+    p2p = p2p_make() if tp_key is None else _cached(graph, ("p2p", tp_key, sc, calib), p2p_make)
+    return [
+        StageWork(
+            blocks=tuple((per_type[k], c) for k, c in counts[r].items()) + tuple((b, 1) for b in extra[r]),
+            p2p_bytes=p2p,
+        )
+        for r in range(pp)
+    ]
+
+
+def _consumers(graph: OpGraph) -> dict[str, list[OpNode]]:
+    consumers: dict[str, list[OpNode]] = defaultdict(list)
+    for n in graph.nodes:
+        for i in n.inputs:
+            consumers[i].append(n)
+    return consumers
+
+
+def _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers) -> float:
+    return _saved_bytes(
         _Ctx(
             graph=graph,
             nodes=first_nodes,
@@ -561,13 +606,6 @@ def _stage_works(graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibra
             consumers=consumers,
         )
     )["full"]
-    return [
-        StageWork(
-            blocks=tuple((per_type[k], c) for k, c in counts[r].items()) + tuple((b, 1) for b in extra[r]),
-            p2p_bytes=p2p,
-        )
-        for r in range(pp)
-    ]
 
 
 # ------------------------------------------------------------------------------ topology
@@ -610,6 +648,10 @@ def _compute_dtype(graph: OpGraph, device, dtype: str | None) -> tuple[str, floa
 # ------------------------------------------------------------------------------ validation
 def _heads(graph: OpGraph) -> list[int]:
     """Head counts: dim 2 of the 4-D views that column-parallel Linears' outputs go through."""
+    return _cached(graph, ("heads",), lambda: _derive_heads(graph))
+
+
+def _derive_heads(graph: OpGraph) -> list[int]:
     out = []
     linear = {n.name for n in graph.nodes if n.op_kind == "linear"}
     for n in graph.nodes:
@@ -721,17 +763,15 @@ def _producing_linear(by_name: dict[str, OpNode], name: str) -> str | None:
 def _flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one step over all devices."""
     scale = plan.global_batch / max(graph.batch_size, 1)
+    fwd, bwd = _cached(graph, ("flops",), lambda: (graph.flops_fwd, graph.flops_bwd))
     if plan.mode != "train":
-        f = graph.flops_fwd * scale
-        return f, f
-    model = (graph.flops_fwd + graph.flops_bwd) * scale
+        return fwd * scale, fwd * scale
+    model = (fwd + bwd) * scale
     rec = 0.0
     if plan.recompute != "none":
-        by_name = {n.name: n for n in graph.nodes}
-        for bt in graph.block_types.values():
-            for names in bt.node_names:
-                if plan.recompute == "full":
-                    rec += sum(by_name[x].flops_fwd for x in names)
+        by_name = graph._by_name
+        if plan.recompute == "full":
+            rec = _cached(graph, ("block_flops_fwd",), lambda: _block_flops_fwd(graph))
         if plan.recompute == "selective":
             per_block = {b.name: b for s in stages for b, _ in s.blocks if b.recomputable}
             for key, bt in graph.block_types.items():
@@ -745,6 +785,12 @@ def _flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, 
                     by_name[x].flops_fwd for x in nodes if x in region or _in_region(by_name[x], region)
                 )
     return model, model + rec * scale
+
+
+def _block_flops_fwd(graph: OpGraph) -> float:
+    return sum(
+        graph[x].flops_fwd for bt in graph.block_types.values() for names in bt.node_names for x in names
+    )
 
 
 def _in_region(n: OpNode, region: set[str]) -> bool:
@@ -789,7 +835,8 @@ def workload(
         act=act,
     )
     tp = _tp_from_placements(graph, plan) if plan.placements else _megatron_tp(graph, plan.tp, sc.sp)
-    stages = _stage_works(graph, plan, tp, sc, calib)
+    tp_key = None if plan.placements else ("megatron", plan.tp, sc.sp)
+    stages = _stage_works(graph, plan, tp, sc, calib, tp_key)
     pp_group = _group(plan, cluster, "pp")
     elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0
     spec = StepSpec(

@@ -190,6 +190,10 @@ class Plan:
     placements: dict[str, NodePlacement] = field(default_factory=dict)
     """Tensor-parallel placement per graph node name; nodes not listed are replicated."""
     predicted: PredictedCost | None = None
+    search: dict[str, Any] | None = None
+    """What the planner considered: ``alternatives`` (runner-ups with their costs and why they
+    lost), ``rejected`` (notable configurations that did not fit or were invalid, with the reason)
+    and ``stats`` (space size, plans costed, pruned, solve time, status)."""
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -317,11 +321,12 @@ class Plan:
             "mesh": [{"name": a.name, "size": a.size} for a in self.mesh],
         }
         for f in fields(self):
-            if f.name in ("version", "mesh", "placements", "predicted"):
+            if f.name in ("version", "mesh", "placements", "predicted", "search"):
                 continue
             d[f.name] = getattr(self, f.name)
         d["placements"] = {k: v.to_dict() for k, v in self.placements.items()}
         d["predicted"] = asdict(self.predicted) if self.predicted else None
+        d["search"] = self.search
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -369,6 +374,13 @@ class Plan:
             f"{axes} mbs={self.micro_batch_size} m={self.num_micro_batches} {self.schedule}{vpp} "
             f"recompute={self.recompute} sp={int(self.sequence_parallel)} zero={self.zero_stage}"
         )
+
+    def explain(self) -> str:
+        """Why this plan: its cost breakdown against the runner-ups, and why notable alternatives
+        lost or did not fit (a table for terminals)."""
+        from autopar.solve.explain import explain_text
+
+        return explain_text(self)
 
     def __repr__(self) -> str:
         return f"Plan({self.summary()})"

@@ -1,0 +1,162 @@
+"""Why the planner chose what it chose: runner-ups, rejected configurations, infeasibility.
+
+All of it is plain data stored on ``Plan.search`` (so it survives the JSON round-trip and the
+report can draw it), plus a text rendering for terminals (:func:`explain_text`).
+"""
+
+from __future__ import annotations
+
+from autopar.plan_keys import plan_keys
+
+GIB = 2**30
+BREAKDOWN_LABELS = {
+    "compute": "compute",
+    "recompute": "recompute",
+    "tp_comm": "TP comm",
+    "zero_comm_exposed": "ZeRO comm",
+    "pp_p2p": "PP p2p",
+    "pp_bubble": "PP bubble",
+    "dp_comm_exposed": "DP sync",
+    "optimizer": "optimizer",
+}
+
+
+def _why_slower(best, other) -> str:
+    """The breakdown term that grew most from the best plan to ``other``."""
+    b, o = best.cost.breakdown_s, other.cost.breakdown_s
+    diffs = {k: o.get(k, 0.0) - b.get(k, 0.0) for k in set(b) | set(o)}
+    key = max(diffs, key=diffs.get)
+    pct = 100.0 * (other.time_s / best.time_s - 1.0)
+    return f"+{pct:.1f}% step time, mostly {BREAKDOWN_LABELS.get(key, key)} (+{diffs[key]:.3g} s)"
+
+
+def _entry(c, why: str) -> dict:
+    return {
+        "plan": plan_keys(c.plan),
+        "summary": c.plan.summary(),
+        "step_time_s": c.time_s,
+        "memory_bytes_per_device": c.cost.memory_bytes_per_device,
+        "fits": c.cost.fits,
+        "breakdown_s": dict(c.cost.breakdown_s),
+        "why": why,
+    }
+
+
+def _fix_hint(c) -> str:
+    keys = c.keys
+    hints = []
+    if keys["recompute"] != "full":
+        hints.append("recompute=full")
+    if keys["zero"] < 3 and keys["dp"] > 1:
+        hints.append("a higher ZeRO stage")
+    if keys["mbs"] > 1:
+        hints.append("a smaller micro-batch")
+    if keys["pp"] == 1 or keys["tp"] == 1:
+        hints.append("more tensor/pipeline parallelism")
+    hints.append("more devices")
+    return ", ".join(hints)
+
+
+def _overflow_text(c) -> str:
+    over = c.overflow_bytes
+    return (
+        f"needs {c.cost.memory_bytes_per_device / GIB:.1f} GiB per device, "
+        f"{over / GIB:.1f} GiB over the {c.cost.memory_capacity_bytes / GIB:.1f} GiB capacity"
+    )
+
+
+def _rejected(ranked, search) -> list[dict]:
+    """Per mesh not among the alternatives: its best fitting plan (why it lost) or its smallest
+    overflow (why it did not fit), and invalid meshes with the rule they break."""
+    best = ranked[0]
+    by_mesh: dict[str, list] = {}
+    for c in search.fitting + search.overflowing:
+        by_mesh.setdefault(f"dp={c.keys['dp']} tp={c.keys['tp']} pp={c.keys['pp']}", []).append(c)
+    out = []
+    for mesh, cands in by_mesh.items():
+        fitting = [c for c in cands if c.cost.fits]
+        if fitting:
+            c = min(fitting, key=lambda c: c.time_s)
+            if c is not best:
+                out.append(
+                    {"config": mesh, "fits": True, "step_time_s": c.time_s, "why": _why_slower(best, c)}
+                )
+        else:
+            c = min(cands, key=lambda c: c.overflow_bytes)
+            out.append({"config": mesh, "fits": False, "step_time_s": c.time_s, "why": _overflow_text(c)})
+    for mesh, reason in search.stats.invalid_reasons.items():
+        if mesh not in by_mesh:
+            out.append({"config": mesh, "fits": False, "step_time_s": None, "why": reason})
+    out.sort(key=lambda e: (not e["fits"], e["step_time_s"] or float("inf")))
+    return out
+
+
+def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
+    best = ranked[0]
+    alternatives = [_entry(c, _why_slower(best, c)) for c in ranked[1:top_k]]
+    st = search.stats
+    plan.search = {
+        "alternatives": alternatives,
+        "rejected": _rejected(ranked, search),
+        "stats": {
+            "space_size": st.space_size,
+            "evaluated": st.evaluated,
+            "pruned": st.pruned,
+            "invalid": st.invalid,
+            "solve_time_s": st.solve_time_s,
+            "status": st.status,
+            "cluster": getattr(cluster, "name", ""),
+            "num_devices": cluster.num_devices,
+        },
+    }
+
+
+def infeasible_message(search) -> tuple[str, dict]:
+    st = search.stats
+    if not search.overflowing:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(st.invalid_reasons.items())[:3])
+        return (f"no valid plan for this model, batch and cluster ({reasons or 'empty search space'})", {})
+    c = min(search.overflowing, key=lambda c: c.overflow_bytes)
+    message = (
+        f"no plan fits in memory: the closest candidate ({c.plan.summary()}) {_overflow_text(c)}. "
+        f"Try {_fix_hint(c)}."
+    )
+    details = {
+        "closest_plan": plan_keys(c.plan),
+        "memory_bytes_per_device": c.cost.memory_bytes_per_device,
+        "memory_capacity_bytes": c.cost.memory_capacity_bytes,
+        "overflow_bytes": c.overflow_bytes,
+        "memory_breakdown_bytes": dict(c.cost.memory_breakdown_bytes),
+    }
+    return message, details
+
+
+def explain_text(plan) -> str:
+    """A terminal table: the plan, its breakdown, the runner-ups and the rejected configurations."""
+    lines = [f"plan: {plan.summary()}"]
+    if plan.predicted:
+        p = plan.predicted
+        lines.append(
+            f"predicted step {p.step_time_s:.4g} s, MFU {100 * p.mfu:.1f}%, "
+            f"memory {p.memory_bytes_per_device / GIB:.1f} / {p.memory_capacity_bytes / GIB:.1f} GiB"
+        )
+        parts = ", ".join(f"{BREAKDOWN_LABELS.get(k, k)} {v:.3g}s" for k, v in p.breakdown_s.items() if v > 0)
+        lines.append(f"  breakdown: {parts}")
+    if not plan.search:
+        lines.append("(hand-written plan: no search to explain)")
+        return "\n".join(lines)
+    st = plan.search["stats"]
+    lines.append(
+        f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
+        f"by bounds, {st['invalid']} invalid; {st['solve_time_s']:.2f} s ({st['status']})"
+    )
+    if plan.search["alternatives"]:
+        lines.append("runner-ups:")
+        lines += [
+            f"  {a['summary']:<60} {a['step_time_s']:.4g} s  {a['why']}" for a in plan.search["alternatives"]
+        ]
+    if plan.search["rejected"]:
+        lines.append("other meshes:")
+        for r in plan.search["rejected"][:12]:
+            lines.append(f"  {r['config']:<24} {'fits' if r['fits'] else 'no':<5} {r['why']}")
+    return "\n".join(lines)

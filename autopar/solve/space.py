@@ -1,0 +1,143 @@
+"""The outer search space: every mesh and knob combination the planner may choose.
+
+A candidate is a dict of the short plan keys (``dp tp pp mbs vpp schedule recompute sp zero``),
+the same vocabulary as ``autopar estimate --plan``. Keys the user fixed are kept; the rest range
+over:
+
+* ``tp``: divisors of the device count that divide the attention heads (and key/value heads) and,
+  unless ``allow_cross_node_tp``, fit inside one node;
+* ``pp``: divisors of ``devices / tp`` not above the number of repeated blocks;
+* ``dp``: the devices left, which must divide the global batch;
+* ``mbs``: divisors of the per-replica batch (capped by ``max_micro_batch``);
+* ``schedule`` / ``vpp``: ``1f1b`` (and ``gpipe`` when asked), ``interleaved`` with ``vpp`` that
+  splits each stage's blocks evenly and a micro-batch count that is a multiple of ``pp``;
+* ``sp``: 0, and 1 when ``tp > 1``;
+* ``recompute`` × ``zero``: the memory knobs, ordered cheapest first (see :data:`MEMORY_KNOBS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Memory knobs in the order the planner tries them: each later entry saves memory and (under the
+# cost model) never runs faster than the ones before it at the same mesh, so the first that fits
+# is usually the fastest; the planner still evaluates all of them when the first fails.
+MEMORY_KNOBS = (
+    ("none", 0),
+    ("none", 1),
+    ("selective", 0),
+    ("selective", 1),
+    ("none", 2),
+    ("selective", 2),
+    ("full", 0),
+    ("full", 1),
+    ("full", 2),
+    ("none", 3),
+    ("selective", 3),
+    ("full", 3),
+)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(kw_only=True)
+class SpaceSpec:
+    num_devices: int
+    devices_per_node: int
+    num_layers: int
+    heads: int | None
+    kv_heads: int | None
+    global_batch: int
+    mode: str = "train"
+    allow_cross_node_tp: bool = False
+    max_micro_batch: int = 64
+    max_virtual_stages: int = 8
+    schedules: tuple[str, ...] = ("1f1b", "interleaved")
+    fixed: dict | None = None
+    """Keys the user chose; the planner searches only the others."""
+
+
+def _tp_options(s: SpaceSpec) -> list[int]:
+    out = []
+    for tp in divisors(s.num_devices):
+        if not s.allow_cross_node_tp and tp > s.devices_per_node:
+            continue
+        if s.heads and s.heads % tp:
+            continue
+        if s.kv_heads and s.kv_heads % tp:
+            continue
+        out.append(tp)
+    return out
+
+
+def meshes(s: SpaceSpec) -> Iterator[tuple[int, int, int]]:
+    """(dp, tp, pp) with dp*tp*pp = devices, legal for the model and batch."""
+    fixed = s.fixed or {}
+    for tp in _tp_options(s):
+        if "tp" in fixed and fixed["tp"] != tp:
+            continue
+        for pp in divisors(s.num_devices // tp):
+            if pp > s.num_layers or ("pp" in fixed and fixed["pp"] != pp):
+                continue
+            dp = s.num_devices // (tp * pp)
+            if s.global_batch % dp or ("dp" in fixed and fixed["dp"] != dp):
+                continue
+            yield dp, tp, pp
+
+
+def pipelines(s: SpaceSpec, dp: int, pp: int) -> Iterator[tuple[int, str, int]]:
+    """(mbs, schedule, vpp) for one mesh."""
+    fixed = s.fixed or {}
+    per_replica = s.global_batch // dp
+    for mbs in divisors(per_replica):
+        if mbs > s.max_micro_batch or ("mbs" in fixed and fixed["mbs"] != mbs):
+            continue
+        m = per_replica // mbs
+        for schedule, vpp in _schedules(s, pp, m):
+            if "schedule" in fixed and fixed["schedule"] != schedule:
+                continue
+            if "vpp" in fixed and fixed["vpp"] != vpp:
+                continue
+            yield mbs, schedule, vpp
+
+
+def _schedules(s: SpaceSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
+    if pp == 1:
+        yield "1f1b", 1
+        return
+    for schedule in s.schedules:
+        if schedule != "interleaved":
+            yield schedule, 1
+            continue
+        if m % pp:
+            continue
+        for vpp in range(2, s.max_virtual_stages + 1):
+            if s.num_layers % (pp * vpp) == 0:
+                yield "interleaved", vpp
+
+
+def knobs(s: SpaceSpec, tp: int) -> Iterator[tuple[int, str, int]]:
+    """(sp, recompute, zero), memory knobs cheapest first; inference has no recompute or ZeRO."""
+    fixed = s.fixed or {}
+    sps = [0, 1] if tp > 1 else [0]
+    memory = MEMORY_KNOBS if s.mode == "train" else (("none", 0),)
+    for sp in sps:
+        if "sp" in fixed and fixed["sp"] != sp:
+            continue
+        for recompute, zero in memory:
+            if "recompute" in fixed and fixed["recompute"] != recompute:
+                continue
+            if "zero" in fixed and fixed["zero"] != zero:
+                continue
+            yield sp, recompute, zero
+
+
+def size(s: SpaceSpec) -> int:
+    """Number of candidates before any pruning (for progress and the report)."""
+    n = 0
+    for dp, tp, pp in meshes(s):
+        n += sum(1 for _ in pipelines(s, dp, pp)) * sum(1 for _ in knobs(s, tp))
+    return n

@@ -44,8 +44,7 @@ def add_parser(subparsers) -> None:
         "estimate",
         help="predict step time and memory of one plan on a cluster",
         description="Predict the step time (with its breakdown), throughput, MFU and per-device memory of "
-        "training MODEL on CLUSTER under one plan. Plan keys left out take defaults "
-        "(tp=pp=1, dp=rest, mbs=1, 1f1b, recompute=none, sp=0, zero=0).",
+        "training MODEL on CLUSTER under one plan. Plan keys left out are chosen by the planner.",
     )
     p.add_argument(
         "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
@@ -58,7 +57,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--global-batch", required=True, type=positive_int, metavar="B", help="sequences per step")
     p.add_argument(
-        "--plan", default="", metavar="k=v,...", help="keys: dp tp pp mbs vpp schedule recompute sp zero"
+        "--plan",
+        default="",
+        metavar="k=v,...|FILE.json",
+        help="keys: dp tp pp mbs vpp schedule recompute sp zero (the planner chooses keys left out), "
+        "or a plan file from `autopar plan --out`",
     )
     p.add_argument(
         "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
@@ -70,40 +73,70 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from autopar.cluster import Cluster
     from autopar.model_spec import graph_layers, load_model
-    from autopar.plan_keys import parse_plan_arg, plan_keys, resolve_plan
+    from autopar.plan_keys import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
 
     cluster = Cluster.parse(args.cluster)
-    keys = parse_plan_arg(args.plan)
     _ = cluster.device  # a heterogeneous cluster stops here with a clear message
     loaded = load_model(args.model, seq=args.seq)
+    plan, keys = _plan_file(args.plan), {}
+    if plan is None:
+        keys = parse_plan_arg(args.plan)
+    chosen = [] if plan is not None else [k for k in PLAN_KEYS if k not in keys]
     graph = None
     if loaded.num_layers is None:  # a user model without a config: count its blocks in the graph
         graph = loaded.trace(batch=1)
         loaded.num_layers = graph_layers(graph)
-    plan = resolve_plan(
-        keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
-    )
-    if graph is None:
-        graph = loaded.trace(batch=plan.micro_batch_size)
+    if plan is None:
+        # Validate the given keys with the rules' own messages before searching the rest.
+        resolve_plan(
+            keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
+        )
+    if plan is None and chosen:
+        import autopar
+
+        graph = graph or loaded.trace(batch=1)
+        plan = autopar.plan(
+            graph, cluster, global_batch=args.global_batch, fixed=keys, progress=not args.json
+        )
+    elif plan is None:
+        plan = resolve_plan(
+            keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
+        )
+    graph = graph or loaded.trace(batch=1)
 
     from autopar.estimator import estimate
 
     cost = estimate(graph, cluster, plan)
-    resolved = plan_keys(plan)
-    defaulted = [
-        k for k in ("dp", "tp", "pp", "mbs", "vpp", "schedule", "recompute", "sp", "zero") if k not in keys
-    ]
     if args.json:
         out = {k: getattr(cost, k) for k in JSON_KEYS}
         out.update(
-            plan=resolved, defaulted=defaulted, model=args.model, seq=loaded.seq, cluster=cluster.to_dict()
+            plan=plan_keys(plan),
+            layer_stages=plan.layer_stages,
+            chosen_by_planner=chosen,
+            model=args.model,
+            seq=loaded.seq,
+            cluster=cluster.to_dict(),
         )
         out["extra"] = cost.extra
         json.dump(out, sys.stdout, indent=2, default=str)
         print()
         return 0
-    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=defaulted))
+    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=chosen))
     return 0
+
+
+def _plan_file(text: str):
+    """``--plan plan.json``: a plan written by ``autopar plan --out`` (None for key=value text)."""
+    if not text.strip().lower().endswith(".json"):
+        return None
+    from autopar.errors import PlanError
+    from autopar.plan import Plan
+
+    try:
+        with open(text) as f:
+            return Plan.from_json(f.read())
+    except OSError as e:
+        raise PlanError(f"--plan {text}: cannot read the plan file ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------- output
@@ -123,7 +156,8 @@ def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[
     lines = [
         f"model    {model}" + (f"  (seq {seq})" if seq else ""),
         f"cluster  {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} {dev.name} = {cluster.num_devices} devices",
-        f"plan     {plan.summary()}" + (f"   (defaults: {', '.join(defaulted)})" if defaulted else ""),
+        f"plan     {plan.summary()}"
+        + (f"   (chosen by the planner: {', '.join(defaulted)})" if defaulted else ""),
         "",
         f"{'step time':<26}{_time(cost.step_time_s):>14}",
     ]

@@ -241,9 +241,14 @@ def test_estimate_json_end_to_end():
                 "memory_bytes_per_device", "memory_capacity_bytes", "fits", "plan", "breakdown_s",
                 "memory_breakdown_bytes"}  # fmt: skip
     assert required <= set(out)
-    assert out["plan"] == {"dp": 2, "tp": 2, "pp": 2, "mbs": 1, "vpp": 1, "schedule": "1f1b", "recompute": "none",
-                           "sp": 0, "zero": 0, "micro_batches": 8, "global_batch": 16}  # fmt: skip
-    assert set(out["defaulted"]) == {"dp", "mbs", "vpp", "schedule", "recompute", "sp", "zero"}
+    # tp and pp were fixed; the planner chose the rest and must do no worse than the fixed defaults.
+    assert out["plan"]["tp"] == 2 and out["plan"]["pp"] == 2 and out["plan"]["dp"] == 2
+    assert set(out["chosen_by_planner"]) == {"dp", "mbs", "vpp", "schedule", "recompute", "sp", "zero"}
+    full = "tp=2,pp=2,dp=2,mbs=1,vpp=1,schedule=1f1b,recompute=none,sp=0,zero=0"
+    r2 = autopar("estimate", TINY, "--cluster", "dgx-h100", "--global-batch", "16", "--plan", full, "--seq", "16", "--json")  # fmt: skip
+    default = json.loads(r2.stdout)
+    assert default["chosen_by_planner"] == [] and default["plan"]["mbs"] == 1
+    assert out["step_time_s"] <= default["step_time_s"] * (1 + 1e-9)
     assert out["seq"] == 16 and out["memory_capacity_bytes"] == 80e9
     # Internal consistency of the report: the parts add up, throughput and MFU follow from the time.
     assert sum(out["breakdown_s"].values()) == pytest.approx(out["step_time_s"], rel=1e-6)
@@ -266,12 +271,17 @@ def test_estimate_table_reports_overflow_on_a_small_device(tmp_path, capsys):
         " hbm_bytes_per_s: 1.0e12}\n"
         "intra_node: {bandwidth_gbps: 800, latency_us: 5}\n"
     )
-    assert main(["estimate", TINY, "--cluster", str(cluster), "--global-batch", "8", "--plan", "mbs=2"]) == 0
+    full = "dp=2,tp=1,pp=1,mbs=2,vpp=1,schedule=1f1b,recompute=none,sp=0,zero=0"
+    assert main(["estimate", TINY, "--cluster", str(cluster), "--global-batch", "8", "--plan", full]) == 0
     stdout = capsys.readouterr().out
     assert "plan     dp=2 pp=1 tp=1 mbs=2 m=2 1f1b" in stdout
     for row in ("step time", "compute", "tokens/s", "MFU", "memory per device", "of 0.00 GB"):
         assert row in stdout, stdout
     assert "NO  over by" in stdout
+    # With keys left open the planner searches them, finds nothing that fits and says by how much.
+    assert main(["estimate", TINY, "--cluster", str(cluster), "--global-batch", "8", "--plan", "mbs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "no plan fits in memory" in err and "over the 1.0 MB capacity" in err and "Traceback" not in err
 
 
 def test_estimate_model_rules_and_bad_model(capsys):

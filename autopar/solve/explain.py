@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from autopar.plan_keys import plan_keys
 
-GIB = 2**30
 BREAKDOWN_LABELS = {
     "compute": "compute",
     "recompute": "recompute",
@@ -57,11 +56,18 @@ def _fix_hint(c) -> str:
     return ", ".join(hints)
 
 
+def bytes_text(n: float) -> str:
+    """Decimal units, as device datasheets use (80 GB = 80e9 bytes)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _overflow_text(c) -> str:
-    over = c.overflow_bytes
     return (
-        f"needs {c.cost.memory_bytes_per_device / GIB:.1f} GiB per device, "
-        f"{over / GIB:.1f} GiB over the {c.cost.memory_capacity_bytes / GIB:.1f} GiB capacity"
+        f"needs {bytes_text(c.cost.memory_bytes_per_device)} per device, "
+        f"{bytes_text(c.overflow_bytes)} over the {bytes_text(c.cost.memory_capacity_bytes)} capacity"
     )
 
 
@@ -138,7 +144,7 @@ def explain_text(plan) -> str:
         p = plan.predicted
         lines.append(
             f"predicted step {p.step_time_s:.4g} s, MFU {100 * p.mfu:.1f}%, "
-            f"memory {p.memory_bytes_per_device / GIB:.1f} / {p.memory_capacity_bytes / GIB:.1f} GiB"
+            f"memory {bytes_text(p.memory_bytes_per_device)} / {bytes_text(p.memory_capacity_bytes)}"
         )
         parts = ", ".join(f"{BREAKDOWN_LABELS.get(k, k)} {v:.3g}s" for k, v in p.breakdown_s.items() if v > 0)
         lines.append(f"  breakdown: {parts}")

@@ -367,7 +367,9 @@ def _gemm_ops(ctx: _Ctx) -> list[OpWork]:
                     flops_fwd=n.flops_fwd * div,
                     flops_bwd=n.flops_bwd * div,
                     bytes_fwd=(n.bytes_read + n.bytes_written) * div * ctx.sc.act,
-                    efficiency=gemm_efficiency(b, m, m, k, ctx.calib),
+                    efficiency=ctx.calib.fused_attention_efficiency
+                    * gemm_efficiency(b, m, k, k, ctx.calib)
+                    / ctx.calib.gemm_max_efficiency,
                     selective_recompute=n.name in ctx.region,
                 )
             )

@@ -28,6 +28,7 @@ import torch
 import autopar
 from autopar.cluster import Cluster
 from autopar.estimator import Workload, predicted_cost, workload
+from autopar.models import GPTConfig
 from autopar.plan import Plan
 from cost_models import DEFAULT, FITTED, Calibration, step_time
 from cost_models.constants import FIT_BOUNDS as BOUNDS
@@ -88,20 +89,15 @@ def load_rows(path: Path) -> list[Row]:
 _GRAPHS: dict[tuple, object] = {}
 
 
-def _model(hidden: int, heads: int, layers: int):
-    """The Megatron GPT of the row on meta, in fp16 (build_model when the zoo has it)."""
-    from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-
-    cfg = GPTConfig(hidden=hidden, layers=layers, heads=heads, vocab=VOCAB, seq=SEQ, dropout=0.1)
-    return GPT(cfg, device="meta").to(torch.float16), gpt_loss
-
-
 def graph_for(row: Row):
+    """build_model on meta (fp16, Megatron's dropout 0.1) -> trace at the row's micro-batch size."""
     key = (row.hidden, row.heads, row.layers, row.mbs)
     if key not in _GRAPHS:
-        model, loss = _model(row.hidden, row.heads, row.layers)
-        tokens = torch.zeros(row.mbs, SEQ, dtype=torch.long, device="meta")
-        _GRAPHS[key] = autopar.trace(model, (tokens, tokens), loss_fn=loss)
+        cfg = GPTConfig(
+            hidden=row.hidden, layers=row.layers, heads=row.heads, vocab=VOCAB, seq=SEQ, dropout=0.1
+        )
+        model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=row.mbs, dtype=torch.float16)
+        _GRAPHS[key] = autopar.trace(model, inputs, loss_fn=loss_fn)
     return _GRAPHS[key]
 
 

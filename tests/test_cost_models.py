@@ -1,0 +1,289 @@
+"""cost_models on its own: numbers in, seconds and bytes out (no autopar import anywhere).
+
+Oracles are closed forms: the alpha-beta ring formulas, the ZeRO paper's bytes per parameter,
+Narayanan et al.'s FLOPs formula and pipeline bubble, Korthikanti et al.'s activation memory.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+
+from cost_models import (
+    DEFAULT,
+    BlockWork,
+    CommWork,
+    DeviceRates,
+    GroupSpec,
+    LinkSpec,
+    OpWork,
+    StageWork,
+    StepSpec,
+    block_time,
+    collective_time_s,
+    gemm_efficiency,
+    gemm_time_s,
+    in_flight_micro_batches,
+    interleaved_factor,
+    kv_cache_bytes,
+    model_state_bytes,
+    step_time,
+)
+from cost_models.step import overlapped_s
+from cost_models.transformer import (
+    korthikanti_activation_bytes,
+    megatron_flops_per_iteration,
+    megatron_layer_work,
+    model_flops_per_iteration,
+)
+
+A100 = DeviceRates(peak_flops_per_s=312e12, hbm_bytes_per_s=2039e9)
+NVLINK = LinkSpec(bandwidth_bytes_per_s=300e9, latency_s=3.4e-6)
+IB = LinkSpec(bandwidth_bytes_per_s=25e9, latency_s=14e-6)
+NO_LATENCY = DEFAULT.with_(collective_base_latency_s=0.0, kernel_overhead_s=0.0)
+
+
+def test_package_imports_nothing_from_autopar():
+    for path in Path(__file__).resolve().parents[1].joinpath("cost_models").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "autopar" for n in names), f"{path.name} imports {names}"
+
+
+# ------------------------------------------------------------------------------------ compute
+def test_gemm_efficiency_falls_for_small_gemms_and_saturates_for_large():
+    big = gemm_efficiency(1, 16384, 16384, 16384)
+    assert 0.99 * DEFAULT.gemm_max_efficiency < big <= DEFAULT.gemm_max_efficiency
+    sizes = [256, 512, 1024, 2048, 4096, 8192]
+    effs = [gemm_efficiency(1, s, s, s) for s in sizes]
+    assert effs == sorted(effs) and effs[0] < 0.2 * effs[-1]
+
+    # achieved FLOP/s (epilogue and wave quantisation included) also falls with a short k
+    def achieved(m, n, k):
+        return 2 * m * n * k / gemm_time_s(1, m, n, k, A100, calib=NO_LATENCY)
+
+    assert achieved(8192, 8192, 512) < 0.85 * achieved(8192, 8192, 8192)
+    assert achieved(128, 128, 2048) < 0.3 * achieved(8192, 8192, 8192)
+
+
+def test_gemm_time_is_a_roofline_main_loop_plus_epilogue():
+    bw = 2039e9 * NO_LATENCY.hbm_efficiency
+    # large square GEMM: compute-bound main loop, then C is stored
+    t = gemm_time_s(1, 8192, 8192, 8192, A100, calib=NO_LATENCY)
+    flops = 2 * 8192**3
+    eff = gemm_efficiency(1, 8192, 8192, 8192, NO_LATENCY)
+    assert t == pytest.approx(flops / (312e12 * eff) + 8192 * 8192 * 2 / bw)
+    # a GEMV streams its matrix: memory-bound
+    t = gemm_time_s(1, 1, 8192, 8192, A100, calib=NO_LATENCY)
+    assert t == pytest.approx((8192 + 8192 * 8192 + 8192) * 2 / bw, rel=1e-3)
+    # attention scores with head dim 64: writing the s x s scores dominates
+    t = gemm_time_s(96, 2048, 2048, 64, A100, calib=NO_LATENCY)
+    assert t > 96 * 2048 * 2048 * 2 / bw
+
+
+# --------------------------------------------------------------------------------------- comm
+def test_ring_all_reduce_inside_a_node_matches_the_alpha_beta_formula():
+    g = GroupSpec(size=8, ranks_per_node=8, intra=NVLINK)
+    nbytes = 1e9
+    bw = 300e9 * DEFAULT.intra_node_efficiency
+    want = DEFAULT.collective_base_latency_s + 2 * 7 * 3.4e-6 + 2 * 7 / 8 * nbytes / bw
+    assert collective_time_s("all_reduce", nbytes, g, algorithm="ring") == pytest.approx(want)
+    ag = collective_time_s("all_gather", nbytes, g)
+    rs = collective_time_s("reduce_scatter", nbytes, g)
+    assert ag == pytest.approx(rs)
+    # all-reduce = reduce-scatter + all-gather (bandwidth terms)
+    assert ag + rs == pytest.approx(want + DEFAULT.collective_base_latency_s, rel=1e-6)
+
+
+def test_groups_spanning_nodes_run_at_the_inter_node_link():
+    inside = GroupSpec(size=8, ranks_per_node=8, intra=NVLINK)
+    across = GroupSpec(size=8, ranks_per_node=1, intra=NVLINK, inter=IB)
+    nbytes = 4e9
+    ratio = collective_time_s("all_gather", nbytes, across) / collective_time_s("all_gather", nbytes, inside)
+    expected = (300e9 * DEFAULT.intra_node_efficiency) / (25e9 * DEFAULT.inter_node_efficiency)
+    assert ratio == pytest.approx(expected, rel=0.01)
+
+
+def test_hierarchical_all_reduce_beats_flat_ring_with_many_ranks_per_node():
+    g = GroupSpec(size=32, ranks_per_node=8, intra=NVLINK, inter=IB)
+    flat = collective_time_s("all_reduce", 2e9, g, algorithm="ring")
+    hier = collective_time_s("all_reduce", 2e9, g, algorithm="hierarchical")
+    assert hier < flat / 4  # inter-node traffic per GPU is 1/8 of the flat ring's
+
+
+def test_tree_wins_for_small_messages_on_large_groups():
+    g = GroupSpec(size=1024, ranks_per_node=1, intra=NVLINK, inter=IB)
+    ring = collective_time_s("all_reduce", 1e4, g, algorithm="ring")
+    tree = collective_time_s("all_reduce", 1e4, g, algorithm="tree")
+    assert tree < ring
+    assert collective_time_s("all_reduce", 1e4, g) == pytest.approx(tree)
+
+
+def test_all_to_all_broadcast_p2p_and_degenerate_groups():
+    fast = LinkSpec(bandwidth_bytes_per_s=25e9, latency_s=0.0)
+    g = GroupSpec(size=16, ranks_per_node=8, intra=NVLINK, inter=fast)
+    a2a = collective_time_s("all_to_all", 1.6e9, g, calib=NO_LATENCY)
+    # half the peers are off-node: 8/16 of the bytes over the inter-node link
+    assert a2a == pytest.approx(0.8e9 / (25e9 * DEFAULT.inter_node_efficiency), rel=1e-3)
+    assert collective_time_s("broadcast", 1e9, g) > collective_time_s("broadcast", 1e8, g)
+    assert collective_time_s("p2p", 1e9, g, calib=NO_LATENCY) == pytest.approx(
+        1e9 / (25e9 * DEFAULT.inter_node_efficiency), rel=1e-3
+    )
+    one = GroupSpec(size=1, ranks_per_node=1, intra=NVLINK)
+    assert collective_time_s("all_reduce", 1e9, one) == 0.0
+    with pytest.raises(ValueError, match="unknown"):
+        collective_time_s("allreduce", 1e9, g)
+    with pytest.raises(ValueError, match="inter link"):
+        GroupSpec(size=16, ranks_per_node=8, intra=NVLINK)
+
+
+# ------------------------------------------------------------------------------------- memory
+def test_model_state_bytes_follow_the_zero_paper():
+    n, dp = 1e9, 8
+    assert sum(model_state_bytes(n).values()) == 16e9  # 2 + 2 + 12 bytes per parameter
+    z1 = model_state_bytes(n, dp=dp, zero_stage=1)
+    z2 = model_state_bytes(n, dp=dp, zero_stage=2)
+    z3 = model_state_bytes(n, dp=dp, zero_stage=3)
+    assert sum(z1.values()) == pytest.approx((4 + 12 / dp) * n)
+    assert sum(z2.values()) == pytest.approx((2 + 14 / dp) * n)
+    assert sum(z3.values()) == pytest.approx(16 / dp * n)
+    assert model_state_bytes(n, mode="inference") == {"params": 2e9, "grads": 0.0, "optimizer": 0.0}
+
+
+def test_in_flight_micro_batches_per_schedule():
+    p, m = 8, 64
+    assert in_flight_micro_batches("gpipe", p, 0, m) == m
+    assert [in_flight_micro_batches("1f1b", p, s, m) for s in range(p)] == list(range(p, 0, -1))
+    assert in_flight_micro_batches("1f1b", p, 0, 3) == 3  # fewer micro-batches than stages
+    for v in (2, 3, 4):
+        # Korthikanti et al.: stage 0 holds p * (1 + (p - 1) / (p v)) stage-micro-batches
+        assert in_flight_micro_batches("interleaved", p, 0, m, v) == pytest.approx(
+            p * interleaved_factor(p, v)
+        )
+
+
+def test_kv_cache_bytes():
+    assert kv_cache_bytes(layers=32, batch=4, seq=2048, kv_heads=8, head_dim=128, tp=2) == (
+        2 * 32 * 4 * 2048 * 4 * 128 * 2
+    )
+
+
+# --------------------------------------------------------------------------------- transformer
+def test_megatron_layer_work_reproduces_the_flops_formula():
+    s, b, h, a, ell, v = 2048, 4, 4096, 32, 1, 51200
+    layer = megatron_layer_work(seq=s, batch=b, hidden=h, heads=a)
+    fwd = sum(op.flops_fwd for op in layer.ops)
+    # forward + backward (2x) + recompute forward (1x) of one layer = 96 b s h^2 (1 + s / (6h))
+    f = megatron_flops_per_iteration(batch=b, seq=s, layers=ell, hidden=h, vocab=v)
+    head = 6 * b * s * h * v
+    assert 4 * fwd == pytest.approx(f - head, rel=1e-9)
+    assert model_flops_per_iteration(batch=b, seq=s, layers=ell, hidden=h, vocab=v) == pytest.approx(
+        3 * fwd + head
+    )
+
+
+def test_korthikanti_forms_are_consistent():
+    kw = {"seq": 2048, "batch": 1, "hidden": 12288, "heads": 96}
+    sbh = 2048 * 12288
+    assert korthikanti_activation_bytes(**kw) == pytest.approx(sbh * (34 + 5 * 96 * 2048 / 12288))
+    # tp = 1: sequence parallelism changes nothing
+    assert korthikanti_activation_bytes(**kw, sp=True) == pytest.approx(korthikanti_activation_bytes(**kw))
+    assert korthikanti_activation_bytes(**kw, tp=8, sp=True, recompute="selective") == pytest.approx(
+        34 * sbh / 8
+    )
+    assert korthikanti_activation_bytes(**kw, tp=8, recompute="full") == 2 * sbh
+
+
+# --------------------------------------------------------------------------------------- step
+def _uniform_step(p: int, m: int, v: int, **kw) -> StepSpec:
+    op = OpWork(name="gemm", op_class="gemm", gemm=(1, 8192, 8192, 8192))
+    block = BlockWork(name="layer", ops=(op,), saved_bytes={"none": 1.0, "full": 0.5})
+    stages = tuple(StageWork(blocks=((block, 4),)) for _ in range(p))
+    schedule = "interleaved" if v > 1 else "1f1b"
+    return StepSpec(stages=stages, num_micro_batches=m, schedule=schedule, virtual_stages=v, **kw)
+
+
+@pytest.mark.parametrize(("p", "m", "v"), [(1, 8, 1), (4, 8, 1), (8, 64, 2), (4, 12, 3)])
+def test_pipeline_bubble_is_p_minus_1_over_v_m(p, m, v):
+    t = step_time(_uniform_step(p, m, v), A100, NO_LATENCY)
+    parts = t.breakdown_s
+    assert sum(parts.values()) == pytest.approx(t.step_time_s)
+    assert parts["pp_bubble"] / parts["compute"] == pytest.approx((p - 1) / (v * m))
+
+
+def test_full_recompute_adds_one_forward():
+    none = step_time(_uniform_step(2, 8, 1), A100, NO_LATENCY).breakdown_s
+    full = step_time(_uniform_step(2, 8, 1, recompute="full"), A100, NO_LATENCY).breakdown_s
+    fwd_share = none["compute"] / 3  # backward of a GEMM with weight: 2 GEMMs of the same size
+    assert full["recompute"] == pytest.approx(fwd_share, rel=0.01)
+
+
+def test_tp_collectives_are_exposed_and_rerun_by_full_recompute():
+    g = GroupSpec(size=8, ranks_per_node=8, intra=NVLINK)
+    comm = CommWork(name="ar", collective="all_reduce", nbytes=1e8, count=2)
+    bwd = CommWork(name="ar_b", collective="all_reduce", nbytes=1e8, phase="bwd", count=2)
+    block = BlockWork(name="layer", comms=(comm, bwd), saved_bytes={"none": 0, "full": 0})
+    one = collective_time_s("all_reduce", 1e8, g)
+    t = block_time(block, A100, {"tp": g}, recompute="full")
+    assert t.tp_s == pytest.approx(6 * one)
+    assert block_time(block, A100, {"tp": g}).tp_s == pytest.approx(4 * one)
+
+
+def test_overlap_is_between_max_and_sum():
+    assert overlapped_s(1.0, 0.0) == 1.0
+    both = overlapped_s(1.0, 1.0)
+    assert 1.0 < both < 2.0
+    assert both == pytest.approx(2 ** (1 / DEFAULT.overlap_sharpness))
+    perfect = DEFAULT.with_(overlap_sharpness=200.0)
+    assert overlapped_s(1.0, 0.5, perfect) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_data_parallel_sync_hides_behind_backward_except_the_last_bucket():
+    dp = GroupSpec(size=4, ranks_per_node=4, intra=NVLINK)
+    op = OpWork(name="gemm", op_class="gemm", gemm=(1, 8192, 8192, 8192))
+    block = BlockWork(name="layer", ops=(op,), param_count=1e8, saved_bytes={"none": 0})
+    stage = StageWork(blocks=((block, 10),))
+    spec = StepSpec(stages=(stage,), num_micro_batches=1, groups={"dp": dp})
+    exposed = step_time(spec, A100).breakdown_s["dp_comm_exposed"]
+    raw = collective_time_s("all_reduce", 1e9 * 2, dp)
+    assert 0 < exposed < raw
+    no_overlap = step_time(spec, A100, DEFAULT.with_(dp_overlap=False)).breakdown_s["dp_comm_exposed"]
+    assert no_overlap == pytest.approx(raw)
+
+
+def test_zero3_gathers_parameters_three_times_with_full_recompute():
+    dp = GroupSpec(size=64, ranks_per_node=1, intra=NVLINK, inter=IB)
+    block = BlockWork(name="layer", param_count=1e9, saved_bytes={"none": 0, "full": 0})
+    t = block_time(block, A100, {"dp": dp}, recompute="full", zero_stage=3)
+    gather = collective_time_s("all_gather", 2e9, dp)
+    scatter = collective_time_s("reduce_scatter", 2e9, dp)
+    assert t.zero_comm_s == pytest.approx(3 * gather + scatter)
+    assert t.zero_exposed_s == pytest.approx(t.zero_comm_s)  # nothing to overlap with
+
+
+def test_inference_is_forward_only():
+    spec = _uniform_step(4, 8, 1, mode="inference")
+    t = step_time(spec, A100, NO_LATENCY)
+    fwd = gemm_time_s(1, 8192, 8192, 8192, A100, calib=NO_LATENCY) * 4
+    assert t.step_time_s == pytest.approx((8 + 4 - 1) * fwd)
+    assert "optimizer" not in t.breakdown_s
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="gemm"):
+        OpWork(name="x", op_class="gemm")
+    with pytest.raises(ValueError, match="schedule"):
+        StepSpec(stages=(StageWork(blocks=()),), num_micro_batches=1, schedule="zigzag")
+    with pytest.raises(ValueError):
+        gemm_efficiency(1, 0, 8, 8)
+    with pytest.raises(KeyError, match="unknown calibration"):
+        DEFAULT.with_(gemm_peak=1.0)
+    assert math.isclose(DEFAULT.with_(gemm_max_efficiency=0.5).gemm_max_efficiency, 0.5)

@@ -91,6 +91,92 @@ def gpt_case(*, layers=2, hidden=16, heads=4, vocab=64, seq=8, batch=8, dropout=
     )
 
 
+class MLPBlock(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class MLPNet(nn.Module):
+    """A residual MLP: input projection, repeated blocks (``layers.<i>``), output projection."""
+
+    def __init__(self, width: int = 16, hidden: int = 32, layers: int = 2, inputs: int = 8, outputs: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(inputs, width)
+        self.layers = nn.ModuleList(MLPBlock(width, hidden) for _ in range(layers))
+        self.out = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+def build_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLPNet()
+
+
+def mse_loss(output, target):
+    return torch.nn.functional.mse_loss(output, target)
+
+
+def regression_batches(batch: int, steps: int, seed: int = 1) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 8, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(steps)]
+
+
+def mlp_case(batch: int = 8) -> Case:
+    return Case(
+        name="mlp",
+        build=functools.partial(build_mlp, 0),
+        make_batches=functools.partial(regression_batches, batch),
+        loss_fn=mse_loss,
+        global_batch=batch,
+    )
+
+
+def lm_loss(out, labels):
+    """Next-token cross entropy on a HuggingFace ``CausalLMOutput``."""
+    logits = out.logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+
+
+def build_hf(kind: str, seed: int) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    else:
+        cfg = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def hf_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
+    """HuggingFace GPT-2 or Llama from a small config (random init, nothing downloaded)."""
+    return Case(
+        name=f"hf-{kind}",
+        build=functools.partial(build_hf, kind, 0),
+        make_batches=functools.partial(token_batches, 64, batch, seq),
+        loss_fn=lm_loss,
+        global_batch=batch,
+    )
+
+
 # ----------------------------------------------------------------------------------- runs
 def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())

@@ -114,7 +114,8 @@ class ParallelModule:
         self._train = mode == "train"
         self._model = copy.deepcopy(model).train(self._train)
         inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
-        trace_args = (*inputs, *targets) if self._train else inputs
+        # Trace at the micro-batch size: exported graphs (HuggingFace models) bake shapes in.
+        trace_args = _first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
         self._gm = fx_trace(
             self._model,
             trace_args,
@@ -334,6 +335,17 @@ class ParallelModule:
 
     def __repr__(self) -> str:
         return f"ParallelModule({self.plan.summary()}, mode={self.mode})"
+
+
+def _first_samples(batch: tuple, n: int) -> tuple:
+    sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if sizes and min(sizes) < n:
+        raise PlanError(
+            f"example_inputs hold {min(sizes)} samples but a micro-batch has {n}; pass at least "
+            "micro_batch_size samples (the graph is traced at the micro-batch shape)"
+        )
+    # Clones: two example inputs that are one tensor (labels=input_ids) would trace as aliases.
+    return tuple(t[:n].clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in batch)
 
 
 def _device() -> torch.device:

@@ -28,7 +28,7 @@ from torch import nn
 
 from autopar.runtime.groups import ProcessGroups
 from autopar.runtime.microbatch import merge_micro_batches, split_micro_batches
-from autopar.runtime.stages import StageSpec
+from autopar.runtime.stages import SIDE_PREFIX, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Pipeline:
     def run(self, inputs: tuple, side: dict, train: bool):
         """One step; returns the per-micro-batch losses (train) or the merged output (inference) on
         the last stage, None elsewhere."""
+        side = {SIDE_PREFIX + k: v for k, v in side.items()}
         sched = self._schedule(train, inputs, side)
         args = tuple(inputs) if self.spec.is_first else ()
         if not train:

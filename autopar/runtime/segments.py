@@ -125,13 +125,25 @@ def _is_input_only(node: torch.fx.Node, gm: torch.fx.GraphModule, cache: dict) -
         result = not any(True for _ in mod.parameters()) and "dropout" not in type(mod).__name__.lower()
         result = result and all(_is_input_only(a, gm, cache) for a in node.all_input_nodes)
     elif node.op in ("call_function", "call_method"):
-        name = getattr(node.target, "__name__", str(node.target)).lower()
-        random = any(s in name for s in ("dropout", "rand", "bernoulli", "normal"))
-        result = not random and all(_is_input_only(a, gm, cache) for a in node.all_input_nodes)
+        result = not _is_random(node.target) and all(
+            _is_input_only(a, gm, cache) for a in node.all_input_nodes
+        )
     else:
         result = False
     cache[node] = result
     return result
+
+
+_RANDOM_OPS = {
+    "dropout", "native_dropout", "feature_dropout", "alpha_dropout", "rand", "randn", "randint",
+    "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "normal", "uniform",
+    "multinomial", "exponential", "poisson", "geometric", "cauchy", "log_normal",
+}  # fmt: skip
+
+
+def _is_random(target) -> bool:
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
+    return name.rstrip("_").lower() in _RANDOM_OPS
 
 
 def _get_attr(gm, target: str):
@@ -144,7 +156,8 @@ def _get_attr(gm, target: str):
 def rematerialise_inputs(gm: torch.fx.GraphModule, seg: dict[torch.fx.Node, int]) -> None:
     """Copy input-only nodes into each segment that reads them (in place, updates ``seg``)."""
     cache: dict = {}
-    for node in list(gm.graph.nodes):
+    # Users before producers: a clone's inputs are then cloned into its segment in turn.
+    for node in reversed(list(gm.graph.nodes)):
         if node not in seg or node.op == "get_attr" or not _is_input_only(node, gm, cache):
             continue
         by_segment: dict[int, list[torch.fx.Node]] = {}
@@ -182,6 +195,10 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Blocks | None) -> tuple[tor
     rematerialise_inputs(gm, seg)
     counts = Counter(seg.values())
     split = split_module(gm, gm, lambda n: seg[n], keep_original_order=True)
+    # Exported graphs return a flat list that their pytree codegen rebuilds into the model's
+    # output structure; the split graph has plain codegen, so keep the spec for the last stage.
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    split.meta["out_spec"] = getattr(info, "out_spec", None)
     return split, (max(counts) + 1 if counts else 1)
 
 

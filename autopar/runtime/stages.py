@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_unflatten
 
 from autopar.errors import PlanError
+
+
+SIDE_PREFIX = "autopar_in_"
+"""Graph inputs may be passed as ``autopar_in_<name>=``: a pipeline schedule's ``step()`` has
+keyword arguments of its own (``target``, ``losses``) that a graph input could be named like."""
 
 
 @dataclass
@@ -49,16 +55,22 @@ class StageSpec:
 class StageModule(nn.Module):
     """Runs one stage: positional activations plus the graph inputs it needs by keyword."""
 
-    def __init__(self, gm: torch.fx.GraphModule, spec: StageSpec):
+    def __init__(self, gm: torch.fx.GraphModule, spec: StageSpec, out_spec=None):
         super().__init__()
         self.gm = gm
         self.spec = spec
+        self.out_spec = out_spec
+        """pytree spec of the graph output (exported graphs); None = return as is."""
 
     def forward(self, *args, **side):
+        side = {k.removeprefix(SIDE_PREFIX): v for k, v in side.items()}
         missing = [k for k in self.spec.side_names if k not in side]
         if missing:
             raise TypeError(f"stage {self.spec.index} needs the graph inputs {missing}")
-        return self.gm(*args, **{k: side[k] for k in self.spec.side_names})
+        out = self.gm(*args, **{k: side[k] for k in self.spec.side_names})
+        if self.out_spec is not None:
+            out = tree_unflatten(list(out), self.out_spec)
+        return out
 
 
 def _segment_of(node: torch.fx.Node) -> int | None:
@@ -146,4 +158,5 @@ def build_stage(
         side_names=[n.name for n in side],
         output_names=[n.name for n in outputs],
     )
-    return StageModule(gm, spec)
+    out_spec = split.meta.get("out_spec") if spec.is_last else None
+    return StageModule(gm, spec, out_spec)

@@ -55,7 +55,7 @@ def apply_ddp(stage: nn.Module, dp_group: dist.ProcessGroup, device: torch.devic
         stage,
         process_group=dp_group,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # buffers are deterministic (rotary tables); nothing to sync
+        forward_sync_buffers=False,  # buffers are deterministic (rotary tables): no per-step broadcast
     )
 
 

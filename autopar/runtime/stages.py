@@ -23,7 +23,6 @@ from torch.utils._pytree import tree_unflatten
 
 from autopar.errors import PlanError
 
-
 SIDE_PREFIX = "autopar_in_"
 """Graph inputs may be passed as ``autopar_in_<name>=``: a pipeline schedule's ``step()`` has
 keyword arguments of its own (``target``, ``losses``) that a graph input could be named like."""

@@ -1,0 +1,186 @@
+"""``estimate(graph, cluster, plan)``: the predicted step time and memory of a plan.
+
+The glue between the analysed graph and :mod:`cost_models`: it turns an
+:class:`~autopar.ir.OpGraph`, a :class:`~autopar.cluster.Cluster` and a
+:class:`~autopar.plan.Plan` into per-device, per-micro-batch workloads (``cost_models.workload``)
+and reads the answer back into a :class:`~autopar.plan.PredictedCost`.
+
+Steps (each a small function below):
+
+1. **Validate** the plan against the cluster and the graph (device count, head / FFN / vocab
+   divisibility by ``tp``). Errors name the value, the rule and the fix.
+2. **Tensor-parallel sharding.** With ``plan.placements`` empty, the Megatron default is derived from
+   the graph, not hard-coded per model: walking the nodes in order with every tensor either
+   replicated (R) or split over ``tp`` (S), a Linear reading an R tensor is *column-parallel*
+   (output S, weight split by rows), a Linear reading an S tensor is *row-parallel* (weight split by
+   columns, output all-reduced back to R); any other op outputs S if one of its inputs is S
+   (attention heads follow the q/k/v split). The embedding whose indices are a graph input is
+   vocab-parallel (output all-reduced), the LM head is column-parallel and the loss is
+   vocab-parallel (three all-reduces of one fp32 number per token). Collectives per layer:
+   forward, one all-reduce per row-parallel Linear; backward, one per distinct input of the
+   column-parallel Linears (GPT: 2 + 2). With sequence parallelism the R tensors are split along
+   the sequence instead, and each all-reduce becomes an all-gather / reduce-scatter pair.
+3. **Workload per block type**: the first instance of each repeated block is costed once and
+   multiplied by the number of instances on each stage. Memory-bound ops are fused the way
+   Megatron's kernels (or torch.compile) fuse them (``Calibration.fuse_elementwise``): a tensor made
+   by a memory-bound op and read in full by exactly one memory-bound op that does not save it is
+   never written. Linears reading the same tensor (q, k, v) run as one GEMM (Megatron's fused QKV).
+4. **Activation memory** comes from the graph's measured ``saved_bytes`` scaled to the micro-batch
+   and divided by ``tp`` where the saved tensor is split. ``selective`` recompute drops what the
+   attention-score region (from the first activation-activation matmul to the next one) saves
+   besides its inputs; ``full`` keeps each layer's input only.
+5. **Step time and memory** from :func:`cost_models.step_time` and :mod:`cost_models.memory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopar.estimator.blocks import _Scale
+from autopar.estimator.stages import (
+    _compute_dtype,
+    _flops,
+    _group,
+    _heads,  # noqa: F401  (planner API)
+    _kv_bytes,
+    _kv_per_block,
+    _stage_memory,  # noqa: F401  (planner API)
+    _stage_works,
+    _validate,
+)
+from autopar.estimator.tensor_parallel import _megatron_tp, _tp_from_placements
+from autopar.ir import OpGraph
+from autopar.plan import Plan, PredictedCost
+from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
+
+__all__ = ["Workload", "estimate", "predicted_cost", "workload"]
+# Also imported from here by the planner (autopar.solve): _heads, _stage_memory.
+
+
+# ------------------------------------------------------------------------------ entry point
+@dataclass(kw_only=True)
+class Workload:
+    """Everything :func:`estimate` derives from the graph before timing it (reusable across
+    calibrations: the fidelity fit times one workload under many constants)."""
+
+    spec: StepSpec
+    rates: DeviceRates
+    stages: list[StageWork]
+    memory_per_stage: list[dict[str, float]]
+    model_flops_per_step: float
+    hardware_flops_per_step: float
+    dtype: str
+    seq: int
+
+
+def workload(
+    graph: OpGraph,
+    cluster,
+    plan: Plan,
+    *,
+    calib: Calibration | None = None,
+    dtype: str | None = None,
+    kv_cache: bool = False,
+) -> Workload:
+    """Validate ``plan`` and turn graph + cluster + plan into the cost model's inputs."""
+    calib = calib or DEFAULT
+    device = cluster.device
+    _validate(graph, cluster, plan)
+    key, act = _compute_dtype(graph, device, dtype)
+    sc = _Scale(
+        batch=plan.micro_batch_size / max(graph.batch_size, 1),
+        tp=plan.tp,
+        sp=plan.sequence_parallel and plan.tp > 1,
+        graph_batch=graph.batch_size,
+        act=act,
+    )
+    tp = _tp_from_placements(graph, plan) if plan.placements else _megatron_tp(graph, plan.tp, sc.sp)
+    tp_key = None if plan.placements else ("megatron", plan.tp, sc.sp)
+    stages = _stage_works(graph, plan, tp, sc, calib, tp_key)
+    pp_group = _group(plan, cluster, "pp")
+    elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0
+    spec = StepSpec(
+        stages=tuple(stages),
+        num_micro_batches=plan.num_micro_batches,
+        schedule=plan.schedule,
+        virtual_stages=plan.virtual_stages,
+        recompute=plan.recompute,
+        mode=plan.mode,
+        zero_stage=plan.zero_stage,
+        groups={axis: _group(plan, cluster, axis) for axis in ("tp", "dp")},
+        pp_link=pp_group.inter if pp_group.spans_nodes else pp_group.intra,
+        pp_link_inter_node=pp_group.spans_nodes,
+        tp=plan.tp,
+        param_bytes=elem,
+        grad_bytes=elem,
+    )
+    kv_block = _kv_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
+    model_flops, hw_flops = _flops(graph, plan, stages)
+    return Workload(
+        spec=spec,
+        rates=DeviceRates(peak_flops_per_s=device.peak_flops(key), hbm_bytes_per_s=device.hbm_bytes_per_s),
+        stages=stages,
+        memory_per_stage=_stage_memory(stages, plan, elem, calib, [_kv_bytes(s, kv_block) for s in stages]),
+        model_flops_per_step=model_flops,
+        hardware_flops_per_step=hw_flops,
+        dtype=key,
+        seq=_seq_len(graph),
+    )
+
+
+def estimate(
+    graph: OpGraph,
+    cluster,
+    plan: Plan,
+    *,
+    calib: Calibration | None = None,
+    dtype: str | None = None,
+    kv_cache: bool = False,
+) -> PredictedCost:
+    """Predicted step time, throughput and memory of ``plan`` for ``graph`` on ``cluster``.
+
+    ``calib``: the cost-model constants (default :data:`cost_models.DEFAULT`). ``dtype``: the compute
+    dtype key (``fp16``, ``bf16``, ``fp32``); by default the graph's, except that a fp32 graph is
+    costed in the device's 16-bit dtype (mixed precision). ``kv_cache``: in inference mode, add the
+    keys/values of every attention layer for the traced sequence length. Raises
+    :class:`~autopar.errors.PlanError` for a plan that does not fit the cluster or the model.
+    """
+    calib = calib or DEFAULT
+    w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache)
+    return predicted_cost(w, plan, cluster, calib)
+
+
+def predicted_cost(w: Workload, plan: Plan, cluster, calib: Calibration) -> PredictedCost:
+    """Time a :class:`Workload` under ``calib`` and fill a PredictedCost."""
+    t = step_time(w.spec, w.rates, calib)
+    totals = [sum(m.values()) for m in w.memory_per_stage]
+    worst = max(range(len(totals)), key=totals.__getitem__)
+    used, capacity = totals[worst], cluster.device.memory_bytes
+    return PredictedCost(
+        step_time_s=t.step_time_s,
+        breakdown_s=dict(t.breakdown_s),
+        tokens_per_s=plan.global_batch * w.seq / t.step_time_s,
+        model_flops_per_step=w.model_flops_per_step,
+        hardware_flops_per_step=w.hardware_flops_per_step,
+        mfu=w.model_flops_per_step / (t.step_time_s * w.rates.peak_flops_per_s * cluster.num_devices),
+        memory_bytes_per_device=used,
+        memory_breakdown_bytes=dict(w.memory_per_stage[worst]),
+        memory_capacity_bytes=capacity,
+        fits=used <= capacity,
+        extra={
+            "dtype": w.dtype,
+            "largest_memory_stage": worst,
+            "memory_bytes_per_stage": totals,
+            "overflow_bytes": max(0.0, used - capacity),
+            "stage_time_per_micro_batch_s": [s.total_s + p for s, p in zip(t.stage_times, t.stage_p2p_s)],
+            "tp_default": "placements" if plan.placements else "megatron",
+        },
+    )
+
+
+def _seq_len(graph: OpGraph) -> int:
+    for name in graph.inputs:
+        n = graph[name]
+        if n.output_shape and len(n.output_shape) >= 2:
+            return int(n.output_shape[1])
+    return 1

@@ -1,0 +1,314 @@
+"""The graph cut into pipeline stages, placed on the topology, validated and sized in memory."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from autopar.errors import PlanError
+from autopar.estimator.blocks import _block_work, _Ctx, _saved_bytes, _Scale
+from autopar.estimator.tensor_parallel import _TP, _cached, _out_bytes
+from autopar.ir import OpGraph, OpNode
+from autopar.plan import Plan
+from cost_models import BlockWork, Calibration, GroupSpec, LinkSpec, StageWork
+from cost_models import memory as mem
+
+log = logging.getLogger(__name__)
+
+_PEAK_KEY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+# ------------------------------------------------------------------------------ stages
+@dataclass
+class _Parts:
+    """The graph cut into the stem, the repeated block instances (in order), glue and the head."""
+
+    stem: list[OpNode]
+    blocks: list[tuple[str, list[OpNode]]]
+    """(block type, nodes) per instance in execution order."""
+    after: dict[int, list[OpNode]]
+    """Nodes outside any block that run after block instance i (the last entry: the head)."""
+
+
+def _parts(graph: OpGraph) -> _Parts:
+    return _cached(graph, ("parts",), lambda: _derive_parts(graph))
+
+
+def _derive_parts(graph: OpGraph) -> _Parts:
+    by_name = {n.name: n for n in graph.nodes}
+    blocks = []
+    for key, idx in graph.block_order:
+        names = graph.block_types[key].node_names[idx]
+        blocks.append((key, [by_name[x] for x in names]))
+    owner: dict[str, int] = {}
+    for i, (_, nodes) in enumerate(blocks):
+        for n in nodes:
+            owner[n.name] = i
+    stem: list[OpNode] = []
+    after: dict[int, list[OpNode]] = defaultdict(list)
+    last = -1
+    for n in graph.nodes:
+        if n.name in owner:
+            last = max(last, owner[n.name])
+        elif n.op_kind not in ("placeholder", "output", "param") or n.param_names:
+            (stem if last < 0 else after[last]).append(n)
+    return _Parts(stem=stem, blocks=blocks, after=dict(after))
+
+
+def _stage_works(
+    graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibration, tp_key: tuple | None = None
+) -> list[StageWork]:
+    """``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching."""
+    parts = _parts(graph)
+    consumers = _cached(graph, ("consumers",), lambda: _consumers(graph))
+
+    def work(nodes: list[OpNode], name: str, recomputable: bool) -> BlockWork:
+        def make() -> BlockWork:
+            ctx = _Ctx(graph=graph, nodes=nodes, tp=tp, sc=sc, calib=calib, consumers=consumers)
+            return _block_work(ctx, name, recomputable)
+
+        if tp_key is None:
+            return make()
+        return _cached(graph, ("work", nodes[0].name, name, tp_key, sc, calib), make)
+
+    pp = plan.pp
+    if not parts.blocks:
+        if pp > 1:
+            raise PlanError(
+                f"pp={pp} needs repeated blocks (transformer layers) to split into stages, and the "
+                "traced graph has none; use pp=1"
+            )
+        return [StageWork(blocks=((work(parts.stem, "model", False), 1),))]
+    stage_of = plan.stage_of_layers(len(parts.blocks))
+    rank_of = [s % pp for s in stage_of]
+    per_type: dict[str, BlockWork] = {}
+    counts: list[dict[str, int]] = [defaultdict(int) for _ in range(pp)]
+    extra: list[list[BlockWork]] = [[] for _ in range(pp)]
+    for i, (key, nodes) in enumerate(parts.blocks):
+        if key not in per_type:
+            per_type[key] = work(nodes, key, True)
+        counts[rank_of[i]][key] += 1
+    if parts.stem:
+        extra[rank_of[0]].append(work(parts.stem, "stem", False))
+    for i, nodes in sorted(parts.after.items()):
+        label = "head" if i == len(parts.blocks) - 1 else f"glue after block {i}"
+        extra[rank_of[i]].append(work(nodes, label, False))
+    first_nodes = parts.blocks[0][1]
+
+    def p2p_make() -> float:
+        return _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers)
+
+    p2p = p2p_make() if tp_key is None else _cached(graph, ("p2p", tp_key, sc, calib), p2p_make)
+    return [
+        StageWork(
+            blocks=tuple((per_type[k], c) for k, c in counts[r].items()) + tuple((b, 1) for b in extra[r]),
+            p2p_bytes=p2p,
+        )
+        for r in range(pp)
+    ]
+
+
+def _consumers(graph: OpGraph) -> dict[str, list[OpNode]]:
+    consumers: dict[str, list[OpNode]] = defaultdict(list)
+    for n in graph.nodes:
+        for i in n.inputs:
+            consumers[i].append(n)
+    return consumers
+
+
+def _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers) -> float:
+    return _saved_bytes(
+        _Ctx(
+            graph=graph,
+            nodes=first_nodes,
+            tp=tp,
+            sc=_Scale(sc.batch, 1, False, sc.graph_batch, sc.act),
+            calib=calib,
+            consumers=consumers,
+        )
+    )["full"]
+
+
+# ------------------------------------------------------------------------------ topology
+def _link(link) -> LinkSpec:
+    return LinkSpec(bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)
+
+
+def _group(plan: Plan, cluster, axis: str) -> GroupSpec:
+    """The first ``axis`` group of the row-major mesh, placed on the cluster's nodes."""
+    size = plan.degree(axis)
+    names = [a.name for a in plan.mesh]
+    stride = math.prod(a.size for a in plan.mesh[names.index(axis) + 1 :]) if axis in names else 1
+    dpn = cluster.devices_per_node
+    nodes = {(j * stride) // dpn for j in range(size)}
+    per_node = math.ceil(size / len(nodes))
+    return GroupSpec(
+        size=size,
+        ranks_per_node=per_node,
+        intra=_link(cluster.intra_node),
+        inter=_link(cluster.inter_node) if len(nodes) > 1 else None,
+    )
+
+
+def _compute_dtype(graph: OpGraph, device, dtype: str | None) -> tuple[str, float]:
+    """(peak key, activation byte factor). A fp32 graph is costed in the device's 16-bit dtype."""
+    if dtype is not None:
+        key = dtype
+    else:
+        dts = [n.output_dtype for n in graph.nodes if n.op_kind in ("linear", "matmul", "attention")]
+        graph_dt = max(set(dts), key=dts.count) if dts else "float32"
+        key = _PEAK_KEY.get(graph_dt, "fp32")
+        if key == "fp32" and device.preferred_dtype != "fp32":
+            key = device.preferred_dtype
+            log.info("fp32 graph costed as %s mixed precision on %s", key, device.name)
+    graph_bytes = 4 if all(n.output_dtype in (None, "float32") for n in graph.nodes if n.gemm) else 2
+    act = (2 if key in ("fp16", "bf16") else 4) / graph_bytes
+    return key, act
+
+
+# ------------------------------------------------------------------------------ validation
+def _heads(graph: OpGraph) -> list[int]:
+    """Head counts: dim 2 of the 4-D views that column-parallel Linears' outputs go through."""
+    return _cached(graph, ("heads",), lambda: _derive_heads(graph))
+
+
+def _derive_heads(graph: OpGraph) -> list[int]:
+    out = []
+    linear = {n.name for n in graph.nodes if n.op_kind == "linear"}
+    for n in graph.nodes:
+        if (
+            n.op_kind == "view"
+            and n.inputs
+            and n.inputs[0] in linear
+            and n.output_shape
+            and len(n.output_shape) == 4
+        ):
+            out.append(n.output_shape[2])
+    return sorted(set(out))
+
+
+def _validate(graph: OpGraph, cluster, plan: Plan) -> None:
+    if plan.world_size != cluster.num_devices:
+        degrees = " x ".join(f"{a.name}={a.size}" for a in plan.mesh)
+        raise PlanError(
+            f"plan degrees {degrees} = {plan.world_size} devices, but cluster {cluster.name!r} has "
+            f"{cluster.num_devices}; the product of the degrees must equal the device count"
+        )
+    tp = plan.tp
+    if tp == 1 or plan.placements:
+        return
+    for h in _heads(graph):
+        if h % tp:
+            raise PlanError(
+                f"tp={tp} does not divide the {h} attention heads; tensor parallelism splits heads "
+                f"evenly: choose tp in {[d for d in range(1, h + 1) if h % d == 0]}"
+            )
+    for n in graph.nodes:
+        if n.op_kind == "linear" and n.gemm and n.gemm[2] % tp:
+            raise PlanError(
+                f"tp={tp} does not divide the {n.gemm[2]} output features of {n.module_path or n.name}; "
+                "choose a tp that divides every Linear's width (and the vocabulary)"
+            )
+
+
+# ------------------------------------------------------------------------------ memory
+def _stage_memory(
+    stages, plan: Plan, elem: float, calib: Calibration, kv: list[float]
+) -> list[dict[str, float]]:
+    precision = mem.Precision(param_bytes=elem, grad_bytes=elem, optimizer_bytes=12.0 if elem == 2 else 8.0)
+    out = []
+    for r, stage in enumerate(stages):
+        buffers = 0.0
+        if plan.mode == "train" and plan.dp > 1 and plan.zero_stage < 3:
+            buffers += 2 * calib.dp_last_bucket_bytes  # DDP: the bucket being reduced + the next one
+        if plan.zero_stage == 3 and plan.dp > 1:
+            buffers += mem.zero3_gather_buffer_bytes(stage, elem)
+        out.append(
+            mem.stage_memory_bytes(
+                stage,
+                stage_index=r,
+                pp=plan.pp,
+                num_micro_batches=plan.num_micro_batches,
+                schedule=plan.schedule,
+                virtual_stages=plan.virtual_stages,
+                recompute=plan.recompute,
+                dp=plan.dp,
+                zero_stage=plan.zero_stage,
+                mode=plan.mode,
+                precision=precision,
+                comm_buffer_bytes=buffers,
+                kv_cache=kv[r],
+                reserved_bytes=calib.runtime_reserved_bytes,
+            )
+        )
+    return out
+
+
+def _kv_bytes(stage: StageWork, kv_per_block: dict[str, float]) -> float:
+    return sum(kv_per_block.get(b.name, 0.0) * c for b, c in stage.blocks)
+
+
+def _kv_per_block(graph: OpGraph, tp: _TP, sc: _Scale) -> dict[str, float]:
+    """Keys and values a block caches: outputs of the Linears feeding an attention's k / v operand."""
+    by_name = {n.name: n for n in graph.nodes}
+    out: dict[str, float] = {}
+    for key, bt in graph.block_types.items():
+        nodes = [by_name[x] for x in bt.node_names[0]]
+        found: set[str] = set()
+        for n in nodes:
+            operands = (
+                n.inputs[1:3] if n.op_kind == "attention" else n.inputs[1:2] if n.op_kind == "matmul" else []
+            )
+            for src in operands:
+                lin = _producing_linear(by_name, src)
+                if lin is not None:
+                    found.add(lin)
+        out[key] = sum(sc.bytes(_out_bytes(by_name[x]), tp.shard[x]) for x in found)
+    return out
+
+
+def _producing_linear(by_name: dict[str, OpNode], name: str) -> str | None:
+    for _ in range(32):  # through views, rotary and repeat_interleave back to the projection
+        n = by_name.get(name)
+        if n is None or n.op_kind in ("matmul", "attention", "placeholder"):
+            return None
+        if n.op_kind == "linear":
+            return n.name
+        if not n.inputs:
+            return None
+        name = n.inputs[0]
+    return None
+
+
+# ------------------------------------------------------------------------------ flops
+def _flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one step over all devices."""
+    scale = plan.global_batch / max(graph.batch_size, 1)
+    fwd, bwd = _cached(graph, ("flops",), lambda: (graph.flops_fwd, graph.flops_bwd))
+    if plan.mode != "train":
+        return fwd * scale, fwd * scale
+    model = (fwd + bwd) * scale
+    rec = 0.0
+    if plan.recompute != "none":
+        by_name = graph._by_name
+        if plan.recompute == "full":
+            rec = _cached(graph, ("block_flops_fwd",), lambda: _block_flops_fwd(graph))
+        if plan.recompute == "selective":
+            per_block = {b.name: b for s in stages for b, _ in s.blocks if b.recomputable}
+            for key, bt in graph.block_types.items():
+                region = (
+                    {op.name for op in per_block[key].ops if op.selective_recompute}
+                    if key in per_block
+                    else set()
+                )
+                nodes = bt.node_names[0]
+                rec += bt.count * sum(by_name[x].flops_fwd for x in nodes if x in region)
+    return model, model + rec * scale
+
+
+def _block_flops_fwd(graph: OpGraph) -> float:
+    return sum(
+        graph[x].flops_fwd for bt in graph.block_types.values() for names in bt.node_names for x in names
+    )

@@ -1,0 +1,149 @@
+"""Tensor-parallel facts of each graph node: the Megatron default derived from the graph, or the
+plan's own placements (see :mod:`autopar.estimator`, step 2)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from autopar.ir import OpGraph, OpNode
+from autopar.plan import Partial, Plan, Shard
+from cost_models import CommWork
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "bool": 1, "int64": 8, "int32": 4}
+
+
+# ------------------------------------------------------------------------------ sharding
+@dataclass
+class _Shard:
+    """Tensor-parallel facts of one node."""
+
+    split: bool = False
+    """Its work is split over tp (output S, or a row-parallel Linear)."""
+    role: str = ""
+    """``column``, ``row``, ``vocab_embedding``, ``vocab_loss`` or ''."""
+    param_div: float = 1.0
+    saved_split: bool | None = None
+    """Whether what it saves for backward is split; None = same as ``split`` (a column-parallel
+    Linear saves its replicated input)."""
+
+    @property
+    def saves_split(self) -> bool:
+        return self.split if self.saved_split is None else self.saved_split
+
+
+@dataclass
+class _TP:
+    shard: dict[str, _Shard] = field(default_factory=dict)
+    comms: dict[str, list[CommWork]] = field(default_factory=lambda: defaultdict(list))
+    """Per node name: the collectives issued right after it (forward) or for it (backward)."""
+
+
+def _tensor_bytes(shape, dtype) -> float:
+    if shape is None:
+        return 0.0
+    return float(math.prod(shape) * _DTYPE_BYTES.get(str(dtype), 4))
+
+
+def _out_bytes(n: OpNode) -> float:
+    return _tensor_bytes(n.output_shape, n.output_dtype)
+
+
+def _cached(graph: OpGraph, key: tuple, make):
+    """Memoise a graph-derived value on the graph itself. The planner costs thousands of plans of
+    one graph; everything that depends only on (graph, tp, sp, micro-batch) is derived once."""
+    cache = graph.__dict__.setdefault("_estimator_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
+    """The Megatron placement derived from the graph (see the module docstring, step 2)."""
+    return _cached(graph, ("megatron_tp", tp, sp), lambda: _derive_megatron_tp(graph, tp, sp))
+
+
+def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
+    out = _TP()
+    split: dict[str, bool] = {}
+    column_inputs_seen: set[str] = set()
+    pair = ("all_gather", "reduce_scatter") if sp else ("all_reduce", "all_reduce")
+    for n in graph.nodes:
+        ins = [split.get(i, False) for i in n.inputs]
+        s = _Shard()
+        if n.op_kind == "linear":
+            if any(ins):
+                s = _Shard(split=True, role="row", param_div=tp)
+                split[n.name] = False
+                out.comms[n.name].append(
+                    CommWork(name=f"{n.name}:{pair[1]}", collective=pair[1], nbytes=_out_bytes(n))
+                )
+                if sp:  # backward: all-gather the output gradient
+                    out.comms[n.name].append(
+                        CommWork(
+                            name=f"{n.name}:ag_bwd",
+                            collective="all_gather",
+                            nbytes=_out_bytes(n),
+                            phase="bwd",
+                        )
+                    )
+            else:
+                s = _Shard(split=True, role="column", param_div=tp, saved_split=False)
+                split[n.name] = True
+                src = n.inputs[0] if n.inputs else n.name
+                if src not in column_inputs_seen:
+                    column_inputs_seen.add(src)
+                    nbytes = _tensor_bytes(n.input_shapes[0], n.input_dtypes[0]) if n.input_shapes else 0.0
+                    if sp:
+                        out.comms[n.name].append(
+                            CommWork(name=f"{n.name}:ag", collective="all_gather", nbytes=nbytes)
+                        )
+                    out.comms[n.name].append(
+                        CommWork(
+                            name=f"{n.name}:{pair[1]}_bwd", collective=pair[1], nbytes=nbytes, phase="bwd"
+                        )
+                    )
+        elif n.op_kind == "embedding" and any(i in graph.inputs for i in n.inputs):
+            s = _Shard(split=False, role="vocab_embedding", param_div=tp)
+            split[n.name] = False
+            coll = "reduce_scatter" if sp else "all_reduce"
+            out.comms[n.name].append(CommWork(name=f"{n.name}:{coll}", collective=coll, nbytes=_out_bytes(n)))
+        elif n.op_kind == "loss" and any(ins):
+            s = _Shard(split=True, role="vocab_loss")
+            split[n.name] = False
+            tokens = math.prod(n.input_shapes[0][:-1]) if n.input_shapes else 0
+            out.comms[n.name].append(
+                CommWork(name=f"{n.name}:stats", collective="all_reduce", nbytes=4.0 * tokens, count=3)
+            )
+        else:
+            s = _Shard(split=any(ins))
+            split[n.name] = any(ins)
+        out.shard[n.name] = s
+    return out
+
+
+def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
+    """Sharding read from ``plan.placements`` (nodes not listed are replicated)."""
+    out = _TP()
+    tp = plan.tp
+    for n in graph.nodes:
+        pl = plan.placements.get(n.name)
+        if pl is None:
+            out.shard[n.name] = _Shard()
+            continue
+        split = isinstance(pl.output, (Shard, Partial)) or any(
+            isinstance(p, Shard) for p in pl.params.values()
+        )
+        sharded_params = any(isinstance(p, Shard) for p in pl.params.values())
+        out.shard[n.name] = _Shard(split=split, param_div=tp if sharded_params else 1.0)
+        if pl.collective:
+            out.comms[n.name].append(
+                CommWork(name=f"{n.name}:{pl.collective}", collective=pl.collective, nbytes=_out_bytes(n))
+            )
+            back = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}.get(pl.collective)
+            if back:
+                out.comms[n.name].append(
+                    CommWork(name=f"{n.name}:{back}_bwd", collective=back, nbytes=_out_bytes(n), phase="bwd")
+                )
+    return out

@@ -232,6 +232,30 @@ def run_plans(case: Case, plans: list[autopar.Plan]) -> list[Trajectory]:
     return [parallel(case, plan) for plan in plans]
 
 
+def run_jobs(jobs: list[tuple[Case, list[autopar.Plan]]]) -> list[list[Trajectory]]:
+    """Rank function: several cases, each under several plans, in one launch."""
+    return [run_plans(case, plans) for case, plans in jobs]
+
+
+def check_jobs(per_rank: list, jobs: list[tuple[Case, list[autopar.Plan]]]) -> None:
+    """Assert every (case, plan) of a :func:`run_jobs` launch equals its one-device reference."""
+    failures = []
+    for j, (case, plans) in enumerate(jobs):
+        ref = reference(case)
+        for p, plan in enumerate(plans):
+            problems = compare(ref, per_rank[0][j][p])
+            if problems:
+                failures.append(
+                    f"{case.name} {plan.summary()}: {len(problems)} mismatches, e.g. {problems[:3]}"
+                )
+            for r in range(1, len(per_rank)):
+                if per_rank[r][j][p].losses != per_rank[0][j][p].losses:
+                    failures.append(
+                        f"{case.name} {plan.summary()}: rank {r} reports other losses than rank 0"
+                    )
+    assert not failures, "\n".join(failures)
+
+
 def reference_output(case: Case) -> torch.Tensor:
     """Inference oracle: the eager model's output on the first batch's inputs."""
     model = case.build().eval()

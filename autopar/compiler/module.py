@@ -113,6 +113,10 @@ class ParallelModule:
         self.timeout_s = timeout_s
         self._train = mode == "train"
         self._model = copy.deepcopy(model).train(self._train)
+        config = getattr(self._model, "config", None)
+        if getattr(config, "use_cache", False):
+            # A KV cache is decoding state, not an output of one batched forward (and not traceable).
+            config.use_cache = False
         inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
         # Trace at the micro-batch size: exported graphs (HuggingFace models) bake shapes in.
         trace_args = _first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
@@ -178,6 +182,7 @@ class ParallelModule:
         self._optimizer = self._optimizer_fn(list(module.parameters())) if self._train else None
         self._pipeline = None
         if self.plan.pp > 1:
+            stage.flat_output = not self._train
             self._pipeline = Pipeline(
                 module,
                 prog.stage.spec,
@@ -280,7 +285,12 @@ class ParallelModule:
                 run_accumulation(self._module, self._program.stage.spec, args, side, m, False)
             )
         else:
-            out = self._pipeline.run(args, side, False)
+            flat = self._pipeline.run(args, side, False)
+            out = (
+                self._program.stage.unflatten(flat if isinstance(flat, tuple) else (flat,))
+                if flat is not None
+                else None
+            )
             box = [out]
             dist.broadcast_object_list(box, src=self._groups.ranks["pp"][-1], group=self._groups.group("pp"))
             out = box[0]

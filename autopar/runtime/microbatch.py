@@ -66,5 +66,9 @@ def merge_micro_batches(outputs: Sequence):
     if isinstance(first, (tuple, list)):
         return type(first)(merge_micro_batches([o[i] for o in outputs]) for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: merge_micro_batches([o[k] for o in outputs]) for k in first}
+        merged = {k: merge_micro_batches([o[k] for o in outputs]) for k in first}
+        try:  # keep the output class (HuggingFace ModelOutput)
+            return type(first)(**merged)
+        except TypeError:
+            return merged
     return first

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autopar.errors import PlanError
 
@@ -60,6 +60,9 @@ class StageModule(nn.Module):
         self.spec = spec
         self.out_spec = out_spec
         """pytree spec of the graph output (exported graphs); None = return as is."""
+        self.flat_output = False
+        """Return the last stage's output as a flat tuple of tensors (for a pipeline schedule, which
+        merges micro-batch outputs tensor by tensor); :meth:`unflatten` restores the structure."""
 
     def forward(self, *args, **side):
         side = {k.removeprefix(SIDE_PREFIX): v for k, v in side.items()}
@@ -67,9 +70,17 @@ class StageModule(nn.Module):
         if missing:
             raise TypeError(f"stage {self.spec.index} needs the graph inputs {missing}")
         out = self.gm(*args, **{k: side[k] for k in self.spec.side_names})
+        if self.flat_output and self.spec.is_last:
+            return tuple(tree_flatten(out)[0]) if self.out_spec is None else tuple(out)
         if self.out_spec is not None:
             out = tree_unflatten(list(out), self.out_spec)
         return out
+
+    def unflatten(self, flat: tuple):
+        """The output structure of a flat output (see ``flat_output``)."""
+        if self.out_spec is not None:
+            return tree_unflatten(list(flat), self.out_spec)
+        return flat[0] if len(flat) == 1 else flat
 
 
 def _segment_of(node: torch.fx.Node) -> int | None:

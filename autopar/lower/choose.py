@@ -5,10 +5,15 @@ placement of each parameter it reads. A node runs the legal strategy (from the r
 parameter placements match the plan's, whose own result converts to the planned output, and which
 needs the fewest bytes of resharding of its inputs; ties go to the first strategy in rule order.
 Nodes the plan does not list are replicated (``Plan.placements`` docstring).
+
+After its op, a node may resolve a partial sum (all-reduce, reduce-scatter) or gather a shard
+(the all-gather of logits a plan may ask for); it never slices or re-shards its own result: a
+placement its rule cannot produce is a plan error naming the op, not a silent gather-and-slice.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch.fx
@@ -22,6 +27,7 @@ from autopar.sharding.rules import NO_PLACEMENT, Strategy
 
 Node = torch.fx.Node
 R = Replicate()
+_PRODUCER_CONVERSIONS = (None, "all_reduce", "reduce_scatter", "all_gather")
 
 
 @dataclass
@@ -80,7 +86,7 @@ def _no_strategy_error(sg: ShardingGraph, node: Node, final: Placement, params: 
     hint = (
         "replicate it (give it output R and its parameters R in the plan)"
         if sg.calls[node].kind in ("other", "factory", "placeholder", "buffer")
-        else f"choose one of the outputs its rule allows: {', '.join(legal)}"
+        else f"choose one of the outputs its rule allows ({', '.join(legal)}); R (replicate) always works"
     )
     return PlanError(
         f"{describe(node)} has no tensor-parallel strategy producing {final}"
@@ -105,7 +111,7 @@ def choose(
         best = None
         for s in sg.strategies(node):
             out_kind = reshard_kind(s.output, final) if call.kind != "output" else None
-            if out_kind == "invalid":
+            if out_kind not in _PRODUCER_CONVERSIONS:
                 continue
             cost = _input_cost(sg, placed, params, call, s)
             if cost is None:
@@ -119,3 +125,56 @@ def choose(
         choices[node] = Choice(best[1], final)
         placed[node] = final
     return choices, params
+
+
+def conversion_calls(kind: str | None, partial_grad: bool) -> tuple[tuple[str, str | None], ...]:
+    """The collective calls (name, which placement's dim they take) that perform one resharding.
+
+    ``partial_grad``: the converted tensor feeds sharded work, so its gradient arrives as a
+    partial sum and must be summed in backward (``copy_to_tp``, or the reduce-scatter backward of
+    ``all_gather`` instead of the slice of ``gather``).
+    """
+    if kind is None:
+        return (("autopar_copy_to_tp", None),) if partial_grad else ()
+    table = {
+        "split": (("autopar_split", "dst"),),
+        "all_reduce": (("autopar_all_reduce", None),)
+        + ((("autopar_copy_to_tp", None),) if partial_grad else ()),
+        "reduce_scatter": (("autopar_reduce_scatter", "dst"),),
+        "all_gather": ((("autopar_all_gather" if partial_grad else "autopar_gather"), "src"),),
+        "all_to_all": (("autopar_gather", "src"), ("autopar_split", "dst")),
+    }
+    if kind not in table:
+        raise PlanError(f"no collective converts between these placements ({kind})")
+    return table[kind]
+
+
+FUSED_COLLECTIVE_OPS = {"cross_entropy": "autopar_vocab_parallel_cross_entropy"}
+"""Ops whose sharded strategy communicates inside one emitted call (``Strategy.comm``)."""
+
+
+def predict_collectives(
+    sg: ShardingGraph, choices: dict[Node, Choice], params: dict[str, Placement]
+) -> Counter:
+    """Collective calls per name that the placements imply, one per distinct resharding."""
+    counts: Counter = Counter()
+    seen: set = set()
+
+    def add(src_node, src, dst, partial):
+        key = (src_node, str(dst), partial)
+        if key not in seen:
+            seen.add(key)
+            counts.update(name for name, _ in conversion_calls(reshard_kind(src, dst), partial))
+
+    for node, ch in choices.items():
+        call, s = sg.calls[node], ch.strategy
+        for i, (inp, req) in enumerate(zip(call.inputs, s.inputs)):
+            if req is None:
+                continue
+            src = params.get(str(inp.target), R) if sg.is_param(inp) else choices[inp].final
+            add(inp, src, req, s.grad_needs_all_reduce(i) and sg.requires_grad(inp))
+        if s.output != ch.final:
+            add(node, s.output, ch.final, False)
+        if s.comm:
+            counts[FUSED_COLLECTIVE_OPS[call.kind]] += 1
+    return counts

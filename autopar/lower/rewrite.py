@@ -20,7 +20,7 @@ import torch.fx
 from autopar.errors import PlanError
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
-from autopar.lower.choose import Choice
+from autopar.lower.choose import Choice, conversion_calls
 from autopar.plan import Partial, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import OpCall, describe, shape, tensor_meta
@@ -40,6 +40,7 @@ class Rewriter:
         self.sg, self.choices, self.params, self.rank = sg, choices, params, rank
         self.tp = sg.tp
         self.graph = torch.fx.Graph()
+        self.graph._codegen = sg.gm.graph._codegen  # pytree in/out specs (export)
         self.env: dict[Node, Node] = {}
         self.cache: dict[tuple, Node] = {}
         self.ctx_node: Node | None = None
@@ -65,38 +66,17 @@ class Rewriter:
                 node.meta[key] = copy.copy(like.meta[key])
         return node
 
-    def _collective(self, fn, base: Node, like: Node, *extra) -> Node:
-        if fn in (C.autopar_all_reduce, C.autopar_copy_to_tp):
-            return self.call(fn, (base, self.ctx()), like)
-        return self.call(fn, (base, *extra, self.ctx()), like)
-
     def convert(self, src_node: Node, base: Node, src: Placement, dst: Placement, partial_grad: bool) -> Node:
         """``base`` (placed ``src``) as ``dst``; ``partial_grad``: the result feeds sharded work."""
         key = (src_node, str(dst), partial_grad)
-        if key in self.cache:
-            return self.cache[key]
-        kind = reshard_kind(src, dst)
-        like = src_node
-        if kind is None:
-            out = self._collective(C.autopar_copy_to_tp, base, like) if partial_grad else base
-        elif kind == "split":
-            out = self._collective(C.autopar_split, base, like, dst.dim)
-        elif kind == "all_reduce":
-            out = self._collective(C.autopar_all_reduce, base, like)
-            if partial_grad:
-                out = self._collective(C.autopar_copy_to_tp, out, like)
-        elif kind == "reduce_scatter":
-            out = self._collective(C.autopar_reduce_scatter, base, like, dst.dim)
-        elif kind == "all_gather":
-            fn = C.autopar_all_gather if partial_grad else C.autopar_gather
-            out = self._collective(fn, base, like, src.dim)
-        elif kind == "all_to_all":
-            full = self._collective(C.autopar_gather, base, like, src.dim)
-            out = self._collective(C.autopar_split, full, like, dst.dim)
-        else:
-            raise PlanError(f"{describe(src_node)}: cannot move a {src} tensor to {dst}")
-        self.cache[key] = out
-        return out
+        if key not in self.cache:
+            out = base
+            for name, dim_of in conversion_calls(reshard_kind(src, dst), partial_grad):
+                fn = C.COLLECTIVES[name]
+                dims = () if dim_of is None else ((src if dim_of == "src" else dst).dim,)
+                out = self.call(fn, (out, *dims, self.ctx()), src_node)
+            self.cache[key] = out
+        return self.cache[key]
 
     def inputs_for(self, node: Node, choice: Choice) -> dict[Node, Node]:
         call = self.sg.calls[node]

@@ -25,7 +25,7 @@ from torch import nn
 
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
-from autopar.lower.choose import Choice, choose
+from autopar.lower.choose import Choice, choose, predict_collectives
 from autopar.lower.rewrite import Rewriter
 from autopar.plan import NodePlacement, Placement, Plan, Shard
 from autopar.sharding.graph import ShardingGraph
@@ -102,6 +102,8 @@ class LoweredModule:
     placements: dict[str, NodePlacement] = field(default_factory=dict)
     """The placements lowered (the plan's, or the default ones when the plan had none)."""
     notes: list[str] = field(default_factory=list)
+    predicted_collectives: Counter = field(default_factory=Counter)
+    """Collective calls per name that the placements imply (before any code is generated)."""
 
     def collectives(self) -> Counter:
         """How many times each communicating function is called in the program."""
@@ -202,6 +204,7 @@ def lower_tensor_parallel(gm: torch.fx.GraphModule, plan: Plan, tp_rank: int, tp
         aliases=dict(sg.norm.aliases),
         placements=placements,
         notes=rw.notes,
+        predicted_collectives=predict_collectives(sg, choices, params),
     )
 
 

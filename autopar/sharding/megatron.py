@@ -1,7 +1,8 @@
 """The default tensor-parallel placements, derived from the per-op rules (no per-model code).
 
 Objective, in this order: (1) no *conflict* — an all-gather of an activation whose sharding some
-op introduced (gathering it back means that sharding bought nothing); (2) shard as many bytes of
+op introduced, or a sum/mean that reduces such a shard away (either way that sharding bought
+nothing: only a row-parallel matmul may end it); (2) shard as many bytes of
 weight matrices (parameters with two or more dims) as possible — vectors such as biases and norm
 weights follow their op's strategy, they do not justify communication on their own; (3)
 communicate as few bytes as possible; (4) reshard as few edges as possible.
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 R = Replicate()
 Node = torch.fx.Node
 _MAX_ROUNDS = 64
+_REDUCING = ("reduction", "pointwise_loss", "cross_entropy")
 
 
 @dataclass
@@ -71,7 +73,7 @@ def _score(sg: ShardingGraph, st: _State, node: Node, s: Strategy, order: int, s
     call = sg.calls[node]
     conflicts = rep = comm = reshards = 0
     blame: set = set()
-    own = False
+    own = split = arrived_sharded = False
     for inp, req in zip(call.inputs, s.inputs):
         if req is None:
             continue
@@ -87,20 +89,31 @@ def _score(sg: ShardingGraph, st: _State, node: Node, s: Strategy, order: int, s
             continue
         kind = reshard_kind(st.placement[inp], req)
         if kind is None:
+            arrived_sharded = arrived_sharded or req != R
             continue
         reshards += 1
         if kind == "invalid":
             conflicts += 1000
         elif kind == "split":
-            own = True
+            split = True
         elif kind in ("all_gather", "all_to_all") and st.provenance[inp] and call.kind != "output":
             conflicts += 1
             blame |= st.provenance[inp]
         else:
             comm += reshard_bytes(st.placement[inp], req, numel_bytes(inp))
+    if isinstance(s.output, Partial) and call.kind in _REDUCING:
+        # Summing an introduced shard away (a norm's mean over a feature-sharded stream) ends
+        # that sharding without a row-parallel matmul to pair with: a conflict like a gather.
+        for inp, req in zip(call.inputs, s.inputs):
+            if isinstance(req, Shard) and not sg.is_param(inp) and st.provenance[inp]:
+                conflicts += 1
+                blame |= st.provenance[inp]
     if isinstance(s.output, Partial) and call.kind != "output":
         comm += numel_bytes(node)
     comm += s.collective_bytes
+    # Slicing a replicated operand to match one that arrived sharded introduces nothing new;
+    # slicing when nothing arrived sharded does (an op choosing to shard on its own).
+    own = own or (split and not arrived_sharded)
     return _Score(conflicts, rep, comm, reshards, order, frozenset(blame), own)
 
 

@@ -101,6 +101,8 @@ class _Builder:
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
         self.graph = torch.fx.Graph()
+        # export graphs flatten inputs and unflatten outputs through a pytree codegen: keep it.
+        self.graph._codegen = gm.graph._codegen
         self.env: dict[torch.fx.Node, torch.fx.Node] = {}
         self.first, self.aliases = _canonical_names(gm)
         self.param_nodes: dict[str, torch.fx.Node] = {}

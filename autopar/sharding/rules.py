@@ -334,8 +334,11 @@ def _split(c: _Ctx) -> None:
 
 
 def _cat(c: _Ctx) -> None:
-    xs = _nodes(*c.call.args["xs"])
-    _replicate(c)
+    tensors = _nodes(*c.call.args["xs"])
+    # torch.cat skips 1-D empty tensors whatever the dims of the rest (HF caches start as one).
+    empty = {n: None for n in tensors if shape(n) == (0,)}
+    xs = [n for n in tensors if n not in empty]
+    c.add("replicate", {**empty, **{n: R for n in xs}}, R)
     out = c.call.out_shape
     dim = _norm_dim(int(c.call.args["dim"]), len(out))
     stack = c.call.args["stack"]
@@ -343,8 +346,8 @@ def _cat(c: _Ctx) -> None:
         if d == dim or not c.divisible(out[d]):
             continue
         di = d - 1 if stack and d > dim else d
-        c.add(f"shard({d})", {n: Shard(di) for n in xs}, Shard(d))
-    c.add("partial", {n: P for n in xs}, P)
+        c.add(f"shard({d})", {**empty, **{n: Shard(di) for n in xs}}, Shard(d))
+    c.add("partial", {**empty, **{n: P for n in xs}}, P)
 
 
 def _repeat_interleave(c: _Ctx) -> None:

@@ -616,6 +616,9 @@ def call_strategies(call: OpCall, tp: int, params: dict, value_irrelevant: bool 
     if call.kind in NO_PLACEMENT:
         return []
     c = _Ctx(call, tp, params)
+    if tp == 1:
+        _replicate(c)
+        return c.out
     if call.kind in ("getitem", "select", "slice"):
         (_getitem if call.kind == "getitem" else _select)(c, value_irrelevant)
     elif call.kind in _RULES:

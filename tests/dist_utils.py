@@ -28,6 +28,6 @@ from autopar.runtime.launch import LaunchFailure, run_local  # noqa: E402
 __all__ = ["LaunchFailure", "run_ranks"]
 
 
-def run_ranks(fn, nprocs: int, args=(), *, timeout_s: float = 60.0, deadline_s: float | None = 300.0):
+def run_ranks(fn, nprocs: int, args=(), *, timeout_s: float = 60.0, deadline_s: float | None = 300.0, **kw):
     """``fn(*args)`` on ``nprocs`` gloo ranks; the per-rank results in rank order."""
-    return run_local(fn, nprocs, args, timeout_s=timeout_s, deadline_s=deadline_s)
+    return run_local(fn, nprocs, args, timeout_s=timeout_s, deadline_s=deadline_s, **kw)

@@ -104,12 +104,14 @@ def run_local(
     *,
     timeout_s: float = 60.0,
     deadline_s: float | None = None,
+    grace_s: float = _GRACE_S,
     start_method: str = "forkserver",
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` gloo ranks; return their results in rank order.
 
     ``timeout_s`` is the timeout of every process group (a collective waiting longer fails).
     ``deadline_s`` bounds the whole run (default: no bound while every rank is alive).
+    After the first failure the other ranks get ``timeout_s + grace_s`` to finish, then are killed.
     ``fn`` and ``args`` must be picklable (a module-level function).
     """
     if nprocs < 1:
@@ -130,7 +132,7 @@ def run_local(
         procs.append(p)
         readers.append(reader)
     try:
-        done = _collect(procs, readers, timeout_s, deadline_s)
+        done = _collect(procs, readers, timeout_s + grace_s, deadline_s)
     finally:
         for p in procs:
             if p.is_alive():
@@ -152,7 +154,7 @@ def _receive(reader):
         return None
 
 
-def _collect(procs, readers, timeout_s, deadline_s) -> dict[int, tuple[bool, Any]]:
+def _collect(procs, readers, wait_after_failure_s, deadline_s) -> dict[int, tuple[bool, Any]]:
     n = len(procs)
     done: dict[int, tuple[bool, Any]] = {}
     start = time.monotonic()
@@ -176,7 +178,7 @@ def _collect(procs, readers, timeout_s, deadline_s) -> dict[int, tuple[bool, Any
             if now - dead_since.setdefault(rank, now) > 2.0:
                 done[rank] = (False, f"rank {rank} exited with code {p.exitcode} without a result")
                 first_failure_at = first_failure_at or now
-        if first_failure_at is not None and now - first_failure_at > timeout_s + _GRACE_S:
+        if first_failure_at is not None and now - first_failure_at > wait_after_failure_s:
             for rank in range(n):
                 done.setdefault(
                     rank, (False, f"rank {rank} did not finish within the group timeout; terminated")

@@ -1,0 +1,96 @@
+"""A rank that fails never hangs the others: every rank exits with an error naming the failing
+rank, within the group timeout. Real gloo processes; the failure is injected into rank 1's
+pipeline stage during its second training step (a forward pre-hook on its stage module)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch.distributed as dist
+from dist_utils import LaunchFailure, run_ranks
+from equivalence import gpt_case
+
+import autopar
+from autopar.errors import RuntimeFailure
+
+pytestmark = pytest.mark.multiproc
+
+
+def _train_with_fault(fault: str, plan: autopar.Plan, timeout_s: float):
+    case = gpt_case()
+    batches = case.make_batches(3)
+    compiled = autopar.compile(
+        case.build(), plan.world_size, example_inputs=batches[0], loss_fn=case.loss_fn,
+        plan=plan, global_batch=case.global_batch, timeout_s=timeout_s,
+    )  # fmt: skip
+    steps_done = []
+
+    def hook(module, args, kwargs):
+        if len(steps_done) == 1:  # inside step 1
+            if fault == "raise":
+                raise ValueError("injected fault")
+            if fault == "exit":
+                os._exit(3)
+            if fault == "hang":
+                time.sleep(60)
+
+    if dist.get_rank() == 1:
+        compiled.program.stage.register_forward_pre_hook(hook, with_kwargs=True)
+    for batch in batches:
+        compiled.step(batch)
+        steps_done.append(1)
+    return "finished"
+
+
+def _launch(fault: str, plan: autopar.Plan, timeout_s: float, **kw):
+    start = time.monotonic()
+    with pytest.raises(LaunchFailure) as info:
+        run_ranks(
+            _train_with_fault, plan.world_size, args=(fault, plan, timeout_s), timeout_s=timeout_s, **kw
+        )
+    return info.value.rank_errors, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2),
+        autopar.Plan.manual(dp=2, global_batch=8),
+    ],
+    ids=["pp2", "dp2"],
+)
+def test_a_raising_rank_makes_every_rank_fail_naming_it(plan):
+    errors, elapsed = _launch("raise", plan, timeout_s=20)
+    assert sorted(errors) == [0, 1]
+    assert errors[1].startswith("RuntimeFailure: rank 1 failed in step 1: ValueError: injected fault")
+    assert errors[0].startswith("RuntimeFailure: rank 0: stopped in step 1 because rank 1 failed in step 1")
+    assert elapsed < 20  # gloo sees the failed rank's exit at once; the group timeout is the bound
+
+
+def test_a_killed_rank_fails_its_peer_within_the_timeout():
+    plan = autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2)
+    errors, elapsed = _launch("exit", plan, timeout_s=20)
+    assert "rank 1 exited with code 3 without a result" in errors[1]
+    assert "rank 0: a collective in step 1 failed" in errors[0]
+    assert elapsed < 20
+
+
+def test_a_hung_rank_times_out_its_peer_and_is_terminated():
+    plan = autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2)
+    errors, elapsed = _launch("hang", plan, timeout_s=3, grace_s=1)
+    assert "rank 0: a collective in step 1 failed (group timeout 3 s)" in errors[0]
+    assert "rank 1 did not finish within the group timeout; terminated" in errors[1]
+    assert elapsed < 20  # the hung rank would sleep 60 s: the launcher did not wait for it
+
+
+def test_step_without_processes_names_the_fix():
+    case = gpt_case()
+    batch = case.make_batches(1)[0]
+    plan = autopar.Plan.manual(dp=2, global_batch=8)
+    compiled = autopar.compile(
+        case.build(), 2, example_inputs=batch, loss_fn=case.loss_fn, plan=plan, global_batch=8
+    )
+    with pytest.raises(RuntimeFailure, match="torchrun or autopar.runtime.launch.run_local"):
+        compiled.step(batch)

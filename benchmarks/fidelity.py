@@ -136,12 +136,38 @@ class Case:
         return self.predict_s(calib) / self.row.published_s - 1.0
 
 
-def build_cases(rows: list[Row]) -> list[Case]:
+def build_cases(rows: list[Row], calib: Calibration = DEFAULT) -> list[Case]:
     cases = []
     for row in rows:
         plan, cluster = plan_for(row), cluster_for(row)
-        cases.append(Case(row, workload(graph_for(row), cluster, plan), plan, cluster))
+        cases.append(Case(row, workload(graph_for(row), cluster, plan, calib=calib), plan, cluster))
     return cases
+
+
+ABLATIONS = {
+    "shipped model": {},
+    "no elementwise fusion": {"fuse_elementwise": False},
+    "separate q/k/v GEMMs": {"fuse_sibling_gemms": False},
+    "TP collectives hidden": {"tp_comm_overlap": 1.0},
+    "no DP overlap": {"dp_overlap": False},
+    "perfect overlap (max)": {"overlap_sharpness": 64.0},
+    "no overlap (sum)": {"overlap_sharpness": 1.0},
+    "hierarchy-blind p2p": {"pp_scatter_gather": False},
+}
+"""Switch one modelled effect off (constants not refitted) to show what each term is worth."""
+
+
+def ablation_lines(rows: list[Row], markdown: bool) -> list[str]:
+    head = ("variant", "T1 mean", "T1 max", "T2 mean", "T2 max", "Z3 mean", "Z3 max")
+    plain = head[0].ljust(24) + "".join(h.rjust(9) for h in head[1:])
+    lines = ["| " + " | ".join(head) + " |\n|" + "---|" * len(head) if markdown else plain]
+    for name, change in ABLATIONS.items():
+        calib = DEFAULT.with_(**change)
+        stats = table_stats(build_cases(rows, calib), calib)
+        cells = [name] + [f"{x * 100:.1f}%" for t in ("T1", "T2", "Z3") for x in stats[t]]
+        plain = cells[0].ljust(24) + "".join(c.rjust(9) for c in cells[1:])
+        lines.append("| " + " | ".join(cells) + " |" if markdown else plain)
+    return lines
 
 
 # ------------------------------------------------------------------------------ fitting
@@ -276,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit", action="store_true", help="refit the constants on all rows first")
     ap.add_argument("--crossval", action="store_true", help="fit on half the rows, test on the other half")
     ap.add_argument("--markdown", action="store_true", help="markdown tables (for docs/cost_model.md)")
+    ap.add_argument("--ablate", action="store_true", help="error with each modelled effect switched off")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -292,12 +319,19 @@ def main(argv: list[str] | None = None) -> int:
         a, b = halves(cases)
         for train, test, name in ((a, b, "A->B"), (b, a, "B->A")):
             c = fit(train)
-            mean, worst = summarise([x.error(c) for x in test])
             consts = ", ".join(f"{k}={getattr(c, k):.3g}" for k in FITTED)
-            print(
-                f"cross-validation {name}: fitted on {len(train)} rows ({consts}); "
-                f"test on {len(test)}: mean {mean * 100:.2f}%, max {worst * 100:.2f}%"
+            per_table = "; ".join(
+                f"{t}: mean {m * 100:.2f}% max {w * 100:.2f}%" for t, (m, w) in table_stats(test, c).items()
             )
+            mean, worst = summarise([x.error(c) for x in test])
+            print(f"cross-validation {name}: fitted on {len(train)} rows ({consts})")
+            print(
+                f"    tested on the other {len(test)}: mean {mean * 100:.2f}%, max {worst * 100:.2f}% ({per_table})"
+            )
+        print()
+    if args.ablate:
+        print("\n".join(ablation_lines(load_rows(args.data), args.markdown)))
+        print()
     stats = table_stats(cases, calib)
     limits = {"T1": (0.05, 0.10), "T2": (0.05, 0.10), "Z3": (0.15, 0.15)}
     ok = mem_ok and all(m <= limits[t][0] and w <= limits[t][1] for t, (m, w) in stats.items())

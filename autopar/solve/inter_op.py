@@ -77,8 +77,8 @@ def solve_stages(p: StageProblem, time_limit_s: float | None = 10.0) -> StageSol
     if S == 1:
         return _solution(p, [L], None)
     prob = pulp.LpProblem("inter_op_stages", pulp.LpMinimize)
-    n = [pulp.LpVariable(f"n_{s}", lowBound=1, upBound=L - S + 1, cat="Integer") for s in range(S)]
-    t_max = pulp.LpVariable("T_max", lowBound=0)
+    n = [prob.add_variable(f"n_{s}", lowBound=1, upBound=L - S + 1, cat="Integer") for s in range(S)]
+    t_max = prob.add_variable("T_max", lowBound=0)
     t = [n[s] * p.block_time_s[s] + p.fixed_time_s[s] for s in range(S)]
     prob += (p.num_micro_batches - 1) * t_max + pulp.lpSum(t)
     prob += pulp.lpSum(n) == L, "blocks_all_placed"

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 from cost_models.constants import DEFAULT, Calibration
 
-
 SPLIT_K_DEPTH = 256
 """k-depth of one unit of parallel GEMM work (a CUTLASS split-K slice; 4 main-loop iterations of a
 64-deep k tile)."""

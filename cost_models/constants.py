@@ -89,9 +89,10 @@ class Calibration:
     """HBM traffic of a mixed-precision Adam step per parameter: read fp16/fp32 grad (4), fp32 master,
     m, v (12), write master, m, v (12), write fp16 weight (2), plus the unscale/clip pass over the
     fp32 grads (6): 36 bytes (Megatron FusedAdam, Apex multi-tensor apply)."""
-    runtime_reserved_bytes: float = 1.5e9
-    """Memory taken before the model: CUDA context (~0.5 GB), cuBLAS workspaces, NCCL buffers
-    (NCCL_BUFFSIZE 4 MiB x channels x peers) and allocator fragmentation."""
+    runtime_reserved_bytes: float = 0.0
+    """Memory taken before the model (CUDA context ~0.5 GB, cuBLAS workspaces, NCCL buffers,
+    allocator fragmentation). 0 because device capacities follow the datasheet-GB convention
+    (``autopar.hardware``: an "80 GB" A100 has 85.9e9 B, so 80e9 already leaves ~6 GB for these)."""
 
     def with_(self, **changes: float) -> Calibration:
         """A copy with some constants replaced (names checked)."""

@@ -21,7 +21,8 @@ of the updated parameters under ZeRO-1/2) after the last backward; with DDP-styl
 reduction hides behind the last micro-batch's backward except for the last bucket. The optimizer
 step is memory-bound: ``optimizer_bytes_per_param * params_per_device / (W * eff_hbm)``.
 
-Inference: forward only, ``T = (m + p - 1) * max_s fwd_s`` (a filled and drained pipeline).
+Inference: forward only, the same pipeline formula with forward times (a filled and drained
+pipeline: ``(m + p - 1) * t`` for equal stages).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import nn
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.plan import Partial, Replicate, Shard
 from autopar.sharding import ShardingGraph, functionalize, megatron_placements, reshard_kind, strategies
-from autopar.sharding.rules import getitem_dim_map, reshape_dim_map
+from autopar.sharding.view_rules import getitem_dim_map, reshape_dim_map
 from autopar.tracing import fx_trace
 
 R, P = Replicate(), Partial()

@@ -217,3 +217,27 @@ def test_bad_plans_name_the_value_and_the_rule():
         estimate(odd, dgx(), Plan.manual(dp=2, tp=4, global_batch=2 * B, micro_batch_size=B))
     with pytest.raises(PlanError, match="cannot fill"):
         estimate(graph, dgx(), Plan.manual(dp=1, pp=8, global_batch=8 * B, micro_batch_size=B))
+
+
+def test_explicit_placements_are_costed_as_written():
+    """A plan that shards only the MLP (fc1 by rows of W, fc2 by columns, one all-reduce) has the
+    MLP GEMMs split, attention replicated, and exactly that one collective forward."""
+    from autopar.plan import NodePlacement, Replicate, Shard
+
+    graph = gpt_graph(layers=1)
+    fc1 = next(n for n in graph.nodes if n.module_path.endswith("mlp.fc1"))
+    fc2 = next(n for n in graph.nodes if n.module_path.endswith("mlp.fc2"))
+    w1 = next(p for p in fc1.param_names if p.endswith("weight"))
+    w2 = next(p for p in fc2.param_names if p.endswith("weight"))
+    placements = {
+        fc1.name: NodePlacement(output=Shard(2), params={w1: Shard(0)}),
+        fc2.name: NodePlacement(output=Replicate(), params={w2: Shard(1)}, collective="all_reduce"),
+    }
+    plan = Plan.manual(dp=4, tp=2, global_batch=4 * B, micro_batch_size=B)
+    plan.placements = placements
+    block = layer_block(workload(graph, dgx(), plan))
+    gemms = {op.name: op.gemm for op in block.ops if op.op_class == "gemm"}
+    assert gemms[fc1.name] == (1, S * B, 4 * H / 2, H)
+    assert gemms[fc2.name] == (1, S * B, H, 4 * H / 2)
+    assert any(g == (1, S * B, 3 * H, H) for g in gemms.values())  # q, k, v replicated
+    assert [(c.collective, c.phase) for c in block.comms] == [("all_reduce", "fwd")]

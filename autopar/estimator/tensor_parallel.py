@@ -136,7 +136,13 @@ def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
             isinstance(p, Shard) for p in pl.params.values()
         )
         sharded_params = any(isinstance(p, Shard) for p in pl.params.values())
-        out.shard[n.name] = _Shard(split=split, param_div=tp if sharded_params else 1.0)
+        role = _linear_role(graph, n, pl.params) if n.op_kind == "linear" else ""
+        out.shard[n.name] = _Shard(
+            split=split,
+            role=role,
+            param_div=tp if sharded_params else 1.0,
+            saved_split=False if role == "column" else None,
+        )
         if pl.collective:
             out.comms[n.name].append(
                 CommWork(name=f"{n.name}:{pl.collective}", collective=pl.collective, nbytes=_out_bytes(n))
@@ -147,3 +153,13 @@ def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
                     CommWork(name=f"{n.name}:{back}_bwd", collective=back, nbytes=_out_bytes(n), phase="bwd")
                 )
     return out
+
+
+def _linear_role(graph: OpGraph, n: OpNode, params: dict) -> str:
+    """``column`` when the weight is split by output features (dim 0), ``row`` by input features."""
+    for name in n.param_names:
+        shape = graph.params.get(name, {}).get("shape", [])
+        p = params.get(name)
+        if len(shape) == 2 and isinstance(p, Shard):
+            return "column" if p.dim in (0, -2) else "row"
+    return ""

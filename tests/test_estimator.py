@@ -241,3 +241,16 @@ def test_explicit_placements_are_costed_as_written():
     assert gemms[fc2.name] == (1, S * B, H, 4 * H / 2)
     assert any(g == (1, S * B, 3 * H, H) for g in gemms.values())  # q, k, v replicated
     assert [(c.collective, c.phase) for c in block.comms] == [("all_reduce", "fwd")]
+
+
+def test_profiled_op_times_replace_the_roofline():
+    """With a measured (forward, backward) time for every node, the predicted compute is their sum
+    (scaled to the micro-batch: the graph was measured at batch 2, the plan runs micro-batches of 4)."""
+    graph = gpt_graph(layers=2, dtype=torch.float32)
+    nodes = [n for n in graph.nodes if n.op_kind not in ("placeholder", "output", "param")]
+    times = {n.name: (1e-3, 2e-3) for n in nodes}
+    plan = Plan.manual(dp=1, global_batch=4, micro_batch_size=4)
+    cost = estimate(graph, Cluster.local(ranks=1), plan, op_times=times)
+    assert cost.breakdown_s["compute"] == pytest.approx(len(nodes) * 3e-3 * 2)
+    roofline = estimate(graph, Cluster.local(ranks=1), plan)
+    assert roofline.breakdown_s["compute"] != pytest.approx(cost.breakdown_s["compute"])

@@ -34,6 +34,7 @@ Steps (each a small function below):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from autopar.estimator.blocks import _Scale
@@ -81,9 +82,12 @@ def workload(
     calib: Calibration | None = None,
     dtype: str | None = None,
     kv_cache: bool = False,
+    op_times: Mapping[str, tuple[float, float]] | None = None,
 ) -> Workload:
     """Validate ``plan`` and turn graph + cluster + plan into the cost model's inputs."""
     calib = calib or DEFAULT
+    if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
+        calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)
     device = cluster.device
     _validate(graph, cluster, plan)
     key, act = _compute_dtype(graph, device, dtype)
@@ -96,7 +100,7 @@ def workload(
     )
     tp = _tp_from_placements(graph, plan) if plan.placements else _megatron_tp(graph, plan.tp, sc.sp)
     tp_key = None if plan.placements else ("megatron", plan.tp, sc.sp)
-    stages = _stage_works(graph, plan, tp, sc, calib, tp_key)
+    stages = _stage_works(graph, plan, tp, sc, calib, tp_key, dict(op_times or {}))
     pp_group = _group(plan, cluster, "pp")
     elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0
     spec = StepSpec(
@@ -136,17 +140,21 @@ def estimate(
     calib: Calibration | None = None,
     dtype: str | None = None,
     kv_cache: bool = False,
+    op_times: Mapping[str, tuple[float, float]] | None = None,
 ) -> PredictedCost:
     """Predicted step time, throughput and memory of ``plan`` for ``graph`` on ``cluster``.
 
     ``calib``: the cost-model constants (default :data:`cost_models.DEFAULT`). ``dtype``: the compute
     dtype key (``fp16``, ``bf16``, ``fp32``); by default the graph's, except that a fp32 graph is
     costed in the device's 16-bit dtype (mixed precision). ``kv_cache``: in inference mode, add the
-    keys/values of every attention layer for the traced sequence length. Raises
+    keys/values of every attention layer for the traced sequence length. ``op_times``: profiled
+    ``(forward_s, backward_s)`` per graph node name, measured at the graph's batch size on one
+    device of the cluster's kind (``autopar.profile``); they replace the roofline for those nodes
+    (scaled to the micro-batch and divided by the tensor-parallel shards). Raises
     :class:`~autopar.errors.PlanError` for a plan that does not fit the cluster or the model.
     """
     calib = calib or DEFAULT
-    w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache)
+    w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache, op_times=op_times)
     return predicted_cost(w, plan, cluster, calib)
 
 

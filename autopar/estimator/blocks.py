@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from autopar.estimator.tensor_parallel import _DTYPE_BYTES, _TP, _out_bytes, _Shard, _tensor_bytes
 from autopar.ir import OpGraph, OpNode
@@ -91,6 +92,8 @@ class _Ctx:
     consumers: dict[str, list[OpNode]]
     region: set[str] = field(default_factory=set)
     """The attention-score region (selective recompute)."""
+    measured: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Profiled (forward, backward) seconds per node name, at the graph's batch, unsharded."""
 
     @property
     def names(self) -> set[str]:
@@ -307,9 +310,31 @@ def _block_work(ctx: _Ctx, name: str, recomputable: bool) -> BlockWork:
         saved = {"none": saved["none"]}
     return BlockWork(
         name=name,
-        ops=tuple(_gemm_ops(ctx) + _memory_ops(ctx)),
+        ops=tuple(_with_measured(ctx, _gemm_ops(ctx) + _memory_ops(ctx))),
         comms=tuple(_comms(ctx)),
         param_count=_param_count(ctx),
         saved_bytes=saved,
         recomputable=recomputable,
     )
+
+
+def _with_measured(ctx: _Ctx, ops: list[OpWork]) -> list[OpWork]:
+    """Profiled times replace the roofline: scaled to the micro-batch and divided by the shards."""
+    if not ctx.measured:
+        return ops
+    out, covered = [], set()
+    for op in ops:
+        if op.name in ctx.measured:
+            covered.add(op.name)
+            op = replace(op, **_measured_fields(ctx, op.name))
+        out.append(op)
+    for n in ctx.nodes:  # measured ops the roofline had nothing for (views, zero-byte ops)
+        if n.name in ctx.measured and n.name not in covered:
+            out.append(OpWork(name=n.name, op_class="memory", **_measured_fields(ctx, n.name)))
+    return out
+
+
+def _measured_fields(ctx: _Ctx, name: str) -> dict[str, float]:
+    fwd, bwd = ctx.measured[name]
+    scale = ctx.sc.batch / ctx.sc.div(ctx.tp.shard[name])
+    return {"measured_fwd_s": fwd * scale, "measured_bwd_s": bwd * scale}

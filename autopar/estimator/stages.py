@@ -58,18 +58,33 @@ def _derive_parts(graph: OpGraph) -> _Parts:
 
 
 def _stage_works(
-    graph: OpGraph, plan: Plan, tp: _TP, sc: _Scale, calib: Calibration, tp_key: tuple | None = None
+    graph: OpGraph,
+    plan: Plan,
+    tp: _TP,
+    sc: _Scale,
+    calib: Calibration,
+    tp_key: tuple | None = None,
+    measured: dict | None = None,
 ) -> list[StageWork]:
-    """``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching."""
+    """``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching.
+    ``measured``: profiled (forward, backward) seconds per node name."""
     parts = _parts(graph)
     consumers = _cached(graph, ("consumers",), lambda: _consumers(graph))
 
     def work(nodes: list[OpNode], name: str, recomputable: bool) -> BlockWork:
         def make() -> BlockWork:
-            ctx = _Ctx(graph=graph, nodes=nodes, tp=tp, sc=sc, calib=calib, consumers=consumers)
+            ctx = _Ctx(
+                graph=graph,
+                nodes=nodes,
+                tp=tp,
+                sc=sc,
+                calib=calib,
+                consumers=consumers,
+                measured=measured or {},
+            )
             return _block_work(ctx, name, recomputable)
 
-        if tp_key is None:
+        if tp_key is None or measured:
             return make()
         return _cached(graph, ("work", nodes[0].name, name, tp_key, sc, calib), make)
 

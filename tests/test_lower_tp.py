@@ -71,6 +71,7 @@ CASES = {
     "mlp": dict(model="mlp"),
     "mlp-sp": dict(model="mlp", sp=True),
     "mlp-mse": dict(model="mlp-mse"),
+    "gpt-inference-logits": dict(model="gpt", cfg=dict(dropout=0.1), inference=True),
 }
 
 
@@ -91,6 +92,8 @@ def build(case: dict):
 
 def reference(case: dict):
     model, x, y, loss_fn = build(case)
+    if case.get("inference"):
+        return model.eval()(x), {}
     torch.manual_seed(DROPOUT_SEED)
     loss = loss_fn(model(x), y)
     loss.backward()
@@ -103,8 +106,14 @@ def _rank_cases(names: list[str]) -> dict:
     for name in names:
         case = CASES[name]
         model, x, y, loss_fn = build(case)
-        gm = fx_trace(model, (x, y), loss_fn=loss_fn, tracer=case.get("tracer", "auto"))
         plan = Plan.manual(tp=2, global_batch=x.shape[0], sequence_parallel=case.get("sp", False))
+        if case.get("inference"):  # the model's own output (logits), gathered on every rank
+            gm = fx_trace(model.eval(), (x,))
+            low = lower_tensor_parallel(gm, plan, rank, dist.group.WORLD)
+            with torch.no_grad():
+                out[name] = dict(output=low.gm(x), counts=low.collectives())
+            continue
+        gm = fx_trace(model, (x, y), loss_fn=loss_fn, tracer=case.get("tracer", "auto"))
         low = lower_tensor_parallel(gm, plan, rank, dist.group.WORLD)
         torch.manual_seed(DROPOUT_SEED)
         loss = low.gm(x, y)
@@ -120,7 +129,7 @@ def tp_results():
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c.get("inference")])
 def test_tp2_loss_and_gradient_slices_match_one_device(tp_results, name):
     ref_loss, ref_grads = reference(CASES[name])
     for rank, results in enumerate(tp_results):
@@ -135,6 +144,15 @@ def test_tp2_loss_and_gradient_slices_match_one_device(tp_results, name):
                 grad, expected, rtol=RTOL, atol=ATOL, msg=f"rank {rank} {local} {spec}"
             )
         assert sum(r["counts"].values()) > 0, "a tp=2 program without collectives shards nothing"
+
+
+@pytest.mark.multiproc
+def test_tp2_inference_returns_the_full_logits_on_every_rank(tp_results):
+    expected, _ = reference(CASES["gpt-inference-logits"])
+    for results in tp_results:
+        r = results["gpt-inference-logits"]
+        torch.testing.assert_close(r["output"], expected.detach(), rtol=RTOL, atol=ATOL)
+        assert r["counts"]["autopar_gather"] == 1  # vocabulary-sharded logits gathered once
 
 
 @pytest.mark.multiproc

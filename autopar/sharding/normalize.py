@@ -106,7 +106,6 @@ class _Builder:
         self.env: dict[torch.fx.Node, torch.fx.Node] = {}
         self.first, self.aliases = _canonical_names(gm)
         self.param_nodes: dict[str, torch.fx.Node] = {}
-        self.training_node: torch.fx.Node | None = None
 
     def canonical(self, target: str) -> str:
         value = _resolve(self.gm, target)
@@ -131,11 +130,10 @@ class _Builder:
             self.param_nodes[name] = node
         return node
 
-    def training(self) -> torch.fx.Node:
-        # Dropout modules follow the graph module's own train/eval flag at run time.
-        if self.training_node is None:
-            self.training_node = self.graph.get_attr("training")
-        return self.training_node
+    def training(self, target: str) -> torch.fx.Node:
+        # A dropout follows its own module's train/eval flag at run time, as the call_module did:
+        # the flag is copied with the graph module and ``.train()``/``.eval()`` on it reach it.
+        return self.graph.get_attr(f"{target}.training")
 
     def copy(self, node: torch.fx.Node) -> None:
         if node.op == "get_attr":
@@ -162,7 +160,7 @@ class _Builder:
 
         call = None
         if len(args) == 1 and not node.kwargs:
-            call = _functional_call(mod, args[0], param, self.training)
+            call = _functional_call(mod, args[0], param, lambda: self.training(str(node.target)))
         elif len(args) == 2 and not node.kwargs:
             call = _loss_call(mod, args)
         if call is None:

@@ -10,10 +10,13 @@ counter-based generator over the whole batch (see ``autopar/runtime/rng.py``), s
 from __future__ import annotations
 
 import pytest
+import torch
 from dist_utils import run_ranks
-from equivalence import check_jobs, gpt_case, hf_case, mlp_case, run_jobs
+from equivalence import build_gpt, check_jobs, gpt_case, hf_case, mlp_case, run_jobs
 
+import autopar
 from autopar import Plan
+from autopar.models.gpt import GPTConfig
 
 pytestmark = pytest.mark.multiproc
 
@@ -46,10 +49,39 @@ def test_four_ranks_two_axis_meshes_match_one_device():
         P(dp=2, pp=2, schedule="1f1b"),
         P(dp=2, pp=2, schedule="gpipe", zero_stage=3),
         P(dp=2, tp=2),
+        P(dp=2, tp=2, zero_stage=3),
         P(tp=2, pp=2),
     ]
     jobs = [(gpt_case(), plans)]
     check_jobs(run_ranks(run_jobs, 4, args=(jobs,)), jobs)
+
+
+def _load_then_read(case, plans, state):
+    out = []
+    for plan in plans:
+        batch = case.make_batches(1)[0]
+        compiled = autopar.compile(
+            case.build(),
+            plan.world_size,
+            example_inputs=batch,
+            loss_fn=case.loss_fn,
+            plan=plan,
+            global_batch=B,
+        )
+        compiled.load_state_dict(state)
+        out.append(compiled.state_dict())
+    return out
+
+
+def test_load_state_dict_shards_and_state_dict_gathers_exactly():
+    case = gpt_case()
+    state = build_gpt(GPTConfig(hidden=16, layers=2, heads=4, vocab=64, seq=8), seed=7).state_dict()
+    plans = [P(dp=2, tp=2, zero_stage=3), P(tp=2, pp=2), P(dp=2, pp=2, zero_stage=3)]
+    for per_plan in run_ranks(_load_then_read, 4, args=(case, plans, state)):
+        for plan, got in zip(plans, per_plan):
+            assert list(got) == list(state), plan.summary()
+            for key in state:
+                assert torch.equal(got[key], state[key]), f"{plan.summary()}: {key}"
 
 
 def test_eight_ranks_dp_tp_pp_matches_one_device():

@@ -26,7 +26,7 @@ from torch.fx.passes.split_module import split_module
 
 from autopar.errors import PlanError
 
-_INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?:\.|$)")
+_INDEXED = re.compile(r"(?P<prefix>.+)\.(?P<index>\d+)")
 
 
 @dataclass(frozen=True)
@@ -37,25 +37,30 @@ class Blocks:
     count: int
 
 
+def _clean(path) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", str(path)).replace("L['self'].", "")
+
+
 def module_paths(node: torch.fx.Node) -> list[str]:
     """Module paths of ``node``, outermost first (``['model', 'model.layers.0', ...]``)."""
     stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for value in stack.values():
-        path = value[0] if isinstance(value, tuple) else str(value)
-        paths.append(re.sub(r"\[(\d+)\]", r".\1", str(path)).replace("L['self'].", ""))
-    return paths
+    return [_clean(value[0] if isinstance(value, tuple) else value) for value in stack.values()]
 
 
 def find_blocks(gm: torch.fx.GraphModule) -> Blocks | None:
-    """The module list with the most indexed children seen in the graph, or None."""
-    seen: dict[str, set[int]] = {}
+    """The module list with the most indexed children of one module type seen in the graph, or None."""
+    seen: dict[str, dict[int, set]] = {}
     for node in gm.graph.nodes:
-        for path in module_paths(node):
-            m = _INDEXED.match(path)
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            path, kind = (value[0], value[1]) if isinstance(value, tuple) else (value, None)
+            m = _INDEXED.fullmatch(_clean(path))
             if m:
-                seen.setdefault(m["prefix"], set()).add(int(m["index"]))
-    candidates = [(len(idx), -len(p), p) for p, idx in seen.items() if idx == set(range(len(idx)))]
+                seen.setdefault(m["prefix"], {}).setdefault(int(m["index"]), set()).add(str(kind))
+    candidates = []
+    for prefix, by_index in seen.items():
+        kinds = set().union(*by_index.values())
+        if set(by_index) == set(range(len(by_index))) and len(kinds) == 1:
+            candidates.append((len(by_index), -len(prefix), prefix))
     if not candidates:
         return None
     count, _, prefix = max(candidates)

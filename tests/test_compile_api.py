@@ -1,0 +1,114 @@
+"""``autopar.compile`` without processes: argument checks, the in-process 1-rank run, state dicts,
+and ``rank_code(r)`` for any rank of a big mesh (its collectives counted against the plan)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from equivalence import assert_equivalent, gpt_case, parallel, reference
+
+import autopar
+from autopar.errors import PlanError, RuntimeFailure
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+
+
+def _compile(plan, world=None, **kw):
+    case = gpt_case()
+    batch = case.make_batches(1)[0]
+    return autopar.compile(
+        case.build(), world or plan.world_size, example_inputs=batch, loss_fn=case.loss_fn,
+        plan=plan, global_batch=plan.global_batch, **kw,
+    )  # fmt: skip
+
+
+def test_argument_errors_name_the_fix():
+    with pytest.raises(PlanError, match=r"pass plan=autopar.Plan.manual\("):
+        autopar.compile(torch.nn.Linear(2, 2), 4, example_inputs=(torch.zeros(4, 2),), global_batch=4)
+    with pytest.raises(PlanError, match="uses 2 ranks but the cluster has 4 devices"):
+        _compile(autopar.Plan.manual(dp=2, global_batch=8), world=4)
+    with pytest.raises(PlanError, match="global_batch=16 but the plan was made for 8"):
+        case = gpt_case()
+        autopar.compile(
+            case.build(), 1, example_inputs=case.make_batches(1)[0], loss_fn=gpt_loss,
+            plan=autopar.Plan.manual(global_batch=8), global_batch=16,
+        )  # fmt: skip
+
+
+def test_cluster_object_gives_the_device_count():
+    cluster = autopar.Cluster.local(ranks=2)
+    compiled = _compile(autopar.Plan.manual(dp=2, global_batch=8), world=cluster)
+    assert compiled.plan.dp == 2 and "dp=2" in repr(compiled)
+
+
+def test_one_rank_in_process_matches_eager_with_micro_batches_and_recompute():
+    case = gpt_case()
+    for plan in (
+        autopar.Plan.manual(global_batch=8, micro_batch_size=2),
+        autopar.Plan.manual(global_batch=8, recompute="full"),
+    ):
+        assert_equivalent(reference(case), parallel(case, plan), plan.summary())
+
+
+def test_state_dict_round_trips_into_the_original_model():
+    compiled = _compile(autopar.Plan.manual(global_batch=8, micro_batch_size=4))
+    fresh = GPT(GPTConfig(hidden=16, layers=2, heads=4, vocab=64, seq=8))
+    compiled.load_state_dict(fresh.state_dict())
+    state = compiled.state_dict()
+    assert list(state) == list(fresh.state_dict())  # tied lm_head.weight included
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(state[key], value), key
+    original = gpt_case().build()
+    original.load_state_dict(state)  # strict: loadable into the original model
+
+
+def test_modes_are_enforced():
+    compiled = _compile(autopar.Plan.manual(global_batch=8), mode="inference")
+    with pytest.raises(RuntimeFailure, match="mode='train'"):
+        compiled.step(gpt_case().make_batches(1)[0])
+    with pytest.raises(RuntimeFailure, match="mode='inference'"):
+        _compile(autopar.Plan.manual(global_batch=8))(torch.zeros(8, 8, dtype=torch.long))
+
+
+def _count(code: str, pattern: str) -> int:
+    return len(re.findall(pattern, code))
+
+
+def test_rank_code_shows_the_collectives_the_plan_implies():
+    plan = autopar.Plan.manual(dp=2, tp=2, pp=2, global_batch=8, micro_batch_size=2)
+    compiled = _compile(plan)  # no process group: every rank's program is still available
+    m = plan.num_micro_batches
+    sends = recvs = 0
+    for rank in range(plan.world_size):
+        code = compiled.rank_code(rank)
+        stage = plan.coords(rank)["pp"]
+        # Pipeline: m activations out and m gradients in on stage 0, the converse on stage 1.
+        assert _count(code, r"dist\.send\(") == m
+        assert _count(code, r"dist\.recv\(") == m
+        sends += _count(code, r"dist\.send\(")
+        recvs += _count(code, r"dist\.recv\(")
+        # Data parallel: one DDP gradient all-reduce over this rank's dp group.
+        dp_group = plan.groups("dp")[[rank in g for g in plan.groups("dp")].index(True)]
+        assert _count(code, re.escape(f"dist.all_reduce(grads, group=dp{dp_group}")) == 1
+        # Tied embedding: its gradient summed between the first and last stage.
+        assert _count(code, r"dist\.all_reduce\(model\.tok_emb\.weight\.grad, group=tie") == 1
+        # Tensor parallel (Megatron): per block one all-reduce after attention and one after the
+        # MLP in forward, and their conjugates (copy_to_tp: all-reduce in backward) at block entry.
+        blocks_here = 1  # 2 layers over 2 stages
+        if stage == 0:  # + the vocab-parallel token and position embeddings
+            assert _count(code, r"= autopar_copy_to_tp\(") == 2 * blocks_here
+            assert _count(code, r"= autopar_all_reduce\(") == 2 * blocks_here + 2
+        else:  # + the column-parallel lm_head's input and the vocab-parallel cross entropy
+            assert _count(code, r"= autopar_copy_to_tp\(") == 2 * blocks_here + 1
+            assert _count(code, r"= autopar_all_reduce\(") == 2 * blocks_here
+            assert _count(code, r"= autopar_vocab_parallel_cross_entropy\(") == 1
+    assert sends == recvs == plan.world_size * m
+
+
+def test_rank_code_of_one_rank_plan_has_no_collectives():
+    code = _compile(autopar.Plan.manual(global_batch=8, micro_batch_size=4)).rank_code(0)
+    assert "dist." not in code and "autopar_all_reduce" not in code
+    assert code.count("autograd.backward(") == 2  # two micro-batches
+    with pytest.raises(PlanError, match="outside"):
+        _compile(autopar.Plan.manual(global_batch=8)).rank_code(3)

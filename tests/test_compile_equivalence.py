@@ -12,7 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_utils import run_ranks
-from equivalence import build_gpt, check_jobs, gpt_case, hf_case, mlp_case, run_jobs
+from equivalence import (
+    build_gpt,
+    check_jobs,
+    gpt_case,
+    hf_case,
+    mlp_case,
+    reference_output,
+    run_inference_plans,
+    run_jobs,
+)
 
 import autopar
 from autopar import Plan
@@ -97,3 +106,14 @@ def test_mlp_and_huggingface_models_match_one_device():
     pytest.importorskip("transformers")
     jobs = [(mlp_case(), plans), (hf_case("gpt2"), plans), (hf_case("llama"), plans)]
     check_jobs(run_ranks(run_jobs, 2, args=(jobs,)), jobs)
+
+
+def test_inference_outputs_equal_one_device_on_every_rank():
+    case = gpt_case(dropout=0.1)  # inference: dropout is off, as in eval mode
+    expected = reference_output(case)
+    plans = [P(pp=2, mode="inference"), P(tp=2, mode="inference"), P(dp=2, mode="inference")]
+    for rank, outputs in enumerate(run_ranks(run_inference_plans, 2, args=(case, plans))):
+        for plan, out in zip(plans, outputs):
+            torch.testing.assert_close(
+                out, expected, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {plan.summary()}"
+            )

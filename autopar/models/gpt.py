@@ -151,7 +151,7 @@ class Attention(nn.Module):
             # length is not expressible under symbolic tracing.
             freqs = torch.outer(torch.arange(t, device=x.device).float(), self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos(), emb.sin()
+            cos, sin = emb.cos().type_as(q), emb.sin().type_as(q)  # keep fp16/bf16 graphs in dtype
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         if self.kv_heads != self.heads:

@@ -24,8 +24,14 @@ def _compile(plan, world=None, **kw):
 
 
 def test_argument_errors_name_the_fix():
-    with pytest.raises(PlanError, match=r"pass plan=autopar.Plan.manual\("):
+    with pytest.raises(PlanError, match=r"needs an autopar.Cluster.*plan=autopar.Plan.manual\("):
         autopar.compile(torch.nn.Linear(2, 2), 4, example_inputs=(torch.zeros(4, 2),), global_batch=4)
+    with pytest.raises(PlanError, match="not supported by the runtime yet"):
+        _compile(
+            autopar.Plan.manual(
+                pp=2, global_batch=8, micro_batch_size=1, schedule="interleaved", virtual_stages=2
+            )
+        )
     with pytest.raises(PlanError, match="uses 2 ranks but the cluster has 4 devices"):
         _compile(autopar.Plan.manual(dp=2, global_batch=8), world=4)
     with pytest.raises(PlanError, match="global_batch=16 but the plan was made for 8"):
@@ -34,6 +40,16 @@ def test_argument_errors_name_the_fix():
             case.build(), 1, example_inputs=case.make_batches(1)[0], loss_fn=gpt_loss,
             plan=autopar.Plan.manual(global_batch=8), global_batch=16,
         )  # fmt: skip
+
+
+def test_without_a_plan_the_planner_chooses_one():
+    case = gpt_case()
+    compiled = autopar.compile(
+        case.build(), autopar.Cluster.local(ranks=1), example_inputs=case.make_batches(1)[0],
+        loss_fn=case.loss_fn, global_batch=8,
+    )  # fmt: skip
+    assert compiled.plan.world_size == 1 and compiled.plan.predicted is not None
+    assert compiled.step(case.make_batches(1)[0]) == pytest.approx(reference(case).losses[0], rel=1e-5)
 
 
 def test_cluster_object_gives_the_device_count():

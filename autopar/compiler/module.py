@@ -33,6 +33,7 @@ from autopar.runtime.failure import FailureReporter, guard
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Pipeline, run_accumulation
+from autopar.runtime.schedule import for_plan
 from autopar.runtime.wrap import apply_ddp, apply_fsdp, apply_recompute
 from autopar.tracing import MODEL_PREFIX, fx_trace
 from autopar.tracing.wrap import split_inputs
@@ -75,15 +76,14 @@ def compile(  # noqa: A001 - the public name autopar.compile
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
     world = _num_devices(cluster)
     if plan is None:
-        raise PlanError(
-            "autopar.compile without a plan needs the planner, which is not available yet; pass "
-            f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch}) for {world} devices"
-        )
+        plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode)
     if plan.world_size != world:
         raise PlanError(
             f"the plan ({plan.summary()}) uses {plan.world_size} ranks but the cluster has {world} "
             "devices; choose degrees whose product is the device count"
         )
+    if plan.pp > 1:
+        for_plan(plan.schedule, plan.pp, plan.num_micro_batches)  # PlanError for what we cannot run
     if plan.global_batch != global_batch:
         raise PlanError(
             f"global_batch={global_batch} but the plan was made for {plan.global_batch}; pass the "
@@ -100,6 +100,37 @@ def compile(  # noqa: A001 - the public name autopar.compile
         seed=seed,
         timeout_s=timeout_s,
     )
+
+
+def _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode) -> Plan:
+    """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank)."""
+    if isinstance(cluster, int):
+        raise PlanError(
+            "autopar.compile without a plan asks the planner, which needs an autopar.Cluster (got the "
+            f"device count {cluster}); pass autopar.Cluster.local(ranks={cluster}) or "
+            f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch})"
+        )
+    box: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from autopar.solve import plan as planner
+
+        inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
+        args = (*inputs, *targets) if mode == "train" else inputs
+        chosen = planner(
+            model,
+            cluster,
+            global_batch=global_batch,
+            mode=mode,
+            example_inputs=args,
+            loss_fn=loss_fn if mode == "train" else None,
+            fixed={"vpp": 1},  # interleaved schedules are not run by the runtime yet
+            progress=False,
+        )
+        box[0] = chosen.to_json()
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    log.info("planner chose %s", box[0])
+    return Plan.from_json(box[0])
 
 
 class ParallelModule:

@@ -28,6 +28,7 @@ from torch import nn
 
 from autopar.runtime.groups import ProcessGroups
 from autopar.runtime.microbatch import merge_micro_batches, split_micro_batches
+from autopar.runtime.schedule import runs_as
 from autopar.runtime.stages import SIDE_PREFIX, StageSpec
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class Pipeline:
                 output_args=out_args,
                 group=self.groups.group("pp"),
             )
-        cls = Schedule1F1B if (train and self.schedule_name == "1f1b") else ScheduleGPipe
+        name = runs_as(self.schedule_name, self.spec.num_stages, self.m)
+        cls = Schedule1F1B if (train and name == "1f1b") else ScheduleGPipe
         sched = cls(
             self._stage, n_microbatches=self.m, loss_fn=_identity_loss if train else None, scale_grads=True
         )

@@ -154,7 +154,18 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> Schedule:
     return Schedule("1f1b", num_stages, m, orders)
 
 
+def runs_as(schedule: str, num_stages: int, num_micro_batches: int) -> str:
+    """The schedule the runtime executes: 1F1B with fewer micro-batches than stages runs as GPipe
+    (torch's 1F1B needs ``m >= pp``; with ``m < pp`` no stage reaches a steady 1F1B phase anyway,
+    and the gradients are the same)."""
+    if schedule == "1f1b" and num_micro_batches < num_stages:
+        return "gpipe"
+    return schedule
+
+
 def for_plan(schedule: str, num_stages: int, num_micro_batches: int) -> Schedule:
+    """The schedule the runtime runs for a plan's ``schedule`` (see :func:`runs_as`)."""
+    schedule = runs_as(schedule, num_stages, num_micro_batches)
     if schedule == "gpipe":
         return gpipe(num_stages, num_micro_batches)
     if schedule == "1f1b":

@@ -290,3 +290,47 @@ def test_plan_naming_an_unknown_parameter_is_rejected():
     placements = {"model_tok_emb": NodePlacement(params={"model.nope.weight": Shard(0)})}
     with pytest.raises(PlanError, match="does not have"):
         lower_tensor_parallel(_gpt_gm(), Plan.manual(tp=2, global_batch=2, placements=placements), 0, None)
+
+
+# ------------------------------------------------------------------------------ local ops
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dropout_slices_are_the_single_device_mask(transposed):
+    """Oracle: torch's own F.dropout on the full tensor with the same generator state."""
+    from autopar.lower.collectives import TPContext
+    from autopar.lower.parallel_ops import autopar_dropout
+    from autopar.lower.rewrite import _noncontiguous_layout
+
+    full = torch.randn(4, 6, 8)
+    if transposed:
+        full = full.transpose(0, 2)  # [8, 6, 4], not contiguous: torch draws in memory order
+    torch.manual_seed(5)
+    expected = F.dropout(full, 0.3, True)
+    layout = _noncontiguous_layout(full)
+    assert (layout is None) is not transposed
+    parts = []
+    for rank in range(2):
+        torch.manual_seed(5)
+        local = full.chunk(2, dim=1)[rank]
+        parts.append(autopar_dropout(local, 0.3, True, 1, TPContext(None, rank, 2), layout))
+    torch.testing.assert_close(torch.cat(parts, dim=1), expected, rtol=0, atol=0)
+
+
+def test_vocab_embedding_shards_sum_to_the_full_lookup():
+    from autopar.lower.parallel_ops import autopar_vocab_embedding
+
+    w = torch.randn(10, 4)
+    idx = torch.tensor([[0, 4, 5, 9], [3, 3, 7, 1]])
+    parts = [autopar_vocab_embedding(idx, w[5 * r : 5 * r + 5], 5 * r, 5 * r + 5) for r in range(2)]
+    torch.testing.assert_close(parts[0] + parts[1], F.embedding(idx, w), rtol=0, atol=0)
+
+
+def test_partial_bias_is_added_once_and_its_gradient_is_complete_everywhere():
+    from autopar.lower.parallel_ops import autopar_partial_bias
+
+    b = torch.randn(3, requires_grad=True)
+    outs = [autopar_partial_bias(b, r) for r in range(2)]
+    torch.testing.assert_close(outs[0] + outs[1], b.detach())
+    grad = torch.randn(3)
+    for out in outs:
+        (g,) = torch.autograd.grad(out, b, grad)
+        torch.testing.assert_close(g, grad)

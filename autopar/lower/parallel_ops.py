@@ -98,9 +98,13 @@ def autopar_partial_bias(b, tp_rank: int):
     return _PartialBias.apply(b, tp_rank)
 
 
-def autopar_dropout(x, p: float, training: bool, dim, tp: TPContext, stride=None):
+def autopar_dropout(x, p: float, training: bool, dim, tp: TPContext, layout=None):
     """``F.dropout(x, p, training)`` of the full tensor, restricted to this rank's slice along ``dim``
-    (``dim=None``: ``x`` is replicated or a partial sum, every rank uses the whole mask)."""
+    (``dim=None``: ``x`` is replicated or a partial sum, every rank uses the whole mask).
+
+    ``layout``: ``(shape, stride)`` of the single-device input when it was not contiguous; torch
+    draws the mask in that memory order (``empty_like``), so the full mask is allocated alike.
+    """
     if not training or p == 0.0:
         return x
     if p == 1.0:
@@ -108,8 +112,8 @@ def autopar_dropout(x, p: float, training: bool, dim, tp: TPContext, stride=None
     full = list(x.shape)
     if dim is not None:
         full[dim] *= tp.world_size
-    if stride is not None and len(stride) == len(full):
-        noise = torch.empty_strided(full, stride, dtype=x.dtype, device=x.device)
+    if layout is not None and list(layout[0]) == full:
+        noise = torch.empty_strided(full, layout[1], dtype=x.dtype, device=x.device)
     else:
         noise = torch.empty(full, dtype=x.dtype, device=x.device)
     noise.bernoulli_(1 - p)

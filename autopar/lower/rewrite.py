@@ -248,14 +248,23 @@ def _dropout_args(node: Node) -> tuple:
     return p, training
 
 
+def _noncontiguous_layout(tm) -> tuple | None:
+    stride = getattr(tm, "stride", None)
+    stride = stride() if callable(stride) else stride  # TensorMetadata field or FakeTensor method
+    if stride is None:
+        return None
+    shape = [int(d) for d in tm.shape]
+    contiguous = torch.empty(shape, device="meta").stride()
+    return None if tuple(stride) == tuple(contiguous) else (shape, [int(s) for s in stride])
+
+
 def _emit_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
     out = choice.strategy.output
     p, training = _dropout_args(node)
     training = rw.env[training] if isinstance(training, Node) else training
     dim = out.dim if isinstance(out, Shard) else None
     tm = tensor_meta(node)
-    stride = list(tm.stride) if getattr(tm, "stride", None) is not None else None
-    args = (mapped[call.args["x"]], p, training, dim, rw.ctx(), stride)
+    args = (mapped[call.args["x"]], p, training, dim, rw.ctx(), _noncontiguous_layout(tm))
     return rw.call(O.autopar_dropout, args, node, node.name)
 
 

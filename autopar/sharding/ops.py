@@ -9,7 +9,6 @@ only ``OpCall``; the lowering reads ``OpCall.args`` to rewrite shape arguments.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,6 +289,10 @@ def _dims(value) -> list[int] | None:
 _REDUCTION_CODES = {0: "none", 1: "mean", 2: "sum"}
 
 
+def _is_aten(node: Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload)
+
+
 def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one table
     a0 = _arg(node, 0, "input")
     if name in ("view", "reshape", "_unsafe_view", "expand"):
@@ -335,7 +338,7 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
     if name in ("matmul", "mm", "bmm"):
         return "matmul", {"a": a0, "b": _arg(node, 1, "other", _arg(node, 1, "mat2"))}
     if name == "embedding":
-        if isinstance(node.target, torch._ops.OpOverload):  # aten.embedding(weight, indices, padding_idx)
+        if _is_aten(node):  # aten.embedding(weight, indices, padding_idx)
             pad = _arg(node, 2, "padding_idx", -1)
             return "embedding", {
                 "idx": node.args[1],
@@ -370,11 +373,10 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
     if name in ("cross_entropy", "cross_entropy_loss"):
         return "cross_entropy", _cross_entropy_args(node)
     if name in ("mse_loss", "l1_loss"):
-        red = (
-            _arg(node, 4, "reduction", "mean")
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload)
-            else _REDUCTION_CODES[_arg(node, 2, "reduction", 1)]
-        )
+        if _is_aten(node):  # aten.mse_loss(input, target, reduction: int)
+            red = _REDUCTION_CODES[_arg(node, 2, "reduction", 1)]
+        else:  # F.mse_loss(input, target, size_average, reduce, reduction)
+            red = _arg(node, 4, "reduction", "mean")
         return "pointwise_loss", {"x": a0, "target": _arg(node, 1, "target"), "reduction": red}
     if name in LIKE or name in RANDOM_LIKE:
         return "like", {"x": a0, "random": name in RANDOM_LIKE}
@@ -386,7 +388,7 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
 
 
 def _cross_entropy_args(node: Node) -> dict:
-    if isinstance(node.target, torch._ops.OpOverload):
+    if _is_aten(node):
         return {
             "x": node.args[0],
             "target": _arg(node, 1, "target"),
@@ -438,7 +440,3 @@ def parse(node: Node, params: dict) -> OpCall:
     if kind != "other" and not inputs:
         kind = "factory"
     return OpCall(node, kind, name, args, inputs)
-
-
-# Python operators that fx records for arithmetic on symbolic ints (shape arithmetic).
-INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv}

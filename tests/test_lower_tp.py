@@ -24,7 +24,9 @@ from torch import nn
 from autopar.errors import PlanError
 from autopar.lower import ShardSpec, lower_tensor_parallel
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.plan import NodePlacement, Plan, Replicate, Shard
+from autopar.plan import NodePlacement, Partial, Plan, Replicate, Shard
+from autopar.sharding import ShardingGraph, reshard_kind
+from autopar.sharding.rules import NO_PLACEMENT
 from autopar.tracing import fx_trace
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -72,7 +74,44 @@ CASES = {
     "mlp-sp": dict(model="mlp", sp=True),
     "mlp-mse": dict(model="mlp-mse"),
     "gpt-inference-logits": dict(model="gpt", cfg=dict(dropout=0.1), inference=True),
+    # Explicit plans unlike Megatron's, to exercise other rules: a hidden-sharded residual stream
+    # (norm statistics as partial sums), and the batch split over the tp axis (data parallelism
+    # through the same machinery: every weight replicated, its gradient all-reduced).
+    "plan-feature-sharded-stream": dict(
+        model="gpt",
+        cfg=dict(norm="rmsnorm", act="swiglu", kv_heads=2, dropout=0.1),
+        forced={"model_tok_emb": "hidden_parallel"},
+    ),
+    "plan-batch-sharded": dict(model="gpt", cfg=dict(dropout=0.1), forced={"model_tok_emb": "batch(0)"}),
+    "plan-mlp-propagated": dict(model="mlp", forced={}),
 }
+
+
+def propagated_plan(gm, tp: int, forced: dict) -> dict:
+    """A valid plan unlike Megatron's: each node keeps whatever shard arrives (fewest reshardings,
+    sharded output preferred), partial sums resolved at once; ``forced`` pins strategies by name."""
+    sg = ShardingGraph(gm, tp)
+    placed, params, out = {}, {}, {}
+    for node in sg.nodes:
+        call = sg.calls[node]
+        if call.kind in NO_PLACEMENT or call.kind in ("param", "output"):
+            continue
+
+        def cost(s, call=call):
+            n = 0
+            for inp, req in zip(call.inputs, s.inputs):
+                if req is not None and sg.is_param(inp):
+                    n += 0 if params.get(str(inp.target), req) == req else 1000
+                elif req is not None and reshard_kind(placed[inp], req) is not None:
+                    n += 1
+            return (n, 0 if isinstance(s.output, Shard) else 1)
+
+        cands = [s for s in sg.strategies(node) if node.name not in forced or s.name == forced[node.name]]
+        best = min(cands, key=cost)
+        placed[node] = Replicate() if isinstance(best.output, Partial) else best.output
+        params.update(best.param_placements)
+        out[node.name] = NodePlacement(output=placed[node], params=best.param_placements)
+    return out
 
 
 def build(case: dict):
@@ -114,6 +153,8 @@ def _rank_cases(names: list[str]) -> dict:
                 out[name] = dict(output=low.gm(x), counts=low.collectives())
             continue
         gm = fx_trace(model, (x, y), loss_fn=loss_fn, tracer=case.get("tracer", "auto"))
+        if "forced" in case:
+            plan.placements = propagated_plan(gm, 2, case["forced"])
         low = lower_tensor_parallel(gm, plan, rank, dist.group.WORLD)
         torch.manual_seed(DROPOUT_SEED)
         loss = low.gm(x, y)

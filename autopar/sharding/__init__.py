@@ -5,6 +5,16 @@
   enumerates).
 * :func:`megatron_placements`: the default plan's placements, derived from the same rules.
 * :func:`reshard_kind` / :func:`reshard_bytes`: the collective between two placements.
+
+How a planner enumerates (node names are those of the traced graph; ``call_module`` nodes appear
+in functional form with their parameters as inputs)::
+
+    sg = ShardingGraph(gm, tp=4)
+    for node in sg.nodes:
+        for s in sg.strategies(node):        # s.inputs, s.output, s.params, s.comm, s.compute_fraction
+            for inp, req in zip(sg.calls[node].inputs, s.inputs):
+                ...  # edge cost: reshard_bytes(placement_of[inp], req, sg.tensor_bytes(inp))
+    plan.placements[node.name] = NodePlacement(output=..., params=s.param_placements)
 """
 
 from autopar.sharding.graph import ShardingGraph, strategies

@@ -13,7 +13,7 @@ import torch.fx
 
 from autopar.errors import TraceError
 from autopar.sharding.normalize import Normalized, _canonical_names, functionalize
-from autopar.sharding.ops import OpCall, is_multi, is_tensor, parse, shape, tensor_meta
+from autopar.sharding.ops import OpCall, is_multi, is_tensor, numel_bytes, parse, shape, tensor_meta
 from autopar.sharding.rules import Strategy, call_strategies
 
 Node = torch.fx.Node
@@ -25,7 +25,7 @@ _META_ARG = {"shape": 0, "like": 0, "new": 0}
 def _reads_only_meta(user: Node, node: Node, call: OpCall) -> bool:
     if call.kind in _META_ARG:
         return call.args.get("x") is node
-    if call.name in ("type_as", "view_as", "reshape_as", "expand_as"):
+    if call.name == "type_as":
         return len(user.args) > 1 and user.args[1] is node and user.args[0] is not node
     return False
 
@@ -86,6 +86,10 @@ class ShardingGraph:
         if is_multi(tm):
             tm = tm[0] if tm else None
         return bool(getattr(tm, "requires_grad", True))
+
+    def tensor_bytes(self, node: Node) -> int:
+        """Bytes of a tensor node's full (unsharded) value."""
+        return numel_bytes(node)
 
     def is_param(self, node: Node) -> bool:
         return self.calls[node].kind == "param"

@@ -46,27 +46,31 @@ def reshape_dim_map(in_shape, out_shape) -> dict[int, int]:
     return mapping
 
 
+def _donors(c: Ctx, x, out) -> dict:
+    """``view_as(x, other)`` / ``expand_as``: the result takes ``other``'s *local* shape, so
+    ``other`` must be placed like the result (a partial sum has the full shape: like ``R``)."""
+    return {n: (R if out == P else out) for n in c.call.inputs if n is not x}
+
+
 def reshape(c: Ctx) -> None:
     x = c.call.args["x"]
-    others = {n: None for n in c.call.inputs if n is not x}  # view_as/reshape_as: shape donor
-    c.add("replicate", {x: R, **others}, R)
+    c.add("replicate", {x: R, **_donors(c, x, R)}, R)
     ins, outs = shape(x), c.call.out_shape
     for di, do in reshape_dim_map(ins, outs).items():
         if c.divisible(ins[di]) and c.divisible(outs[do]):
-            c.add(f"shard({di}->{do})", {x: Shard(di), **others}, Shard(do))
-    c.add("partial", {x: P, **others}, P)
+            c.add(f"shard({di}->{do})", {x: Shard(di), **_donors(c, x, Shard(do))}, Shard(do))
+    c.add("partial", {x: P, **_donors(c, x, P)}, P)
 
 
 def expand(c: Ctx) -> None:
     x = c.call.args["x"]
-    others = {n: None for n in c.call.inputs if n is not x}
-    c.add("replicate", {x: R, **others}, R)
+    c.add("replicate", {x: R, **_donors(c, x, R)}, R)
     ins, outs = shape(x), c.call.out_shape
     off = len(outs) - len(ins)
     for d in range(len(ins)):
         if ins[d] == outs[d + off] and c.divisible(ins[d]):
-            c.add(f"shard({d})", {x: Shard(d), **others}, Shard(d + off))
-    c.add("partial", {x: P, **others}, P)
+            c.add(f"shard({d})", {x: Shard(d), **_donors(c, x, Shard(d + off))}, Shard(d + off))
+    c.add("partial", {x: P, **_donors(c, x, P)}, P)
 
 
 def permutation(call: OpCall) -> list[int]:

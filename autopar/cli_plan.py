@@ -64,13 +64,17 @@ def run(args) -> int:
         progress=not args.json,
     )
     wall_s = time.perf_counter() - t0
+    from autopar.report.context import attach_inputs  # light: no matplotlib
+
+    settings = {"fixed": args.plan, "top_k": args.top, "time_limit_s": args.time_limit}
+    attach_inputs(plan, cluster=cluster, model=args.model, seq=loaded.seq, settings=settings, graph=graph)
     if args.out:
         with open(args.out, "w") as f:
             f.write(plan.to_json())
     if args.report:
         from autopar.report import write_report
 
-        write_report(plan, args.report, cluster=cluster, model=args.model)
+        write_report(plan, args.report, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq)
     cost = plan.predicted
     if args.json:
         out = {k: getattr(cost, k) for k in JSON_KEYS}

@@ -1,0 +1,72 @@
+"""Plan reports: one self-contained HTML file a person would rather look at than read.
+
+    from autopar.report import write_report
+    write_report(plan, "plan.html", cluster=cluster, model="gpt3-175b", graph=graph)
+
+Sections: (1) the device map, (2) the pipeline schedule as a Gantt chart, (3) memory per device
+against capacity, (4) the step-time breakdown, (5) the tensor-parallel sharding of each layer,
+(6) the runner-up plans and why other meshes lost, (7) the inputs (model, cluster, planner).
+Measurements of a run (``measured=``, see :mod:`autopar.report.measured`) are overlaid on the
+predictions. :func:`report_text` is the same content for terminals. matplotlib is imported only
+when a report is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autopar.report.context import ReportData, attach_inputs, gather
+from autopar.report.errors import ReportError
+from autopar.report.loader import load_plan
+
+__all__ = [
+    "ReportData",
+    "ReportError",
+    "attach_inputs",
+    "build_html",
+    "load_plan",
+    "report_text",
+    "write_report",
+]
+
+
+def build_html(plan, *, cluster=None, model=None, graph=None, seq=None, measured=None) -> str:
+    """The report page as a string. Arguments as for :func:`write_report`."""
+    from autopar.report.html import page
+
+    data = gather(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured)
+    return page(data)
+
+
+def write_report(
+    plan,
+    path,
+    *,
+    cluster=None,
+    model=None,
+    graph=None,
+    seq: int | None = None,
+    measured: dict | None = None,
+) -> Path:
+    """Write the HTML report of ``plan`` to ``path``; returns the path.
+
+    ``cluster``: a :class:`~autopar.cluster.Cluster` or a ``--cluster`` spec; default: the one stored
+    with the plan (``autopar plan --out``) or named by its search. ``model``: a MODEL spec string
+    (traced on ``meta`` when ``graph`` is not given), a loaded model or an OpGraph. ``graph``: the
+    traced :class:`~autopar.ir.OpGraph` (saves re-tracing). Without a model the report leaves out
+    the per-layer shardings and per-stage detail and says so. ``measured``: a run's measurements.
+    """
+    path = Path(path)
+    text = build_html(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+def report_text(plan, *, cluster=None, model=None, graph=None, seq=None, measured=None) -> str:
+    """The report's tables for a terminal (no figures)."""
+    from autopar.report.text import render
+
+    return render(gather(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured))

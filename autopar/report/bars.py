@@ -1,0 +1,185 @@
+"""Figures 3, 4 and 6: memory per device against capacity (stacked by kind, one bar per pipeline
+stage), the step-time breakdown, and the best step time of every mesh the planner costed."""
+
+from __future__ import annotations
+
+from autopar.report import figures as F
+from autopar.solve.explain import BREAKDOWN_LABELS
+
+MEMORY_KINDS = {
+    "params": ("parameters", "#4e79a7"),
+    "grads": ("gradients", "#76b7b2"),
+    "optimizer": ("optimizer state", "#59a14f"),
+    "activations": ("activations", "#f28e2b"),
+    "activations_transient": ("activations (transient)", "#ffbe7d"),
+    "kv_cache": ("KV cache", "#e15759"),
+    "comm_buffers": ("comm buffers", "#b07aa1"),
+    "reserved": ("reserved (context, allocator)", "#bab0ac"),
+}
+BREAKDOWN_COLORS = {
+    "compute": "#4e79a7",
+    "recompute": "#a0cbe8",
+    "tp_comm": "#f28e2b",
+    "zero_comm_exposed": "#ffbe7d",
+    "pp_p2p": "#3b3b3b",
+    "pp_bubble": "#bab0ac",
+    "dp_comm_exposed": F.DP_SYNC,
+    "optimizer": F.OPTIMIZER,
+}
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------- memory
+def _memory_per_stage(data) -> tuple[list[dict[str, float]], str]:
+    """Per stage a breakdown dict, and where it comes from."""
+    if data.stages:
+        return [s.memory_bytes for s in data.stages], "estimator"
+    p = data.plan.predicted
+    worst = (p.extra or {}).get("largest_memory_stage", 0)
+    totals = (p.extra or {}).get("memory_bytes_per_stage") or [p.memory_bytes_per_device]
+    out = [{"total (breakdown not stored)": t} for t in totals]
+    if 0 <= worst < len(out):
+        out[worst] = dict(p.memory_breakdown_bytes)
+    return out, "plan"
+
+
+def _measured_per_stage(data) -> list[float] | None:
+    mem = (data.measured or {}).get("memory_bytes_per_rank")
+    if not mem:
+        return None
+    plan = data.plan
+    out = [0.0] * plan.pp
+    for rank, value in enumerate(mem):
+        s = plan.coords(rank).get("pp", 0)
+        out[s] = max(out[s], value)
+    return out
+
+
+def memory(data):
+    stages, _ = _memory_per_stage(data)
+    capacity = data.plan.predicted.memory_capacity_bytes if data.plan.predicted else 0.0
+    n = len(stages)
+    fig = F.new_figure(F.WIDTH_IN if n > 8 else 9.0, 4.2)
+    ax = fig.add_subplot()
+    kinds = [k for k in MEMORY_KINDS if any(s.get(k, 0) > 0 for s in stages)]
+    kinds += sorted({k for s in stages for k in s if k not in MEMORY_KINDS})
+    bottoms = [0.0] * n
+    for k in kinds:
+        label, color = MEMORY_KINDS.get(k, (k, "#d3d3d3"))
+        heights = [s.get(k, 0.0) / GB for s in stages]
+        ax.bar(range(n), heights, bottom=bottoms, color=color, label=label, width=0.7)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    if n <= 16:
+        for i, b in enumerate(bottoms):
+            ax.text(i, b, f"{b:.3g}", ha="center", va="bottom", fontsize=8)
+    if capacity:
+        ax.axhline(capacity / GB, color=F.CAPACITY, linestyle="--", linewidth=1.2)
+        ax.text(
+            -0.55,
+            capacity / GB,
+            f"capacity {capacity / GB:.3g} GB",
+            color=F.CAPACITY,
+            ha="left",
+            va="bottom",
+            fontsize=8,
+        )
+    measured = _measured_per_stage(data)
+    if measured:
+        ax.plot(range(n), [m / GB for m in measured], "D", color="black", label="measured (max over ranks)")
+    top = max([*bottoms, capacity / GB, *(m / GB for m in measured or [])])
+    ax.set_ylim(0, top * 1.12 if top else 1)
+    ax.set_xlim(-0.6, n - 0.4)
+    step = max(1, n // 16)
+    ax.set_xticks(range(0, n, step), [f"stage {s}" for s in range(0, n, step)], fontsize=8)
+    ax.set_ylabel("GB per device (1 GB = 1e9 bytes)")
+    ax.set_title("Memory per device by pipeline stage", fontsize=11, loc="left")
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    ax.grid(axis="y", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+    return fig
+
+
+# -------------------------------------------------------------------------------- breakdown
+def breakdown(data):
+    p = data.plan.predicted
+    parts = [(k, v) for k, v in p.breakdown_s.items() if v > 0]
+    scale, unit = F.time_unit(p.step_time_s)
+    rows = [*parts, ("total", p.step_time_s)]
+    measured = (data.measured or {}).get("step_time_s")
+    if measured:
+        rows.append(("measured", measured))
+    fig = F.new_figure(9.0, 0.9 + 0.34 * len(rows))
+    ax = fig.add_subplot()
+    labels, values, colors = [], [], []
+    for k, v in rows:
+        labels.append(BREAKDOWN_LABELS.get(k, k) if k not in ("total", "measured") else f"{k} step")
+        values.append(v * scale)
+        colors.append(BREAKDOWN_COLORS.get(k, "#333333" if k == "total" else "#888888"))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, values, color=colors, height=0.65)
+    right = max(values)
+    for yi, (k, v), val in zip(y, rows, values):
+        share = f" · {100 * v / p.step_time_s:.1f}%" if k not in ("total", "measured") else ""
+        ax.text(val + right * 0.01, yi, f"{val:.3g} {unit}{share}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=9)
+    ax.set_xlim(0, right * 1.25)
+    ax.set_xlabel(f"time per step ({unit})")
+    ax.set_title("Step-time breakdown (the parts add up to the total)", fontsize=11, loc="left")
+    ax.grid(axis="x", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ meshes
+MAX_MESHES = 20
+
+
+def mesh_entries(data) -> list[tuple[str, float, str]]:
+    """(label, step time, status) for the chosen plan and every costed mesh: ``chosen``, ``fits``
+    or ``overflow`` (the mesh's smallest overflow; its time is shown for scale)."""
+    plan, search = data.plan, data.plan.search or {}
+    out = []
+    if plan.predicted:
+        out.append((f"dp={plan.dp} tp={plan.tp} pp={plan.pp} (chosen)", plan.predicted.step_time_s, "chosen"))
+    for r in search.get("rejected", []):
+        if r.get("step_time_s") is not None:
+            out.append((r.get("config", "?"), r["step_time_s"], "fits" if r.get("fits") else "overflow"))
+    out.sort(key=lambda e: (e[2] == "overflow", e[1]))
+    return out[:MAX_MESHES]
+
+
+def meshes(data):
+    entries = mesh_entries(data)
+    if len(entries) < 2:
+        return None
+    scale, unit = F.time_unit(max(e[1] for e in entries))
+    colors = {"chosen": "#59a14f", "fits": "#4e79a7", "overflow": "#d3d3d3"}
+    fig = F.new_figure(9.0, 0.9 + 0.3 * len(entries))
+    ax = fig.add_subplot()
+    y = list(range(len(entries)))[::-1]
+    values = [t * scale for _, t, _ in entries]
+    ax.barh(
+        y,
+        values,
+        color=[colors[s] for *_, s in entries],
+        hatch=None,
+        height=0.65,
+        edgecolor=["#999999" if s == "overflow" else "none" for *_, s in entries],
+    )
+    best = entries[0][1]
+    for yi, (_, t, status), val in zip(y, entries, values):
+        note = (
+            "does not fit"
+            if status == "overflow"
+            else ("" if status == "chosen" else f"+{100 * (t / best - 1):.1f}%")
+        )
+        ax.text(val + max(values) * 0.01, yi, f"{val:.3g} {unit}  {note}", va="center", fontsize=8)
+    ax.set_yticks(y, [label for label, *_ in entries], fontsize=8)
+    ax.set_xlim(0, max(values) * 1.3)
+    ax.set_xlabel(f"best predicted step time of the mesh ({unit})")
+    ax.set_title(
+        "Best plan per mesh (green: chosen, blue: fits, grey: does not fit)", fontsize=11, loc="left"
+    )
+    ax.grid(axis="x", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+    return fig

@@ -1,0 +1,319 @@
+"""Everything a report shows, gathered once: the plan, its cluster and graph (when known), the
+estimator's per-stage detail, the timed pipeline schedule and measurements from a run.
+
+Nothing here draws; :mod:`autopar.report.figures` and :mod:`autopar.report.html` read a
+:class:`ReportData`. What a report cannot know (costs on a heterogeneous cluster, shardings without
+the model) becomes a note that the report prints instead of the figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from autopar.errors import AutoparError, PlanError
+from autopar.plan import Plan
+from autopar.report import timeline as tl
+from autopar.report.measured import check_measured
+
+log = logging.getLogger(__name__)
+
+INPUTS_KEY = "report_inputs"
+"""Key of :attr:`Plan.search` under which :func:`attach_inputs` stores the model and cluster."""
+FWD_SHARE = 1.0 / 3.0
+"""Forward share of a stage's time when only the per-micro-batch total is known (backward = 2x)."""
+
+
+@dataclass(kw_only=True)
+class StageDetail:
+    """One pipeline stage (all its chunks), per micro-batch, and its memory per device."""
+
+    fwd_s: float
+    bwd_s: float
+    """Backward, recompute and exposed backward collectives."""
+    p2p_s: float
+    memory_bytes: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ReportData:
+    plan: Plan
+    cluster: Any = None
+    graph: Any = None
+    """The traced OpGraph when the model was given (or re-traced); None when read from storage."""
+    facts: dict | None = None
+    """Model facts (parameters, blocks, FLOPs per sample...): from the graph or stored."""
+    model: str = ""
+    seq: int | None = None
+    measured: dict | None = None
+    stages: list[StageDetail] | None = None
+    """From the estimator (graph and homogeneous cluster known) or stored; None otherwise."""
+    sharding: Any = None
+    """The per-layer sharding :class:`~autopar.report.tables.Table`."""
+    timing: str = "unit"
+    """Where the schedule's durations come from: ``estimator``, ``plan`` (per-stage totals split
+    1:2) or ``unit`` (no costs: forward 1, backward 2)."""
+    timeline: tl.Timeline | None = None
+    settings: dict = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    """Per report section: what is missing or approximate, and why."""
+
+    def note(self, section: str, text: str) -> None:
+        self.notes.setdefault(section, []).append(text)
+
+
+def graph_facts(graph) -> dict:
+    """What the report shows about the model, from the traced graph (JSON-able)."""
+    per_sample = (graph.flops_fwd + graph.flops_bwd) / graph.batch_size if graph.batch_size else 0.0
+    return {
+        "num_params": graph.num_params,
+        "param_bytes": graph.param_bytes,
+        "num_blocks": len(graph.block_order),
+        "num_nodes": len(graph.nodes),
+        "tracer": graph.tracer,
+        "flops_per_sample": per_sample,
+    }
+
+
+# --------------------------------------------------------------------------- stored inputs
+def attach_inputs(
+    plan: Plan,
+    *,
+    cluster=None,
+    model: str = "",
+    seq: int | None = None,
+    settings: dict | None = None,
+    graph=None,
+) -> None:
+    """Store what ``autopar report plan.json`` needs in ``plan.search["report_inputs"]``: the model
+    spec, sequence length, cluster and planner settings, and with ``graph`` the model facts, the
+    per-layer shardings and the per-stage costs, so that the report needs neither torch nor a
+    re-trace (~0.1 s for GPT-3 175B). Plans without a search (hand-written) are left alone: give
+    ``--model`` / ``--cluster`` to the report instead."""
+    if plan.search is None:
+        return
+    stored: dict[str, Any] = {
+        "model": model or "",
+        "seq": seq,
+        "cluster": cluster.to_dict() if cluster is not None else None,
+        "settings": dict(settings or {}),
+    }
+    if graph is not None:
+        from autopar.report.tables import sharding_table
+
+        stored["facts"] = graph_facts(graph)
+        stored["sharding"] = sharding_table(plan, graph).to_dict()
+        if cluster is not None and not cluster.is_heterogeneous:
+            try:
+                stages, _ = _estimator_detail(graph, cluster, plan)
+                stored["stages"] = [asdict(s) for s in stages]
+            except AutoparError as e:
+                log.info("no per-stage costs stored: %s", e)
+    plan.search[INPUTS_KEY] = stored
+
+
+def stored_inputs(plan: Plan) -> dict:
+    return dict((plan.search or {}).get(INPUTS_KEY) or {})
+
+
+def resolve_cluster(plan: Plan, cluster=None):
+    """The cluster given, else the one stored with the plan, else the planner's cluster label."""
+    from autopar.cluster import Cluster
+
+    if cluster is not None:
+        return cluster if isinstance(cluster, Cluster) else Cluster.parse(str(cluster))
+    stored = stored_inputs(plan).get("cluster")
+    if stored:
+        return Cluster.from_dict(stored, where="plan search.report_inputs.cluster")
+    label = ((plan.search or {}).get("stats") or {}).get("cluster")
+    if label:
+        try:
+            return Cluster.parse(label)
+        except AutoparError:
+            log.info("cluster label %r of the plan is not a parsable spec", label)
+    return None
+
+
+def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
+    """(graph, model label, seq) from ``graph``, a model spec or a LoadedModel given now. The
+    stored spec is traced only when nothing was stored from the graph at planning time."""
+    from autopar.ir import OpGraph
+
+    if isinstance(model, OpGraph):
+        model, graph = "", model
+    stored = stored_inputs(plan)
+    seq = seq if seq is not None else stored.get("seq")
+    label = model if isinstance(model, str) else getattr(model, "spec", "") or ""
+    if graph is not None:
+        return graph, label or stored.get("model", ""), seq
+    if model is not None and not isinstance(model, str):  # a LoadedModel
+        return model.trace(batch=1), label, getattr(model, "seq", seq)
+    if not label and "facts" not in stored:
+        label = stored.get("model", "")
+    if label:
+        from autopar.model_spec import load_model
+
+        loaded = load_model(label, seq=seq)
+        return loaded.trace(batch=1), label, loaded.seq
+    return None, stored.get("model", ""), seq
+
+
+# ------------------------------------------------------------------------------- detail
+def _estimator_detail(graph, cluster, plan: Plan) -> tuple[list[StageDetail], float]:
+    """Per-stage detail and the step time of today's cost model (the stored prediction may be older)."""
+    from autopar.estimator import workload
+    from cost_models import DEFAULT, step_time
+
+    w = workload(graph, cluster, plan)
+    t = step_time(w.spec, w.rates, DEFAULT)
+    out = []
+    for bt, p2p, mem in zip(t.stage_times, t.stage_p2p_s, w.memory_per_stage):
+        out.append(
+            StageDetail(
+                fwd_s=bt.fwd_s + bt.tp_fwd_s,
+                bwd_s=bt.bwd_s + bt.recompute_s + bt.tp_recompute_s + bt.tp_bwd_s + bt.zero_exposed_s,
+                p2p_s=p2p,
+                memory_bytes=dict(mem),
+            )
+        )
+    return out, t.step_time_s
+
+
+def _detail(data: ReportData) -> None:
+    plan, cluster, graph = data.plan, data.cluster, data.graph
+    if cluster is not None and cluster.is_heterogeneous:
+        data.note(
+            "costs",
+            "the cluster is heterogeneous; the cost model does not cost mixed device kinds yet, so "
+            "times and memory are not shown (the schedule is drawn in units: forward 1, backward 2)",
+        )
+        return
+    if graph is None:
+        stored = stored_inputs(plan).get("stages")
+        if stored and len(stored) == plan.pp:
+            data.stages = [StageDetail(**s) for s in stored]
+            return
+    if graph is None or cluster is None:
+        missing = " and ".join(x for x, v in (("the model", graph), ("the cluster", cluster)) if v is None)
+        data.note("costs", f"per-stage detail needs {missing} (give --model / --cluster)")
+        return
+    try:
+        data.stages, now_s = _estimator_detail(graph, cluster, plan)
+    except AutoparError as e:
+        data.note("costs", f"the estimator cannot cost this plan on this cluster: {e}")
+        return
+    if plan.predicted is not None:
+        _compare_stored(data, now_s)
+
+
+def _model(data: ReportData) -> None:
+    """Model facts and the sharding table: live from the graph, else as stored with the plan."""
+    from autopar.report.tables import Table, sharding_table
+
+    stored = stored_inputs(data.plan)
+    if data.graph is not None:
+        data.facts = graph_facts(data.graph)
+        data.sharding = sharding_table(data.plan, data.graph)
+        return
+    data.facts = stored.get("facts")
+    if stored.get("sharding"):
+        data.sharding = Table.from_dict(stored["sharding"])
+    else:
+        data.sharding = sharding_table(data.plan, None)
+
+
+def _differs(a: float, b: float) -> bool:
+    return b > 0 and abs(a / b - 1.0) > 0.01
+
+
+def _compare_stored(data: ReportData, now_s: float) -> None:
+    """Plans written by an older cost model: say so rather than show two numbers silently."""
+    stored = data.plan.predicted
+    now_mem = max(sum(s.memory_bytes.values()) for s in data.stages)
+    diffs = []
+    if _differs(now_s, stored.step_time_s):
+        diffs.append(f"step time {stored.step_time_s:.4g} s stored, {now_s:.4g} s now")
+    if _differs(now_mem, stored.memory_bytes_per_device):
+        diffs.append(
+            f"memory {stored.memory_bytes_per_device / 1e9:.3g} GB stored, {now_mem / 1e9:.3g} GB now"
+        )
+    if diffs:
+        data.note(
+            "costs",
+            "the plan was costed by an older cost model (" + "; ".join(diffs) + "): the summary and "
+            "tables show the stored numbers, the schedule and memory bars today's. Re-plan to refresh.",
+        )
+
+
+def _durations(data: ReportData) -> tuple[list[float], list[float], list[float]]:
+    plan = data.plan
+    v, p = plan.virtual_stages, plan.pp
+    if data.stages:
+        data.timing = "estimator"
+        return (
+            [s.fwd_s / v for s in data.stages],
+            [s.bwd_s / v for s in data.stages],
+            [s.p2p_s / ((2 if plan.mode == "train" else 1) * v) for s in data.stages],
+        )
+    per_mb = (plan.predicted.extra or {}).get("stage_time_per_micro_batch_s") if plan.predicted else None
+    if per_mb and len(per_mb) == p:
+        data.timing = "plan"
+        share = FWD_SHARE if plan.mode == "train" else 1.0
+        return [t * share / v for t in per_mb], [t * (1 - share) / v for t in per_mb], [0.0] * p
+    data.timing = "unit"
+    return [1.0 / v] * p, [2.0 / v] * p, [0.0] * p
+
+
+def _timeline(data: ReportData) -> None:
+    plan = data.plan
+    fwd, bwd, p2p = _durations(data)
+    inference = plan.mode != "train"
+    try:
+        orders, note = tl.orders(
+            plan.schedule, plan.pp, plan.num_micro_batches, plan.virtual_stages, forward_only=inference
+        )
+        data.timeline = tl.simulate(
+            orders,
+            fwd_s=fwd,
+            bwd_s=bwd,
+            p2p_s=p2p,
+            virtual_stages=plan.virtual_stages,
+            schedule=plan.schedule,
+            num_micro_batches=plan.num_micro_batches,
+        )
+    except PlanError as e:
+        data.note("schedule", f"the schedule cannot be drawn: {e}")
+        return
+    if note:
+        data.timeline.note = note
+        data.note("schedule", note)
+
+
+def gather(
+    plan: Plan,
+    *,
+    cluster=None,
+    model=None,
+    graph=None,
+    seq: int | None = None,
+    measured: dict | None = None,
+) -> ReportData:
+    """Resolve the inputs and compute what every section needs."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"write_report needs a Plan, got {type(plan).__name__}")
+    data = ReportData(plan=plan, measured=check_measured(measured, plan))
+    data.cluster = resolve_cluster(plan, cluster)
+    if data.cluster is not None and plan.world_size > data.cluster.num_devices:
+        raise PlanError(
+            f"the plan uses {plan.world_size} ranks but cluster {data.cluster.name!r} has "
+            f"{data.cluster.num_devices} devices; give the cluster the plan was made for (--cluster)"
+        )
+    data.graph, data.model, data.seq = resolve_graph(plan, model, graph, seq)
+    data.settings = stored_inputs(plan).get("settings", {})
+    if data.cluster is None:
+        data.note("device_map", "cluster unknown: devices drawn in rows of 8 (give --cluster)")
+    _model(data)
+    _detail(data)
+    _timeline(data)
+    return data

@@ -1,0 +1,167 @@
+"""Figure 2, the pipeline schedule as a Gantt chart: one row per pipeline stage (the ranks of the
+``dp = 0, tp = 0`` pipeline; every replica runs the same timeline), forward and backward of each
+micro-batch, the blocking p2p send at the end of each, idle time (the bubble) left blank, then
+the exposed data-parallel sync and the optimizer step. Measured events, when given, are drawn as
+thin hatched bars under the predicted ones.
+"""
+
+from __future__ import annotations
+
+from autopar.report import figures as F
+
+ZOOM_ACTIONS = 40
+"""Rows with more actions than this get a second panel zoomed on the warm-up."""
+LABEL_PX = 14
+"""A bar gets its micro-batch number when it is at least this wide (pixels)."""
+
+
+def _tail(data) -> list[tuple[str, float, str]]:
+    """(label, seconds, colour) drawn after the pipeline: exposed DP sync and the optimizer."""
+    p = data.plan.predicted
+    if p is None or data.timing == "unit":
+        return []
+    out = []
+    dp = p.breakdown_s.get("dp_comm_exposed", 0.0)
+    if dp > 0:
+        out.append(("DP sync", dp, F.DP_SYNC))
+    if p.breakdown_s.get("optimizer", 0.0) > 0:
+        out.append(("optimizer", p.breakdown_s["optimizer"], F.OPTIMIZER))
+    return out
+
+
+def _row_label(data, stage: int) -> str:
+    plan = data.plan
+    rank = plan.groups("pp")[0][stage]
+    tp = next(g for g in plan.groups("tp") if rank in g)
+    ranks = f"ranks {tp[0]}-{tp[-1]}" if len(tp) > 1 else f"rank {rank}"
+    return f"stage {stage}\n{ranks}"
+
+
+def _bars(ax, data, scale: float, x_max: float, px_per_unit: float) -> None:
+    """One ``broken_barh`` per (stage, direction, chunk): thousands of bars stay fast."""
+    tl, v = data.timeline, data.plan.virtual_stages
+    p = tl.num_stages
+    groups: dict[tuple[int, str, int], list] = {}
+    sends: dict[int, list] = {}
+    for e in tl.events:
+        a = e.action
+        start, width = e.start_s * scale, (e.end_s - e.start_s - e.p2p_s) * scale
+        if start > x_max:
+            continue
+        groups.setdefault((a.stage, a.kind, a.chunk), []).append((start, width))
+        if e.p2p_s > 0:
+            sends.setdefault(a.stage, []).append((start + width, e.p2p_s * scale))
+        if width * px_per_unit >= LABEL_PX and start + width <= x_max:
+            ax.text(
+                start + width / 2,
+                p - 1 - a.stage + 0.75,
+                str(a.micro_batch),
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
+    per_row = len(tl.events) / max(p, 1)
+    dense_px = px_per_unit * tl.makespan_s * scale / max(per_row, 1)  # mean bar width (pixels)
+    for (stage, kind, chunk), spans in groups.items():
+        base = F.FORWARD if kind == "F" else F.BACKWARD
+        color = F.lighten(base, 0.45 * chunk / max(v - 1, 1)) if v > 1 else base
+        edge = "white" if dense_px > 4 else "none"
+        ax.broken_barh(spans, (p - 1 - stage + 0.55, 0.4), facecolors=color, edgecolor=edge, linewidth=0.3)
+    for stage, spans in sends.items():
+        ax.broken_barh(spans, (p - 1 - stage + 0.55, 0.4), facecolors=F.P2P)
+
+
+def _measured(ax, data, scale: float) -> bool:
+    events = (data.measured or {}).get("events") or []
+    p = data.plan.pp
+    for e in events:
+        y = p - 1 - e["stage"]
+        color = F.FORWARD if e["kind"] == "F" else F.BACKWARD
+        ax.broken_barh(
+            [(e["start_s"] * scale, (e["end_s"] - e["start_s"]) * scale)],
+            (y + 0.22, 0.25),
+            facecolors=F.lighten(color, 0.3),
+            edgecolor="black",
+            linewidth=0.4,
+            hatch="///",
+        )
+    step = (data.measured or {}).get("step_time_s")
+    if step:
+        ax.axvline(step * scale, color="black", linestyle="--", linewidth=1.0)
+    return bool(events) or bool(step)
+
+
+def _panel(ax, data, scale: float, unit: str, x_max: float, width_px: float, tail: list) -> None:
+    tl = data.timeline
+    p = tl.num_stages
+    _bars(ax, data, scale, x_max, width_px / max(x_max, 1e-12))
+    end = tl.makespan_s * scale
+    for _label, seconds, color in tail:
+        if end > x_max:
+            break
+        ax.broken_barh([(end, seconds * scale)], (0.5, p - 0.45), facecolors=color, alpha=0.85)
+        end += seconds * scale
+    has_measured = _measured(ax, data, scale)
+    lo = 0.15 if has_measured else 0.5
+    ax.set_ylim(lo, p)
+    ax.set_xlim(0, x_max)
+    ax.set_yticks([p - 1 - s + 0.75 for s in range(p)], [_row_label(data, s) for s in range(p)], fontsize=8)
+    ax.set_xlabel(f"time ({unit})" if data.timing != "unit" else "time (units: forward = 1, backward = 2)")
+    ax.grid(axis="x", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+
+
+def _legend(fig, data, tail: list) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=F.FORWARD, label="forward"), Patch(facecolor=F.BACKWARD, label="backward")]
+    if data.plan.virtual_stages > 1:
+        handles.append(Patch(facecolor=F.lighten(F.FORWARD, 0.45), label="later chunks: lighter"))
+    if any(e.p2p_s > 0 for e in data.timeline.events):
+        handles.append(Patch(facecolor=F.P2P, label="p2p send"))
+    handles += [Patch(facecolor=c, label=label) for label, _, c in tail]
+    if (data.measured or {}).get("events"):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="measured"))
+    handles.append(Patch(facecolor="white", edgecolor="#999999", label="idle (bubble)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+
+
+def _zoom_end(data) -> float | None:
+    tl = data.timeline
+    per_row = len(tl.events) / max(tl.num_stages, 1)
+    if per_row <= ZOOM_ACTIONS:
+        return None
+    first_b = [e.end_s for e in tl.events if e.action.stage == 0 and e.action.kind == "B"]
+    end = 1.15 * min(first_b) if first_b else 0.2 * tl.makespan_s
+    return end if end < 0.6 * tl.makespan_s else None
+
+
+def gantt(data):
+    tl = data.timeline
+    tail = _tail(data)
+    total = tl.makespan_s + sum(s for _, s, _ in tail)
+    step = (data.measured or {}).get("step_time_s") or 0.0
+    scale, unit = F.time_unit(max(total, step)) if data.timing != "unit" else (1.0, "units")
+    row_in = 0.42 if tl.num_stages <= 16 else 0.26
+    panel_in = 0.9 + row_in * tl.num_stages
+    zoom = _zoom_end(data)
+    fig = F.new_figure(F.WIDTH_IN, panel_in * (2 if zoom else 1) + 0.6)
+    axes = fig.subplots(2 if zoom else 1, 1, squeeze=False)[:, 0]
+    width_px = F.WIDTH_IN * F.DPI * 0.85
+    _panel(axes[0], data, scale, unit, max(total, step) * scale * 1.01, width_px, tail)
+    axes[0].set_title(_title(data), fontsize=11, loc="left")
+    if zoom:
+        _panel(axes[1], data, scale, unit, zoom * scale, width_px, tail)
+        axes[1].set_title("zoom on the start: warm-up of the pipeline", fontsize=10, loc="left")
+    _legend(fig, data, tail)
+    return fig
+
+
+def _title(data) -> str:
+    plan, tl = data.plan, data.timeline
+    vpp = f", {plan.virtual_stages} chunks per stage" if plan.virtual_stages > 1 else ""
+    idle = sum(tl.idle_fraction(s) for s in range(tl.num_stages)) / max(tl.num_stages, 1)
+    return (
+        f"Pipeline schedule ({plan.schedule}{vpp}): {plan.pp} stage(s), {plan.num_micro_batches} "
+        f"micro-batch(es) of {plan.micro_batch_size}; mean idle {100 * idle:.1f}%"
+    )

@@ -1,0 +1,369 @@
+"""The report's tables as plain rows (lists of strings): shardings per layer, layers per stage,
+alternatives and rejected meshes, and the inputs (model, cluster, planner). Both the HTML and the
+terminal rendering read these."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from autopar.errors import PlanError
+from autopar.plan import Partial, Plan, Shard
+
+log = logging.getLogger(__name__)
+
+SHOWN_KINDS = ("linear", "embedding", "matmul", "attention", "softmax", "norm", "loss")
+"""Op kinds listed in the sharding table; others (views, elementwise) appear only when a
+collective follows them."""
+
+
+# ------------------------------------------------------------------------------- formatting
+def fmt_bytes(n: float | None) -> str:
+    """Decimal units, as device datasheets use (80 GB = 80e9 bytes)."""
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_s(t: float | None) -> str:
+    if t is None:
+        return "-"
+    if t >= 1.0:
+        return f"{t:.3g} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t * 1e6:.3g} µs"
+
+
+def fmt_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_flops(n: float) -> str:
+    return f"{n:.3g}" if n else "-"
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "header": self.header, "rows": self.rows, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Table:
+        if not isinstance(d, dict) or not isinstance(d.get("rows", []), list):
+            from autopar.report.errors import ReportError
+
+            raise ReportError("plan field search.report_inputs.sharding must be an object with rows")
+        return cls(
+            str(d.get("title", "")),
+            list(d.get("header", [])),
+            [list(map(str, r)) for r in d.get("rows", [])],
+            str(d.get("note", "")),
+        )
+
+
+# ------------------------------------------------------------------------------- shardings
+def placements_for(plan: Plan, graph) -> tuple[dict, str]:
+    """The plan's own placements, else the Megatron default derived by the sharding rules."""
+    if plan.placements:
+        return plan.placements, "the plan's placements"
+    if plan.tp == 1:
+        return {}, "tp=1: every op runs whole on its rank"
+    if graph is None or graph.gm is None:
+        return {}, "the traced model is not available"
+    from autopar.report.collapse import first_blocks_module
+    from autopar.sharding import megatron_placements
+
+    gm = first_blocks_module(graph)
+    return megatron_placements(gm, plan.tp, plan.sequence_parallel), "the Megatron default (derived)"
+
+
+def _role(node, pl, sequence_parallel: bool) -> str:
+    weights = {k: v for k, v in pl.params.items() if k.endswith("weight") or len(pl.params) == 1}
+    w = next(iter(weights.values()), None)
+    if node.op_kind == "embedding" and isinstance(w, Shard):
+        return "table rows split (vocab-parallel)" if w.dim == 0 else "table columns split"
+    if node.op_kind == "linear" and isinstance(w, Shard):
+        return "column-parallel" if w.dim == 0 else "row-parallel"
+    if isinstance(pl.output, Partial):
+        return "partial sums"
+    if isinstance(pl.output, Shard):
+        shape, d = node.output_shape or (), pl.output.dim
+        if node.op_kind in ("matmul", "softmax", "attention", "dropout") and len(shape) == 4 and d == 1:
+            return "heads split"
+        if sequence_parallel and len(shape) == 3 and d == 1:
+            return "sequence-parallel"
+        return f"split on dim {d}"
+    return "replicated"
+
+
+def _params_text(pl) -> str:
+    return ", ".join(f"{name.rsplit('.', 1)[-1]} {p}" for name, p in pl.params.items()) or "-"
+
+
+def sharding_table(plan: Plan, graph) -> Table:
+    """Which op is split how along ``tp`` and which collective follows it."""
+    header = ["region", "module", "op", "output shape", "parameters", "output", "split", "collective after"]
+    table = Table("Tensor-parallel sharding per layer", header)
+    if graph is None:
+        table.note = "needs the model (give --model, or plan with `autopar plan --out`)"
+        return table
+    try:
+        placements, source = placements_for(plan, graph)
+    except Exception as e:  # noqa: BLE001 - a report degrades to a note, the log keeps the detail
+        log.warning("sharding table: %s", e, exc_info=True)
+        table.note = f"shardings unavailable: {type(e).__name__}: {e}"
+        return table
+    table.note = (
+        f"tp={plan.tp}, sequence parallel {'on' if plan.sequence_parallel else 'off'}; source: {source}"
+    )
+    if not placements:
+        return table
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    start = min((index[n.name] for n in graph.nodes if n.block is not None), default=len(graph.nodes))
+    for label, nodes in _regions(graph, index, start):
+        for n in nodes:
+            pl = placements.get(n.name)
+            if pl is None or not (n.op_kind in SHOWN_KINDS or pl.collective):
+                continue
+            shape = "x".join(str(d) for d in n.output_shape) if n.output_shape else "-"
+            op = n.op_kind if n.op_kind != "other" else n.target.rsplit(".", 1)[-1]
+            table.rows.append(
+                [
+                    label,
+                    n.module_path or n.name,
+                    op,
+                    shape,
+                    _params_text(pl),
+                    str(pl.output),
+                    _role(n, pl, plan.sequence_parallel),
+                    pl.collective or "",
+                ]
+            )
+            label = ""
+    return table
+
+
+def _regions(graph, index: dict[str, int], start: int) -> list[tuple[str, list]]:
+    first: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.block is not None and n.block_type not in first:
+            first[n.block_type] = n.block
+    stem = [n for n in graph.nodes if n.block is None and index[n.name] < start]
+    out = [("stem", stem)]
+    for key, block in first.items():
+        bt = graph.block_types.get(key)
+        count = bt.count if bt is not None else 1
+        out.append((f"{key} x{count}", [n for n in graph.nodes if n.block == block]))
+    out.append(("head", [n for n in graph.nodes if n.block is None and index[n.name] >= start]))
+    return [(label, nodes) for label, nodes in out if nodes]
+
+
+# ---------------------------------------------------------------------------- layers/stages
+def _ranges(blocks: list[int]) -> str:
+    """``[0, 1, 16, 17]`` -> ``0-1, 16-17``."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][1] == b - 1:
+            out[-1][1] = b
+        else:
+            out.append([b, b])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in out)
+
+
+def layer_stage_table(plan: Plan, num_blocks: int | None) -> Table:
+    """The blocks each pipeline stage runs (all its model chunks under the interleaved schedule)."""
+    header = ["stage", "ranks (dp=0)", "blocks", "count", "also"]
+    table = Table("Layers per pipeline stage", header)
+    if not num_blocks:
+        table.note = "needs the model" if num_blocks is None else "the model has no repeated blocks"
+        return table
+    try:
+        stages = plan.stage_of_layers(num_blocks)
+    except PlanError as e:
+        table.note = str(e)
+        return table
+    pp_ranks = plan.groups("pp")[0]
+    for s in range(plan.pp):
+        blocks = [i for i, vs in enumerate(stages) if vs % plan.pp == s]
+        also = [x for x, i in (("stem", 0), ("head", num_blocks - 1)) if i in blocks]
+        table.rows.append(
+            [str(s), _ranks_text(plan, pp_ranks[s]), _ranges(blocks), str(len(blocks)), " + ".join(also)]
+        )
+    chunks = f"; {plan.virtual_stages} chunks per stage (interleaved)" if plan.virtual_stages > 1 else ""
+    table.note = f"{num_blocks} blocks{chunks}; every dp replica repeats this split"
+    return table
+
+
+def _ranks_text(plan: Plan, rank: int) -> str:
+    group = next(g for g in plan.groups("tp") if rank in g)
+    return f"{group[0]}-{group[-1]}" if len(group) > 1 else str(rank)
+
+
+# --------------------------------------------------------------------------- alternatives
+def alternatives_table(plan: Plan) -> Table:
+    header = ["#", "plan", "step time", "vs chosen", "memory / device", "why it lost"]
+    table = Table("Runner-up plans", header)
+    search = plan.search or {}
+    best = plan.predicted.step_time_s if plan.predicted else None
+    if plan.predicted:
+        table.rows.append(
+            [
+                "1",
+                plan.summary(),
+                fmt_s(best),
+                "chosen",
+                fmt_bytes(plan.predicted.memory_bytes_per_device),
+                "-",
+            ]
+        )
+    for i, a in enumerate(search.get("alternatives", []), start=2):
+        t = a.get("step_time_s")
+        delta = f"+{100 * (t / best - 1):.1f}%" if (t is not None and best) else "-"
+        table.rows.append(
+            [
+                str(i),
+                a.get("summary", ""),
+                fmt_s(t),
+                delta,
+                fmt_bytes(a.get("memory_bytes_per_device")),
+                a.get("why", ""),
+            ]
+        )
+    if not search:
+        table.note = "hand-written plan: no search to compare against"
+    return table
+
+
+def rejected_table(plan: Plan) -> Table:
+    header = ["mesh", "fits", "best step time", "why not"]
+    table = Table("Why not the other meshes", header)
+    for r in (plan.search or {}).get("rejected", []):
+        table.rows.append(
+            [
+                r.get("config", ""),
+                "yes" if r.get("fits") else "no",
+                fmt_s(r.get("step_time_s")),
+                r.get("why", ""),
+            ]
+        )
+    return table
+
+
+# -------------------------------------------------------------------------------- inputs
+def model_table(data) -> Table:
+    table = Table("Model", ["", ""])
+    f, plan = data.facts or {}, data.plan
+    p = plan.predicted
+    rows = [["model", data.model or "(not given)"]]
+    if f:
+        rows += [
+            ["parameters", f"{fmt_count(f['num_params'])} ({fmt_bytes(f['param_bytes'])} as traced)"],
+            ["repeated blocks", str(f["num_blocks"])],
+            ["sequence length", str(data.seq) if data.seq else "-"],
+            ["graph nodes", f"{f['num_nodes']} ({f['tracer']})"],
+        ]
+    flops = p.model_flops_per_step if p and p.model_flops_per_step else None
+    if flops is None and f.get("flops_per_sample"):
+        flops = f["flops_per_sample"] * plan.global_batch
+    if flops:
+        executed = f", {p.hardware_flops_per_step:.3g} executed" if p and p.hardware_flops_per_step else ""
+        rows.append(["FLOPs per step", f"{flops:.3g} (model){executed}"])
+    rows.append(["global batch", f"{plan.global_batch} sequences ({plan.mode})"])
+    table.rows = rows
+    return table
+
+
+def cluster_table(data) -> Table:
+    table = Table("Cluster", ["", ""])
+    c = data.cluster
+    if c is None:
+        table.note = "cluster unknown (give --cluster)"
+        return table
+    rows = [
+        ["name", c.name],
+        ["shape", f"{c.nodes} node(s) x {c.devices_per_node} = {c.num_devices} devices"],
+    ]
+    start = 0
+    for grp in c.node_groups:
+        d = grp.device
+        span = f"nodes {start}-{start + grp.nodes - 1}" if c.is_heterogeneous else "device"
+        peak = max(d.peak_flops_per_s.values()) if getattr(d, "peak_flops_per_s", None) else 0.0
+        rows.append(
+            [
+                span,
+                f"{d.name}: {fmt_bytes(d.memory_bytes)}, {peak / 1e12:.4g} TFLOP/s peak, {fmt_bytes(d.hbm_bytes_per_s)}/s memory",
+            ]
+        )
+        start += grp.nodes
+    rows.append(["intra-node link", _link(c.intra_node)])
+    if c.nodes > 1:
+        rows.append(["inter-node link", _link(c.inter_node)])
+    table.rows = rows
+    return table
+
+
+def _link(link) -> str:
+    return f"{fmt_bytes(link.bandwidth_bytes_per_s)}/s per device, {link.latency_s * 1e6:.3g} µs"
+
+
+def planner_table(data) -> Table:
+    plan = data.plan
+    table = Table("Planner", ["", ""])
+    rows = [["plan", plan.summary()]]
+    stats = (plan.search or {}).get("stats") or {}
+    if stats:
+        rows += [
+            ["search space", f"{stats.get('space_size', '-')} configurations"],
+            [
+                "costed / pruned / invalid",
+                f"{stats.get('evaluated', '-')} / {stats.get('pruned', '-')} / {stats.get('invalid', '-')}",
+            ],
+            ["solve time", f"{fmt_s(stats.get('solve_time_s'))} ({stats.get('status', '-')})"],
+        ]
+    else:
+        rows.append(["search", "none (hand-written plan)"])
+    for key, value in sorted(data.settings.items()):
+        rows.append([key.replace("_", " "), str(value) if value not in ("", None) else "-"])
+    table.rows = rows
+    return table
+
+
+def summary_rows(data) -> list[tuple[str, str]]:
+    """The headline numbers of the chosen plan."""
+    plan, p = data.plan, data.plan.predicted
+    rows = [
+        ("plan", plan.summary()),
+        ("ranks", f"{plan.world_size} ({' x '.join(f'{a.name}={a.size}' for a in plan.mesh)})"),
+    ]
+    if p is None:
+        rows.append(
+            ("predicted", "not available (" + "; ".join(data.notes.get("costs", ["no cost model run"])) + ")")
+        )
+        return rows
+    rows += [
+        ("step time", fmt_s(p.step_time_s)),
+        ("throughput", f"{p.tokens_per_s:,.0f} tokens/s" if p.tokens_per_s else "-"),
+        ("MFU", f"{100 * p.mfu:.1f}%"),
+        (
+            "memory / device",
+            f"{fmt_bytes(p.memory_bytes_per_device)} of {fmt_bytes(p.memory_capacity_bytes)} ({'fits' if p.fits else 'DOES NOT FIT'})",
+        ),
+    ]
+    m = data.measured or {}
+    if "step_time_s" in m:
+        err = 100 * (p.step_time_s / m["step_time_s"] - 1) if m["step_time_s"] else math.nan
+        rows.append(("measured step time", f"{fmt_s(m['step_time_s'])} (prediction {err:+.1f}%)"))
+    return rows

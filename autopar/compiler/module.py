@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -92,6 +93,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
     return ParallelModule(
         model,
         plan,
+        cluster=None if isinstance(cluster, int) else cluster,
         example_inputs=example_inputs,
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -137,9 +139,22 @@ class ParallelModule:
     """The compiled model on this rank. See the module docstring."""
 
     def __init__(
-        self, model, plan, *, example_inputs, loss_fn, optimizer, mode, num_targets, seed, timeout_s
+        self,
+        model,
+        plan,
+        *,
+        cluster=None,
+        example_inputs,
+        loss_fn,
+        optimizer,
+        mode,
+        num_targets,
+        seed,
+        timeout_s,
     ):
         self.plan = plan
+        self.cluster = cluster
+        self._step_times_s: list[float] = []
         self.mode = mode
         self.timeout_s = timeout_s
         self._train = mode == "train"
@@ -151,6 +166,7 @@ class ParallelModule:
         inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
         # Trace at the micro-batch size: exported graphs (HuggingFace models) bake shapes in.
         trace_args = _first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
+        self._trace_args, self._loss_fn = trace_args, loss_fn
         self._gm = fx_trace(
             self._model,
             trace_args,
@@ -256,8 +272,10 @@ class ParallelModule:
         if not self._train:
             raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
         self._require_runtime()
+        start = time.perf_counter()
         with guard(self._reporter, f"step {self._step}", self.timeout_s):
             loss = self._train_step(tuple(batch))
+        self._step_times_s.append(time.perf_counter() - start)
         self._step += 1
         return loss
 
@@ -358,6 +376,32 @@ class ParallelModule:
                 traced.setdefault(name, state[key])
         with guard(self._reporter, "load_state_dict", self.timeout_s):
             scatter_full(self._program.slots, traced)
+
+    # ------------------------------------------------------------------------------ measurements
+    def measured(self) -> dict:
+        """This run's measurements for the plan report: the median step time after the first
+        (warm-up) step; on CUDA also the peak memory of every rank (collective there)."""
+        times = sorted(self._step_times_s[1:] or self._step_times_s)
+        out: dict = {
+            "source": f"{self.plan.world_size} ranks, {len(self._step_times_s)} steps (first excluded)"
+        }
+        if times:
+            out["step_time_s"] = times[len(times) // 2]
+        if self._program is not None and self.device.type == "cuda":
+            mem = [None] * self.plan.world_size
+            dist.all_gather_object(mem, torch.cuda.max_memory_allocated(self.device))
+            out["memory_bytes_per_rank"] = mem
+        return out
+
+    def report(self, path, *, measured: dict | None = None):
+        """Write the plan report (HTML) with this run's measurements overlaid; returns the path."""
+        from autopar.report import write_report
+        from autopar.tracing import trace
+
+        loss_fn = self._loss_fn if self._train else None
+        n = len(self.target_names)
+        graph = trace(self._model, self._trace_args, loss_fn=loss_fn, num_targets=n)
+        return write_report(self.plan, path, cluster=self.cluster, graph=graph, measured=measured)
 
     # ------------------------------------------------------------------------------ inspection
     def rank_code(self, rank: int) -> str:

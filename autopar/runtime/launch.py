@@ -68,18 +68,33 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def _no_tqdm_process_lock() -> None:
+    # fx's Interpreter makes a tqdm bar, whose class lock is a multiprocessing RLock (a named
+    # semaphore); ranks end with os._exit, so it would be reported as leaked at shutdown.
+    try:
+        import threading
+
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _worker(fn, args, rank, world, port, timeout_s, threads, results) -> None:
     torch.set_num_threads(threads)
+    _no_tqdm_process_lock()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     status, payload = "error", b""
     try:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-        with guard(FailureReporter(rank, store), "the launched function", timeout_s):
+        reporter = FailureReporter(rank, store)
+        with guard(reporter, "the launched function", timeout_s):
             value = fn(*args)
         payload = _dumps(value)
-        dist.barrier()
+        with guard(reporter, "the final barrier", timeout_s):
+            dist.barrier()
         dist.destroy_process_group()
         status = "ok"
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises

@@ -84,6 +84,10 @@ CASES = {
     ),
     "plan-batch-sharded": dict(model="gpt", cfg=dict(dropout=0.1), forced={"model_tok_emb": "batch(0)"}),
     "plan-mlp-propagated": dict(model="mlp", forced={}),
+    # HuggingFace models (export graphs, ATen ops): GPT-2's Conv1D (addmm) and fused QKV, Llama's
+    # rotary, grouped-query attention and untied head.
+    "hf-gpt2": dict(model="hf-gpt2"),
+    "hf-llama-sp": dict(model="hf-llama", sp=True),
 }
 
 
@@ -122,6 +126,11 @@ def build(case: dict):
         model = GPT(GPTConfig(**{**GPT_BASE, **case.get("cfg", {})}))
         tokens = torch.randint(0, 64, (2, 8), generator=g)
         return model, tokens, torch.randint(0, 64, (2, 8), generator=g), gpt_loss
+    if case["model"].startswith("hf-"):
+        from equivalence import build_hf, lm_loss
+
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        return build_hf(case["model"][3:], 0), ids, ids, lm_loss
     model = MLP()
     x = torch.randn(4, 12, generator=g)
     if case["model"] == "mlp-mse":

@@ -1,0 +1,108 @@
+"""The profiler: measured per-op times on a tiny GPT, signature cache, JSON, estimator use, gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autopar
+from autopar.cluster import Cluster
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.plan import Plan
+from autopar.profiler import Profile, measure_collectives
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(hidden=32, layers=2, heads=2, vocab=64, seq=16))
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    graph = autopar.trace(model, (x, y), loss_fn=gpt_loss)
+    prof = autopar.profile(graph, (x, y), repeats=3, warmup=1, progress=False)
+    yield graph, (x, y), prof
+    torch.set_num_threads(threads)
+
+
+def test_every_compute_node_is_timed_and_positive(tiny):
+    graph, _, prof = tiny
+    compute = [
+        n.name for n in graph.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+    ]
+    assert set(prof.op_times) == set(compute)
+    assert all(f > 0 for f, _ in prof.op_times.values())
+    assert all(b >= 0 for _, b in prof.op_times.values())
+    fwd_s, bwd_s = prof.total_s()
+    assert fwd_s > 0 and bwd_s > 0
+    linears = [n for n, s in prof.nodes.items() if prof.records[s].target == "Linear"]
+    assert linears and all(prof.op_times[n][1] > 0 for n in linears)  # weight + input gradients
+    # a linear saves its input for the weight gradient: b * s * h fp32 bytes at least
+    assert max(prof.saved_bytes[n] for n in linears) >= 2 * 16 * 32 * 4
+
+
+def test_identical_layers_are_measured_once(tiny):
+    graph, _, prof = tiny
+    l0 = [n for n in prof.nodes if "layers_0_" in n]
+    l1 = {n.replace("layers_0_", "layers_1_") for n in l0}
+    assert l0 and l1 <= set(prof.nodes)
+    for n in l0:
+        assert prof.nodes[n] == prof.nodes[n.replace("layers_0_", "layers_1_")]
+    assert prof.num_measured == len(prof.records) < len(prof.nodes)
+
+
+def test_json_round_trip_and_cache_hit(tiny, tmp_path):
+    graph, inputs, prof = tiny
+    back = Profile.from_json(prof.to_json())
+    assert back.op_times == prof.op_times and back.device == prof.device
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert Profile.load(path).op_times == prof.op_times
+    cache = tmp_path / "cache.json"
+    first = autopar.profile(graph, inputs, repeats=1, warmup=0, cache_path=cache, progress=False)
+    again = autopar.profile(graph, inputs, repeats=1, warmup=0, cache_path=cache, progress=False)
+    assert first.num_measured > 0 and again.num_measured == 0
+    assert again.num_cached == len(first.records)
+    assert again.op_times == first.op_times
+
+
+def test_estimate_uses_profiled_times(tiny):
+    graph, _, prof = tiny
+    plan = Plan.manual(dp=1, global_batch=2, micro_batch_size=2)
+    cluster = Cluster.local(ranks=1)
+    profiled = autopar.estimate(graph, cluster, plan, op_times=prof.op_times)
+    roofline = autopar.estimate(graph, cluster, plan)
+    assert profiled.breakdown_s["compute"] == pytest.approx(sum(prof.total_s()), rel=1e-6)
+    assert profiled.breakdown_s["compute"] != pytest.approx(roofline.breakdown_s["compute"], rel=0.01)
+
+
+def test_profile_accepts_a_module(tiny):
+    _, inputs, _ = tiny
+    model = GPT(GPTConfig(hidden=16, layers=1, heads=2, vocab=32, seq=8))
+    x = torch.randint(0, 32, (1, 8))
+    prof = autopar.profile(model, (x, x), loss_fn=gpt_loss, repeats=1, warmup=0, progress=False)
+    assert prof.op_times and all(f > 0 for f, _ in prof.op_times.values())
+
+
+def test_bad_inputs_raise_typed_errors(tiny):
+    graph, (x, _), _ = tiny
+    with pytest.raises(autopar.errors.TraceError, match="inputs"):
+        autopar.profile(graph, (x,), progress=False)
+    with pytest.raises(autopar.errors.AutoparError, match="repeats"):
+        autopar.profile(graph, (x, x), repeats=0, progress=False)
+
+
+def test_measure_collectives_fits_a_link():
+    r = measure_collectives(2, sizes_bytes=(4096, 1 << 20, 4 << 20), repeats=3, timeout_s=60)
+    assert r["ranks"] == 2 and len(r["times_s"]) == 3
+    assert all(t > 0 for t in r["times_s"])
+    assert r["times_s"][-1] > r["times_s"][0]  # 4 MiB takes longer than 4 KiB
+    link = r["link"]
+    assert 1e6 < link["bandwidth_bytes_per_s"] < 1e12 and link["latency_s"] >= 0
+    cluster = Cluster.local(
+        ranks=2,
+        intra_node_bandwidth_bytes_per_s=link["bandwidth_bytes_per_s"],
+        intra_node_latency_s=link["latency_s"],
+    )
+    assert cluster.intra_node.bandwidth_bytes_per_s == pytest.approx(link["bandwidth_bytes_per_s"])

@@ -27,10 +27,11 @@ from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
 from autopar.lower.rewrite import Rewriter
+from autopar.errors import PlanError
 from autopar.plan import NodePlacement, Placement, Plan, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.megatron import megatron_placements
-from autopar.sharding.normalize import _canonical_names
+from autopar.sharding.normalize import canonical_names
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def _keep_buffer_persistence(source: nn.Module, gm: nn.Module) -> None:
 
 
 def _unchanged(gm: torch.fx.GraphModule) -> LoweredModule:
-    _, aliases = _canonical_names(gm)
+    _, aliases = canonical_names(gm)
     shards = {name: ShardSpec(name, None, 1, 0) for name, _ in gm.named_parameters()}
     return LoweredModule(gm=gm, shards=shards, code=gm.code, aliases=aliases)
 
@@ -187,6 +188,15 @@ def lower_tensor_parallel(gm: torch.fx.GraphModule, plan: Plan, tp_rank: int, tp
         return _unchanged(gm)
     if not 0 <= tp_rank < tp:
         raise ValueError(f"tp_rank={tp_rank} is outside the tensor-parallel group of size {tp}")
+    if tp_group is not None:
+        import torch.distributed as dist
+
+        size = dist.get_world_size(tp_group)
+        if size != tp:
+            raise PlanError(
+                f"the tensor-parallel process group has {size} ranks but the plan says tp={tp}; "
+                "pass the group of this rank's tp axis (autopar.runtime.groups)"
+            )
     sg = ShardingGraph(gm, tp)
     placements = plan.placements or megatron_placements(sg, tp, plan.sequence_parallel)
     choices, params = choose(sg, placements)

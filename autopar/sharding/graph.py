@@ -12,7 +12,7 @@ from functools import cached_property
 import torch.fx
 
 from autopar.errors import TraceError
-from autopar.sharding.normalize import Normalized, _canonical_names, functionalize
+from autopar.sharding.normalize import Normalized, canonical_names, functionalize
 from autopar.sharding.ops import OpCall, is_multi, is_tensor, numel_bytes, parse, shape, tensor_meta
 from autopar.sharding.rules import Strategy, call_strategies
 
@@ -124,6 +124,6 @@ def strategies(node: Node, tp: int) -> list[Strategy]:
     :func:`autopar.sharding.functionalize` (or use :class:`ShardingGraph`) first.
     """
     gm = node.graph.owning_module
-    first, _ = _canonical_names(gm) if gm is not None else ({}, {})
+    first, _ = canonical_names(gm) if gm is not None else ({}, {})
     params = {name: None for name in first.values()}
     return call_strategies(parse(node, params), tp, params)

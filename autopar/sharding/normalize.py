@@ -41,7 +41,7 @@ class Normalized:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _canonical_names(gm: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
+def canonical_names(gm: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
@@ -104,7 +104,7 @@ class _Builder:
         # export graphs flatten inputs and unflatten outputs through a pytree codegen: keep it.
         self.graph._codegen = gm.graph._codegen
         self.env: dict[torch.fx.Node, torch.fx.Node] = {}
-        self.first, self.aliases = _canonical_names(gm)
+        self.first, self.aliases = canonical_names(gm)
         self.param_nodes: dict[str, torch.fx.Node] = {}
 
     def canonical(self, target: str) -> str:

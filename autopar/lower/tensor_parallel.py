@@ -23,11 +23,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from autopar.errors import PlanError
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
 from autopar.lower.rewrite import Rewriter
-from autopar.errors import PlanError
 from autopar.plan import NodePlacement, Placement, Plan, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.megatron import megatron_placements

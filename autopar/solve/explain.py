@@ -109,6 +109,8 @@ def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
             "evaluated": st.evaluated,
             "pruned": st.pruned,
             "invalid": st.invalid,
+            "ilp_solves": st.ilp_solves,
+            "refined": st.refined,
             "solve_time_s": st.solve_time_s,
             "status": st.status,
             "cluster": getattr(cluster, "name", ""),
@@ -137,6 +139,10 @@ def infeasible_message(search) -> tuple[str, dict]:
     return message, details
 
 
+def _blocks_per_stage(plan) -> list[int]:
+    return [plan.layer_stages.count(s) for s in range(max(plan.layer_stages) + 1)]
+
+
 def explain_text(plan) -> str:
     """A terminal table: the plan, its breakdown, the runner-ups and the rejected configurations."""
     lines = [f"plan: {plan.summary()}"]
@@ -156,6 +162,11 @@ def explain_text(plan) -> str:
         f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
         f"by bounds, {st['invalid']} invalid; {st['solve_time_s']:.2f} s ({st['status']})"
     )
+    if st.get("ilp_solves"):
+        lines.append(
+            f"inter-op ILP: {st['ilp_solves']} pipelines re-split, {st.get('refined', 0)} improved"
+            + (f"; this plan's blocks per stage: {_blocks_per_stage(plan)}" if plan.layer_stages else "")
+        )
     if plan.search["alternatives"]:
         lines.append("runner-ups:")
         lines += [

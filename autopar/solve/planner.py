@@ -4,19 +4,27 @@
    schedule and virtual stages, sequence parallelism, recompute and ZeRO. Every candidate is costed
    by the estimator ``autopar estimate`` uses, so a plan's predicted cost is reproducible with
    ``autopar estimate --plan``.
-2. **Bounds** (all valid under the cost model, so pruning never loses the optimum):
+2. **Bounds** (all valid under the cost model, so pruning never loses the optimum; see
+   ``docs/planner.md`` for the arguments):
 
-   * For one (mesh, micro-batch, schedule, sp) the cheapest memory knobs (no recompute, ZeRO-0) are
-     costed first. Other knobs only add recompute FLOPs and collectives, so their time is at least
-     that time; ZeRO >= 1 can save at most the optimizer-step share and the exposed gradient
-     all-reduce, which the bound subtracts. A knob whose bound is not below the incumbent is skipped.
-   * Memory falls monotonically along the knobs: if the most frugal setting (full recompute, ZeRO-3)
-     does not fit, none does, and the pipeline is skipped after two evaluations.
-   * An interleaved schedule with ``v`` virtual stages can at best divide the 1F1B bubble by ``v``
-     (it adds p2p), so it is costed only when ``T_1f1b - bubble·(1 - 1/v)`` beats the incumbent.
-3. **Inter-op ILP** (:mod:`autopar.solve.inter_op`): for the best candidates with ``pp > 1`` the
-   blocks are re-split across stages to balance the stem (embedding) and head (LM head + loss)
-   against the repeated blocks; the split is kept only when the estimator confirms it.
+   * For one (mesh, micro-batch, schedule, sp) the least recompute and ZeRO allowed (``first``) is
+     costed first. Recompute and ZeRO-3 only lengthen stages, and a longer backward hides at most
+     as much gradient all-reduce as it adds, so at ``first``'s ZeRO stage no knob beats ``first``;
+     another ZeRO stage can save at most ``first``'s data-parallel sync and optimizer step. When the
+     blocks may be split unevenly (1F1B, ``pp > 1``) the bound is the split-free one of
+     :func:`~autopar.solve.refine.split_lower_bound`. A knob whose bound is not below the incumbent
+     is skipped.
+   * Per stage, memory falls with more recompute and with ZeRO 0 -> 1 -> 2; if the most frugal
+     knobs (the most recompute at the highest ZeRO stage <= 2, and at ZeRO-3) fit under no split,
+     none does, and the rest of the pipeline's knobs are skipped.
+   * An interleaved schedule with ``v`` virtual stages has the same blocks per device as its 1F1B
+     twin, at least its stage times, and at best ``1/v`` of its bubble, so it is costed only when
+     ``T_1f1b - sync - optimizer - bubble·(1 - 1/v)`` beats the incumbent.
+3. **Inter-op ILP** (:mod:`autopar.solve.inter_op`, :mod:`autopar.solve.refine`): every candidate
+   with ``pp > 1`` and no virtual stages whose split-free lower bound beats the incumbent has its
+   blocks re-split by an ILP whose objective is the estimator's step time (balancing the stem and
+   the head against the repeated blocks, and stage 0's in-flight activations against memory); the
+   split is re-costed by the estimator.
 
 The returned plan carries its runner-ups and why notable configurations lost or did not fit
 (``Plan.explain()``; reports draw them).
@@ -32,7 +40,7 @@ from autopar.errors import InfeasibleError, PlanError
 from autopar.plan import Plan, PredictedCost
 from autopar.progress import Progress
 from autopar.solve import space
-from autopar.solve.refine import refine_stages
+from autopar.solve.refine import can_fit_any_split, refine_splits, split_lower_bound, splittable
 
 log = logging.getLogger(__name__)
 FRUGAL = ("full", 3)
@@ -59,6 +67,10 @@ class SearchStats:
     evaluated: int = 0
     pruned: int = 0
     invalid: int = 0
+    ilp_solves: int = 0
+    """Inter-op ILPs solved (uneven splits)."""
+    refined: int = 0
+    """Candidates an uneven split made faster (or made fit)."""
     solve_time_s: float = 0.0
     status: str = "optimal"
     """``optimal``: the whole space was covered (pruning is exact); ``time_limit``: incumbent."""
@@ -86,12 +98,21 @@ class Search:
 
     def __init__(self, graph, cluster, spec: space.SpaceSpec, *, time_limit_s: float, progress: Progress):
         self.graph, self.cluster, self.spec = graph, cluster, spec
+        self.num_blocks = len(graph.block_order)
         self.deadline = time.perf_counter() + time_limit_s
         self.fitting: list[Candidate] = []
         self.overflowing: list[Candidate] = []
         self.stats = SearchStats()
         self.progress = progress
         self.best_s = float("inf")
+
+    def out_of_time(self) -> bool:
+        if time.perf_counter() > self.deadline:
+            self.stats.status = "time_limit"
+        return self.stats.status == "time_limit"
+
+    def time_left_s(self) -> float:
+        return self.deadline - time.perf_counter()
 
     # -- evaluation
     def evaluate(self, keys: dict) -> Candidate | None:
@@ -113,17 +134,26 @@ class Search:
             self.overflowing.append(cand)
         return cand
 
+    def add_split(self, even: Candidate, better: Candidate) -> None:
+        """A re-split candidate replaces its even-split twin among the fitting ones."""
+        if even in self.fitting:
+            self.fitting.remove(even)
+        self.fitting.append(better)
+        self.best_s = min(self.best_s, better.time_s)
+        self.stats.refined += 1
+
     # -- the search
     def run(self) -> None:
         meshes = sorted(space.meshes(self.spec), key=lambda m: (-m[1], m[2]))  # likely winners first
         self.stats.space_size = space.size(self.spec)
         self.progress.start("planning", total=len(meshes))
         for dp, tp, pp in meshes:
-            for mbs, schedule, vpp in space.pipelines(self.spec, dp, pp):
-                if schedule == "interleaved":
-                    continue  # costed from its 1F1B twin below
-                if time.perf_counter() > self.deadline:
-                    self.stats.status = "time_limit"
+            found = list(space.pipelines(self.spec, dp, pp))
+            twins = {mbs for mbs, schedule, _ in found if schedule == "1f1b"}
+            for mbs, schedule, vpp in found:
+                if schedule == "interleaved" and mbs in twins:
+                    continue  # costed from its 1F1B twin, which bounds it
+                if self.out_of_time():
                     self.progress.finish("time limit reached: returning the best plan so far")
                     return
                 self._pipeline(dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp))
@@ -131,49 +161,87 @@ class Search:
         self.progress.finish(f"{self.stats.evaluated} plans costed")
 
     def _pipeline(self, base: dict) -> None:
-        sps = [sp for sp, rc, z in space.knobs(self.spec, base["tp"]) if (rc, z) == ("none", 0)]
-        sps = sps or sorted({sp for sp, _, _ in space.knobs(self.spec, base["tp"])})
-        for sp in sps:
+        knobs = list(space.knobs(self.spec, base["tp"], base["dp"]))
+        for sp in sorted({sp for sp, _, _ in knobs}):
             first = self._knobs(dict(base, sp=sp))
             if first is not None and base["pp"] > 1 and base["schedule"] == "1f1b":
                 self._interleaved(dict(base, sp=sp), first)
 
     def _knobs(self, base: dict) -> Candidate | None:
-        """Memory knobs for one (mesh, pipeline, sp); returns the cheapest-knob candidate."""
-        knobs = [(rc, z) for sp, rc, z in space.knobs(self.spec, base["tp"]) if sp == base["sp"]]
+        """Memory knobs for one (mesh, pipeline, sp), cheapest first; returns the first candidate.
+
+        ``first`` (the least recompute and ZeRO allowed) bounds the others (:meth:`_bound`); when it
+        does not fit, the most memory-frugal knobs are costed next, and if none of them fits (under
+        any split of the blocks) no knob does."""
+        knobs = [(rc, z) for sp, rc, z in space.knobs(self.spec, base["tp"], base["dp"]) if sp == base["sp"]]
         if not knobs:
             return None
         first = self.evaluate(dict(base, recompute=knobs[0][0], zero=knobs[0][1]))
         if first is None:
             return None
-        rest = knobs[1:]
-        if not first.cost.fits and FRUGAL in rest:
-            frugal = self.evaluate(dict(base, recompute=FRUGAL[0], zero=FRUGAL[1]))
-            rest.remove(FRUGAL)
-            if frugal is None or not frugal.cost.fits:
-                self.stats.pruned += len(rest)
+        live = [k for k in knobs[1:] if self._bound(first, k) < self.best_s]
+        self.stats.pruned += len(knobs) - 1 - len(live)
+        if live and not first.cost.fits:
+            done = self._frugal(base, knobs, first)
+            if done is None:
+                self.stats.pruned += len(live)
                 return first
-        for rc, z in rest:
-            if self._knob_bound(first, z) >= self.best_s:
+            live = [k for k in live if k not in done]
+        for knob in live:
+            if self._bound(first, knob) >= self.best_s:
                 self.stats.pruned += 1
                 continue
-            self.evaluate(dict(base, recompute=rc, zero=z))
+            self.evaluate(dict(base, recompute=knob[0], zero=knob[1]))
         return first
 
-    def _knob_bound(self, first: Candidate, zero: int) -> float:
-        if zero == 0:
+    def _frugal(self, base: dict, knobs: list[tuple[str, int]], first: Candidate) -> set | None:
+        """Cost the knobs that use the least memory: per stage, memory falls with more recompute
+        and with ZeRO 0 -> 1 -> 2; ZeRO-3 trades a gather buffer for sharded parameters, so it is
+        checked on its own. None when none of them fits under any split of the blocks (then no
+        knob does); else the set of knobs costed here."""
+        frugal = set()
+        for zeros in ([z for _, z in knobs if z <= 2], [z for _, z in knobs if z == 3]):
+            if zeros:
+                z = max(zeros)
+                frugal.add((max((rc for rc, zz in knobs if zz == z), key=space.RECOMPUTE_ORDER.index), z))
+        cands = [first] if knobs[0] in frugal else []
+        for rc, z in sorted(frugal - {knobs[0]}):
+            cand = self.evaluate(dict(base, recompute=rc, zero=z))
+            if cand is not None:
+                cands.append(cand)
+        if any(c.cost.fits for c in cands):
+            return frugal
+        if any(can_fit_any_split(self.graph, self.cluster, c.plan) for c in cands):
+            return frugal
+        return None
+
+    def _bound(self, first: Candidate, knob: tuple[str, int]) -> float:
+        """A lower bound on the step time of ``knob`` at ``first``'s mesh and pipeline.
+
+        Recompute and ZeRO-3 only lengthen every stage; a longer backward can hide more of the
+        gradient all-reduce, but never more than it adds. So at ``first``'s ZeRO stage the step is
+        at least ``first``'s; at another ZeRO stage at least ``first``'s minus its data-parallel
+        sync and optimizer step. When the blocks may be split unevenly, any split of any knob
+        costs at least :func:`split_lower_bound` of ``first``."""
+        if splittable(first.plan, self.num_blocks):
+            return split_lower_bound(first.cost, first.plan)
+        if knob[1] == first.keys["zero"]:
             return first.time_s
         b = first.cost.breakdown_s
         return first.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
 
     def _interleaved(self, base: dict, one_f_one_b: Candidate) -> None:
+        """Interleaved twins of a 1F1B pipeline. Same blocks per device, at least the same work per
+        stage and ``v`` times the p2p; only the bubble shrinks, at best by ``(1 - 1/v)``."""
+        b = one_f_one_b.cost.breakdown_s
+        floor_s = one_f_one_b.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
         for mbs, schedule, vpp in space.pipelines(self.spec, base["dp"], base["pp"]):
             if schedule != "interleaved" or mbs != base["mbs"]:
                 continue
-            bubble = one_f_one_b.cost.breakdown_s.get("pp_bubble", 0.0)
-            knob_bound = one_f_one_b.time_s - one_f_one_b.cost.breakdown_s.get("optimizer", 0.0)
-            if one_f_one_b.cost.fits and knob_bound - bubble * (1 - 1 / vpp) >= self.best_s:
-                self.stats.pruned += 1
+            if floor_s - b.get("pp_bubble", 0.0) * (1 - 1 / vpp) >= self.best_s:
+                self.stats.pruned += sum(
+                    1 for k in space.knobs(self.spec, base["tp"], base["dp"]) if k[0] == base["sp"]
+                )
                 continue
             self._knobs(dict(base, schedule="interleaved", vpp=vpp))
 
@@ -209,12 +277,11 @@ def plan(
     spec = _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
     search = Search(graph, cluster, spec, time_limit_s=time_limit_s, progress=Progress(enabled=progress))
     search.run()
+    refine_splits(search)
     if not search.fitting:
         search.stats.solve_time_s = time.perf_counter() - t0
         raise _infeasible(search)
     ranked = sorted(search.fitting, key=lambda c: c.time_s)
-    ranked = refine_stages(graph, cluster, ranked[: max(top_k, 3)], search) + ranked[max(top_k, 3) :]
-    ranked.sort(key=lambda c: c.time_s)
     search.stats.solve_time_s = time.perf_counter() - t0
     best = ranked[0]
     best.plan.predicted = best.cost

@@ -1,9 +1,22 @@
-"""Re-split blocks over pipeline stages with the inter-op ILP, for the best candidates.
+"""Uneven pipeline splits: the inter-op ILP applied to the candidates that could still win.
 
-The estimator's workload for the even split gives, per stage, the repeated block's time and the
-stage's fixed part (stem, head, p2p); memory per stage is linear in its block count, so its slope
-``w_s`` and intercept ``G_s`` come from the memory model at ``n_s`` and ``n_s + 1`` blocks. The
-ILP's split is then re-costed by the estimator and kept only if it is faster and fits.
+The outer search costs every candidate with its blocks split evenly over the stages. For a 1F1B
+(or GPipe) pipeline, a split that gives the stem's stage or the head's stage fewer blocks can be
+faster, use less memory on stage 0 (which holds the most micro-batches in flight), or both.
+
+**Which candidates.** Every stage runs the same block on the same kind of device, so the sum of
+the per-micro-batch stage times ``Σ = sum_s T_s`` does not depend on the split, and the pipeline
+part of any split costs at least ``(m - 1) Σ / S + Σ`` (the slowest stage is at least the mean).
+:func:`split_lower_bound` reads ``Σ`` off a candidate's even-split breakdown; only candidates whose
+bound is below the incumbent are re-split, best bound first, so the optimum over all splits is
+never missed.
+
+**The problem.** :func:`stage_problem` builds the ILP's data from the estimator's own workload: per
+stage the time of one block and the stage's fixed time (the difference of the stage's time with
+one block more or less), the memory per block and fixed memory (likewise), and per block count
+the exposed data-parallel sync and the optimizer step of that stage. With these the ILP's
+objective is the estimator's step time for every split (a test checks it), and the split it
+returns is re-costed by the estimator before it is used.
 """
 
 from __future__ import annotations
@@ -12,73 +25,90 @@ import dataclasses
 import logging
 
 from autopar.errors import PlanError
-from autopar.solve.inter_op import StageProblem, even_split, solve_stages
+from autopar.solve.inter_op import StageProblem, can_fit, even_split, latency_s, solve_stages
 
 log = logging.getLogger(__name__)
 
 
-def refine_stages(graph, cluster, candidates: list, search) -> list:
-    out = []
-    for cand in candidates:
-        better = None
-        if cand.plan.pp > 1 and cand.plan.virtual_stages == 1 and len(graph.block_order) > cand.plan.pp:
-            try:
-                better = _refine(graph, cluster, cand, search)
-            except PlanError as e:  # an ILP split the estimator rejects: keep the even split
-                log.debug("stage refinement skipped for %s: %s", cand.plan.summary(), e)
-        out.append(better or cand)
-    return out
+def splittable(plan, num_blocks: int) -> bool:
+    """An uneven split applies: a pipeline without virtual stages and blocks to move."""
+    return plan.pp > 1 and plan.virtual_stages == 1 and num_blocks > plan.pp
 
 
-def _refine(graph, cluster, cand, search):
-    from autopar.estimator import estimate
-
-    problem = stage_problem(graph, cluster, cand.plan)
-    if problem is None:
-        return None
-    solution = solve_stages(problem, time_limit_s=5.0)
-    if solution is None or solution.blocks_per_stage == even_split(problem.num_blocks, problem.num_stages):
-        return None
-    layer_stages = [s for s, n in enumerate(solution.blocks_per_stage) for _ in range(n)]
-    plan = dataclasses.replace(cand.plan, layer_stages=layer_stages, predicted=None)
-    cost = estimate(graph, cluster, plan)
-    search.stats.evaluated += 1
-    if not cost.fits or cost.step_time_s >= cand.time_s:
-        return None
-    return type(cand)(keys=dict(cand.keys, layer_stages=layer_stages), plan=plan, cost=cost)
+def pipeline_sum_s(cost, m: int) -> float:
+    """``sum_s T_s`` of a ``v = 1`` candidate from its breakdown: step = m max + (Σ - max) + sync."""
+    b = cost.breakdown_s
+    pipe = cost.step_time_s - b.get("dp_comm_exposed", 0.0) - b.get("optimizer", 0.0)
+    bubble = b.get("pp_bubble", 0.0)
+    return bubble + (pipe - bubble) / m
 
 
+def split_lower_bound(cost, plan) -> float:
+    """A lower bound on the step time of ``plan``'s keys under any split of the blocks (and, since
+    recompute and ZeRO-3 only lengthen stages, under any recompute / ZeRO setting)."""
+    m, S = plan.num_micro_batches, plan.pp
+    total = pipeline_sum_s(cost, m)
+    return (m - 1) * total / S + total
+
+
+# ------------------------------------------------------------------------------ the problem
 def stage_problem(graph, cluster, plan) -> StageProblem | None:
-    """Linear per-stage time and memory model of ``plan``'s pipeline around its current split."""
+    """The ILP's data for ``plan``'s keys (any split), or None when stages mix block types."""
     from autopar import estimator
     from cost_models import DEFAULT
-    from cost_models.step import _p2p_time, stage_time
+    from cost_models.step import _dp_exposed, _optimizer_s, _p2p_time, stage_time
 
-    w = estimator.workload(graph, cluster, plan)
+    even = dataclasses.replace(plan, layer_stages=None, predicted=None, search=None)
+    w = estimator.workload(graph, cluster, even)
     repeated = [_repeated(stage) for stage in w.stages]
     if any(r is None for r in repeated):
         return None
-    times, fixed_t, per_block_b, fixed_b = [], [], [], []
-    for s, stage in enumerate(w.stages):
-        block, count = repeated[s]
-        t_block = stage_time(_with(stage, block, 1), w.spec, w.rates, DEFAULT).total_s
-        t_block -= stage_time(_with(stage, block, 0), w.spec, w.rates, DEFAULT).total_s
-        t_stage = stage_time(stage, w.spec, w.rates, DEFAULT).total_s
-        mem_n = _stage_bytes(w, plan, s, stage)
-        mem_n1 = _stage_bytes(w, plan, s, _with(stage, block, count + 1))
-        times.append(t_block)
-        fixed_t.append(t_stage + _p2p_time(stage, w.spec, DEFAULT) - count * t_block)
-        per_block_b.append(mem_n1 - mem_n)
-        fixed_b.append(mem_n - count * (mem_n1 - mem_n))
-    return StageProblem(
-        num_blocks=len(graph.block_order),
+    L, S = len(graph.block_order), plan.pp
+    train = plan.mode == "train"
+    p = StageProblem(
+        num_blocks=L,
         num_micro_batches=plan.num_micro_batches,
-        block_time_s=times,
-        block_bytes=per_block_b,
-        fixed_time_s=fixed_t,
-        fixed_bytes=fixed_b,
-        capacity_bytes=[cluster.device.memory_bytes] * plan.pp,
+        block_time_s=[],
+        fixed_time_s=[],
+        block_bytes=[],
+        fixed_bytes=[],
+        capacity_bytes=[cluster.device.memory_bytes] * S,
+        sync_time_s=[] if train else None,
+        optimizer_block_s=[],
+        optimizer_fixed_s=[],
     )
+    mem_n = _stage_totals(w, even, w.stages)
+    mem_n1 = _stage_totals(w, even, [_with(st, b, c + 1) for st, (b, c) in zip(w.stages, repeated)])
+    for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
+        t0 = stage_time(_with(stage, block, 0), w.spec, w.rates, DEFAULT)
+        t1 = stage_time(_with(stage, block, 1), w.spec, w.rates, DEFAULT)
+        per0, per1 = _per_micro_batch(t0, train), _per_micro_batch(t1, train)
+        p.block_time_s.append(per1 - per0)
+        p.fixed_time_s.append(per0 + _p2p_time(stage, w.spec, DEFAULT))
+        p.block_bytes.append(mem_n1[s] - mem_n[s])
+        p.fixed_bytes.append(mem_n[s] - count * (mem_n1[s] - mem_n[s]))
+        if train:
+            one = [dataclasses.replace(w.spec, stages=(_with(stage, block, k),)) for k in (0, 1)]
+            o0, o1 = (_optimizer_s(spec, w.rates, DEFAULT) for spec in one)
+            p.optimizer_block_s.append(o1 - o0)
+            p.optimizer_fixed_s.append(o0)
+            block_t = t1 + t0.scaled(-1.0)
+            p.sync_time_s.append(
+                [
+                    _dp_exposed(
+                        dataclasses.replace(w.spec, stages=(_with(stage, block, k),)),
+                        [t0 + block_t.scaled(k)],
+                        DEFAULT,
+                    )
+                    for k in range(1, p.max_blocks + 1)
+                ]
+            )
+    return p
+
+
+def _per_micro_batch(t, train: bool) -> float:
+    """A stage's time per micro-batch as ``cost_models.step`` counts it (p2p apart)."""
+    return t.total_s if train else t.fwd_s + t.tp_fwd_s
 
 
 def _repeated(stage):
@@ -91,11 +121,69 @@ def _with(stage, block, count: int):
     return dataclasses.replace(stage, blocks=blocks)
 
 
-def _stage_bytes(w, plan, s: int, stage) -> float:
+def _stage_totals(w, plan, stages) -> list[float]:
     from autopar import estimator
     from cost_models import DEFAULT
 
-    stages = list(w.stages)
-    stages[s] = stage
     memory = estimator._stage_memory(stages, plan, w.spec.param_bytes, DEFAULT, [0.0] * len(stages))
-    return sum(memory[s].values())
+    return [sum(m.values()) for m in memory]
+
+
+def layer_stages(counts: list[int]) -> list[int]:
+    return [s for s, n in enumerate(counts) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ the phase
+def can_fit_any_split(graph, cluster, plan) -> bool:
+    """Whether some split of ``plan``'s blocks fits memory (True when it cannot be split)."""
+    if not splittable(plan, len(graph.block_order)):
+        return False
+    problem = stage_problem(graph, cluster, plan)
+    return problem is None or can_fit(problem)
+
+
+def refine_splits(search) -> None:
+    """Re-split every candidate that might beat the incumbent under some split (module docstring);
+    better splits join ``search.fitting`` (replacing their even-split twin)."""
+    num_blocks = len(search.graph.block_order)
+    pool = [c for c in search.fitting + search.overflowing if splittable(c.plan, num_blocks)]
+    pool.sort(key=lambda c: split_lower_bound(c.cost, c.plan))
+    for cand in pool:
+        if split_lower_bound(cand.cost, cand.plan) >= search.best_s * (1 - 1e-12):
+            break
+        if search.out_of_time():
+            return
+        try:
+            better = _refine(search, cand)
+        except PlanError as e:  # a split the estimator rejects: keep the even split
+            log.debug("stage refinement skipped for %s: %s", cand.plan.summary(), e)
+            continue
+        if better is not None:
+            search.add_split(cand, better)
+
+
+def _refine(search, cand):
+    from autopar.estimator import estimate
+
+    problem = stage_problem(search.graph, search.cluster, cand.plan)
+    if problem is None:
+        return None
+    search.stats.ilp_solves += 1
+    solution = solve_stages(problem, time_limit_s=max(1.0, min(10.0, search.time_left_s())))
+    if solution is None or solution.blocks_per_stage == even_split(problem.num_blocks, problem.num_stages):
+        return None
+    split = layer_stages(solution.blocks_per_stage)
+    plan = dataclasses.replace(cand.plan, layer_stages=split, predicted=None)
+    cost = estimate(search.graph, search.cluster, plan)
+    search.stats.evaluated += 1
+    if abs(cost.step_time_s - latency_s(problem, solution.blocks_per_stage)) > 1e-6 * cost.step_time_s:
+        log.warning(
+            "inter-op ILP objective %.6g s differs from the estimator's %.6g s for %s split %s",
+            solution.latency_s,
+            cost.step_time_s,
+            plan.summary(),
+            solution.blocks_per_stage,
+        )
+    if not cost.fits or (cand.cost.fits and cost.step_time_s >= cand.time_s):
+        return None
+    return type(cand)(keys=dict(cand.keys), plan=plan, cost=cost)

@@ -12,7 +12,8 @@ over:
 * ``schedule`` / ``vpp``: ``1f1b`` (and ``gpipe`` when asked), ``interleaved`` with ``vpp`` that
   splits each stage's blocks evenly and a micro-batch count that is a multiple of ``pp``;
 * ``sp``: 0, and 1 when ``tp > 1``;
-* ``recompute`` × ``zero``: the memory knobs, ordered cheapest first (see :data:`MEMORY_KNOBS`).
+* ``recompute`` × ``zero``: the memory knobs, ordered cheapest first (see :data:`MEMORY_KNOBS`);
+  ``zero`` only when ``dp > 1``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 # Memory knobs in the order the planner tries them: each later entry saves memory and (under the
 # cost model) never runs faster than the ones before it at the same mesh, so the first that fits
 # is usually the fastest; the planner still evaluates all of them when the first fails.
+RECOMPUTE_ORDER = ("none", "selective", "full")
+"""Recompute settings by the memory they keep (most first) and the time they add (least first)."""
+
 MEMORY_KNOBS = (
     ("none", 0),
     ("none", 1),
@@ -119,11 +123,16 @@ def _schedules(s: SpaceSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
                 yield "interleaved", vpp
 
 
-def knobs(s: SpaceSpec, tp: int) -> Iterator[tuple[int, str, int]]:
-    """(sp, recompute, zero), memory knobs cheapest first; inference has no recompute or ZeRO."""
+def knobs(s: SpaceSpec, tp: int, dp: int) -> Iterator[tuple[int, str, int]]:
+    """(sp, recompute, zero), memory knobs cheapest first; inference has no recompute or ZeRO.
+
+    With ``dp = 1`` every ZeRO stage is ZeRO-0 (nothing to shard over), so only ``zero=0`` is
+    listed unless the user fixed another stage."""
     fixed = s.fixed or {}
     sps = [0, 1] if tp > 1 else [0]
     memory = MEMORY_KNOBS if s.mode == "train" else (("none", 0),)
+    if dp == 1 and "zero" not in fixed:
+        memory = tuple(k for k in memory if k[1] == 0)
     for sp in sps:
         if "sp" in fixed and fixed["sp"] != sp:
             continue
@@ -139,5 +148,5 @@ def size(s: SpaceSpec) -> int:
     """Number of candidates before any pruning (for progress and the report)."""
     n = 0
     for dp, tp, pp in meshes(s):
-        n += sum(1 for _ in pipelines(s, dp, pp)) * sum(1 for _ in knobs(s, tp))
+        n += sum(1 for _ in pipelines(s, dp, pp)) * sum(1 for _ in knobs(s, tp, dp))
     return n

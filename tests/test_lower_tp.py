@@ -287,6 +287,8 @@ def test_dry_lowering_keeps_signature_meta_and_names_tied_aliases():
         if n.meta.get("nn_module_stack")
     }
     assert "model.layers.1.attn.q_proj" in paths
+    view = next(n for n in low.gm.graph.nodes if n.name == "view")  # q as [b, t, heads, hd]
+    assert view.meta["autopar_placement"] == "S(2)" and view.meta["autopar_local_shape"] == (2, 8, 2, 8)
     assert low.shards["model.tok_emb.weight"] == ShardSpec("model.tok_emb.weight", 0, 2, 1)
     with pytest.raises(Exception, match="lowered dry"):
         low.gm(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))

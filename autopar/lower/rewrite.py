@@ -23,7 +23,7 @@ from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, conversion_calls
 from autopar.plan import Partial, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
-from autopar.sharding.ops import OpCall, describe, shape, tensor_meta
+from autopar.sharding.ops import OpCall, describe, is_multi, is_tensor, shape, tensor_meta
 from autopar.sharding.reshard import reshard_kind
 from autopar.sharding.rules import NO_PLACEMENT
 
@@ -75,8 +75,19 @@ class Rewriter:
                 fn = C.COLLECTIVES[name]
                 dims = () if dim_of is None else ((src if dim_of == "src" else dst).dim,)
                 out = self.call(fn, (out, *dims, self.ctx()), src_node)
+                self.annotate(out, src_node, R if name == "autopar_gather" else dst)
             self.cache[key] = out
         return self.cache[key]
+
+    def annotate(self, new: Node, like: Node, placement: Placement) -> None:
+        """``autopar_placement`` and ``autopar_local_shape`` of a rewritten node's value (its
+        ``tensor_meta``/``val``, copied from the traced graph, describe the full tensor)."""
+        new.meta["autopar_placement"] = str(placement)
+        if is_tensor(like) and not is_multi(tensor_meta(like)):
+            local = list(shape(like))
+            if isinstance(placement, Shard):
+                local[placement.dim] //= self.tp
+            new.meta["autopar_local_shape"] = tuple(local)
 
     def inputs_for(self, node: Node, choice: Choice) -> dict[Node, Node]:
         call = self.sg.calls[node]
@@ -126,6 +137,7 @@ class Rewriter:
         emit = _EMITTERS.get(call.kind, _emit_copy)
         out = emit(self, node, call, choice, mapped)
         raw = choice.strategy.output
+        self.annotate(out, node, raw)
         if raw != choice.final:
             out = self.convert(node, out, raw, choice.final, False)
         self.env[node] = out

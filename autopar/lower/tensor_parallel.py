@@ -8,8 +8,10 @@
 
 The returned module owns its parameters (fresh tensors: this rank's slices of the originals),
 keeps every node's ``meta`` (``nn_module_stack`` included, so a pipeline splitter can assign nodes
-to stages by module path) and holds the process group in its attribute ``autopar_tp``
-(:class:`~autopar.lower.collectives.TPContext`), never in a module global.
+to stages by module path; inserted collectives take their producer's) and holds the process group
+in its attribute ``autopar_tp`` (:class:`~autopar.lower.collectives.TPContext`), never in a module
+global. ``tensor_meta``/``val`` still describe the full tensors of the traced graph; every tensor
+node also gets ``meta["autopar_placement"]`` (``"S(1)"``) and ``meta["autopar_local_shape"]``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ real input tensors, then times each computing node on its own:
 
 * **forward**: the node's target called on fresh copies of its inputs (float tensors, parameters
   included, require grad, as in training, so autograd's recording overhead is counted); warm-up,
-  then the median of ``repeats`` calls (``torch.cuda.synchronize`` around each call on CUDA);
+  then the median of ``repeats`` calls (``torch.cuda.synchronize`` around each call on CUDA; on a
+  single-threaded CPU run the process CPU clock, which other processes on a shared machine do not
+  inflate, see :func:`resolve_clock`);
 * **backward**: ``torch.autograd.grad`` of the node's differentiable outputs w.r.t. its float
   inputs (and a ``call_module``'s parameters) with a random upstream gradient, timed alone (the
   forward that builds the autograd graph is not timed); median of ``repeats``;
@@ -67,7 +69,7 @@ class Profile:
     """Per-node measurements of one graph on one device."""
 
     device: str
-    """Device key the measurements belong to (``cpu:<cpu>:threads=2``, ``cuda:<name>``)."""
+    """Device key the measurements belong to (``cpu:<cpu>:threads=1:clock=cpu``, ``cuda:<name>``)."""
     records: dict[str, OpRecord] = field(default_factory=dict)
     """Per op signature."""
     nodes: dict[str, str] = field(default_factory=dict)
@@ -142,6 +144,7 @@ def profile(
     device: str | torch.device = "cpu",
     repeats: int = 7,
     warmup: int = 2,
+    clock: str = "auto",
     cache_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Profile:
@@ -150,7 +153,8 @@ def profile(
     ``model_or_graph``: an ``nn.Module`` (traced with ``example_inputs`` = ``(inputs..., targets...)``
     and ``loss_fn``) or an :class:`~autopar.ir.OpGraph` from :func:`autopar.trace` (then
     ``example_inputs`` are the graph's placeholder values, in order). Times are per node at the
-    example batch size. ``cache_path``: JSON cache of measurements, read if present and written
+    example batch size. ``clock``: ``auto`` (default; see :func:`resolve_clock`), ``wall`` or
+    ``cpu`` (process CPU time). ``cache_path``: JSON cache of measurements, read if present and written
     after the run. Raises :class:`~autopar.errors.TraceError` when the graph cannot run.
     """
     if repeats < 1 or warmup < 0:
@@ -160,10 +164,11 @@ def profile(
     if example_inputs is None:
         raise TraceError("profile: example_inputs are needed to run the graph on real tensors")
     dev = torch.device(device)
+    timer = Timer(dev, resolve_clock(clock, dev))
     gm = graph.gm.to(dev)
     inputs = _to_device(_as_tuple(example_inputs), dev)
     env = _record_values(gm, inputs)
-    key = device_key(dev)
+    key = device_key(dev, timer.clock)
     prof = Profile(device=key)
     cache = _load_cache(cache_path, key)
     compute = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
@@ -177,7 +182,7 @@ def profile(
                 prof.records[sig] = cache[sig]
                 prof.num_cached += 1
             else:
-                prof.records[sig] = _measure(gm, node, env, dev, repeats, warmup)
+                prof.records[sig] = _measure(gm, node, env, timer, repeats, warmup)
                 prof.num_measured += 1
         bar.advance(node.name)
     prof.profile_s = time.perf_counter() - t0
@@ -213,12 +218,47 @@ def _to_device(values, dev: torch.device):
     return tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in values)
 
 
-def device_key(dev: torch.device) -> str:
-    """Which device measurements belong to; CPU times depend on the thread count too."""
+def device_key(dev: torch.device, clock: str = "wall") -> str:
+    """Which device (and clock) measurements belong to; CPU times depend on the thread count too."""
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     cpu = platform.processor() or platform.machine()
-    return f"{dev.type}:{cpu}:threads={torch.get_num_threads()}"
+    return f"{dev.type}:{cpu}:threads={torch.get_num_threads()}:clock={clock}"
+
+
+def resolve_clock(clock: str, dev: torch.device) -> str:
+    """``auto``: the process CPU clock for a single-threaded CPU run, else the wall clock.
+
+    On a shared CPU the wall time of an op includes the time other processes held the core; the
+    CPU time of a single-threaded process does not (it is what the op costs on an idle core). With
+    several intra-op threads CPU time sums the threads, so wall time is used. CUDA: wall time
+    between ``torch.cuda.synchronize`` calls.
+    """
+    if clock not in ("auto", "wall", "cpu"):
+        raise AutoparError(f"profile: clock={clock!r}; use 'auto', 'wall' or 'cpu'")
+    if clock == "cpu" and dev.type == "cuda":
+        raise AutoparError("profile: clock='cpu' does not time CUDA kernels; use clock='wall' on cuda")
+    if clock == "auto":
+        return "cpu" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    return clock
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Times one call on a device with the chosen clock (``wall`` or ``cpu``)."""
+
+    dev: torch.device
+    clock: str = "wall"
+
+    def now(self) -> float:
+        return time.process_time() if self.clock == "cpu" else time.perf_counter()
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        _sync(self.dev)
+        t0 = self.now()
+        fn()
+        _sync(self.dev)
+        return self.now() - t0
 
 
 # ------------------------------------------------------------------------------ recording
@@ -317,15 +357,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn: Callable[[], object], dev: torch.device) -> float:
-    _sync(dev)
-    t0 = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t0
-
-
-def _measure(gm, node, env, dev, repeats: int, warmup: int) -> OpRecord:
+def _measure(gm, node, env, timer, repeats: int, warmup: int) -> OpRecord:
     fn = _callable(gm, node)
     leaves: list[torch.Tensor] = []
     args = torch.fx.node.map_arg(node.args, lambda a: _fresh(env[a.name], leaves))
@@ -333,13 +365,13 @@ def _measure(gm, node, env, dev, repeats: int, warmup: int) -> OpRecord:
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
     target = _target_name(gm, node)
     try:
-        return _measure_grad(fn, args, kwargs, leaves + params, dev, repeats, warmup, target)
+        return _measure_grad(fn, args, kwargs, leaves + params, timer, repeats, warmup, target)
     except RuntimeError as e:  # in-place on a leaf, integer-only op...: forward without autograd
         log.debug("profile: %s (%s) timed without autograd: %s", node.name, target, e)
         plain = torch.fx.node.map_arg(node.args, lambda a: _fresh_nograd(env[a.name]))
         plain_kw = torch.fx.node.map_arg(node.kwargs, lambda a: _fresh_nograd(env[a.name]))
         with torch.no_grad():
-            fwd = _median(lambda: fn(*plain, **plain_kw), dev, repeats, warmup)
+            fwd = _median(lambda: fn(*plain, **plain_kw), timer, repeats, warmup)
         return OpRecord(target=target, fwd_s=fwd, bwd_s=0.0)
 
 
@@ -347,15 +379,15 @@ def _fresh_nograd(value):
     return _fresh(value, []) if not isinstance(value, torch.Tensor) else value.detach().clone()
 
 
-def _median(fn, dev, repeats: int, warmup: int) -> float:
+def _median(fn, timer, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
-    return statistics.median(_timed(fn, dev) for _ in range(repeats))
+    return statistics.median(timer(fn) for _ in range(repeats))
 
 
-def _measure_grad(fn, args, kwargs, wrt, dev, repeats, warmup, target) -> OpRecord:
+def _measure_grad(fn, args, kwargs, wrt, timer, repeats, warmup, target) -> OpRecord:
     with torch.enable_grad():
-        fwd = _median(lambda: fn(*args, **kwargs), dev, repeats, warmup)
+        fwd = _median(lambda: fn(*args, **kwargs), timer, repeats, warmup)
         saved = _saved_bytes(fn, args, kwargs, wrt)
         outs = _out_tensors(fn(*args, **kwargs))
         if not outs or not wrt:
@@ -364,7 +396,7 @@ def _measure_grad(fn, args, kwargs, wrt, dev, repeats, warmup, target) -> OpReco
         times = []
         for i in range(warmup + repeats):
             outs = _out_tensors(fn(*args, **kwargs))
-            t = _timed(lambda o=outs: torch.autograd.grad(o, wrt, grads, allow_unused=True), dev)
+            t = timer(lambda o=outs: torch.autograd.grad(o, wrt, grads, allow_unused=True))
             if i >= warmup:
                 times.append(t)
     return OpRecord(target=target, fwd_s=fwd, bwd_s=statistics.median(times), saved_bytes=saved)
@@ -407,4 +439,13 @@ def _save_cache(path, device: str, records: dict[str, OpRecord]) -> None:
 # ------------------------------------------------------------------------------ collectives
 from autopar.profiler_comm import measure_collectives  # noqa: E402,F401  (re-export)
 
-__all__ = ["OpRecord", "Profile", "device_key", "measure_collectives", "op_signature", "profile"]
+__all__ = [
+    "OpRecord",
+    "Profile",
+    "Timer",
+    "resolve_clock",
+    "device_key",
+    "measure_collectives",
+    "op_signature",
+    "profile",
+]

@@ -68,7 +68,7 @@ def run(args) -> int:
     measured = both["cpu" if prof.device.endswith("clock=cpu") else "wall"]
     fwd_s, bwd_s = prof.total_s()
     b = cost.breakdown_s
-    other_s = cost.step_time_s - b.get("compute", 0.0) - b.get("optimizer", 0.0)
+    other_s = max(cost.step_time_s - b.get("compute", 0.0) - b.get("optimizer", 0.0), 0.0)
     rows = [
         ("forward (incl. loss)", fwd_s, measured["forward"]),
         ("backward", bwd_s, measured["backward"]),

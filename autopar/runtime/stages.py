@@ -139,7 +139,8 @@ def build_stage(
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in inputs + side:
-        env[n] = g.placeholder(n.name)
+        # Activations from the previous stage read as what they are: recv_<producer>.
+        env[n] = g.placeholder(f"recv_{n.name}" if index > 0 and n in inputs else n.name)
         env[n].meta = dict(n.meta)
     for n in nodes:
         if (
@@ -164,7 +165,7 @@ def build_stage(
         index=index,
         num_stages=num_stages,
         segments=segments,
-        input_names=[n.name for n in inputs],
+        input_names=[env[n].name for n in inputs],
         side_names=[n.name for n in side],
         output_names=[n.name for n in outputs],
     )

@@ -26,7 +26,6 @@ BREAKDOWN_COLORS = {
     "dp_comm_exposed": F.DP_SYNC,
     "optimizer": F.OPTIMIZER,
 }
-GB = 1e9
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -34,7 +33,7 @@ def _memory_per_stage(data) -> tuple[list[dict[str, float]], str]:
     """Per stage a breakdown dict, and where it comes from."""
     if data.stages:
         return [s.memory_bytes for s in data.stages], "estimator"
-    p = data.plan.predicted
+    p = data.predicted
     worst = (p.extra or {}).get("largest_memory_stage", 0)
     totals = (p.extra or {}).get("memory_bytes_per_stage") or [p.memory_bytes_per_device]
     out = [{"total (breakdown not stored)": t} for t in totals]
@@ -55,10 +54,26 @@ def _measured_per_stage(data) -> list[float] | None:
     return out
 
 
+def _byte_unit(n: float) -> tuple[float, str]:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return size, unit
+    return 1.0, "B"
+
+
+OFF_SCALE = 20.0
+"""Capacity more than this many times the largest bar is written in the title, not drawn (the
+bars would be invisible)."""
+
+
 def memory(data):
     stages, _ = _memory_per_stage(data)
-    capacity = data.plan.predicted.memory_capacity_bytes if data.plan.predicted else 0.0
+    capacity = data.predicted.memory_capacity_bytes if data.predicted else 0.0
+    measured = _measured_per_stage(data) or []
     n = len(stages)
+    used = max([sum(s.values()) for s in stages] + measured)
+    draw_capacity = capacity and capacity <= OFF_SCALE * used
+    size, unit = _byte_unit(max(used, capacity if draw_capacity else 0.0))
     fig = F.new_figure(F.WIDTH_IN if n > 8 else 9.0, 4.2)
     ax = fig.add_subplot()
     kinds = [k for k in MEMORY_KINDS if any(s.get(k, 0) > 0 for s in stages)]
@@ -66,33 +81,28 @@ def memory(data):
     bottoms = [0.0] * n
     for k in kinds:
         label, color = MEMORY_KINDS.get(k, (k, "#d3d3d3"))
-        heights = [s.get(k, 0.0) / GB for s in stages]
+        heights = [s.get(k, 0.0) / size for s in stages]
         ax.bar(range(n), heights, bottom=bottoms, color=color, label=label, width=0.7)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     if n <= 16:
         for i, b in enumerate(bottoms):
             ax.text(i, b, f"{b:.3g}", ha="center", va="bottom", fontsize=8)
-    if capacity:
-        ax.axhline(capacity / GB, color=F.CAPACITY, linestyle="--", linewidth=1.2)
-        ax.text(
-            -0.55,
-            capacity / GB,
-            f"capacity {capacity / GB:.3g} GB",
-            color=F.CAPACITY,
-            ha="left",
-            va="bottom",
-            fontsize=8,
-        )
-    measured = _measured_per_stage(data)
+    title = "Memory per device by pipeline stage"
+    if draw_capacity:
+        ax.axhline(capacity / size, color=F.CAPACITY, linestyle="--", linewidth=1.2)
+        label = f"capacity {capacity / size:.3g} {unit}"
+        ax.text(-0.55, capacity / size, label, color=F.CAPACITY, ha="left", va="bottom", fontsize=8)
+    elif capacity:
+        title += f" (capacity {capacity / 1e9:.3g} GB, off this scale)"
     if measured:
-        ax.plot(range(n), [m / GB for m in measured], "D", color="black", label="measured (max over ranks)")
-    top = max([*bottoms, capacity / GB, *(m / GB for m in measured or [])])
+        ax.plot(range(n), [m / size for m in measured], "D", color="black", label="measured (max over ranks)")
+    top = max([*bottoms, capacity / size if draw_capacity else 0.0, *(m / size for m in measured)])
     ax.set_ylim(0, top * 1.12 if top else 1)
     ax.set_xlim(-0.6, n - 0.4)
     step = max(1, n // 16)
     ax.set_xticks(range(0, n, step), [f"stage {s}" for s in range(0, n, step)], fontsize=8)
-    ax.set_ylabel("GB per device (1 GB = 1e9 bytes)")
-    ax.set_title("Memory per device by pipeline stage", fontsize=11, loc="left")
+    ax.set_ylabel(f"{unit} per device" + (f" (1 {unit} = {size:.0e} bytes)" if size > 1 else ""))
+    ax.set_title(title, fontsize=11, loc="left")
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     ax.grid(axis="y", color="#dddddd", linewidth=0.5)
     ax.set_axisbelow(True)
@@ -101,7 +111,7 @@ def memory(data):
 
 # -------------------------------------------------------------------------------- breakdown
 def breakdown(data):
-    p = data.plan.predicted
+    p = data.predicted
     parts = [(k, v) for k, v in p.breakdown_s.items() if v > 0]
     scale, unit = F.time_unit(p.step_time_s)
     rows = [*parts, ("total", p.step_time_s)]
@@ -139,8 +149,8 @@ def mesh_entries(data) -> list[tuple[str, float, str]]:
     or ``overflow`` (the mesh's smallest overflow; its time is shown for scale)."""
     plan, search = data.plan, data.plan.search or {}
     out = []
-    if plan.predicted:
-        out.append((f"dp={plan.dp} tp={plan.tp} pp={plan.pp} (chosen)", plan.predicted.step_time_s, "chosen"))
+    if data.predicted:
+        out.append((f"dp={plan.dp} tp={plan.tp} pp={plan.pp} (chosen)", data.predicted.step_time_s, "chosen"))
     for r in search.get("rejected", []):
         if r.get("step_time_s") is not None:
             out.append((r.get("config", "?"), r["step_time_s"], "fits" if r.get("fits") else "overflow"))

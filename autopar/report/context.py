@@ -39,6 +39,8 @@ class StageDetail:
 @dataclass(kw_only=True)
 class ReportData:
     plan: Plan
+    predicted: Any = None
+    """The plan's stored prediction; for a plan without one, the cost model's (when it can run)."""
     cluster: Any = None
     graph: Any = None
     """The traced OpGraph when the model was given (or re-traced); None when read from storage."""
@@ -160,9 +162,9 @@ def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
 
 
 # ------------------------------------------------------------------------------- detail
-def _estimator_detail(graph, cluster, plan: Plan) -> tuple[list[StageDetail], float]:
-    """Per-stage detail and the step time of today's cost model (the stored prediction may be older)."""
-    from autopar.estimator import workload
+def _estimator_detail(graph, cluster, plan: Plan):
+    """Per-stage detail and today's PredictedCost (the stored prediction may be older)."""
+    from autopar.estimator import predicted_cost, workload
     from cost_models import DEFAULT, step_time
 
     w = workload(graph, cluster, plan)
@@ -177,7 +179,7 @@ def _estimator_detail(graph, cluster, plan: Plan) -> tuple[list[StageDetail], fl
                 memory_bytes=dict(mem),
             )
         )
-    return out, t.step_time_s
+    return out, predicted_cost(w, plan, cluster, DEFAULT)
 
 
 def _detail(data: ReportData) -> None:
@@ -199,12 +201,15 @@ def _detail(data: ReportData) -> None:
         data.note("costs", f"per-stage detail needs {missing} (give --model / --cluster)")
         return
     try:
-        data.stages, now_s = _estimator_detail(graph, cluster, plan)
+        data.stages, now = _estimator_detail(graph, cluster, plan)
     except AutoparError as e:
         data.note("costs", f"the estimator cannot cost this plan on this cluster: {e}")
         return
     if plan.predicted is not None:
-        _compare_stored(data, now_s)
+        _compare_stored(data, now.step_time_s)
+    else:
+        data.predicted = now
+        data.note("costs", "the plan carried no prediction: the numbers are the cost model's, computed now")
 
 
 def _model(data: ReportData) -> None:
@@ -256,7 +261,8 @@ def _durations(data: ReportData) -> tuple[list[float], list[float], list[float]]
             [s.bwd_s / v for s in data.stages],
             [s.p2p_s / ((2 if plan.mode == "train" else 1) * v) for s in data.stages],
         )
-    per_mb = (plan.predicted.extra or {}).get("stage_time_per_micro_batch_s") if plan.predicted else None
+    cost = data.predicted
+    per_mb = (cost.extra or {}).get("stage_time_per_micro_batch_s") if cost is not None else None
     if per_mb and len(per_mb) == p:
         data.timing = "plan"
         share = FWD_SHARE if plan.mode == "train" else 1.0
@@ -302,7 +308,7 @@ def gather(
     """Resolve the inputs and compute what every section needs."""
     if not isinstance(plan, Plan):
         raise PlanError(f"write_report needs a Plan, got {type(plan).__name__}")
-    data = ReportData(plan=plan, measured=check_measured(measured, plan))
+    data = ReportData(plan=plan, predicted=plan.predicted, measured=check_measured(measured, plan))
     data.cluster = resolve_cluster(plan, cluster)
     if data.cluster is not None and plan.world_size > data.cluster.num_devices:
         raise PlanError(

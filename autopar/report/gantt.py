@@ -17,7 +17,7 @@ LABEL_PX = 14
 
 def _tail(data) -> list[tuple[str, float, str]]:
     """(label, seconds, colour) drawn after the pipeline: exposed DP sync and the optimizer."""
-    p = data.plan.predicted
+    p = data.predicted
     if p is None or data.timing == "unit":
         return []
     out = []
@@ -122,6 +122,10 @@ def _legend(fig, data, tail: list) -> None:
     handles += [Patch(facecolor=c, label=label) for label, _, c in tail]
     if (data.measured or {}).get("events"):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="measured"))
+    if (data.measured or {}).get("step_time_s"):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="black", linestyle="--", label="measured step time"))
     handles.append(Patch(facecolor="white", edgecolor="#999999", label="idle (bubble)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
 

@@ -35,6 +35,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f3f3f3; padding: 8px; font-size: 12px; overflow-x: auto; }
 """
 
+NO_COSTS = '<p class="note">no prediction for this plan (see the note at the top)</p>'
 SECTIONS = [
     ("device-map", "1. Device map"),
     ("schedule", "2. Pipeline schedule"),
@@ -105,7 +106,7 @@ def section_schedule(data) -> str:
         "unit": "no costs: forward = 1 unit, backward = 2 units",
     }[data.timing]
     cap = f"Durations: {source}."
-    p = data.plan.predicted
+    p = data.predicted
     if p is not None and data.timing != "unit":
         tail = p.breakdown_s.get("dp_comm_exposed", 0.0) + p.breakdown_s.get("optimizer", 0.0)
         cap += (
@@ -136,8 +137,8 @@ def _memory_table(data) -> str:
 
 
 def section_memory(data) -> str:
-    if data.plan.predicted is None:
-        return notes(data, "costs") or '<p class="note">no memory prediction</p>'
+    if data.predicted is None:
+        return NO_COSTS
     _, source = bars._memory_per_stage(data)
     cap = (
         "Predicted memory of one device of each pipeline stage (all devices of a stage hold the same), "
@@ -153,8 +154,8 @@ def section_memory(data) -> str:
 
 
 def section_time(data) -> str:
-    if data.plan.predicted is None:
-        return notes(data, "costs") or '<p class="note">no step-time prediction</p>'
+    if data.predicted is None:
+        return NO_COSTS
     return (
         img(bars.breakdown(data), "step-time breakdown")
         + '<p class="caption">Compute and recompute of the slowest stage over all micro-batches, its exposed '
@@ -174,7 +175,7 @@ def section_sharding(data) -> str:
 
 
 def section_alternatives(data) -> str:
-    out = [table(T.alternatives_table(data.plan))]
+    out = [table(T.alternatives_table(data))]
     fig = bars.meshes(data)
     if fig is not None:
         out.append(img(fig, "best plan per mesh"))
@@ -193,15 +194,21 @@ def section_inputs(data) -> str:
     )
 
 
+def _heading(data) -> str:
+    model = f" of {data.model}" if data.model else ""
+    where = f" on {data.cluster.name}" if data.cluster is not None else ""
+    return f"Plan{model}{where}"
+
+
 def page(data) -> str:
     t0 = time.perf_counter()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>autopar plan: {esc(data.plan.summary())}</title><style>{CSS}</style></head><body><main>",
-        f"<h1>Plan: {esc(data.model or 'model')} on {esc(data.cluster.name if data.cluster else 'a cluster')}</h1>",
+        f"<h1>{esc(_heading(data))}</h1>",
         '<p class="toc">' + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in SECTIONS) + "</p>",
         kv_table(T.summary_rows(data)),
-        notes(data, "costs") if data.plan.predicted is None else "",
+        notes(data, "costs") if data.predicted is None else "",
     ]
     builders = {
         "device-map": section_device_map,

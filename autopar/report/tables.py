@@ -90,13 +90,15 @@ def placements_for(plan: Plan, graph) -> tuple[dict, str]:
     return megatron_placements(gm, plan.tp, plan.sequence_parallel), "the Megatron default (derived)"
 
 
-def _role(node, pl, sequence_parallel: bool) -> str:
+def _role(node, pl, sequence_parallel: bool, inputs: list) -> str:
     weights = {k: v for k, v in pl.params.items() if k.endswith("weight") or len(pl.params) == 1}
     w = next(iter(weights.values()), None)
     if node.op_kind == "embedding" and isinstance(w, Shard):
         return "table rows split (vocab-parallel)" if w.dim == 0 else "table columns split"
     if node.op_kind == "linear" and isinstance(w, Shard):
         return "column-parallel" if w.dim == 0 else "row-parallel"
+    if node.op_kind == "loss" and any(isinstance(p, Shard) for p in inputs):
+        return "vocab-parallel (statistics all-reduced inside)"
     if isinstance(pl.output, Partial):
         return "partial sums"
     if isinstance(pl.output, Shard):
@@ -148,7 +150,12 @@ def sharding_table(plan: Plan, graph) -> Table:
                     shape,
                     _params_text(pl),
                     str(pl.output),
-                    _role(n, pl, plan.sequence_parallel),
+                    _role(
+                        n,
+                        pl,
+                        plan.sequence_parallel,
+                        [placements[i].output for i in n.inputs if i in placements],
+                    ),
                     pl.collective or "",
                 ]
             )
@@ -213,19 +220,20 @@ def _ranks_text(plan: Plan, rank: int) -> str:
 
 
 # --------------------------------------------------------------------------- alternatives
-def alternatives_table(plan: Plan) -> Table:
+def alternatives_table(data) -> Table:
     header = ["#", "plan", "step time", "vs chosen", "memory / device", "why it lost"]
     table = Table("Runner-up plans", header)
+    plan, predicted = data.plan, data.predicted
     search = plan.search or {}
-    best = plan.predicted.step_time_s if plan.predicted else None
-    if plan.predicted:
+    best = predicted.step_time_s if predicted else None
+    if predicted:
         table.rows.append(
             [
                 "1",
                 plan.summary(),
                 fmt_s(best),
                 "chosen",
-                fmt_bytes(plan.predicted.memory_bytes_per_device),
+                fmt_bytes(predicted.memory_bytes_per_device),
                 "-",
             ]
         )
@@ -266,7 +274,7 @@ def rejected_table(plan: Plan) -> Table:
 def model_table(data) -> Table:
     table = Table("Model", ["", ""])
     f, plan = data.facts or {}, data.plan
-    p = plan.predicted
+    p = data.predicted
     rows = [["model", data.model or "(not given)"]]
     if f:
         rows += [
@@ -343,15 +351,13 @@ def planner_table(data) -> Table:
 
 def summary_rows(data) -> list[tuple[str, str]]:
     """The headline numbers of the chosen plan."""
-    plan, p = data.plan, data.plan.predicted
+    plan, p = data.plan, data.predicted
     rows = [
         ("plan", plan.summary()),
         ("ranks", f"{plan.world_size} ({' x '.join(f'{a.name}={a.size}' for a in plan.mesh)})"),
     ]
     if p is None:
-        rows.append(
-            ("predicted", "not available (" + "; ".join(data.notes.get("costs", ["no cost model run"])) + ")")
-        )
+        rows.append(("predicted", "not available (see the note below)"))
         return rows
     rows += [
         ("step time", fmt_s(p.step_time_s)),

@@ -74,7 +74,7 @@ def render(data) -> str:
         _table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"))),
         _schedule(data),
         _table(data.sharding),
-        _table(T.alternatives_table(data.plan)),
+        _table(T.alternatives_table(data)),
         _table(T.rejected_table(data.plan)),
         _table(T.model_table(data)),
         _table(T.cluster_table(data)),

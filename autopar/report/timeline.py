@@ -73,19 +73,6 @@ def _runtime_orders(schedule: str, p: int, m: int) -> list[list[Action]]:
     return [[Action(a.stage, 0, a.kind, a.micro_batch) for a in order] for order in sched.orders]
 
 
-def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
-    """torch's 1F1B order without its ``m >= pp`` requirement (for drawing plans it would reject)."""
-    out = []
-    for s in range(p):
-        warmup = min(m, p - s)
-        order = [Action(s, 0, "F", i) for i in range(warmup)]
-        for i in range(m - warmup):
-            order += [Action(s, 0, "B", i), Action(s, 0, "F", warmup + i)]
-        order += [Action(s, 0, "B", i) for i in range(m - warmup, m)]
-        out.append(order)
-    return out
-
-
 def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
     """Megatron-LM's interleaved 1F1B: micro-batches in groups of ``p``, chunks round-robin
     (forward ``k`` of a stage runs chunk ``(k // p) % v``; backwards visit the chunks in reverse)."""
@@ -150,7 +137,11 @@ def _orders(schedule: str, num_stages: int, num_micro_batches: int, virtual_stag
         return _runtime_orders("gpipe", p, m), ""
     if m >= p:
         return _runtime_orders("1f1b", p, m), ""
-    return _one_f_one_b(p, m), ""
+    note = (
+        f"1F1B with fewer micro-batches than stages (m={m} < pp={p}) runs as GPipe "
+        "(torch.distributed.pipelining needs m >= pp); drawn as GPipe"
+    )
+    return _runtime_orders("gpipe", p, m), note
 
 
 # ---------------------------------------------------------------------------- simulation

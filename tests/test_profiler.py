@@ -106,3 +106,28 @@ def test_measure_collectives_fits_a_link():
         intra_node_latency_s=link["latency_s"],
     )
     assert cluster.intra_node.bandwidth_bytes_per_s == pytest.approx(link["bandwidth_bytes_per_s"])
+
+
+def test_saved_bytes_match_the_layer_inputs(tiny):
+    """fc2 saves its input (b, s, 4h) fp32 for the weight gradient; the tracer's per-node count agrees."""
+    graph, _, prof = tiny
+    b, s, h = 2, 16, 32
+    fc2 = "model_layers_0_mlp_fc2"
+    assert prof.saved_bytes[fc2] == b * s * 4 * h * 4
+    assert prof.saved_bytes[fc2] == pytest.approx(graph[fc2].saved_bytes)
+
+
+def test_clock_choice():
+    from autopar.profiler import resolve_clock
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert resolve_clock("auto", torch.device("cpu")) == "cpu"
+        torch.set_num_threads(2)
+        assert resolve_clock("auto", torch.device("cpu")) == "wall"
+    finally:
+        torch.set_num_threads(threads)
+    assert resolve_clock("wall", torch.device("cpu")) == "wall"
+    with pytest.raises(autopar.errors.AutoparError, match="clock"):
+        resolve_clock("gpu", torch.device("cpu"))

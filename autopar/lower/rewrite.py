@@ -101,16 +101,9 @@ class Rewriter:
             mapped[inp] = self.convert(inp, self.env[inp], self.placement(inp), req, partial_grad)
         return mapped
 
-    def copy_node(self, node: Node, mapped: dict[Node, Node], args=None, kwargs=None) -> Node:
-        def m(n: Node) -> Node:
-            return mapped[n] if n in mapped else self.env[n]
-
-        new = self.graph.node_copy(node, m)
-        if args is not None:
-            new.args = tuple(torch.fx.node.map_arg(a, m) for a in args)
-        if kwargs is not None:
-            new.kwargs = {k: torch.fx.node.map_arg(v, m) for k, v in kwargs.items()}
-        return new
+    def copy_node(self, node: Node, mapped: dict[Node, Node]) -> Node:
+        """``node`` in the new graph, its tensor inputs replaced by their converted values."""
+        return self.graph.node_copy(node, lambda n: mapped[n] if n in mapped else self.env[n])
 
     # ---------------------------------------------------------------------- the pass
     def run(self) -> torch.fx.Graph:
@@ -210,7 +203,8 @@ def _emit_reshape(rw: Rewriter, node, call, choice, mapped) -> Node:
     return new
 
 
-def _emit_linear(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_biased_matmul(rw: Rewriter, node, call, choice, mapped) -> Node:
+    """linear / addmm: a partial-sum result gets its bias on tp rank 0 only."""
     b = call.args.get("b")
     if not isinstance(choice.strategy.output, Partial) or not isinstance(b, Node):
         return rw.copy_node(node, mapped)
@@ -302,7 +296,8 @@ def _emit_sdpa(rw: Rewriter, node, call, choice, mapped) -> Node:
 _EMITTERS = {
     "reshape": _emit_reshape,
     "expand": _emit_reshape,
-    "linear": _emit_linear,
+    "linear": _emit_biased_matmul,
+    "addmm": _emit_biased_matmul,
     "embedding": _emit_embedding,
     "cross_entropy": _emit_cross_entropy,
     "reduction": _emit_mean_fix,
@@ -311,14 +306,3 @@ _EMITTERS = {
     "rng_dropout": _emit_rng_dropout,
     "sdpa": _emit_sdpa,
 }
-
-
-def _emit_addmm(rw: Rewriter, node, call, choice, mapped) -> Node:
-    b = call.args.get("b")
-    if not isinstance(choice.strategy.output, Partial) or not isinstance(b, Node):
-        return rw.copy_node(node, mapped)
-    bias = rw.call(O.autopar_partial_bias, (mapped[b], rw.rank), node)
-    return rw.copy_node(node, {**mapped, b: bias})
-
-
-_EMITTERS["addmm"] = _emit_addmm

@@ -31,7 +31,7 @@ from autopar.errors import PlanError, RuntimeFailure
 from autopar.plan import Plan
 from autopar.runtime import rng
 from autopar.runtime.failure import FailureReporter, guard
-from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups
+from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Pipeline, run_accumulation
 from autopar.runtime.schedule import for_plan
@@ -182,6 +182,7 @@ class ParallelModule:
         self._step = 0
         self._groups: ProcessGroups | None = None
         self._program: RankProgram | None = None
+        init_from_env(timeout_s)  # under torchrun without an init_process_group of the user's
         if dist.is_initialized():
             self._start(dist.get_rank())
         elif plan.world_size == 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,27 @@ def describe_groups(plan: Plan, rank: int) -> dict[str, list[int]]:
             if rank in g:
                 out[axis] = g
     return out
+
+
+def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``...) when it is set and nobody has yet; True if it initialised one.
+
+    NCCL with one GPU per process (``LOCAL_RANK``) when CUDA is available, gloo otherwise.
+    """
+    if dist.is_initialized() or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    log.info(
+        "initialised %s rank %d/%d from the environment",
+        dist.get_backend(),
+        dist.get_rank(),
+        dist.get_world_size(),
+    )
+    return True
 
 
 def build_process_groups(plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessGroups:

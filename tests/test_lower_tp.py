@@ -316,6 +316,23 @@ def test_explicit_plan_round_trips_through_json():
     assert a.code == b.code == default.code
 
 
+@pytest.mark.parametrize("sp", [False, True])
+def test_unlisted_nodes_follow_their_inputs(sp):
+    """A plan that places only the weight-bearing nodes lowers to the full default's program."""
+    from autopar.sharding import megatron_placements
+
+    gm = _gpt_gm()
+    full = megatron_placements(gm, 2, sp)
+    weights_only = {name: np for name, np in full.items() if np.params}
+    a = lower_tensor_parallel(
+        gm, Plan.manual(tp=2, global_batch=2, sequence_parallel=sp, placements=full), 0, None
+    )
+    b = lower_tensor_parallel(
+        gm, Plan.manual(tp=2, global_batch=2, sequence_parallel=sp, placements=weights_only), 0, None
+    )
+    assert a.collectives() == b.collectives() and a.code == b.code
+
+
 def test_unsupported_op_under_a_sharded_placement_names_op_module_and_line():
     gm = _gpt_gm()
     plan = Plan.manual(

@@ -4,7 +4,9 @@ The plan gives, per node, the placement its consumers see (``NodePlacement.outpu
 placement of each parameter it reads. A node runs the legal strategy (from the rules) whose
 parameter placements match the plan's, whose own result converts to the planned output, and which
 needs the fewest bytes of resharding of its inputs; ties go to the first strategy in rule order.
-Nodes the plan does not list are replicated (``Plan.placements`` docstring).
+A node the plan does not list, with parameters it does not place, runs replicated when its
+inputs are replicated; when an input arrives sharded it keeps the cheapest layout instead of
+gathering it (a dropout a graph pass inserted after planning stays on the sequence shard).
 
 After its op, a node may resolve a partial sum (all-reduce, reduce-scatter) or gather a shard
 (the all-gather of logits a plan may ask for); it never slices or re-shards its own result: a
@@ -107,10 +109,13 @@ def choose(
         if call.kind in NO_PLACEMENT or call.kind == "param":
             continue
         np = placements.get(node.name)
-        final = _normalize(np.output, node) if np is not None and call.kind != "output" else R
+        # Unlisted nodes follow their inputs (final None: whatever the cheapest strategy gives).
+        final = None if np is None else _normalize(np.output, node)
+        if call.kind == "output":
+            final = R
         best = None
         for s in sg.strategies(node):
-            out_kind = reshard_kind(s.output, final) if call.kind != "output" else None
+            out_kind = reshard_kind(s.output, final) if final is not None and call.kind != "output" else None
             if out_kind not in _PRODUCER_CONVERSIONS:
                 continue
             cost = _input_cost(sg, placed, params, call, s)
@@ -121,7 +126,8 @@ def choose(
             if best is None or cost < best[0]:
                 best = (cost, s)
         if best is None:
-            raise _no_strategy_error(sg, node, final, params)
+            raise _no_strategy_error(sg, node, final or R, params)
+        final = best[1].output if final is None else final
         choices[node] = Choice(best[1], final)
         placed[node] = final
     return choices, params

@@ -1,0 +1,268 @@
+r"""Intra-op ILP: one tensor-parallel strategy per node of the graph, for one tp degree.
+
+Strategies come from the placement rules (:mod:`autopar.sharding`): each says what placement its
+inputs need, what its output is, how much of the op's work each rank does and which collectives it
+performs inside. Repeated blocks are solved once: every node is mapped to its *canonical* node (the
+same node in the first instance of its block type), node costs are weighted by the number of
+instances and edge costs by the number of edges that map to the same canonical pair (the edge from
+block i to block i+1 becomes a self-edge of block 0 with weight L-1).
+
+Variables and constraints (``V`` canonical nodes with strategies, ``E`` canonical edges)::
+
+    s[v,k] in {0,1}                       strategy k of node v
+    sum_k s[v,k] = 1                      [one_strategy_v]
+    e[u,v,i,k,j] in [0,1], only for (k,j) whose placements are compatible
+    sum_j e[u,v,i,k,j] = s[u,k]           [edge_out_{u}_{v}_{i}_k]     (marginal form: tighter and
+    sum_k e[u,v,i,k,j] = s[v,j]           [edge_in_{u}_{v}_{i}_j]       ~8x fewer rows than e >= s+s-1)
+    sum_{v,k} w_v * param_bytes[v,k] * s[v,k] <= budget                [param_memory]   (optional)
+
+    minimise  sum_{v,k} w_v * (compute[v,k] + comm[v,k]) * s[v,k]
+            + sum_{edges} w_e * reshard[u,v,i,k,j] * e[u,v,i,k,j]
+
+``compute`` is the node's forward+backward time scaled by the strategy's share of the work,
+``comm`` its internal collectives (forward and their backward partners) plus the gradient
+all-reduce of replicated inputs feeding sharded work, ``reshard`` the collective that moves the
+producer's output placement to the placement the consumer needs (forward + backward partner).
+Edges out of parameters must not reshard (a parameter is stored in the placement its consumers
+read), which also keeps tied weights consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pulp
+
+from autopar.plan import NodePlacement, Replicate
+from autopar.sharding import ShardingGraph, reshard_kind
+from autopar.solve.ilp import SolveResult, solve
+
+log = logging.getLogger(__name__)
+
+# Backward partner of each forward collective (Megatron's conjugate pairs).
+BACKWARD_OF = {
+    "all_reduce": None,
+    "split": "all_gather",
+    "all_gather": "reduce_scatter",
+    "reduce_scatter": "all_gather",
+    "all_to_all": "all_to_all",
+}
+GEMM_KINDS = ("linear", "matmul", "attention")
+
+
+@dataclass(kw_only=True)
+class CostModel:
+    """Seconds for compute and collectives on the tp group (filled from the cost models)."""
+
+    peak_flops_per_s: float
+    hbm_bytes_per_s: float
+    collective_s: object
+    """``(kind, nbytes) -> seconds`` on the tp group."""
+    gemm_efficiency: float = 0.7
+
+    def compute_s(
+        self, op_kind: str, flops: float, nbytes: float, fraction: float, sharded_out: bool
+    ) -> float:
+        if op_kind in GEMM_KINDS:
+            return fraction * flops / (self.peak_flops_per_s * self.gemm_efficiency)
+        share = fraction if sharded_out else 1.0
+        return share * max(flops / self.peak_flops_per_s, nbytes / self.hbm_bytes_per_s)
+
+    def one_s(self, kind: str, nbytes: float) -> float:
+        """One forward collective; ``all_reduce_max`` and friends cost as an all-reduce."""
+        base = "all_reduce" if kind.startswith("all_reduce") else kind
+        return 0.0 if base == "split" else self.collective_s(base, nbytes)
+
+    def pair_s(self, kind: str | None, nbytes: float) -> float:
+        """A resharding collective and its backward partner."""
+        if kind is None:
+            return 0.0
+        back = BACKWARD_OF.get(kind)
+        return self.one_s(kind, nbytes) + (self.one_s(back, nbytes) if back else 0.0)
+
+
+@dataclass(kw_only=True)
+class IntraOpSolution:
+    choice: dict
+    """Canonical node -> chosen Strategy."""
+    placements: dict[str, NodePlacement]
+    objective_s: float
+    result: SolveResult
+    num_nodes: int
+    num_strategies: int
+
+
+class _Quotient:
+    """Canonical nodes (first block instance), their weights and the weighted canonical edges."""
+
+    def __init__(self, sg: ShardingGraph, graph):
+        self.sg = sg
+        self.canon: dict = {}
+        inst0: dict[str, str] = {}
+        for bt in graph.block_types.values():
+            first = bt.node_names[0]
+            for names in bt.node_names:
+                inst0.update(zip(names, first))
+        by_name = {n.name: n for n in sg.nodes}
+        for node in reversed(sg.nodes):
+            self.canon[node] = self._canonical(node, inst0, by_name)
+        self.weight: dict = defaultdict(int)
+        self.edges: dict = defaultdict(int)
+        for node in sg.nodes:
+            c = self.canon[node]
+            self.weight[c] += 1
+            for i, u in enumerate(sg.calls[node].inputs):
+                if u is not None:
+                    self.edges[(self.canon[u], c, i)] += 1
+
+    def _canonical(self, node, inst0, by_name):
+        if node.name in inst0:
+            return by_name[inst0[node.name]]
+        for user in node.users:
+            cu = self.canon.get(user)
+            if cu is None or cu is user:
+                continue
+            inputs = self.sg.calls[user].inputs
+            if node in inputs:
+                return self.sg.calls[cu].inputs[inputs.index(node)]
+        return node
+
+
+def solve_placements(
+    sg: ShardingGraph,
+    graph,
+    costs: CostModel,
+    *,
+    param_budget_bytes: float | None = None,
+    time_limit_s: float = 30.0,
+) -> IntraOpSolution | None:
+    """Placements of every node of ``sg`` (names as in ``graph``) minimising the objective above."""
+    q = _Quotient(sg, graph)
+    canon = [n for n in sg.nodes if q.canon[n] is n and sg.strategies(n)]
+    prob = pulp.LpProblem("intra_op_placements", pulp.LpMinimize)
+    s = {
+        v: [prob.add_variable(f"s_{v.name}_{k}", cat="Binary") for k in range(len(sg.strategies(v)))]
+        for v in canon
+    }
+    objective = []
+    for v in canon:
+        prob += pulp.lpSum(s[v]) == 1, f"one_strategy_{v.name}"
+        for k, strat in enumerate(sg.strategies(v)):
+            cost = q.weight[v] * _node_s(sg, graph, costs, v, strat)
+            if cost:
+                objective.append(cost * s[v][k])
+    for (u, v, i), w in q.edges.items():
+        if u not in s or v not in s:
+            continue
+        objective += _edge(prob, sg, costs, s, u, v, i, w)
+    if param_budget_bytes is not None:
+        prob += pulp.lpSum(_param_memory(sg, q, s)) <= param_budget_bytes, "param_memory"
+    prob += pulp.lpSum(objective)
+    result = solve(prob, time_limit_s)
+    if result.status not in ("optimal", "time_limit"):
+        return None
+    choice = {v: sg.strategies(v)[max(range(len(s[v])), key=lambda k: s[v][k].value() or 0)] for v in canon}
+    return IntraOpSolution(
+        choice=choice,
+        placements=_placements(sg, q, choice),
+        objective_s=result.objective or 0.0,
+        result=result,
+        num_nodes=len(canon),
+        num_strategies=sum(len(x) for x in s.values()),
+    )
+
+
+def _node_s(sg, graph, costs: CostModel, v, strat) -> float:
+    try:
+        op = graph[v.name]
+    except KeyError:
+        return 0.0
+    nbytes = op.bytes_read + op.bytes_written
+    sharded = not isinstance(strat.output, Replicate)
+    t = 3.0 * costs.compute_s(op.op_kind, op.flops_fwd, nbytes, strat.compute_fraction, sharded)
+    t += sum(costs.one_s(c.kind, c.bytes) for c in strat.comm)  # e.g. vocab-parallel loss reductions
+    for i, u in enumerate(sg.calls[v].inputs):
+        if u is not None and strat.grad_needs_all_reduce(i) and sg.requires_grad(u):
+            t += costs.collective_s("all_reduce", sg.tensor_bytes(u))
+    return t
+
+
+def _edge_s(sg, costs: CostModel, u, a, b, i) -> float | None:
+    """Resharding seconds on edge ``u -> v`` (input ``i``) for strategies ``a`` of u and ``b`` of v;
+    None when the pair is not allowed."""
+    need = b.inputs[i]
+    kind = reshard_kind(a.output, need) if need is not None else None
+    if kind == "invalid" or (sg.is_param(u) and kind is not None):
+        return None
+    return costs.pair_s(kind, sg.tensor_bytes(u))
+
+
+def assignment_s(sg: ShardingGraph, graph, costs: CostModel, choice: dict) -> float | None:
+    """The ILP objective of a full assignment ``{canonical node: Strategy}`` (None if illegal)."""
+    q = _Quotient(sg, graph)
+    total = sum(q.weight[v] * _node_s(sg, graph, costs, v, strat) for v, strat in choice.items())
+    for (u, v, i), w in q.edges.items():
+        if u in choice and v in choice:
+            t = _edge_s(sg, costs, u, choice[u], choice[v], i)
+            if t is None:
+                return None
+            total += w * t
+    return total
+
+
+def _edge(prob, sg, costs: CostModel, s, u, v, i, weight) -> list:
+    su, sv = sg.strategies(u), sg.strategies(v)
+    e, terms = {}, []
+    for k, a in enumerate(su):
+        for j, b in enumerate(sv):
+            t = _edge_s(sg, costs, u, a, b, i)
+            if t is None:
+                continue
+            var = prob.add_variable(f"e_{u.name}_{v.name}_{i}_{k}_{j}", lowBound=0, upBound=1)
+            e[k, j] = var
+            if weight * t:
+                terms.append(weight * t * var)
+    tag = f"{u.name}_{v.name}_{i}"
+    for k in range(len(su)):
+        prob += pulp.lpSum(e[k, j] for j in range(len(sv)) if (k, j) in e) == s[u][k], f"edge_out_{tag}_{k}"
+    for j in range(len(sv)):
+        prob += pulp.lpSum(e[k, j] for k in range(len(su)) if (k, j) in e) == s[v][j], f"edge_in_{tag}_{j}"
+    return terms
+
+
+def _param_memory(sg, q, s) -> list:
+    terms = []
+    for v, vars_ in s.items():
+        if not sg.is_param(v):
+            continue
+        full = sg.tensor_bytes(v)
+        for k, strat in enumerate(sg.strategies(v)):
+            div = 1 if isinstance(strat.output, Replicate) else sg.tp
+            terms.append(q.weight[v] * full / div * vars_[k])
+    return terms
+
+
+def _placements(sg, q, choice) -> dict[str, NodePlacement]:
+    out = {}
+    for node in sg.nodes:
+        c = q.canon[node]
+        strat = choice.get(c)
+        if strat is None or sg.is_param(node) or sg.calls[node].kind in ("output",):
+            continue
+        params = {}
+        for name, placement in strat.params:
+            params[_instance_param(sg, node, c, name)] = placement
+        out[node.name] = NodePlacement(output=strat.output, params=params)
+    return out
+
+
+def _instance_param(sg, node, canon_node, name: str) -> str:
+    """The parameter of ``node`` at the position where ``canon_node`` reads ``name``."""
+    if node is canon_node:
+        return name
+    for cu, u in zip(sg.calls[canon_node].inputs, sg.calls[node].inputs):
+        if cu is not None and sg.is_param(cu) and str(cu.target) == name and u is not None:
+            return str(u.target)
+    return name

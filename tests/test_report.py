@@ -151,6 +151,13 @@ def test_sharding_table_shows_megatron_layout(graph, local4):
     assert rows["layers.0.mlp.fc2"]["split"] == "row-parallel"
     assert "vocab-parallel" in rows["tok_emb"]["split"]
     assert not [m for m in rows if m.startswith("layers.1.")]  # identical blocks: one instance shown
+    sp = gather(tp2_pp2(sequence_parallel=True), cluster=local4, graph=graph).sharding
+    sp_rows = {r[header.index("module")]: dict(zip(header, r)) for r in sp.rows}
+    # Sequence parallelism: one all-gather of the norm's output feeds q, k and v (the lowering
+    # converts a producer once), and the row-parallel outputs are reduce-scattered.
+    assert sp_rows["layers.0.attn.q_proj"]["collective before"] == "all_gather of layers.0.ln_1"
+    assert sp_rows["layers.0.attn.k_proj"]["collective before"] == "(same all_gather as q_proj)"
+    assert sp_rows["layers.0.mlp.fc2"]["collective after"] == "reduce_scatter"
     assert "layers.0.mlp.fc1" in report_text(tp2_pp2(), cluster=local4, graph=graph)
 
 

@@ -102,7 +102,7 @@ def attach_inputs(
         "settings": dict(settings or {}),
     }
     if graph is not None:
-        from autopar.report.tables import sharding_table
+        from autopar.report.sharding_table import sharding_table
 
         stored["facts"] = graph_facts(graph)
         stored["sharding"] = sharding_table(plan, graph).to_dict()
@@ -214,7 +214,8 @@ def _detail(data: ReportData) -> None:
 
 def _model(data: ReportData) -> None:
     """Model facts and the sharding table: live from the graph, else as stored with the plan."""
-    from autopar.report.tables import Table, sharding_table
+    from autopar.report.sharding_table import sharding_table
+    from autopar.report.tables import Table
 
     stored = stored_inputs(data.plan)
     if data.graph is not None:

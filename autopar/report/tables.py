@@ -4,18 +4,11 @@ terminal rendering read these."""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
 from autopar.errors import PlanError
-from autopar.plan import Partial, Plan, Shard
-
-log = logging.getLogger(__name__)
-
-SHOWN_KINDS = ("linear", "embedding", "matmul", "attention", "softmax", "norm", "loss")
-"""Op kinds listed in the sharding table; others (views, elementwise) appear only when a
-collective follows them."""
+from autopar.plan import Plan
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -72,110 +65,6 @@ class Table:
             [list(map(str, r)) for r in d.get("rows", [])],
             str(d.get("note", "")),
         )
-
-
-# ------------------------------------------------------------------------------- shardings
-def placements_for(plan: Plan, graph) -> tuple[dict, str]:
-    """The plan's own placements, else the Megatron default derived by the sharding rules."""
-    if plan.placements:
-        return plan.placements, "the plan's placements"
-    if plan.tp == 1:
-        return {}, "tp=1: every op runs whole on its rank"
-    if graph is None or graph.gm is None:
-        return {}, "the traced model is not available"
-    from autopar.report.collapse import first_blocks_module
-    from autopar.sharding import megatron_placements
-
-    gm = first_blocks_module(graph)
-    return megatron_placements(gm, plan.tp, plan.sequence_parallel), "the Megatron default (derived)"
-
-
-def _role(node, pl, sequence_parallel: bool, inputs: list) -> str:
-    weights = {k: v for k, v in pl.params.items() if k.endswith("weight") or len(pl.params) == 1}
-    w = next(iter(weights.values()), None)
-    if node.op_kind == "embedding" and isinstance(w, Shard):
-        return "table rows split (vocab-parallel)" if w.dim == 0 else "table columns split"
-    if node.op_kind == "linear" and isinstance(w, Shard):
-        return "column-parallel" if w.dim == 0 else "row-parallel"
-    if node.op_kind == "loss" and any(isinstance(p, Shard) for p in inputs):
-        return "vocab-parallel (statistics all-reduced inside)"
-    if isinstance(pl.output, Partial):
-        return "partial sums"
-    if isinstance(pl.output, Shard):
-        shape, d = node.output_shape or (), pl.output.dim
-        if node.op_kind in ("matmul", "softmax", "attention", "dropout") and len(shape) == 4 and d == 1:
-            return "heads split"
-        if sequence_parallel and len(shape) == 3 and d == 1:
-            return "sequence-parallel"
-        return f"split on dim {d}"
-    return "replicated"
-
-
-def _params_text(pl) -> str:
-    return ", ".join(f"{name.rsplit('.', 1)[-1]} {p}" for name, p in pl.params.items()) or "-"
-
-
-def sharding_table(plan: Plan, graph) -> Table:
-    """Which op is split how along ``tp`` and which collective follows it."""
-    header = ["region", "module", "op", "output shape", "parameters", "output", "split", "collective after"]
-    table = Table("Tensor-parallel sharding per layer", header)
-    if graph is None:
-        table.note = "needs the model (give --model, or plan with `autopar plan --out`)"
-        return table
-    try:
-        placements, source = placements_for(plan, graph)
-    except Exception as e:  # noqa: BLE001 - a report degrades to a note, the log keeps the detail
-        log.warning("sharding table: %s", e, exc_info=True)
-        table.note = f"shardings unavailable: {type(e).__name__}: {e}"
-        return table
-    table.note = (
-        f"tp={plan.tp}, sequence parallel {'on' if plan.sequence_parallel else 'off'}; source: {source}"
-    )
-    if not placements:
-        return table
-    index = {n.name: i for i, n in enumerate(graph.nodes)}
-    start = min((index[n.name] for n in graph.nodes if n.block is not None), default=len(graph.nodes))
-    for label, nodes in _regions(graph, index, start):
-        for n in nodes:
-            pl = placements.get(n.name)
-            if pl is None or not (n.op_kind in SHOWN_KINDS or pl.collective):
-                continue
-            shape = "x".join(str(d) for d in n.output_shape) if n.output_shape else "-"
-            op = n.op_kind if n.op_kind != "other" else n.target.rsplit(".", 1)[-1]
-            table.rows.append(
-                [
-                    label,
-                    n.module_path or n.name,
-                    op,
-                    shape,
-                    _params_text(pl),
-                    str(pl.output),
-                    _role(
-                        n,
-                        pl,
-                        plan.sequence_parallel,
-                        [placements[i].output for i in n.inputs if i in placements],
-                    ),
-                    pl.collective or "",
-                ]
-            )
-            label = ""
-    return table
-
-
-def _regions(graph, index: dict[str, int], start: int) -> list[tuple[str, list]]:
-    first: dict[str, int] = {}
-    for n in graph.nodes:
-        if n.block is not None and n.block_type not in first:
-            first[n.block_type] = n.block
-    stem = [n for n in graph.nodes if n.block is None and index[n.name] < start]
-    out = [("stem", stem)]
-    for key, block in first.items():
-        bt = graph.block_types.get(key)
-        count = bt.count if bt is not None else 1
-        out.append((f"{key} x{count}", [n for n in graph.nodes if n.block == block]))
-    out.append(("head", [n for n in graph.nodes if n.block is None and index[n.name] >= start]))
-    return [(label, nodes) for label, nodes in out if nodes]
 
 
 # ---------------------------------------------------------------------------- layers/stages

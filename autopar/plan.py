@@ -188,7 +188,9 @@ class Plan:
     """Stage (virtual stage for interleaved) of each repeated-block instance, in order.
     ``None`` = split the blocks evenly. The stem goes with the first block, the head with the last."""
     placements: dict[str, NodePlacement] = field(default_factory=dict)
-    """Tensor-parallel placement per graph node name; nodes not listed are replicated."""
+    """Tensor-parallel placement per graph node name. Empty = the default placements derived by the
+    sharding rules (Megatron's layout on transformers). Nodes not listed follow their inputs:
+    replicated when their inputs are, otherwise sharded like them (no gather is forced)."""
     predicted: PredictedCost | None = None
     search: dict[str, Any] | None = None
     """What the planner considered: ``alternatives`` (runner-ups with their costs and why they

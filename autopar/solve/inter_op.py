@@ -9,19 +9,19 @@ training), ``F_s`` (the stage's fixed time per micro-batch: the stem on stage 0,
 on stage S-1, the p2p sends), ``w_s`` / ``G_s`` (bytes one block adds to the stage: parameters,
 gradients, optimizer state and the activations of the micro-batches the schedule keeps in flight
 on that stage; and the fixed bytes), capacity ``C_s``, the exposed data-parallel gradient sync
-``D_s(k)`` of the stage when it holds ``k`` blocks (a table: the overlap with the backward makes it
-non-linear in ``k``) and the optimizer step ``O_s(k) = o_s k + O^0_s``::
+``D_s(k)`` of the stage when it holds ``k`` blocks (a table or function: the overlap with the
+backward makes it non-linear in ``k``) and the optimizer step ``O_s(k) = o_s k + O^0_s``::
 
     minimise    (m - 1) T_max + sum_s T_s + D + O                    the cost model's step time
     subject to  sum_s n_s = L                                         [blocks_all_placed]
-                1 <= n_s, integer                                     [stage_nonempty_s]
+                n_s >= 1                                              [stage_nonempty_s]
                 w_s n_s + G_s <= C_s                                  [memory_s]
                 lo_s <= n_s <= hi_s                                   [window_s]
+                n_s = lo_s + sum_{lo_s < k <= hi_s} u_{s,k},  u binary   (block_count_s)
+                u_{s,k} >= u_{s,k+1}                                  [count_order_s_k]
                 T_s = t_s n_s + F_s                                   (stage_time_s)
                 T_max >= T_s                                          [bottleneck_s]
-                sum_k y_{s,k} = 1,  y binary, lo_s <= k <= hi_s       [sync_choice_s]
-                sum_k k y_{s,k} = n_s                                 [sync_count_s]
-                D >= sum_k D_s(k) y_{s,k}                             [sync_bound_s]
+                D >= D_s(lo_s) + sum_k (D_s(k) - D_s(k-1)) u_{s,k}    [sync_bound_s]
                 O >= o_s n_s + O^0_s                                  [optimizer_bound_s]
 
 ``(m - 1) T_max + sum_s T_s`` is the synchronous-pipeline latency (GPipe and 1F1B: the slowest
@@ -30,27 +30,38 @@ parallel sync and the optimizer step run after the last backward and are paid on
 slowest stage. This is the estimator's step time exactly (``cost_models.step``), so the ILP's
 optimum is the best split under the cost model, not a proxy for it.
 
-**Windows.** The binaries ``y`` are what make ``D`` exact; they are only created inside a window
-per stage. A first solve without ``D`` gives a split whose exact objective ``J0`` is an upper bound;
-any split at least as good has ``(m - 1) T_s <= (m - 1) T_max <= J0 - min sum T - D_min - O_min``,
-which bounds ``n_s`` from above (``hi_s``), and ``sum_s n_s = L`` bounds it from below
-(``lo_s = L - sum_{r != s} hi_r``). With many micro-batches the windows are a few blocks wide.
+``u_{s,k} = [n_s >= k]`` is the unary ("incremental") encoding of ``n_s``: the ordering rows make
+it unique for every integer ``n_s``, so ``sync_bound_s`` is ``D >= D_s(n_s)`` exactly, whatever
+the shape of ``D_s``, and its LP relaxation interpolates ``D_s`` between neighbouring counts.
 
-``memory_s`` and ``stage_nonempty_s`` are one variable each, so they are the bounds of ``n_s``
-(the largest ``n`` with ``w_s n + G_s <= C_s``, computed exactly, :func:`memory_caps`): no solver
-tolerance can let a split overflow by a byte.
+``memory_s`` and ``stage_nonempty_s`` involve one variable each, so they are folded into ``n_s``'s
+bounds (:func:`memory_caps` finds the largest ``n`` with ``w_s n + G_s <= C_s`` in the arithmetic
+:func:`fits` uses): no solver tolerance can let a split overflow by a byte.
+
+**Windows and bounds, before any solver runs** (:func:`bound_stages`). The split that minimises
+``T_max`` comes from a greedy fill (each block to the stage it lengthens least; optimal for a
+bottleneck objective), and its exact objective ``J0`` is an upper bound. Any split at least as
+good has ``(m - 1) T_s <= (m - 1) T_max <= J0 - min sum T - D_min - O_min``, which bounds ``n_s``
+from above (``hi_s``); ``sum_s n_s = L`` bounds it from below (``lo_s = L - sum_{r != s} hi_r``).
+With many micro-batches the windows are a few blocks wide. The lower bound
+``(m - 1) T_max^greedy + min sum T + max_s min_{lo_s <= k <= hi_s} D_s(k) + min O`` lets the
+planner skip the ILP for a candidate that cannot beat its incumbent, and when it meets ``J0`` the
+greedy split is optimal and no ILP is solved at all.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pulp
 
 from autopar.solve.ilp import SolveResult, solve
 
-_TRIVIAL = SolveResult(status="optimal", objective=None, solve_time_s=0.0, solver="trivial")
+NO_SOLVER = "none (bounds met)"
+_TRIVIAL = SolveResult(status="optimal", objective=None, solve_time_s=0.0, solver=NO_SOLVER)
 
 
 @dataclass(kw_only=True)
@@ -65,8 +76,9 @@ class StageProblem:
     """Per stage ``w_s``: device bytes one block adds (static state + in-flight activations)."""
     fixed_bytes: list[float]
     capacity_bytes: list[float]
-    sync_time_s: list[list[float]] | None = None
-    """``D_s(k)`` for ``k = 1 .. L - S + 1`` (index ``k - 1``); None = no data-parallel sync."""
+    sync_time_s: list[list[float]] | Callable[[int, int], float] | None = None
+    """``D_s(k)``: a table indexed ``[s][k - 1]`` for ``k = 1 .. L - S + 1``, or a function
+    ``(s, k) -> seconds`` (evaluated only inside the windows); None = no data-parallel sync."""
     optimizer_block_s: list[float] = field(default_factory=list)
     """``o_s``; empty = no optimizer term."""
     optimizer_fixed_s: list[float] = field(default_factory=list)
@@ -91,6 +103,21 @@ class StageSolution:
     result: SolveResult
 
 
+@dataclass(kw_only=True)
+class StageBound:
+    """What :func:`bound_stages` knows before any solver runs."""
+
+    lower_s: float
+    """No split that fits is faster."""
+    upper_s: float
+    """The greedy split's objective."""
+    greedy: list[int]
+    lo: list[int]
+    hi: list[int]
+    """Windows holding every split at least as good as the greedy one."""
+
+
+# ------------------------------------------------------------------------------ the objective
 def stage_times(p: StageProblem, counts: list[int]) -> list[float]:
     return [n * t + f for n, t, f in zip(counts, p.block_time_s, p.fixed_time_s)]
 
@@ -99,10 +126,17 @@ def stage_bytes(p: StageProblem, counts: list[int]) -> list[float]:
     return [n * w + g for n, w, g in zip(counts, p.block_bytes, p.fixed_bytes)]
 
 
-def sync_s(p: StageProblem, counts: list[int]) -> float:
+def sync_at(p: StageProblem, s: int, k: int) -> float:
+    """``D_s(k)``."""
     if p.sync_time_s is None:
         return 0.0
-    return max(p.sync_time_s[s][n - 1] for s, n in enumerate(counts))
+    if callable(p.sync_time_s):
+        return p.sync_time_s(s, k)
+    return p.sync_time_s[s][k - 1]
+
+
+def sync_s(p: StageProblem, counts: list[int]) -> float:
+    return max(sync_at(p, s, n) for s, n in enumerate(counts))
 
 
 def optimizer_s(p: StageProblem, counts: list[int]) -> float:
@@ -121,9 +155,10 @@ def fits(p: StageProblem, counts: list[int]) -> bool:
     return all(b <= c for b, c in zip(stage_bytes(p, counts), p.capacity_bytes))
 
 
+# ------------------------------------------------------------------------------ bounds
 def memory_caps(p: StageProblem) -> list[int]:
     """Per stage, the most blocks its memory holds (``memory_s``), capped by ``max_blocks``;
-    exact in the arithmetic :func:`fits` uses (``n * w + g <= c``), so no solver tolerance enters."""
+    exact in the arithmetic :func:`fits` uses (``n * w + g <= c``)."""
     caps = []
     for w, g, c in zip(p.block_bytes, p.fixed_bytes, p.capacity_bytes):
         if w <= 0:
@@ -144,24 +179,27 @@ def can_fit(p: StageProblem) -> bool:
     return p.num_blocks >= p.num_stages and min(caps) >= 1 and sum(caps) >= p.num_blocks
 
 
-def solve_stages(p: StageProblem, time_limit_s: float | None = 10.0) -> StageSolution | None:
-    """The optimal blocks per stage, or None when no split fits every stage's memory."""
-    S, L = p.num_stages, p.num_blocks
-    if L < S or not can_fit(p):
+def greedy_split(p: StageProblem) -> list[int] | None:
+    """The split with the least ``T_max`` that fits (each block goes to the stage it lengthens
+    least; optimal for a bottleneck objective with per-stage costs that grow with the count)."""
+    if not can_fit(p):
         return None
-    if S == 1:
-        return _solution(p, [L], _TRIVIAL)
     caps = memory_caps(p)
-    first, result = _solve(p, [1] * S, caps, with_sync=False, time_limit_s=time_limit_s)
-    if first is None:
-        return None
-    if p.sync_time_s is None or result.status != "optimal":
-        return _solution(p, first, result)
-    lo, hi = windows(p, caps, latency_s(p, first))
-    exact, result = _solve(p, lo, hi, with_sync=True, time_limit_s=time_limit_s)
-    if exact is None or latency_s(p, exact) > latency_s(p, first):
-        return _solution(p, first, result)
-    return _solution(p, exact, result)
+    counts = [1] * p.num_stages
+    heap = [(2 * t + f, s) for s, (t, f) in enumerate(zip(p.block_time_s, p.fixed_time_s)) if caps[s] > 1]
+    heapq.heapify(heap)
+    for _ in range(p.num_blocks - p.num_stages):
+        _, s = heapq.heappop(heap)
+        counts[s] += 1
+        if counts[s] < caps[s]:
+            heapq.heappush(heap, ((counts[s] + 1) * p.block_time_s[s] + p.fixed_time_s[s], s))
+    return counts
+
+
+def _sum_floor_s(p: StageProblem) -> float:
+    """The least ``sum_s T_s`` of any split (every stage one block, the rest on the fastest)."""
+    S, L = p.num_stages, p.num_blocks
+    return sum(t + f for t, f in zip(p.block_time_s, p.fixed_time_s)) + (L - S) * min(p.block_time_s)
 
 
 def windows(p: StageProblem, caps: list[int], upper_s: float) -> tuple[list[int], list[int]]:
@@ -169,10 +207,7 @@ def windows(p: StageProblem, caps: list[int], upper_s: float) -> tuple[list[int]
     S, L, m = p.num_stages, p.num_blocks, p.num_micro_batches
     hi = list(caps)
     if m > 1:
-        sum_min = sum(t + f for t, f in zip(p.block_time_s, p.fixed_time_s)) + (L - S) * min(p.block_time_s)
-        sync_min = max(min(row) for row in p.sync_time_s) if p.sync_time_s else 0.0
-        opt_min = optimizer_s(p, [1] * S)
-        t_max = (upper_s - sum_min - sync_min - opt_min) / (m - 1)
+        t_max = (upper_s - _sum_floor_s(p) - optimizer_s(p, [1] * S)) / (m - 1)
         slack = 1e-9 * abs(upper_s)  # round-off: never cut the incumbent itself
         for s in range(S):
             if p.block_time_s[s] > 0:
@@ -182,41 +217,75 @@ def windows(p: StageProblem, caps: list[int], upper_s: float) -> tuple[list[int]
     return lo, hi
 
 
+def bound_stages(p: StageProblem) -> StageBound | None:
+    """Bounds and windows without a solver (module docstring); None when no split fits."""
+    greedy = greedy_split(p)
+    if greedy is None:
+        return None
+    upper = latency_s(p, greedy)
+    lo, hi = windows(p, memory_caps(p), upper)
+    S = p.num_stages
+    sync_floor = 0.0
+    if p.sync_time_s is not None:
+        sync_floor = max(min(sync_at(p, s, k) for k in range(lo[s], hi[s] + 1)) for s in range(S))
+    lower = (p.num_micro_batches - 1) * max(stage_times(p, greedy)) + _sum_floor_s(p)
+    lower += sync_floor + optimizer_s(p, [1] * S)
+    return StageBound(lower_s=min(lower, upper), upper_s=upper, greedy=greedy, lo=lo, hi=hi)
+
+
+# ------------------------------------------------------------------------------ the ILP
+def solve_stages(
+    p: StageProblem, time_limit_s: float | None = 10.0, *, bound: StageBound | None = None
+) -> StageSolution | None:
+    """The optimal blocks per stage, or None when no split fits every stage's memory."""
+    S, L = p.num_stages, p.num_blocks
+    if L < S:
+        return None
+    bound = bound or bound_stages(p)
+    if bound is None:
+        return None
+    if S == 1 or bound.upper_s <= bound.lower_s * (1 + 1e-12):
+        return _solution(p, bound.greedy, _TRIVIAL)
+    counts, result = _solve(p, bound.lo, bound.hi, time_limit_s)
+    if counts is None or not fits(p, counts) or latency_s(p, counts) > bound.upper_s:
+        return _solution(p, bound.greedy, result)
+    return _solution(p, counts, result)
+
+
 def _solve(
-    p: StageProblem, lo: list[int], hi: list[int], *, with_sync: bool, time_limit_s: float | None
+    p: StageProblem, lo: list[int], hi: list[int], time_limit_s: float | None
 ) -> tuple[list[int] | None, SolveResult]:
     S, L = p.num_stages, p.num_blocks
     prob = pulp.LpProblem("inter_op_stages", pulp.LpMinimize)
-    n = [prob.add_variable(f"n_{s}", lowBound=lo[s], upBound=hi[s], cat="Integer") for s in range(S)]
+    u = [
+        {k: prob.add_variable(f"u_{s}_{k}", cat="Binary") for k in range(lo[s] + 1, hi[s] + 1)}
+        for s in range(S)
+    ]
+    n = [lo[s] + pulp.lpSum(u[s].values()) for s in range(S)]
     t_max = prob.add_variable("T_max", lowBound=0)
     t = [n[s] * p.block_time_s[s] + p.fixed_time_s[s] for s in range(S)]
     objective = (p.num_micro_batches - 1) * t_max + pulp.lpSum(t)
     prob += pulp.lpSum(n) == L, "blocks_all_placed"
-    for s in range(S):  # memory_s is the upper bound of n_s (memory_caps): exact, no tolerance
+    for s in range(S):
+        for k in range(lo[s] + 2, hi[s] + 1):
+            prob += u[s][k] <= u[s][k - 1], f"count_order_{s}_{k}"
         prob += t_max >= t[s], f"bottleneck_{s}"
     if p.optimizer_block_s:
         o_max = prob.add_variable("O", lowBound=0)
         objective += o_max
         for s in range(S):
             prob += o_max >= n[s] * p.optimizer_block_s[s] + p.optimizer_fixed_s[s], f"optimizer_bound_{s}"
-    if with_sync and p.sync_time_s is not None:
-        objective += _sync_rows(prob, p, n, lo, hi)
+    if p.sync_time_s is not None:
+        d_max = prob.add_variable("D", lowBound=0)
+        objective += d_max
+        for s in range(S):
+            steps = [(sync_at(p, s, k) - sync_at(p, s, k - 1)) * u[s][k] for k in u[s]]
+            prob += d_max >= sync_at(p, s, lo[s]) + pulp.lpSum(steps), f"sync_bound_{s}"
     prob += objective
     result = solve(prob, time_limit_s)
     if result.status not in ("optimal", "time_limit"):
         return None, result
-    return [round(v.value()) for v in n], result
-
-
-def _sync_rows(prob, p: StageProblem, n, lo: list[int], hi: list[int]):
-    d_max = prob.add_variable("D", lowBound=0)
-    for s in range(p.num_stages):
-        ks = range(lo[s], hi[s] + 1)
-        y = {k: prob.add_variable(f"y_{s}_{k}", cat="Binary") for k in ks}
-        prob += pulp.lpSum(y.values()) == 1, f"sync_choice_{s}"
-        prob += pulp.lpSum(k * y[k] for k in ks) == n[s], f"sync_count_{s}"
-        prob += d_max >= pulp.lpSum(p.sync_time_s[s][k - 1] * y[k] for k in ks), f"sync_bound_{s}"
-    return d_max
+    return [lo[s] + sum(round(v.value()) for v in u[s].values()) for s in range(S)], result
 
 
 def _solution(p: StageProblem, counts: list[int], result: SolveResult) -> StageSolution | None:

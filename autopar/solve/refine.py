@@ -22,10 +22,19 @@ returns is re-costed by the estimator before it is used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 from autopar.errors import PlanError
-from autopar.solve.inter_op import StageProblem, can_fit, even_split, latency_s, solve_stages
+from autopar.solve.inter_op import (
+    NO_SOLVER,
+    StageProblem,
+    bound_stages,
+    can_fit,
+    even_split,
+    latency_s,
+    solve_stages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,7 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
     """The ILP's data for ``plan``'s keys (any split), or None when stages mix block types."""
     from autopar import estimator
     from cost_models import DEFAULT
-    from cost_models.step import _dp_exposed, _optimizer_s, _p2p_time, stage_time
+    from cost_models.step import _optimizer_s, _p2p_time, stage_time
 
     even = dataclasses.replace(plan, layer_stages=None, predicted=None, search=None)
     w = estimator.workload(graph, cluster, even)
@@ -73,10 +82,11 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
         block_bytes=[],
         fixed_bytes=[],
         capacity_bytes=[cluster.device.memory_bytes] * S,
-        sync_time_s=[] if train else None,
+        sync_time_s=None,
         optimizer_block_s=[],
         optimizer_fixed_s=[],
     )
+    syncs = []
     mem_n = _stage_totals(w, even, w.stages)
     mem_n1 = _stage_totals(w, even, [_with(st, b, c + 1) for st, (b, c) in zip(w.stages, repeated)])
     for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
@@ -92,18 +102,19 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
             o0, o1 = (_optimizer_s(spec, w.rates, DEFAULT) for spec in one)
             p.optimizer_block_s.append(o1 - o0)
             p.optimizer_fixed_s.append(o0)
-            block_t = t1 + t0.scaled(-1.0)
-            p.sync_time_s.append(
-                [
-                    _dp_exposed(
-                        dataclasses.replace(w.spec, stages=(_with(stage, block, k),)),
-                        [t0 + block_t.scaled(k)],
-                        DEFAULT,
-                    )
-                    for k in range(1, p.max_blocks + 1)
-                ]
-            )
+            syncs.append((stage, block, t0, t1 + t0.scaled(-1.0)))
+    if train:
+        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, *syncs[s], k))
     return p
+
+
+def _sync(spec, stage, block, t0, block_t, k: int) -> float:
+    """``D_s(k)``: the exposed data-parallel sync of ``stage`` holding ``k`` blocks."""
+    from cost_models import DEFAULT
+    from cost_models.step import _dp_exposed
+
+    one = dataclasses.replace(spec, stages=(_with(stage, block, k),))
+    return _dp_exposed(one, [t0 + block_t.scaled(k)], DEFAULT)
 
 
 def _per_micro_batch(t, train: bool) -> float:
@@ -168,8 +179,12 @@ def _refine(search, cand):
     problem = stage_problem(search.graph, search.cluster, cand.plan)
     if problem is None:
         return None
-    search.stats.ilp_solves += 1
-    solution = solve_stages(problem, time_limit_s=max(1.0, min(10.0, search.time_left_s())))
+    bound = bound_stages(problem)
+    if bound is None or bound.lower_s >= search.best_s * (1 - 1e-12):
+        return None
+    solution = solve_stages(problem, time_limit_s=max(1.0, min(10.0, search.time_left_s())), bound=bound)
+    if solution is not None and solution.result.solver != NO_SOLVER:
+        search.stats.ilp_solves += 1
     if solution is None or solution.blocks_per_stage == even_split(problem.num_blocks, problem.num_stages):
         return None
     split = layer_stages(solution.blocks_per_stage)

@@ -33,7 +33,7 @@ from autopar.runtime import rng
 from autopar.runtime.failure import FailureReporter, guard
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
-from autopar.runtime.pipeline import Pipeline, run_accumulation
+from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
 from autopar.runtime.schedule import for_plan
 from autopar.runtime.wrap import apply_ddp, apply_fsdp, apply_recompute
 from autopar.tracing import MODEL_PREFIX, fx_trace
@@ -229,6 +229,7 @@ class ParallelModule:
         self._program, self._module = prog, module
         self._optimizer = self._optimizer_fn(list(module.parameters())) if self._train else None
         self._pipeline = None
+        self._events = Events(prog.stage.spec.index)
         if self.plan.pp > 1:
             stage.flat_output = not self._train
             self._pipeline = Pipeline(
@@ -288,7 +289,10 @@ class ParallelModule:
         self._optimizer.zero_grad(set_to_none=True)
         m = self.plan.num_micro_batches
         if self._pipeline is None:
-            losses = run_accumulation(self._module, self._program.stage.spec, inputs, side, m, True)
+            self._events.reset()
+            losses = run_accumulation(
+                self._module, self._program.stage.spec, inputs, side, m, True, self._events
+            )
         else:
             losses = self._pipeline.run(inputs, side, True)
         self._sync_tied_grads()
@@ -380,19 +384,31 @@ class ParallelModule:
 
     # ------------------------------------------------------------------------------ measurements
     def measured(self) -> dict:
-        """This run's measurements for the plan report: the median step time after the first
-        (warm-up) step; on CUDA also the peak memory of every rank (collective there)."""
+        """This run's measurements for the plan report (collective): the median step time after the
+        first (warm-up) step, the last step's forward/backward timeline of this rank's pipeline
+        (seconds from each rank's step start), on CUDA the peak memory of every rank."""
         times = sorted(self._step_times_s[1:] or self._step_times_s)
         out: dict = {
             "source": f"{self.plan.world_size} ranks, {len(self._step_times_s)} steps (first excluded)"
         }
         if times:
             out["step_time_s"] = times[len(times) // 2]
+        if self._program is not None:
+            out["events"] = self._pipeline_events()
         if self._program is not None and self.device.type == "cuda":
             mem = [None] * self.plan.world_size
             dist.all_gather_object(mem, torch.cuda.max_memory_allocated(self.device))
             out["memory_bytes_per_rank"] = mem
         return out
+
+    def _pipeline_events(self) -> list[dict]:
+        """The last step's timeline of this rank's pipeline (collective over pp)."""
+        mine = (self._pipeline.events if self._pipeline is not None else self._events).events
+        if self._groups is None or self.plan.pp == 1:
+            return list(mine)
+        parts: list = [None] * self.plan.pp
+        dist.all_gather_object(parts, mine, group=self._groups.group("pp"))
+        return [e for part in parts for e in part]
 
     def report(self, path, *, measured: dict | None = None):
         """Write the plan report (HTML) with this run's measurements overlaid; returns the path."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -50,20 +51,62 @@ def _no_sync(module: nn.Module, last: bool):
     return contextlib.nullcontext()
 
 
-def run_accumulation(module: nn.Module, spec: StageSpec, inputs: tuple, side: dict, m: int, train: bool):
+class Events:
+    """Start and end of every forward / backward of this rank's stage in the current step, seconds
+    from the step's start: the "measured" timeline the plan report overlays on the predicted one."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+        self.events: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def reset(self) -> None:
+        self.events, self.t0 = [], time.perf_counter()
+
+    @contextlib.contextmanager
+    def record(self, kind: str, micro_batch: int):
+        start = time.perf_counter() - self.t0
+        yield
+        end = time.perf_counter() - self.t0
+        self.events.append(
+            {"stage": self.stage, "kind": kind, "micro_batch": micro_batch, "start_s": start, "end_s": end}
+        )
+
+    def wrap(self, fn, kind: str):
+        """``fn(chunk_id, ...)`` recorded as ``kind`` of micro-batch ``chunk_id``."""
+
+        def timed(chunk_id, *args, **kwargs):
+            with self.record(kind, chunk_id):
+                return fn(chunk_id, *args, **kwargs)
+
+        return timed
+
+
+def run_accumulation(
+    module: nn.Module,
+    spec: StageSpec,
+    inputs: tuple,
+    side: dict,
+    m: int,
+    train: bool,
+    events: Events | None = None,
+):
     """pp == 1: forward (and backward) of ``m`` micro-batches; returns per-micro-batch outputs."""
+    events = events or Events(spec.index)
     names = list(side)
     chunks = split_micro_batches(tuple(inputs) + tuple(side[k] for k in names), m)
     outs = []
     for i, chunk in enumerate(chunks):
         args, kw = chunk[: len(inputs)], dict(zip(names, chunk[len(inputs) :]))
         if not train:
-            with torch.no_grad():
+            with torch.no_grad(), events.record("F", i):
                 outs.append(module(*args, **kw))
             continue
         with _no_sync(module, i == m - 1):
-            loss = module(*args, **kw)
-            (loss / m).backward()
+            with events.record("F", i):
+                loss = module(*args, **kw)
+            with events.record("B", i):
+                (loss / m).backward()
         outs.append(loss.detach())
     return outs
 
@@ -76,6 +119,7 @@ class Pipeline:
     ):
         self.module, self.spec, self.groups, self.device = module, spec, groups, device
         self.schedule_name, self.m = schedule, m
+        self.events = Events(spec.index)
         self.pp_ranks = groups.ranks["pp"]
         self._schedules: dict[bool, object] = {}
         self._stage = None
@@ -118,6 +162,9 @@ class Pipeline:
                 output_args=out_args,
                 group=self.groups.group("pp"),
             )
+            # Instance attributes shadow the methods the schedules call: timings for the report.
+            self._stage.forward_one_chunk = self.events.wrap(self._stage.forward_one_chunk, "F")
+            self._stage.backward_one_chunk = self.events.wrap(self._stage.backward_one_chunk, "B")
         name = runs_as(self.schedule_name, self.spec.num_stages, self.m)
         cls = Schedule1F1B if (train and name == "1f1b") else ScheduleGPipe
         sched = cls(
@@ -131,6 +178,7 @@ class Pipeline:
         the last stage, None elsewhere."""
         side = {SIDE_PREFIX + k: v for k, v in side.items()}
         sched = self._schedule(train, inputs, side)
+        self.events.reset()
         args = tuple(inputs) if self.spec.is_first else ()
         if not train:
             with torch.no_grad():

@@ -117,3 +117,29 @@ def test_inference_outputs_equal_one_device_on_every_rank():
             torch.testing.assert_close(
                 out, expected, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {plan.summary()}"
             )
+
+
+def _measure(case, plan):
+    batches = case.make_batches(2)
+    compiled = autopar.compile(
+        case.build(),
+        plan.world_size,
+        example_inputs=batches[0],
+        loss_fn=case.loss_fn,
+        plan=plan,
+        global_batch=B,
+    )
+    for batch in batches:
+        compiled.step(batch)
+    return compiled.measured()
+
+
+def test_measured_timeline_has_every_forward_and_backward_of_the_pipeline():
+    plan = P(pp=2, schedule="1f1b")
+    for measured in run_ranks(_measure, 2, args=(gpt_case(), plan)):
+        events = measured["events"]
+        got = sorted((e["stage"], e["kind"], e["micro_batch"]) for e in events)
+        m = plan.num_micro_batches
+        assert got == sorted((s, k, i) for s in range(2) for k in "FB" for i in range(m))
+        assert all(0 <= e["start_s"] <= e["end_s"] for e in events)
+        assert measured["step_time_s"] > 0

@@ -122,20 +122,3 @@ def _add_placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
     with gm.graph.inserting_after(last):
         node = gm.graph.placeholder(name)
     return node
-
-
-def set_dropout_shards(gm: torch.fx.GraphModule, tp_index: int, tp: int) -> None:
-    """Fill ``shard`` of dropout nodes whose input the lowering split along one dim (if the lowering
-    did not): the split dim is found by comparing the local shape (``tensor_meta`` after lowering,
-    when present) with ``sample_shape``."""
-    for node in gm.graph.nodes:
-        if node.target is not rng.dropout or node.kwargs.get("shard") is not None:
-            continue
-        local = node.meta.get("autopar_local_shape")
-        if local is None:
-            continue
-        global_rest = tuple(node.kwargs["sample_shape"])
-        diff = [d for d, (a, b) in enumerate(zip(local[1:], global_rest)) if a != b]
-        if len(diff) == 1:
-            node.kwargs = {**node.kwargs, "shard": (diff[0] + 1, tp_index, tp)}
-    gm.recompile()

@@ -18,7 +18,7 @@ import traceback
 
 import torch.distributed as dist
 
-from autopar.errors import RuntimeFailure
+from autopar.errors import AutoparError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -121,5 +121,7 @@ def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None 
                 f"error first; a rank may have crashed or been killed: {type(exc).__name__}: {exc}"
             ) from exc
         message = reporter.report(where, exc)
+        if isinstance(exc, AutoparError):
+            raise  # a user error keeps its type (PlanError...); the peers still learn of it
         log.error("%s\n%s", message, traceback.format_exc())
         raise RuntimeFailure(message) from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -40,6 +41,9 @@ from autopar.tracing import MODEL_PREFIX, fx_trace
 from autopar.tracing.wrap import split_inputs
 
 log = logging.getLogger(__name__)
+
+PLAN_ENV = "AUTOPAR_PLAN"
+"""Path of a plan file for ``compile(plan=None)``; set by ``autopar run PLAN.json``."""
 
 
 def _num_devices(cluster) -> int:
@@ -69,6 +73,8 @@ def compile(  # noqa: A001 - the public name autopar.compile
 ) -> ParallelModule:
     """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
 
+    ``plan=None``: the plan file named by ``$AUTOPAR_PLAN`` (``autopar run``), else the planner's.
+
     ``optimizer``: ``callable(params) -> torch.optim.Optimizer`` (default AdamW, lr 1e-3), applied
     to this rank's parameters. ``seed`` seeds dropout masks (:mod:`autopar.runtime.rng`).
     ``timeout_s`` is the timeout of every process group.
@@ -76,6 +82,10 @@ def compile(  # noqa: A001 - the public name autopar.compile
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
     world = _num_devices(cluster)
+    if plan is None and os.environ.get(PLAN_ENV):
+        from autopar.report.loader import load_plan
+
+        plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
     if plan is None:
         plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode)
     if plan.world_size != world:

@@ -219,6 +219,28 @@ def test_measured_values_are_overlaid(graph, local4):
     assert "measured step time" in html and "Predicted vs measured memory per rank" in html
 
 
+def test_measured_timeline_on_another_scale_gets_its_own_panel(graph, local4):
+    """Measured events share the predicted axis when within 2x of it; otherwise (a CPU run 40x
+    faster than the nominal CPU numbers predict) they get a panel with their own time axis."""
+    from autopar.report.gantt import gantt
+
+    plan = tp2_pp2()
+    predicted = gather(plan, cluster=local4, graph=graph).timeline.makespan_s
+    for factor, panels in ((1.0, 1), (0.02, 2)):
+        events = [
+            {
+                "stage": s,
+                "kind": k,
+                "micro_batch": 0,
+                "start_s": i * predicted * factor / 4,
+                "end_s": (i + 1) * predicted * factor / 4,
+            }
+            for i, (s, k) in enumerate([(0, "F"), (1, "F"), (1, "B"), (0, "B")])
+        ]
+        data = gather(plan, cluster=local4, graph=graph, measured={"events": events})
+        assert len(gantt(data).axes) == panels
+
+
 @pytest.mark.parametrize(
     "measured,fragment",
     [

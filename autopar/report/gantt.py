@@ -67,31 +67,67 @@ def _bars(ax, data, scale: float, x_max: float, px_per_unit: float) -> None:
         color = F.lighten(base, 0.45 * chunk / max(v - 1, 1)) if v > 1 else base
         edge = "white" if dense_px > 4 else "none"
         ax.broken_barh(spans, (p - 1 - stage + 0.55, 0.4), facecolors=color, edgecolor=edge, linewidth=0.3)
-    for stage, spans in sends.items():
+    sends_px = max((w for spans in sends.values() for _, w in spans), default=0.0) * px_per_unit
+    for stage, spans in sends.items() if sends_px >= 1.0 else ():  # sub-pixel slivers only alias
         ax.broken_barh(spans, (p - 1 - stage + 0.55, 0.4), facecolors=F.P2P)
 
 
-def _measured(ax, data, scale: float) -> bool:
+def _measured(ax, data, scale: float, *, overlay: bool) -> None:
+    """Measured events: thin hatched bars under the predicted ones (``overlay``), or full bars in a
+    panel of their own; the measured step time as a dashed line."""
     events = (data.measured or {}).get("events") or []
     p = data.plan.pp
-    for e in events:
-        y = p - 1 - e["stage"]
-        color = F.FORWARD if e["kind"] == "F" else F.BACKWARD
-        ax.broken_barh(
-            [(e["start_s"] * scale, (e["end_s"] - e["start_s"]) * scale)],
-            (y + 0.22, 0.25),
-            facecolors=F.lighten(color, 0.3),
-            edgecolor="black",
-            linewidth=0.4,
-            hatch="///",
-        )
+    y0, height = (0.22, 0.25) if overlay else (0.55, 0.4)
+    if overlay:
+        style = dict(edgecolor="black", linewidth=0.4, hatch="///")
+    else:
+        style = dict(edgecolor="white", linewidth=0.3)
+    for (stage, kind), spans in _group_events(events, scale).items():
+        color = F.lighten(F.FORWARD if kind == "F" else F.BACKWARD, 0.3 if overlay else 0.0)
+        ax.broken_barh(spans, (p - 1 - stage + y0, height), facecolors=color, **style)
     step = (data.measured or {}).get("step_time_s")
     if step:
         ax.axvline(step * scale, color="black", linestyle="--", linewidth=1.0)
-    return bool(events) or bool(step)
 
 
-def _panel(ax, data, scale: float, unit: str, x_max: float, width_px: float, tail: list) -> None:
+def _group_events(events: list[dict], scale: float) -> dict[tuple[int, str], list]:
+    out: dict[tuple[int, str], list] = {}
+    for e in events:
+        span = (e["start_s"] * scale, (e["end_s"] - e["start_s"]) * scale)
+        out.setdefault((e["stage"], e["kind"]), []).append(span)
+    return out
+
+
+def _measured_span(data) -> float:
+    m = data.measured or {}
+    return max([e["end_s"] for e in m.get("events") or []] + [m.get("step_time_s") or 0.0])
+
+
+def _overlay_ok(data, predicted_s: float) -> bool:
+    """Measured times share the predicted axis only when they are on a comparable scale."""
+    span = _measured_span(data)
+    return data.timing != "unit" and span > 0 and 0.5 <= span / max(predicted_s, 1e-12) <= 2.0
+
+
+def _measured_panel(ax, data) -> None:
+    span = _measured_span(data)
+    scale, unit = F.time_unit(span)
+    p = data.plan.pp
+    _measured(ax, data, scale, overlay=False)
+    ax.set_ylim(0.5, p)
+    ax.set_xlim(0, span * scale * 1.01)
+    ax.set_yticks([p - 1 - s + 0.75 for s in range(p)], [_row_label(data, s) for s in range(p)], fontsize=8)
+    ax.set_xlabel(f"measured time ({unit})")
+    ax.grid(axis="x", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+    source = (data.measured or {}).get("source", "")
+    title = "measured, on its own time axis (the prediction's scale differs by more than 2x)"
+    ax.set_title(title + (f"; {source}" if source else ""), fontsize=10, loc="left")
+
+
+def _panel(
+    ax, data, scale: float, unit: str, x_max: float, width_px: float, tail: list, *, overlay: bool
+) -> None:
     tl = data.timeline
     p = tl.num_stages
     _bars(ax, data, scale, x_max, width_px / max(x_max, 1e-12))
@@ -101,8 +137,9 @@ def _panel(ax, data, scale: float, unit: str, x_max: float, width_px: float, tai
             break
         ax.broken_barh([(end, seconds * scale)], (0.5, p - 0.45), facecolors=color, alpha=0.85)
         end += seconds * scale
-    has_measured = _measured(ax, data, scale)
-    lo = 0.15 if has_measured else 0.5
+    if overlay:
+        _measured(ax, data, scale, overlay=True)
+    lo = 0.15 if overlay and (data.measured or {}).get("events") else 0.5
     ax.set_ylim(lo, p)
     ax.set_xlim(0, x_max)
     ax.set_yticks([p - 1 - s + 0.75 for s in range(p)], [_row_label(data, s) for s in range(p)], fontsize=8)
@@ -111,7 +148,7 @@ def _panel(ax, data, scale: float, unit: str, x_max: float, width_px: float, tai
     ax.set_axisbelow(True)
 
 
-def _legend(fig, data, tail: list) -> None:
+def _legend(fig, data, tail: list, *, overlay: bool) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=F.FORWARD, label="forward"), Patch(facecolor=F.BACKWARD, label="backward")]
@@ -120,7 +157,7 @@ def _legend(fig, data, tail: list) -> None:
     if any(e.p2p_s > 0 for e in data.timeline.events):
         handles.append(Patch(facecolor=F.P2P, label="p2p send"))
     handles += [Patch(facecolor=c, label=label) for label, _, c in tail]
-    if (data.measured or {}).get("events"):
+    if overlay and (data.measured or {}).get("events"):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="measured"))
     if (data.measured or {}).get("step_time_s"):
         from matplotlib.lines import Line2D
@@ -144,20 +181,25 @@ def gantt(data):
     tl = data.timeline
     tail = _tail(data)
     total = tl.makespan_s + sum(s for _, s, _ in tail)
-    step = (data.measured or {}).get("step_time_s") or 0.0
-    scale, unit = F.time_unit(max(total, step)) if data.timing != "unit" else (1.0, "units")
+    overlay = _overlay_ok(data, total)
+    separate = bool((data.measured or {}).get("events")) and not overlay
+    right = max(total, _measured_span(data)) if overlay else total
+    scale, unit = F.time_unit(right) if data.timing != "unit" else (1.0, "units")
     row_in = 0.42 if tl.num_stages <= 16 else 0.26
     panel_in = 0.9 + row_in * tl.num_stages
     zoom = _zoom_end(data)
-    fig = F.new_figure(F.WIDTH_IN, panel_in * (2 if zoom else 1) + 0.6)
-    axes = fig.subplots(2 if zoom else 1, 1, squeeze=False)[:, 0]
+    n = 1 + bool(zoom) + separate
+    fig = F.new_figure(F.WIDTH_IN, panel_in * n + 0.6)
+    axes = list(fig.subplots(n, 1, squeeze=False)[:, 0])
     width_px = F.WIDTH_IN * F.DPI * 0.85
-    _panel(axes[0], data, scale, unit, max(total, step) * scale * 1.01, width_px, tail)
+    _panel(axes[0], data, scale, unit, right * scale * 1.01, width_px, tail, overlay=overlay)
     axes[0].set_title(_title(data), fontsize=11, loc="left")
     if zoom:
-        _panel(axes[1], data, scale, unit, zoom * scale, width_px, tail)
+        _panel(axes[1], data, scale, unit, zoom * scale, width_px, tail, overlay=overlay)
         axes[1].set_title("zoom on the start: warm-up of the pipeline", fontsize=10, loc="left")
-    _legend(fig, data, tail)
+    if separate:
+        _measured_panel(axes[-1], data)
+    _legend(fig, data, tail, overlay=overlay)
     return fig
 
 

@@ -227,7 +227,9 @@ class ParallelModule:
         self._check_ties(prog)
         self.device = _device()
         stage = prog.stage.to(self.device)
-        if self.plan.recompute == "full" and self._train:
+        if self.plan.recompute != "none" and self._train:
+            if self.plan.recompute == "selective":
+                log.warning("recompute=selective runs as full recompute (whole blocks are checkpointed)")
             apply_recompute(stage, prog.block_segments)
         module: nn.Module = stage
         if self.plan.dp > 1 and self._train:

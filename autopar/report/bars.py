@@ -156,13 +156,19 @@ def mesh_entries(data) -> list[tuple[str, float, str]]:
         if r.get("step_time_s") is not None:
             out.append((r.get("config", "?"), r["step_time_s"], "fits" if r.get("fits") else "overflow"))
     out.sort(key=lambda e: (e[2] == "overflow", e[1]))
-    return out[:MAX_MESHES]
+    return out
 
 
 def meshes(data):
-    entries = mesh_entries(data)
-    if len(entries) < 2:
+    everything = mesh_entries(data)
+    if len(everything) < 2:
         return None
+    entries = everything[:MAX_MESHES]
+    shown = (
+        f"; the {MAX_MESHES} best of {len(everything)}, all in the table below"
+        if len(everything) > MAX_MESHES
+        else ""
+    )
     scale, unit = F.time_unit(max(e[1] for e in entries))
     colors = {"chosen": "#59a14f", "fits": "#4e79a7", "overflow": "#d3d3d3"}
     fig = F.new_figure(9.0, 0.9 + 0.3 * len(entries))
@@ -188,9 +194,8 @@ def meshes(data):
     ax.set_yticks(y, [label for label, *_ in entries], fontsize=8)
     ax.set_xlim(0, max(values) * 1.3)
     ax.set_xlabel(f"best predicted step time of the mesh ({unit})")
-    ax.set_title(
-        "Best plan per mesh (green: chosen, blue: fits, grey: does not fit)", fontsize=11, loc="left"
-    )
+    title = "Best plan per mesh (green: chosen, blue: fits, grey: does not fit)"
+    ax.set_title(title + ("\n" + shown.lstrip("; ") if shown else ""), fontsize=11, loc="left")
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
     ax.set_axisbelow(True)
     return fig

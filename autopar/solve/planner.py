@@ -35,15 +35,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from autopar.errors import InfeasibleError, PlanError
 from autopar.plan import Plan, PredictedCost
 from autopar.progress import Progress
 from autopar.solve import space
-from autopar.solve.refine import can_fit_any_split, refine_splits, split_lower_bound, splittable
+from autopar.solve.refine import (
+    block_time_s,
+    refine_splits,
+    split_can_fit,
+    split_lower_bound,
+    splittable,
+    stage_totals,
+)
 
 log = logging.getLogger(__name__)
-FRUGAL = ("full", 3)
 
 
 @dataclass(kw_only=True)
@@ -51,6 +58,8 @@ class Candidate:
     keys: dict
     plan: Plan
     cost: PredictedCost
+    work: Any = field(default=None, repr=False, compare=False)
+    """The estimator's workload (its stages serve every memory knob of the same pipeline)."""
 
     @property
     def time_s(self) -> float:
@@ -66,6 +75,9 @@ class SearchStats:
     space_size: int = 0
     evaluated: int = 0
     pruned: int = 0
+    """Skipped because a lower bound on their step time was not below the incumbent's."""
+    screened: int = 0
+    """Skipped because their memory (computed without timing them) fits under no split."""
     invalid: int = 0
     ilp_solves: int = 0
     """Inter-op ILPs solved (uneven splits)."""
@@ -105,28 +117,31 @@ class Search:
         self.stats = SearchStats()
         self.progress = progress
         self.best_s = float("inf")
-
-    def out_of_time(self) -> bool:
-        if time.perf_counter() > self.deadline:
-            self.stats.status = "time_limit"
-        return self.stats.status == "time_limit"
+        self.block_s: dict[tuple, float] = {}
+        """(tp, sp, micro-batch) -> one block's time per micro-batch (no recompute, no ZeRO)."""
+        self.misses: dict[str, tuple[float, dict]] = {}
+        """Per mesh, the smallest overflow among screened knobs: (bytes over, keys)."""
 
     def time_left_s(self) -> float:
         return self.deadline - time.perf_counter()
 
     # -- evaluation
     def evaluate(self, keys: dict) -> Candidate | None:
-        from autopar.estimator import estimate
+        """Cost ``keys`` with the estimator (``estimate`` is exactly ``workload`` then
+        ``predicted_cost``; the workload is kept to screen the pipeline's other memory knobs)."""
+        from autopar.estimator import predicted_cost, workload
+        from cost_models import DEFAULT
 
         self.stats.evaluated += 1
         try:
             plan = make_plan(keys, self.spec.global_batch, self.spec.mode)
-            cost = estimate(self.graph, self.cluster, plan)
+            work = workload(self.graph, self.cluster, plan)
+            cost = predicted_cost(work, plan, self.cluster, DEFAULT)
         except PlanError as e:
             self.stats.invalid += 1
             self.stats.invalid_reasons.setdefault(mesh_label(keys), str(e))
             return None
-        cand = Candidate(keys=keys, plan=plan, cost=cost)
+        cand = Candidate(keys=keys, plan=plan, cost=cost, work=work)
         if cost.fits:
             self.fitting.append(cand)
             self.best_s = min(self.best_s, cand.time_s)
@@ -148,72 +163,114 @@ class Search:
         self.stats.space_size = space.size(self.spec)
         self.progress.start("planning", total=len(meshes))
         for dp, tp, pp in meshes:
-            found = list(space.pipelines(self.spec, dp, pp))
-            twins = {mbs for mbs, schedule, _ in found if schedule == "1f1b"}
-            for mbs, schedule, vpp in found:
-                if schedule == "interleaved" and mbs in twins:
-                    continue  # costed from its 1F1B twin, which bounds it
-                if self.out_of_time():
-                    self.progress.finish("time limit reached: returning the best plan so far")
-                    return
-                self._pipeline(dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp))
+            twins: dict[tuple, Candidate] = {}  # (mbs, sp) -> the 1F1B pipeline's first candidate
+            sps = sorted({sp for sp, _, _ in space.knobs(self.spec, tp, dp)})
+            for mbs, schedule, vpp in space.pipelines(self.spec, dp, pp):  # 1F1B before its twins
+                for sp in sps:
+                    if self.out_of_time():
+                        self.progress.finish("time limit reached: returning the best plan so far")
+                        return
+                    base = dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp, sp=sp)
+                    if self._skip(base, twins.get((mbs, sp))):
+                        self.stats.pruned += self._num_knobs(base)
+                        continue
+                    first = self._knobs(base)
+                    if first is not None and schedule == "1f1b":
+                        twins[mbs, sp] = first
             self.progress.advance(f"dp={dp} tp={tp} pp={pp}  best {self.best_s:.3g}s")
         self.progress.finish(f"{self.stats.evaluated} plans costed")
 
-    def _pipeline(self, base: dict) -> None:
-        knobs = list(space.knobs(self.spec, base["tp"], base["dp"]))
-        for sp in sorted({sp for sp, _, _ in knobs}):
-            first = self._knobs(dict(base, sp=sp))
-            if first is not None and base["pp"] > 1 and base["schedule"] == "1f1b":
-                self._interleaved(dict(base, sp=sp), first)
+    def out_of_time(self) -> bool:
+        """Past the deadline with an incumbent (without one the search goes on: a plan is needed)."""
+        if self.fitting and time.perf_counter() > self.deadline:
+            self.stats.status = "time_limit"
+        return self.stats.status == "time_limit"
+
+    def _num_knobs(self, base: dict) -> int:
+        return sum(1 for k in space.knobs(self.spec, base["tp"], base["dp"]) if k[0] == base["sp"])
+
+    def _skip(self, base: dict, twin: Candidate | None) -> bool:
+        """Whether no knob of this pipeline can beat the incumbent, before costing any of it."""
+        if self._pipeline_bound(base) >= self.best_s:
+            return True
+        if base["schedule"] != "interleaved" or twin is None:
+            return False
+        # Same blocks per device as its 1F1B twin, at least its stage times and v times the p2p;
+        # only the bubble shrinks, at best to 1/v of the twin's.
+        b = twin.cost.breakdown_s
+        floor_s = twin.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
+        return floor_s - b.get("pp_bubble", 0.0) * (1 - 1 / base["vpp"]) >= self.best_s
+
+    def _pipeline_bound(self, base: dict) -> float:
+        """A lower bound on every knob and split of a pipeline from one number: the time ``t`` of
+        one block for one micro-batch at this (tp, sp, micro-batch), which does not depend on dp
+        or pp. Any split has a stage of at least ``L / pp`` blocks and stages summing to at least
+        ``L`` blocks, so ``T >= (m - 1/v) L t / pp + L t / v`` (the classic bubble formula)."""
+        t = self.block_s.get((base["tp"], base["sp"], base["mbs"]))
+        if t is None:
+            return 0.0
+        m = self.spec.global_batch // (base["dp"] * base["mbs"])
+        v, L = base["vpp"], self.num_blocks
+        return ((m - 1 / v) * L * t / base["pp"] + L * t / v) * (1 - 1e-9)
+
+    def _learn_block_time(self, first: Candidate) -> None:
+        key = (first.keys["tp"], first.keys["sp"], first.keys["mbs"])
+        if key not in self.block_s and first.work is not None:
+            t = block_time_s(first.work, first.plan.mode)
+            if t is not None:
+                self.block_s[key] = t
 
     def _knobs(self, base: dict) -> Candidate | None:
         """Memory knobs for one (mesh, pipeline, sp), cheapest first; returns the first candidate.
 
-        ``first`` (the least recompute and ZeRO allowed) bounds the others (:meth:`_bound`); when it
-        does not fit, the most memory-frugal knobs are costed next, and if none of them fits (under
-        any split of the blocks) no knob does."""
+        ``first`` (the least recompute and ZeRO allowed) is costed and bounds the others
+        (:meth:`_bound`); a knob that passes the bound is screened for memory with ``first``'s
+        workload (its stages do not depend on recompute or ZeRO) and costed only if it fits under
+        some split of the blocks."""
         knobs = [(rc, z) for sp, rc, z in space.knobs(self.spec, base["tp"], base["dp"]) if sp == base["sp"]]
         if not knobs:
             return None
         first = self.evaluate(dict(base, recompute=knobs[0][0], zero=knobs[0][1]))
         if first is None:
             return None
-        live = [k for k in knobs[1:] if self._bound(first, k) < self.best_s]
-        self.stats.pruned += len(knobs) - 1 - len(live)
-        if live and not first.cost.fits:
-            done = self._frugal(base, knobs, first)
-            if done is None:
-                self.stats.pruned += len(live)
-                return first
-            live = [k for k in live if k not in done]
-        for knob in live:
-            if self._bound(first, knob) >= self.best_s:
+        self._learn_block_time(first)
+        for rc, z in knobs[1:]:
+            if self._bound(first, (rc, z)) >= self.best_s:
                 self.stats.pruned += 1
                 continue
-            self.evaluate(dict(base, recompute=knob[0], zero=knob[1]))
+            keys = dict(base, recompute=rc, zero=z)
+            if not self._may_fit(first, keys):
+                self.stats.screened += 1
+                continue
+            self.evaluate(keys)
+        first.work = None  # done with it: keep the candidate lists light
         return first
 
-    def _frugal(self, base: dict, knobs: list[tuple[str, int]], first: Candidate) -> set | None:
-        """Cost the knobs that use the least memory: per stage, memory falls with more recompute
-        and with ZeRO 0 -> 1 -> 2; ZeRO-3 trades a gather buffer for sharded parameters, so it is
-        checked on its own. None when none of them fits under any split of the blocks (then no
-        knob does); else the set of knobs costed here."""
-        frugal = set()
-        for zeros in ([z for _, z in knobs if z <= 2], [z for _, z in knobs if z == 3]):
-            if zeros:
-                z = max(zeros)
-                frugal.add((max((rc for rc, zz in knobs if zz == z), key=space.RECOMPUTE_ORDER.index), z))
-        cands = [first] if knobs[0] in frugal else []
-        for rc, z in sorted(frugal - {knobs[0]}):
-            cand = self.evaluate(dict(base, recompute=rc, zero=z))
-            if cand is not None:
-                cands.append(cand)
-        if any(c.cost.fits for c in cands):
-            return frugal
-        if any(can_fit_any_split(self.graph, self.cluster, c.plan) for c in cands):
-            return frugal
-        return None
+    def _may_fit(self, first: Candidate, keys: dict) -> bool:
+        """Whether ``keys`` (same pipeline as ``first``) fits memory under the even split or, when
+        the blocks may be split unevenly, under some split. Overflows are remembered per mesh so
+        the closest miss can still be explained (:meth:`cost_closest_misses`)."""
+        plan = make_plan(keys, self.spec.global_batch, self.spec.mode)
+        capacity = self.cluster.device.memory_bytes
+        overflow = max(stage_totals(first.work, plan)) - capacity
+        if overflow <= 0:
+            return True
+        mesh = mesh_label(keys)
+        if mesh not in self.misses or overflow < self.misses[mesh][0]:
+            self.misses[mesh] = (overflow, keys)
+        return splittable(plan, self.num_blocks) and split_can_fit(first.work, plan, capacity)
+
+    def cost_closest_misses(self) -> None:
+        """Cost the screened knob that came closest to fitting, for every mesh where nothing fits
+        and nothing costed came closer (explanations and the infeasibility message use them)."""
+        fitting = {mesh_label(c.keys) for c in self.fitting}
+        closest: dict[str, float] = {}
+        for c in self.overflowing:
+            mesh = mesh_label(c.keys)
+            closest[mesh] = min(closest.get(mesh, float("inf")), c.overflow_bytes)
+        for mesh, (overflow, keys) in self.misses.items():
+            if mesh not in fitting and overflow < closest.get(mesh, float("inf")):
+                self.evaluate(keys)
 
     def _bound(self, first: Candidate, knob: tuple[str, int]) -> float:
         """A lower bound on the step time of ``knob`` at ``first``'s mesh and pipeline.
@@ -229,21 +286,6 @@ class Search:
             return first.time_s
         b = first.cost.breakdown_s
         return first.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
-
-    def _interleaved(self, base: dict, one_f_one_b: Candidate) -> None:
-        """Interleaved twins of a 1F1B pipeline. Same blocks per device, at least the same work per
-        stage and ``v`` times the p2p; only the bubble shrinks, at best by ``(1 - 1/v)``."""
-        b = one_f_one_b.cost.breakdown_s
-        floor_s = one_f_one_b.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
-        for mbs, schedule, vpp in space.pipelines(self.spec, base["dp"], base["pp"]):
-            if schedule != "interleaved" or mbs != base["mbs"]:
-                continue
-            if floor_s - b.get("pp_bubble", 0.0) * (1 - 1 / vpp) >= self.best_s:
-                self.stats.pruned += sum(
-                    1 for k in space.knobs(self.spec, base["tp"], base["dp"]) if k[0] == base["sp"]
-                )
-                continue
-            self._knobs(dict(base, schedule="interleaved", vpp=vpp))
 
 
 def mesh_label(keys: dict) -> str:
@@ -278,6 +320,7 @@ def plan(
     search = Search(graph, cluster, spec, time_limit_s=time_limit_s, progress=Progress(enabled=progress))
     search.run()
     refine_splits(search)
+    search.cost_closest_misses()
     if not search.fitting:
         search.stats.solve_time_s = time.perf_counter() - t0
         raise _infeasible(search)

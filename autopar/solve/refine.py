@@ -87,8 +87,7 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
         optimizer_fixed_s=[],
     )
     syncs = []
-    mem_n = _stage_totals(w, even, w.stages)
-    mem_n1 = _stage_totals(w, even, [_with(st, b, c + 1) for st, (b, c) in zip(w.stages, repeated)])
+    mem_n, mem_n1 = _memory_points(w, even, repeated)
     for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
         t0 = stage_time(_with(stage, block, 0), w.spec, w.rates, DEFAULT)
         t1 = stage_time(_with(stage, block, 1), w.spec, w.rates, DEFAULT)
@@ -106,6 +105,28 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
     if train:
         p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, *syncs[s], k))
     return p
+
+
+def block_time_s(w, mode: str) -> float | None:
+    """One repeated block's time per micro-batch (no recompute, no ZeRO) on ``w``'s devices and
+    tensor-parallel group; None when the stages hold more than one block type."""
+    from cost_models import DEFAULT
+    from cost_models.step import block_time
+
+    blocks = {id(b): b for stage in w.stages for b, c in stage.blocks if b.recomputable and c > 0}
+    if len(blocks) != 1:
+        return None
+    (block,) = blocks.values()
+    t = block_time(
+        block,
+        w.rates,
+        w.spec.groups,
+        recompute="none",
+        zero_stage=0,
+        bytes_per_param=(w.spec.param_bytes, w.spec.grad_bytes),
+        calib=DEFAULT,
+    )
+    return _per_micro_batch(t, mode == "train")
 
 
 def _sync(spec, stage, block, t0, block_t, k: int) -> float:
@@ -132,12 +153,43 @@ def _with(stage, block, count: int):
     return dataclasses.replace(stage, blocks=blocks)
 
 
-def _stage_totals(w, plan, stages) -> list[float]:
+def stage_totals(w, plan, stages=None) -> list[float]:
+    """Bytes per stage of ``plan`` on ``w``'s stages (default: all of them, as they are), as the
+    estimator counts them. The stages do not depend on recompute or ZeRO, so one workload serves
+    every memory knob of a pipeline."""
     from autopar import estimator
     from cost_models import DEFAULT
 
+    stages = w.stages if stages is None else stages
     memory = estimator._stage_memory(stages, plan, w.spec.param_bytes, DEFAULT, [0.0] * len(stages))
     return [sum(m.values()) for m in memory]
+
+
+def _memory_points(w, plan, repeated) -> tuple[list[float], list[float]]:
+    """Bytes per stage with its current block count and with one block more (memory is linear in
+    the count, so these two points give every count)."""
+    more = [_with(st, b, c + 1) for st, (b, c) in zip(w.stages, repeated)]
+    return stage_totals(w, plan), stage_totals(w, plan, more)
+
+
+def split_can_fit(w, plan, capacity_bytes: float) -> bool:
+    """Whether some split of ``plan``'s blocks fits memory (``w``: a workload of its pipeline)."""
+    repeated = [_repeated(stage) for stage in w.stages]
+    if any(r is None for r in repeated):
+        return True  # cannot tell: let the estimator decide
+    mem_n, mem_n1 = _memory_points(w, plan, repeated)
+    S = len(w.stages)
+    per_block = [b - a for a, b in zip(mem_n, mem_n1)]
+    problem = StageProblem(
+        num_blocks=sum(c for _, c in repeated),
+        num_micro_batches=plan.num_micro_batches,
+        block_time_s=[0.0] * S,
+        fixed_time_s=[0.0] * S,
+        block_bytes=per_block,
+        fixed_bytes=[a - c * d for a, (_, c), d in zip(mem_n, repeated, per_block)],
+        capacity_bytes=[capacity_bytes] * S,
+    )
+    return can_fit(problem)
 
 
 def layer_stages(counts: list[int]) -> list[int]:
@@ -145,14 +197,6 @@ def layer_stages(counts: list[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ the phase
-def can_fit_any_split(graph, cluster, plan) -> bool:
-    """Whether some split of ``plan``'s blocks fits memory (True when it cannot be split)."""
-    if not splittable(plan, len(graph.block_order)):
-        return False
-    problem = stage_problem(graph, cluster, plan)
-    return problem is None or can_fit(problem)
-
-
 def refine_splits(search) -> None:
     """Re-split every candidate that might beat the incumbent under some split (module docstring);
     better splits join ``search.fitting`` (replacing their even-split twin)."""

@@ -140,6 +140,16 @@ def test_schedule_and_memory_agree_with_the_cost_model(graph, local4):
     assert data.predicted.step_time_s == pytest.approx(want.step_time_s)  # costed now: plan had none
 
 
+def test_inference_schedule_is_forwards_only_and_matches_the_cost_model(graph, local4):
+    import autopar
+
+    plan = tp2_pp2(mode="inference")
+    want = autopar.estimate(graph, local4, plan)
+    data = gather(plan, cluster=local4, graph=graph)
+    assert {e.action.kind for e in data.timeline.events} == {"F"}
+    assert data.timeline.makespan_s == pytest.approx(want.step_time_s, rel=1e-6)
+
+
 def test_sharding_table_shows_megatron_layout(graph, local4):
     data = gather(tp2_pp2(), cluster=local4, graph=graph)
     header = data.sharding.header

@@ -68,7 +68,10 @@ class ReportData:
 def graph_facts(graph) -> dict:
     """What the report shows about the model, from the traced graph (JSON-able)."""
     per_sample = (graph.flops_fwd + graph.flops_bwd) / graph.batch_size if graph.batch_size else 0.0
+    first = graph[graph.inputs[0]] if graph.inputs else None
+    shape = first.output_shape if first is not None else None
     return {
+        "seq": int(shape[1]) if shape and len(shape) >= 2 else None,
         "num_params": graph.num_params,
         "param_bytes": graph.param_bytes,
         "num_blocks": len(graph.block_order),

@@ -164,12 +164,12 @@ def model_table(data) -> Table:
     table = Table("Model", ["", ""])
     f, plan = data.facts or {}, data.plan
     p = data.predicted
-    rows = [["model", data.model or "(not given)"]]
+    rows = [["model", data.model or ("(a traced graph; no spec given)" if f else "(not given)")]]
     if f:
         rows += [
             ["parameters", f"{fmt_count(f['num_params'])} ({fmt_bytes(f['param_bytes'])} as traced)"],
             ["repeated blocks", str(f["num_blocks"])],
-            ["sequence length", str(data.seq) if data.seq else "-"],
+            ["sequence length", str(data.seq or f.get("seq") or "-")],
             ["graph nodes", f"{f['num_nodes']} ({f['tracer']})"],
         ]
     flops = p.model_flops_per_step if p and p.model_flops_per_step else None

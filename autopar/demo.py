@@ -129,7 +129,6 @@ def choose_plan(args, cluster):
         global_batch=args.batch,
         example_inputs=(tokens, targets),
         loss_fn=gpt_loss,
-        fixed={"vpp": 1},
         progress=False,
     )
 

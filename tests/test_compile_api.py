@@ -26,12 +26,8 @@ def _compile(plan, world=None, **kw):
 def test_argument_errors_name_the_fix():
     with pytest.raises(PlanError, match=r"needs an autopar.Cluster.*plan=autopar.Plan.manual\("):
         autopar.compile(torch.nn.Linear(2, 2), 4, example_inputs=(torch.zeros(4, 2),), global_batch=4)
-    with pytest.raises(PlanError, match="not supported by the runtime yet"):
-        _compile(
-            autopar.Plan.manual(
-                pp=2, global_batch=8, micro_batch_size=1, schedule="interleaved", virtual_stages=2
-            )
-        )
+    with pytest.raises(PlanError, match="needs pp > 1"):
+        _compile(autopar.Plan.manual(global_batch=8, schedule="interleaved", virtual_stages=2))
     with pytest.raises(PlanError, match="uses 2 ranks but the cluster has 4 devices"):
         _compile(autopar.Plan.manual(dp=2, global_batch=8), world=4)
     with pytest.raises(PlanError, match="global_batch=16 but the plan was made for 8"):
@@ -128,3 +124,26 @@ def test_rank_code_of_one_rank_plan_has_no_collectives():
     assert code.count("autograd.backward(") == 2  # two micro-batches
     with pytest.raises(PlanError, match="outside"):
         _compile(autopar.Plan.manual(global_batch=8)).rank_code(3)
+
+
+def test_rank_code_of_an_interleaved_pipeline_sends_at_every_virtual_stage_boundary():
+    plan = autopar.Plan.manual(
+        pp=2, global_batch=8, micro_batch_size=2, schedule="interleaved", virtual_stages=2, layer_stages=None
+    )
+    case = gpt_case(layers=4)
+    compiled = autopar.compile(
+        case.build(),
+        2,
+        example_inputs=case.make_batches(1)[0],
+        loss_fn=case.loss_fn,
+        plan=plan,
+        global_batch=8,
+    )
+    m = plan.num_micro_batches
+    for rank in range(2):
+        code = compiled.rank_code(rank)
+        # Virtual stages 0..3; rank 0 runs 0 and 2, rank 1 runs 1 and 3; each boundary carries m
+        # activations forward and m gradients back: 3m sends and 3m receives per rank.
+        assert _count(code, r"dist\.send\(") == 3 * m
+        assert _count(code, r"dist\.recv\(") == 3 * m
+        assert f"class Stage{rank}:" in code and f"class Stage{rank + 2}:" in code

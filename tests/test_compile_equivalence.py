@@ -49,7 +49,15 @@ def test_two_ranks_every_single_axis_mode_matches_one_device():
         P(tp=2, sequence_parallel=True),
     ]
     dropout_plans = [P(dp=2), P(pp=2, recompute="full"), P(tp=2), P(tp=2, sequence_parallel=True)]
-    jobs = [(gpt_case(), plans), (gpt_case(dropout=0.1), dropout_plans)]
+    interleaved = [
+        P(pp=2, schedule="interleaved", virtual_stages=2),
+        P(pp=2, micro_batch_size=1, schedule="interleaved", virtual_stages=2, recompute="full"),
+    ]
+    jobs = [
+        (gpt_case(), plans),
+        (gpt_case(dropout=0.1), dropout_plans),
+        (gpt_case(layers=4, dropout=0.1), interleaved),
+    ]
     check_jobs(run_ranks(run_jobs, 2, args=(jobs,)), jobs)
 
 
@@ -61,7 +69,11 @@ def test_four_ranks_two_axis_meshes_match_one_device():
         P(dp=2, tp=2, zero_stage=3),
         P(tp=2, pp=2),
     ]
-    jobs = [(gpt_case(), plans)]
+    interleaved = dict(schedule="interleaved", virtual_stages=2)
+    jobs = [
+        (gpt_case(), plans),
+        (gpt_case(layers=4), [P(dp=2, pp=2, zero_stage=3, **interleaved), P(tp=2, pp=2, **interleaved)]),
+    ]
     check_jobs(run_ranks(run_jobs, 4, args=(jobs,)), jobs)
 
 
@@ -109,9 +121,11 @@ def test_mlp_and_huggingface_models_match_one_device():
 
 
 def test_inference_outputs_equal_one_device_on_every_rank():
-    case = gpt_case(dropout=0.1)  # inference: dropout is off, as in eval mode
-    expected = reference_output(case)
+    # Inference: dropout is off, as in eval mode.
     plans = [P(pp=2, mode="inference"), P(tp=2, mode="inference"), P(dp=2, mode="inference")]
+    case = gpt_case(layers=4, dropout=0.1)  # 4 layers: room for 2 virtual stages per rank
+    expected = reference_output(case)
+    plans.append(P(pp=2, mode="inference", schedule="interleaved", virtual_stages=2))
     for rank, outputs in enumerate(run_ranks(run_inference_plans, 2, args=(case, plans))):
         for plan, out in zip(plans, outputs):
             torch.testing.assert_close(

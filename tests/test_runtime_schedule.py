@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autopar.errors import PlanError
-from autopar.runtime.schedule import Action, Schedule, for_plan, gpipe, one_f_one_b
+from autopar.runtime.schedule import Action, Schedule, for_plan, gpipe, interleaved, one_f_one_b
 
 
 @pytest.mark.parametrize("make", [gpipe, one_f_one_b])
@@ -65,4 +65,21 @@ def test_unsupported_and_infeasible_schedules_raise_plan_errors():
     with pytest.raises(PlanError, match="at least as many micro-batches as stages"):
         one_f_one_b(4, 2)
     with pytest.raises(PlanError, match="not supported by the runtime"):
-        for_plan("interleaved", 2, 4)
+        for_plan("zero-bubble", 2, 4)
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(2, 2, 4), (4, 2, 8), (2, 3, 2)])
+def test_interleaved_runs_each_virtual_stage_on_its_rank_in_dependency_order(pp, vpp, m):
+    sched = interleaved(pp, vpp, m)
+    assert sched.num_ranks == pp and sched.num_stages == pp * vpp
+    for r, order in enumerate(sched.orders):
+        mine = [v for v in range(pp * vpp) if v % pp == r]  # Megatron's layout, as torch's
+        assert sorted(order) == sorted(Action(v, k, i) for v in mine for k in "FB" for i in range(m))
+    when = {a: t for t, row in enumerate(sched.steps()) for a in row if a is not None}
+    for v in range(1, pp * vpp):
+        for i in range(m):
+            assert when[Action(v, "F", i)] > when[Action(v - 1, "F", i)]
+            assert when[Action(v - 1, "B", i)] > when[Action(v, "B", i)]
+    # Interleaving shrinks the bubble against plain 1F1B on the same pipeline.
+    if m >= pp:
+        assert sched.bubble_fraction() < one_f_one_b(pp, m).bubble_fraction()

@@ -93,8 +93,10 @@ def compile(  # noqa: A001 - the public name autopar.compile
             f"the plan ({plan.summary()}) uses {plan.world_size} ranks but the cluster has {world} "
             "devices; choose degrees whose product is the device count"
         )
-    if plan.pp > 1:
-        for_plan(plan.schedule, plan.pp, plan.num_micro_batches)  # PlanError for what we cannot run
+    if plan.pp > 1:  # PlanError for what we cannot run
+        for_plan(plan.schedule, plan.pp, plan.num_micro_batches, plan.virtual_stages)
+    elif plan.virtual_stages > 1:
+        raise PlanError(f"vpp={plan.virtual_stages} needs pp > 1: virtual stages interleave a pipeline")
     if plan.global_batch != global_batch:
         raise PlanError(
             f"global_batch={global_batch} but the plan was made for {plan.global_batch}; pass the "
@@ -135,7 +137,6 @@ def _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mo
             mode=mode,
             example_inputs=args,
             loss_fn=loss_fn if mode == "train" else None,
-            fixed={"vpp": 1},  # interleaved schedules are not run by the runtime yet
             progress=False,
         )
         box[0] = chosen.to_json()
@@ -226,35 +227,37 @@ class ParallelModule:
         prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=tp_group)
         self._check_ties(prog)
         self.device = _device()
-        stage = prog.stage.to(self.device)
-        if self.plan.recompute != "none" and self._train:
-            if self.plan.recompute == "selective":
-                log.warning("recompute=selective runs as full recompute (whole blocks are checkpointed)")
-            apply_recompute(stage, prog.block_segments)
-        module: nn.Module = stage
-        if self.plan.dp > 1 and self._train:
-            dp_group = self._groups.group("dp")
-            if self.plan.zero_stage > 0:
-                module = apply_fsdp(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
-            else:
-                module = apply_ddp(stage, dp_group, self.device)
-        self._program, self._module = prog, module
-        self._optimizer = self._optimizer_fn(list(module.parameters())) if self._train else None
+        if self.plan.recompute == "selective" and self._train:
+            log.warning("recompute=selective runs as full recompute (whole blocks are checkpointed)")
+        modules = [self._wrap(stage.to(self.device), prog) for stage in prog.stages]
+        self._program, self._module = prog, modules[0]
+        params = list({id(p): p for mod in modules for p in mod.parameters()}.values())
+        self._optimizer = self._optimizer_fn(params) if self._train else None
         self._pipeline = None
         self._events = Events(prog.stage.spec.index)
         if self.plan.pp > 1:
-            stage.flat_output = not self._train
+            for stage in prog.stages:
+                stage.flat_output = not self._train
+            specs = [stage.spec for stage in prog.stages]
             self._pipeline = Pipeline(
-                module,
-                prog.stage.spec,
-                self._groups,
-                self.device,
-                self.plan.schedule,
-                self.plan.num_micro_batches,
+                modules, specs, self._groups, self.device, self.plan.schedule, self.plan.num_micro_batches
             )
 
+    def _wrap(self, stage, prog: RankProgram) -> nn.Module:
+        """Recompute, then DDP or FSDP on the dp group (training only)."""
+        if not self._train:
+            return stage
+        if self.plan.recompute != "none":
+            apply_recompute(stage, prog.block_segments)
+        if self.plan.dp == 1:
+            return stage
+        dp_group = self._groups.group("dp")
+        if self.plan.zero_stage > 0:
+            return apply_fsdp(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
+        return apply_ddp(stage, dp_group, self.device)
+
     def _check_ties(self, prog: RankProgram) -> None:
-        last = self.plan.pp - 1
+        last = len(prog.params_by_stage) - 1
         for name in prog.tied_names():
             holders = [s for s, names in enumerate(prog.params_by_stage) if name in names]
             if holders != [0, last]:
@@ -353,7 +356,7 @@ class ParallelModule:
         else:
             flat = self._pipeline.run(args, side, False)
             out = (
-                self._program.stage.unflatten(flat if isinstance(flat, tuple) else (flat,))
+                self._program.stages[-1].unflatten(flat if isinstance(flat, tuple) else (flat,))
                 if flat is not None
                 else None
             )
@@ -414,11 +417,15 @@ class ParallelModule:
         return out
 
     def _pipeline_events(self) -> list[dict]:
-        """The last step's timeline of this rank's pipeline (collective over pp)."""
+        """The last step's timeline of this rank's pipeline (collective over pp); virtual stage
+        ``v`` is reported as stage ``v % pp``, chunk ``v // pp``."""
         mine = (self._pipeline.events if self._pipeline is not None else self._events).events
-        if self._groups is None or self.plan.pp == 1:
+        pp = self.plan.pp
+        if self.plan.virtual_stages > 1:
+            mine = [{**e, "stage": e["stage"] % pp, "chunk": e["stage"] // pp} for e in mine]
+        if self._groups is None or pp == 1:
             return list(mine)
-        parts: list = [None] * self.plan.pp
+        parts: list = [None] * pp
         dist.all_gather_object(parts, mine, group=self._groups.group("pp"))
         return [e for part in parts for e in part]
 

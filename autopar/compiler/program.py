@@ -65,10 +65,16 @@ class RankProgram:
     split: torch.fx.GraphModule
     blocks: Blocks | None
     stage_of_segment: list[int]
-    stage: StageModule
+    stages: list[StageModule]
+    """This rank's stages, in order: one, or ``vpp`` virtual stages ``pp_index + k*pp`` (interleaved)."""
     slots: list[ParamSlot]
     params_by_stage: list[set[str]]
-    """Full names of the parameters each pipeline stage holds (for tied weights across stages)."""
+    """Full names of the parameters each (virtual) pipeline stage holds (tied weights across stages)."""
+
+    @property
+    def stage(self) -> StageModule:
+        """This rank's first (usually only) stage."""
+        return self.stages[0]
 
     @property
     def block_segments(self) -> set[int]:
@@ -119,25 +125,32 @@ def build_program(
             f"pp={plan.pp}: no repeated blocks (a ModuleList like `layers.<i>`) were found to cut the "
             "graph at; use pp=1"
         )
+    num_stages = plan.pp * plan.virtual_stages
     layer_stages = plan.stage_of_layers(blocks.count) if blocks else []
-    if layer_stages and max(layer_stages) >= plan.pp:
-        raise PlanError(f"layer_stages={layer_stages} names stages beyond pp={plan.pp}")
+    if layer_stages and max(layer_stages) >= num_stages:
+        raise PlanError(f"layer_stages={layer_stages} names stages beyond pp*vpp={num_stages}")
     stage_of_segment = stage_of_segments(num_segments, blocks, layer_stages)
-    stages = [build_stage(split, stage_of_segment, plan.pp, s, model_input_names) for s in range(plan.pp)]
+    stages = [
+        build_stage(split, stage_of_segment, num_stages, v, model_input_names) for v in range(num_stages)
+    ]
     by_id = {id(p): name for name, p in local_params.items()}
 
     def full(local: str) -> str:
         return full_names.get(local, local)
 
     params_by_stage = [{full(by_id[id(p)]) for p in st.parameters()} for st in stages]
-    stage = stages[coords.get("pp", 0)]
+    # Megatron's layout: virtual stage v runs on pipeline rank v % pp.
+    mine = [st for v, st in enumerate(stages) if v % plan.pp == coords.get("pp", 0)]
     slots = []
-    for module_name, module in stage.named_modules():
-        for attr, p in module.named_parameters(recurse=False):
-            local = by_id.get(id(p))
-            if local is None:
-                raise AssertionError(f"stage parameter {module_name}.{attr} not found in the lowered graph")
-            slots.append(ParamSlot(full(local), module, attr, lowered.shards.get(local, Shard())))
+    for stage in mine:
+        for module_name, module in stage.named_modules():
+            for attr, p in module.named_parameters(recurse=False):
+                local = by_id.get(id(p))
+                if local is None:
+                    raise AssertionError(
+                        f"stage parameter {module_name}.{attr} not found in the lowered graph"
+                    )
+                slots.append(ParamSlot(full(local), module, attr, lowered.shards.get(local, Shard())))
     return RankProgram(
         rank=rank,
         coords=coords,
@@ -145,7 +158,7 @@ def build_program(
         split=split,
         blocks=blocks,
         stage_of_segment=stage_of_segment,
-        stage=stage,
+        stages=mine,
         slots=slots,
         params_by_stage=params_by_stage,
     )

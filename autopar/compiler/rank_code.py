@@ -31,70 +31,81 @@ def _segment_label(prog: RankProgram, seg: int) -> str:
     return "head + loss"
 
 
+def _stage_label(prog: RankProgram, plan: Plan, spec) -> str:
+    where = ", ".join(_segment_label(prog, s) for s in spec.segments)
+    if plan.virtual_stages > 1:
+        return f"# virtual stage {spec.index} of {spec.num_stages} (chunk {spec.index // plan.pp}): {where}"
+    return f"# stage {spec.index} of {spec.num_stages}: {where}"
+
+
 def _header(prog: RankProgram, plan: Plan) -> list[str]:
     groups = describe_groups(plan, prog.rank)
-    spec = prog.stage.spec
-    n_params = sum(p.numel() for p in prog.stage.parameters())
+    n_params = sum(p.numel() for st in prog.stages for p in st.parameters())
     sharded = sum(1 for s in prog.slots if s.shard.dim is not None and s.shard.num_shards > 1)
     coords = " ".join(f"{k}={v}" for k, v in prog.coords.items())
-    lines = [
+    return [
         f"# autopar program of rank {prog.rank} / {plan.world_size}   ({coords})",
         f"# plan: {plan.summary()}",
         "# groups: " + (", ".join(f"{k}={v}" for k, v in groups.items()) or "none (one rank)"),
-        f"# stage {spec.index} of {spec.num_stages}: "
-        + ", ".join(_segment_label(prog, s) for s in spec.segments),
+        *(_stage_label(prog, plan, st.spec) for st in prog.stages),
         f"# parameters: {n_params} elements in {len(prog.slots)} tensors, {sharded} tensor-parallel shards",
     ]
-    return lines
 
 
 def _stage_code(prog: RankProgram) -> list[str]:
-    gm = prog.stage.gm
-    lines = [f"class Stage{prog.stage.spec.index}:", _indent(gm.code), ""]
-    for seg in prog.stage.spec.segments:
-        sub = getattr(gm, f"submod_{seg}", None)
-        if sub is None:
-            continue
-        inner = getattr(sub, "inner", sub)
-        code = inner.code.replace("def forward(self", f"def submod_{seg}(self", 1)
-        lines += [f"    # segment {seg}: {_segment_label(prog, seg)}", _indent(code), ""]
+    lines = []
+    for stage in prog.stages:
+        gm = stage.gm
+        lines += [f"class Stage{stage.spec.index}:", _indent(gm.code), ""]
+        for seg in stage.spec.segments:
+            sub = getattr(gm, f"submod_{seg}", None)
+            if sub is None:
+                continue
+            inner = getattr(sub, "inner", sub)
+            code = inner.code.replace("def forward(self", f"def submod_{seg}(self", 1)
+            lines += [f"    # segment {seg}: {_segment_label(prog, seg)}", _indent(code), ""]
     return lines
 
 
-def _pipeline_lines(prog: RankProgram, plan: Plan, train: bool) -> list[str]:
-    spec = prog.stage.spec
-    groups = describe_groups(plan, prog.rank)
-    pp = groups.get("pp", [prog.rank])
-    prev = pp[spec.index - 1] if spec.index > 0 else None
-    nxt = pp[spec.index + 1] if spec.index < spec.num_stages - 1 else None
+def _actions(prog: RankProgram, plan: Plan, train: bool) -> list:
     m = plan.num_micro_batches
     if train and plan.pp > 1:
-        actions = for_plan(plan.schedule, plan.pp, m).orders[spec.index]
-    else:
-        actions = [_A(spec.index, "F", i) for i in range(m)]
-        if train:
-            actions += [_A(spec.index, "B", i) for i in range(m)]
-    out_names = ", ".join(spec.output_names) or "loss"
+        return for_plan(plan.schedule, plan.pp, m, plan.virtual_stages).orders[prog.coords.get("pp", 0)]
+    out = [_A(st.spec.index, "F", i) for i in range(m) for st in prog.stages]
+    if train:
+        out += [_A(st.spec.index, "B", i) for i in range(m) for st in reversed(prog.stages)]
+    return out
+
+
+def _pipeline_lines(prog: RankProgram, plan: Plan, train: bool) -> list[str]:
+    pp = describe_groups(plan, prog.rank).get("pp", [prog.rank])
+    specs = {st.spec.index: st.spec for st in prog.stages}
+    multi = len(prog.stages) > 1
+    m = plan.num_micro_batches
     lines = []
-    for a in actions:
-        tag = f"  # {a}"
+    for a in _actions(prog, plan, train):
+        spec = specs[a.stage]
+        prev = pp[(a.stage - 1) % len(pp)] if a.stage > 0 else None
+        nxt = pp[(a.stage + 1) % len(pp)] if a.stage < spec.num_stages - 1 else None
+        v = str(a.stage) if multi else ""
+        x, y, mb, tag = f"x{v}", f"y{v}", a.micro_batch, f"  # {a}"
         if a.kind == "F":
             if prev is not None:
-                lines.append(f"x[{a.micro_batch}] = dist.recv(src={prev}, group=pp){tag}")
-                call = f"stage(*x[{a.micro_batch}], **inputs[{a.micro_batch}])"
+                lines.append(f"{x}[{mb}] = dist.recv(src={prev}, group=pp){tag}")
+                call = f"stage{v}(*{x}[{mb}], **inputs[{mb}])"
             else:
-                call = f"stage(*model_inputs[{a.micro_batch}], **inputs[{a.micro_batch}])"
-            lines.append(f"y[{a.micro_batch}] = {call}  # -> {out_names}")
+                call = f"stage{v}(*model_inputs[{mb}], **inputs[{mb}])"
+            lines.append(f"{y}[{mb}] = {call}  # -> {', '.join(spec.output_names) or 'loss'}")
             if nxt is not None:
-                lines.append(f"dist.send(y[{a.micro_batch}], dst={nxt}, group=pp){tag}")
+                lines.append(f"dist.send({y}[{mb}], dst={nxt}, group=pp){tag}")
         else:
             if nxt is not None:
                 lines.append(f"dy = dist.recv(src={nxt}, group=pp){tag}")
-                lines.append(f"autograd.backward(y[{a.micro_batch}], dy)")
+                lines.append(f"autograd.backward({y}[{mb}], dy)")
             else:
-                lines.append(f"autograd.backward(y[{a.micro_batch}] / {m}){tag}")
+                lines.append(f"autograd.backward({y}[{mb}] / {m}){tag}")
             if prev is not None:
-                lines.append(f"dist.send(x[{a.micro_batch}].grad, dst={prev}, group=pp){tag}")
+                lines.append(f"dist.send({x}[{mb}].grad, dst={prev}, group=pp){tag}")
     return lines
 
 
@@ -112,7 +123,9 @@ def _sync_lines(prog: RankProgram, plan: Plan) -> list[str]:
     if plan.dp > 1:
         dp = groups["dp"]
         if plan.zero_stage > 0:
-            units = len([s for s in prog.stage.spec.segments if s in prog.block_segments]) + 1
+            units = sum(
+                len([s for s in st.spec.segments if s in prog.block_segments]) + 1 for st in prog.stages
+            )
             lines += [
                 f"# ZeRO-{plan.zero_stage} (FSDP2 fully_shard, {units} units): per unit and micro-batch",
                 f"#   dist.all_gather(params, group=dp{dp}) before forward"

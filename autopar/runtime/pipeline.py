@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.runtime.groups import ProcessGroups
-from autopar.runtime.microbatch import merge_micro_batches, split_micro_batches
+from autopar.runtime.microbatch import split_micro_batches
 from autopar.runtime.schedule import runs_as
 from autopar.runtime.stages import SIDE_PREFIX, StageSpec
 
@@ -64,19 +64,20 @@ class Events:
         self.events, self.t0 = [], time.perf_counter()
 
     @contextlib.contextmanager
-    def record(self, kind: str, micro_batch: int):
+    def record(self, kind: str, micro_batch: int, stage: int | None = None):
         start = time.perf_counter() - self.t0
         yield
         end = time.perf_counter() - self.t0
+        stage = self.stage if stage is None else stage
         self.events.append(
-            {"stage": self.stage, "kind": kind, "micro_batch": micro_batch, "start_s": start, "end_s": end}
+            {"stage": stage, "kind": kind, "micro_batch": micro_batch, "start_s": start, "end_s": end}
         )
 
-    def wrap(self, fn, kind: str):
-        """``fn(chunk_id, ...)`` recorded as ``kind`` of micro-batch ``chunk_id``."""
+    def wrap(self, fn, kind: str, stage: int | None = None):
+        """``fn(chunk_id, ...)`` recorded as ``kind`` of micro-batch ``chunk_id`` on ``stage``."""
 
         def timed(chunk_id, *args, **kwargs):
-            with self.record(kind, chunk_id):
+            with self.record(kind, chunk_id, stage):
                 return fn(chunk_id, *args, **kwargs)
 
         return timed
@@ -112,88 +113,109 @@ def run_accumulation(
 
 
 class Pipeline:
-    """One rank's ``PipelineStage`` and schedule, created at the first step (see the module docstring)."""
+    """One rank's ``PipelineStage`` (one per virtual stage when interleaved) and schedule, created at
+    the first step (see the module docstring)."""
 
     def __init__(
-        self, module: nn.Module, spec: StageSpec, groups: ProcessGroups, device, schedule: str, m: int
+        self,
+        modules: list[nn.Module],
+        specs: list[StageSpec],
+        groups: ProcessGroups,
+        device,
+        schedule: str,
+        m: int,
     ):
-        self.module, self.spec, self.groups, self.device = module, spec, groups, device
+        self.modules, self.specs, self.groups, self.device = modules, specs, groups, device
         self.schedule_name, self.m = schedule, m
-        self.events = Events(spec.index)
+        self.events = Events(specs[0].index)
         self.pp_ranks = groups.ranks["pp"]
         self._schedules: dict[bool, object] = {}
-        self._stage = None
+        self._stages: list | None = None
 
-    def _infer_shapes(self, inputs: tuple, side: dict) -> tuple[tuple, tuple]:
-        group, idx = self.groups.group("pp"), self.spec.index
+    @property
+    def is_first(self) -> bool:
+        return any(spec.is_first for spec in self.specs)
+
+    @property
+    def is_last(self) -> bool:
+        return any(spec.is_last for spec in self.specs)
+
+    def _rank_of(self, stage: int) -> int:
+        return self.pp_ranks[stage % len(self.pp_ranks)]
+
+    def _infer_shapes(self, module, spec: StageSpec, inputs: tuple, side: dict) -> tuple[tuple, tuple]:
+        group = self.groups.group("pp")
         mb = split_micro_batches(tuple(inputs) + tuple(side.values()), self.m)[0]
         mb_side = dict(zip(side, mb[len(inputs) :]))
         with torch.no_grad():
-            if self.spec.is_first:
+            if spec.is_first:
                 args = tuple(mb[: len(inputs)])
             else:
                 metas: list = [None]
-                dist.recv_object_list(metas, src=self.pp_ranks[idx - 1], group=group)
+                dist.recv_object_list(metas, src=self._rank_of(spec.index - 1), group=group)
                 args = tuple(torch.zeros(s, dtype=d, device=self.device) for s, d in metas[0])
-            out = self.module(*args, **mb_side)
+            out = module(*args, **mb_side)
         outs = out if isinstance(out, tuple) else (out,)
-        if not self.spec.is_last:
-            dist.send_object_list(
-                [[(tuple(t.shape), t.dtype) for t in outs]], dst=self.pp_ranks[idx + 1], group=group
-            )
+        if not spec.is_last:
+            shapes = [(tuple(t.shape), t.dtype) for t in outs]
+            dist.send_object_list([shapes], dst=self._rank_of(spec.index + 1), group=group)
         # requires_grad in the metadata is what tells PipelineStage that gradients flow back.
         in_args = tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
         out_args = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in outs)
         return in_args, out_args
 
+    def _build_stages(self, inputs: tuple, side: dict) -> list:
+        from torch.distributed.pipelining import PipelineStage
+
+        stages = []
+        for module, spec in zip(self.modules, self.specs):  # virtual stages in order: no deadlock
+            in_args, out_args = self._infer_shapes(module, spec, inputs, side)
+            stage = PipelineStage(
+                module, spec.index, spec.num_stages, self.device,
+                input_args=in_args, output_args=out_args, group=self.groups.group("pp"),
+            )  # fmt: skip
+            # Instance attributes shadow the methods the schedules call: timings for the report.
+            stage.forward_one_chunk = self.events.wrap(stage.forward_one_chunk, "F", spec.index)
+            stage.backward_one_chunk = self.events.wrap(stage.backward_one_chunk, "B", spec.index)
+            stages.append(stage)
+        return stages
+
     def _schedule(self, train: bool, inputs: tuple, side: dict):
         if train in self._schedules:
             return self._schedules[train]
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-        if self._stage is None:
-            in_args, out_args = self._infer_shapes(inputs, side)
-            self._stage = PipelineStage(
-                self.module,
-                self.spec.index,
-                self.spec.num_stages,
-                self.device,
-                input_args=in_args,
-                output_args=out_args,
-                group=self.groups.group("pp"),
+        if self._stages is None:
+            self._stages = self._build_stages(inputs, side)
+        loss_fn = _identity_loss if train else None
+        if len(self._stages) > 1:
+            sched = ScheduleInterleaved1F1B(
+                self._stages, n_microbatches=self.m, loss_fn=loss_fn, scale_grads=True
             )
-            # Instance attributes shadow the methods the schedules call: timings for the report.
-            self._stage.forward_one_chunk = self.events.wrap(self._stage.forward_one_chunk, "F")
-            self._stage.backward_one_chunk = self.events.wrap(self._stage.backward_one_chunk, "B")
-        name = runs_as(self.schedule_name, self.spec.num_stages, self.m)
-        cls = Schedule1F1B if (train and name == "1f1b") else ScheduleGPipe
-        sched = cls(
-            self._stage, n_microbatches=self.m, loss_fn=_identity_loss if train else None, scale_grads=True
-        )
+        else:
+            name = runs_as(self.schedule_name, self.specs[0].num_stages, self.m)
+            cls = Schedule1F1B if (train and name == "1f1b") else ScheduleGPipe
+            sched = cls(self._stages[0], n_microbatches=self.m, loss_fn=loss_fn, scale_grads=True)
         self._schedules[train] = sched
         return sched
 
     def run(self, inputs: tuple, side: dict, train: bool):
         """One step; returns the per-micro-batch losses (train) or the merged output (inference) on
-        the last stage, None elsewhere."""
+        the rank of the last stage, None elsewhere."""
         side = {SIDE_PREFIX + k: v for k, v in side.items()}
         sched = self._schedule(train, inputs, side)
         self.events.reset()
-        args = tuple(inputs) if self.spec.is_first else ()
+        args = tuple(inputs) if self.is_first else ()
         if not train:
             with torch.no_grad():
                 out = sched.step(*args, **side)
-            return out if self.spec.is_last else None
+            return out if self.is_last else None
         losses: list = []
         target = None
-        if self.spec.is_last:
+        if self.is_last:
             n = next(iter(side.values())).shape[0] if side else inputs[0].shape[0]
             target = torch.zeros(n, device=self.device)
         sched.step(
-            *args, target=target, losses=losses if self.spec.is_last else None, return_outputs=False, **side
+            *args, target=target, losses=losses if self.is_last else None, return_outputs=False, **side
         )
-        return [loss.detach() for loss in losses] if self.spec.is_last else None
-
-
-def merge_outputs(outputs: list):
-    return merge_micro_batches(outputs)
+        return [loss.detach() for loss in losses] if self.is_last else None

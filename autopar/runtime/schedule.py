@@ -51,23 +51,31 @@ class Action:
 
 @dataclass
 class Schedule:
-    """Per-stage action orders of one training step (one stage per rank of a pipeline)."""
+    """Per-rank action orders of one training step of one pipeline.
+
+    Without virtual stages rank ``r`` runs stage ``r``; with them (interleaved) it runs the
+    virtual stages ``r, r + pp, r + 2pp, ...`` and ``num_stages = pp * vpp``.
+    """
 
     name: str
     num_stages: int
     num_micro_batches: int
     orders: list[list[Action]]
-    """``orders[s]``: the actions of stage ``s`` in execution order."""
+    """``orders[r]``: the actions of pipeline rank ``r`` in execution order."""
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.orders)
 
     def steps(self) -> list[list[Action | None]]:
-        """``steps[t][s]``: the action stage ``s`` runs at unit time ``t`` (None = idle)."""
+        """``steps[t][r]``: the action rank ``r`` runs at unit time ``t`` (None = idle)."""
         done_at: dict[Action, int] = {}
-        cursor = [0] * self.num_stages
+        cursor = [0] * self.num_ranks
         timeline: list[list[Action | None]] = []
         t = 0
-        while any(cursor[s] < len(self.orders[s]) for s in range(self.num_stages)):
+        while any(cursor[s] < len(self.orders[s]) for s in range(self.num_ranks)):
             row: list[Action | None] = []
-            for s in range(self.num_stages):
+            for s in range(self.num_ranks):
                 act = self.orders[s][cursor[s]] if cursor[s] < len(self.orders[s]) else None
                 ready = act is not None and all(done_at.get(d, t) < t for d in self._deps(act))
                 row.append(act if ready else None)
@@ -92,7 +100,7 @@ class Schedule:
         """The step x rank table (one pipeline; rank = stage)."""
         steps = self.steps()
         width = max(5, *(len(str(a)) for o in self.orders for a in o))
-        head = "step " + " ".join(f"{'rank' + str(s):>{width}}" for s in range(self.num_stages))
+        head = "step " + " ".join(f"{'rank' + str(s):>{width}}" for s in range(self.num_ranks))
         lines = [head]
         for t, row in enumerate(steps):
             cells = " ".join(f"{(str(a) if a else '.'):>{width}}" for a in row)
@@ -103,7 +111,7 @@ class Schedule:
         """Idle share of the grid (both directions one step each)."""
         steps = self.steps()
         busy = sum(len(o) for o in self.orders)
-        return 1.0 - busy / (len(steps) * self.num_stages)
+        return 1.0 - busy / (len(steps) * self.num_ranks)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -154,6 +162,30 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> Schedule:
     return Schedule("1f1b", num_stages, m, orders)
 
 
+def interleaved(num_ranks: int, virtual_stages: int, num_micro_batches: int) -> Schedule:
+    """torch's ``ScheduleInterleaved1F1B`` order (depth first; Narayanan et al. 2021, relaxed to any
+    ``m`` divisible by ``max(1, m // pp)`` rounds), computed by torch's own per-rank routine."""
+    from torch.distributed.pipelining import schedules as ts
+
+    m = num_micro_batches
+    rounds = max(1, m // num_ranks)
+    if m % rounds:
+        raise PlanError(
+            f"interleaved 1F1B needs m divisible by max(1, m // pp) = {rounds} (torch): m={m}, pp={num_ranks}; "
+            f"choose m a multiple of {num_ranks} or below it"
+        )
+    # The order depends only on these fields; torch computes it in __init__ from real stages.
+    calc = object.__new__(ts.ScheduleInterleaved1F1B)
+    calc.n_local_stages, calc.pp_group_size, calc._n_microbatches = virtual_stages, num_ranks, m
+    calc.number_of_rounds, calc.microbatches_per_round = rounds, m // rounds
+    orders = []
+    for rank in range(num_ranks):
+        ops = [a for a in calc._calculate_single_rank_operations(rank) if a is not None]
+        kinds = {ts._ComputationType.FORWARD: "F", ts._ComputationType.FULL_BACKWARD: "B"}
+        orders.append([Action(a.stage_index, kinds[a.computation_type], a.microbatch_index) for a in ops])
+    return Schedule("interleaved", num_ranks * virtual_stages, m, orders)
+
+
 def runs_as(schedule: str, num_stages: int, num_micro_batches: int) -> str:
     """The schedule the runtime executes: 1F1B with fewer micro-batches than stages runs as GPipe
     (torch's 1F1B needs ``m >= pp``; with ``m < pp`` no stage reaches a steady 1F1B phase anyway,
@@ -163,13 +195,13 @@ def runs_as(schedule: str, num_stages: int, num_micro_batches: int) -> str:
     return schedule
 
 
-def for_plan(schedule: str, num_stages: int, num_micro_batches: int) -> Schedule:
+def for_plan(schedule: str, num_stages: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
     """The schedule the runtime runs for a plan's ``schedule`` (see :func:`runs_as`)."""
+    if schedule == "interleaved":
+        return interleaved(num_stages, virtual_stages, num_micro_batches)
     schedule = runs_as(schedule, num_stages, num_micro_batches)
     if schedule == "gpipe":
         return gpipe(num_stages, num_micro_batches)
     if schedule == "1f1b":
         return one_f_one_b(num_stages, num_micro_batches)
-    raise PlanError(
-        f"schedule={schedule!r} is not supported by the runtime yet; use schedule=gpipe or schedule=1f1b"
-    )
+    raise PlanError(f"schedule={schedule!r} is not supported by the runtime; use gpipe, 1f1b or interleaved")

@@ -91,6 +91,11 @@ class NodePlacement:
     """Placement of each parameter the node reads, by parameter name."""
     collective: str | None = None
     """Collective inserted after the node (``all_reduce``, ``all_gather``, ``reduce_scatter``...)."""
+    comms: list[dict[str, Any]] = field(default_factory=list)
+    """Every collective the placements imply at this node, as the planner costed them:
+    ``{"kind": "all_reduce", "bytes": full_tensor_bytes, "phase": "fwd" | "bwd"}`` (resharding of
+    its inputs and the backward partners, collectives inside the op, gradient reductions). Empty for
+    hand-written placements: the estimator then derives them from ``collective``."""
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"output": str(self.output)}
@@ -98,6 +103,8 @@ class NodePlacement:
             d["params"] = {k: str(v) for k, v in self.params.items()}
         if self.collective:
             d["collective"] = self.collective
+        if self.comms:
+            d["comms"] = [dict(c) for c in self.comms]
         return d
 
     @classmethod
@@ -107,6 +114,7 @@ class NodePlacement:
                 output=parse_placement(d.get("output", "R")),
                 params={k: parse_placement(v) for k, v in d.get("params", {}).items()},
                 collective=d.get("collective"),
+                comms=list(d.get("comms", [])),
             )
         except PlanError as e:
             raise PlanError(f"{where}: {e}") from None
@@ -164,6 +172,34 @@ class PredictedCost:
     memory_capacity_bytes: float = 0.0
     fits: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _mesh_from(mesh: Any) -> list[MeshAxis]:
+    if not isinstance(mesh, list) or not mesh:
+        raise PlanError("plan field 'mesh' must be a non-empty list of {name, size} objects")
+    out = []
+    for i, axis in enumerate(mesh):
+        if not isinstance(axis, dict):
+            raise PlanError(f"plan field mesh[{i}] must be an object with 'name' and 'size'")
+        for key in ("name", "size"):
+            if key not in axis:
+                raise PlanError(f"plan field mesh[{i}] is missing {key!r}")
+        out.append(MeshAxis(axis["name"], axis["size"]))
+    return out
+
+
+def _predicted_from(d: Any) -> PredictedCost:
+    if not isinstance(d, dict):
+        raise PlanError("plan field 'predicted' must be an object")
+    known = {f.name for f in fields(PredictedCost)}
+    unknown = set(d) - known
+    if unknown:
+        raise PlanError(
+            f"plan field 'predicted' has unknown key(s) {sorted(unknown)}; known: {sorted(known)}"
+        )
+    if "step_time_s" not in d:
+        raise PlanError("plan field 'predicted' is missing 'step_time_s'")
+    return PredictedCost(**d)
 
 
 # -------------------------------------------------------------------------------------- plan
@@ -289,8 +325,7 @@ class Plan:
         n_stages = self.pp * self.virtual_stages
         if num_layers < n_stages:
             raise PlanError(
-                f"{num_layers} layers cannot fill pp*vpp={n_stages} stages; "
-                f"choose pp*vpp <= {num_layers}"
+                f"{num_layers} layers cannot fill pp*vpp={n_stages} stages; choose pp*vpp <= {num_layers}"
             )
         base, extra = divmod(num_layers, n_stages)
         out = []
@@ -352,12 +387,12 @@ class Plan:
         if unknown:
             raise PlanError(f"plan has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         kwargs = dict(d)
-        kwargs["mesh"] = [MeshAxis(a["name"], a["size"]) for a in d["mesh"]]
+        kwargs["mesh"] = _mesh_from(d["mesh"])
         kwargs["placements"] = {
             k: NodePlacement.from_dict(v, f"placements[{k!r}]") for k, v in d.get("placements", {}).items()
         }
         if d.get("predicted"):
-            kwargs["predicted"] = PredictedCost(**d["predicted"])
+            kwargs["predicted"] = _predicted_from(d["predicted"])
         return cls(**kwargs)
 
     @classmethod

@@ -143,7 +143,9 @@ def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
             param_div=tp if sharded_params else 1.0,
             saved_split=False if role == "column" else None,
         )
-        if pl.collective:
+        if pl.comms:
+            out.comms[n.name].extend(_planned_comms(n.name, pl.comms))
+        elif pl.collective:
             out.comms[n.name].append(
                 CommWork(name=f"{n.name}:{pl.collective}", collective=pl.collective, nbytes=_out_bytes(n))
             )
@@ -152,6 +154,20 @@ def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
                 out.comms[n.name].append(
                     CommWork(name=f"{n.name}:{back}_bwd", collective=back, nbytes=_out_bytes(n), phase="bwd")
                 )
+    return out
+
+
+def _planned_comms(name: str, comms: list[dict]) -> list[CommWork]:
+    """The planner's own accounting (``NodePlacement.comms``): variants such as ``all_reduce_max``
+    cost as their base collective; a local ``split`` costs nothing."""
+    out = []
+    for j, c in enumerate(comms):
+        kind = "all_reduce" if c["kind"].startswith("all_reduce") else c["kind"]
+        if kind == "split" or not c["bytes"]:
+            continue
+        out.append(
+            CommWork(name=f"{name}:{kind}:{j}", collective=kind, nbytes=float(c["bytes"]), phase=c["phase"])
+        )
     return out
 
 

@@ -26,6 +26,9 @@ def _why_slower(best, other) -> str:
     diffs = {k: o.get(k, 0.0) - b.get(k, 0.0) for k in set(b) | set(o)}
     key = max(diffs, key=diffs.get)
     pct = 100.0 * (other.time_s / best.time_s - 1.0)
+    if diffs[key] <= 1e-9 * best.time_s:
+        mem = other.cost.memory_bytes_per_device - best.cost.memory_bytes_per_device
+        return f"ties on step time; uses {bytes_text(abs(mem))} {'more' if mem >= 0 else 'less'} memory per device"
     return f"+{pct:.1f}% step time, mostly {BREAKDOWN_LABELS.get(key, key)} (+{diffs[key]:.3g} s)"
 
 

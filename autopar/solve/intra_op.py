@@ -21,7 +21,8 @@ Variables and constraints (``V`` canonical nodes with strategies, ``E`` canonica
 
 ``compute`` is the node's forward+backward time scaled by the strategy's share of the work,
 ``comm`` its internal collectives (forward and their backward partners) plus the gradient
-all-reduce of replicated inputs feeding sharded work, ``reshard`` the collective that moves the
+all-reduce ``g[u]`` of each replicated tensor read by sharded work (``g[u] >= s[v,k]`` for every
+such consumer strategy [grad_reduce_u_v_i]: one all-reduce however many consumers), ``reshard`` the collective that moves the
 producer's output placement to the placement the consumer needs (forward + backward partner).
 Edges out of parameters must not reshard (a parameter is stored in the placement its consumers
 read), which also keeps tied weights consistent.
@@ -157,6 +158,7 @@ def solve_placements(
         if u not in s or v not in s:
             continue
         objective += _edge(prob, sg, costs, s, u, v, i, w)
+    objective += _grad_terms(prob, sg, q, costs, s)
     if param_budget_bytes is not None:
         prob += pulp.lpSum(_param_memory(sg, q, s)) <= param_budget_bytes, "param_memory"
     prob += pulp.lpSum(objective)
@@ -183,10 +185,22 @@ def _node_s(sg, graph, costs: CostModel, v, strat) -> float:
     sharded = not isinstance(strat.output, Replicate)
     t = 3.0 * costs.compute_s(op.op_kind, op.flops_fwd, nbytes, strat.compute_fraction, sharded)
     t += sum(costs.one_s(c.kind, c.bytes) for c in strat.comm)  # e.g. vocab-parallel loss reductions
-    for i, u in enumerate(sg.calls[v].inputs):
-        if u is not None and strat.grad_needs_all_reduce(i) and sg.requires_grad(u):
-            t += costs.collective_s("all_reduce", sg.tensor_bytes(u))
     return t
+
+
+def _grad_reduced(sg, q, choice) -> set:
+    """Canonical producers whose gradient is a partial sum: a replicated tensor read by sharded
+    work. Its consumers' gradients add up locally first, so it costs one all-reduce, not one per
+    consumer (q, k and v reading one LayerNorm output)."""
+    out = set()
+    for (u, v, i), _ in q.edges.items():
+        if v in choice and choice[v].grad_needs_all_reduce(i) and sg.requires_grad(u):
+            out.add(u)
+    return out
+
+
+def _grad_s(sg, costs: CostModel, u) -> float:
+    return costs.collective_s("all_reduce", sg.tensor_bytes(u))
 
 
 def _edge_s(sg, costs: CostModel, u, a, b, i) -> float | None:
@@ -209,6 +223,7 @@ def assignment_s(sg: ShardingGraph, graph, costs: CostModel, choice: dict) -> fl
             if t is None:
                 return None
             total += w * t
+    total += sum(q.weight[u] * _grad_s(sg, costs, u) for u in _grad_reduced(sg, q, choice))
     return total
 
 
@@ -232,6 +247,22 @@ def _edge(prob, sg, costs: CostModel, s, u, v, i, weight) -> list:
     return terms
 
 
+def _grad_terms(prob, sg, q, costs: CostModel, s) -> list:
+    """g[u] >= s[v,k] for every consumer strategy k of v that leaves u's gradient partial."""
+    g, terms = {}, []
+    for (u, v, i), _ in q.edges.items():
+        if u not in s or v not in s or not sg.requires_grad(u):
+            continue
+        needs = [k for k, strat in enumerate(sg.strategies(v)) if strat.grad_needs_all_reduce(i)]
+        if not needs:
+            continue
+        if u not in g:
+            g[u] = prob.add_variable(f"g_{u.name}", lowBound=0, upBound=1)
+            terms.append(q.weight[u] * _grad_s(sg, costs, u) * g[u])
+        prob += g[u] >= pulp.lpSum(s[v][k] for k in needs), f"grad_reduce_{u.name}_{v.name}_{i}"
+    return terms
+
+
 def _param_memory(sg, q, s) -> list:
     terms = []
     for v, vars_ in s.items():
@@ -246,6 +277,7 @@ def _param_memory(sg, q, s) -> list:
 
 def _placements(sg, q, choice) -> dict[str, NodePlacement]:
     out = {}
+    reduced = _grad_reduced(sg, q, choice)
     for node in sg.nodes:
         c = q.canon[node]
         strat = choice.get(c)
@@ -254,8 +286,30 @@ def _placements(sg, q, choice) -> dict[str, NodePlacement]:
         params = {}
         for name, placement in strat.params:
             params[_instance_param(sg, node, c, name)] = placement
-        out[node.name] = NodePlacement(output=strat.output, params=params)
+        comms = _node_comms(sg, q, choice, node, strat, reduced)
+        out[node.name] = NodePlacement(output=strat.output, params=params, comms=comms)
     return out
+
+
+def _node_comms(sg, q, choice, node, strat, reduced: set) -> list[dict]:
+    """The collectives the objective charged to ``node``: its inputs' resharding (forward and
+    backward partner), its internal collectives, gradient all-reduces of replicated inputs."""
+    comms = [{"kind": c.kind, "bytes": c.bytes, "phase": "fwd"} for c in strat.comm]
+    for i, u in enumerate(sg.calls[node].inputs):
+        if u is None:
+            continue
+        nbytes = sg.tensor_bytes(u)
+        producer = choice.get(q.canon[u])
+        need = strat.inputs[i]
+        kind = reshard_kind(producer.output, need) if producer is not None and need is not None else None
+        if kind not in (None, "invalid", "split"):
+            comms.append({"kind": kind, "bytes": nbytes, "phase": "fwd"})
+        back = BACKWARD_OF.get(kind) if kind else None
+        if back:
+            comms.append({"kind": back, "bytes": nbytes, "phase": "bwd"})
+    if q.canon[node] in reduced:
+        comms.append({"kind": "all_reduce", "bytes": sg.tensor_bytes(node), "phase": "bwd"})
+    return comms
 
 
 def _instance_param(sg, node, canon_node, name: str) -> str:

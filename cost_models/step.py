@@ -23,10 +23,17 @@ step is memory-bound: ``optimizer_bytes_per_param * params_per_device / (W * eff
 
 Inference: forward only, the same pipeline formula with forward times (a filled and drained
 pipeline: ``(m + p - 1) * t`` for equal stages).
+
+Heterogeneous clusters: :func:`step_time` takes one :class:`DeviceRates` per stage (a sequence)
+instead of one for all, and ``StepSpec.stage_groups`` gives each stage its own tensor- and
+data-parallel groups. Each ``t_s`` is then computed on its own stage's device, the pipeline formula
+is unchanged (the slowest stage sets the pace), the exposed DP sync is the worst stage's and the
+optimizer step the slowest stage's ``params_s / (W_s * eff_hbm)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cost_models.comm import GroupSpec, LinkSpec, collective_time_s, p2p_time_s
@@ -209,6 +216,15 @@ class StepSpec:
     """Bytes per parameter of the compute copy (fp16/bf16: 2)."""
     grad_bytes: float = 2.0
     """Bytes per gradient element communicated (fp16/bf16 DDP: 2)."""
+    stage_groups: tuple[dict[str, GroupSpec], ...] | None = None
+    """Per pipeline stage, its own process groups by axis (heterogeneous clusters, where stages sit
+    on different nodes); None = ``groups`` for every stage."""
+
+    def groups_of(self, index: int | None) -> dict[str, GroupSpec]:
+        """The process groups of stage ``index`` (``groups`` when None or no per-stage groups)."""
+        if index is None or self.stage_groups is None:
+            return self.groups
+        return self.stage_groups[index]
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -228,13 +244,18 @@ class StepTime:
     stage_p2p_s: list[float]
 
 
-def stage_time(stage: StageWork, step: StepSpec, device: DeviceRates, calib: Calibration) -> BlockTime:
+def stage_time(
+    stage: StageWork, step: StepSpec, device: DeviceRates, calib: Calibration, *, index: int | None = None
+) -> BlockTime:
+    """One micro-batch of ``stage`` on ``device``; ``index``: the stage's position (selects its
+    ``step.stage_groups``)."""
     total = BlockTime()
+    groups = step.groups_of(index)
     for block, count in stage.blocks:
         t = block_time(
             block,
             device,
-            step.groups,
+            groups,
             recompute=step.recompute,
             zero_stage=step.zero_stage,
             bytes_per_param=(step.param_bytes, step.grad_bytes),
@@ -244,14 +265,14 @@ def stage_time(stage: StageWork, step: StepSpec, device: DeviceRates, calib: Cal
     return total
 
 
-def _p2p_time(stage: StageWork, step: StepSpec, calib: Calibration) -> float:
+def _p2p_time(stage: StageWork, step: StepSpec, calib: Calibration, index: int | None = None) -> float:
     """Blocking sends per micro-batch on this stage: per chunk one forward (and, when training, one
     backward) transfer."""
     if len(step.stages) == 1 or step.pp_link is None or stage.p2p_bytes <= 0:
         return 0.0
     nbytes = stage.p2p_bytes
     extra = 0.0
-    tp_group = step.groups.get("tp")
+    tp_group = step.groups_of(index).get("tp")
     if calib.pp_scatter_gather and step.tp > 1 and step.pp_link_inter_node and tp_group is not None:
         extra = collective_time_s("all_gather", nbytes, tp_group, calib=calib)
         nbytes /= step.tp
@@ -265,7 +286,8 @@ def _dp_exposed(step: StepSpec, stage_times: list[BlockTime], calib: Calibration
     if step.mode != "train" or dp is None or dp.size == 1 or step.zero_stage == 3:
         return 0.0
     worst = 0.0
-    for stage, t in zip(step.stages, stage_times):
+    for index, (stage, t) in enumerate(zip(step.stages, stage_times)):
+        dp = step.groups_of(index).get("dp", dp)
         grads = stage.param_count * step.grad_bytes
         if step.zero_stage == 0:
             reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
@@ -281,19 +303,47 @@ def _dp_exposed(step: StepSpec, stage_times: list[BlockTime], calib: Calibration
     return worst
 
 
-def _optimizer_s(step: StepSpec, device: DeviceRates, calib: Calibration) -> float:
+def _optimizer_s(step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration) -> float:
+    """The optimizer step of the stage that takes longest (all stages step at once)."""
     if step.mode != "train":
         return 0.0
     dp = step.groups.get("dp")
     shard = dp.size if (dp is not None and step.zero_stage >= 1) else 1
-    params = max(s.param_count for s in step.stages) / shard
-    return params * calib.optimizer_bytes_per_param / (device.hbm_bytes_per_s * calib.hbm_efficiency)
+    if isinstance(device, DeviceRates):
+        params = max(s.param_count for s in step.stages) / shard
+        return params * calib.optimizer_bytes_per_param / (device.hbm_bytes_per_s * calib.hbm_efficiency)
+    rates = stage_rates(step, device)
+    return max(
+        s.param_count / shard * calib.optimizer_bytes_per_param / (r.hbm_bytes_per_s * calib.hbm_efficiency)
+        for s, r in zip(step.stages, rates)
+    )
 
 
-def step_time(step: StepSpec, device: DeviceRates, calib: Calibration = DEFAULT) -> StepTime:
-    """Predicted time of one optimizer step, with a breakdown whose parts sum to the total."""
-    times = [stage_time(s, step, device, calib) for s in step.stages]
-    p2p = [_p2p_time(s, step, calib) for s in step.stages]
+def stage_rates(step: StepSpec, device: DeviceRates | Sequence[DeviceRates]) -> list[DeviceRates]:
+    """One DeviceRates per stage: ``device`` repeated, or the per-stage sequence checked."""
+    if isinstance(device, DeviceRates):
+        return [device] * len(step.stages)
+    rates = list(device)
+    if len(rates) != len(step.stages) or not all(isinstance(r, DeviceRates) for r in rates):
+        raise ValueError(
+            f"got {len(rates)} per-stage device rates for {len(step.stages)} stages; give one "
+            "DeviceRates per pipeline stage, or a single DeviceRates for all"
+        )
+    return rates
+
+
+def step_time(
+    step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration = DEFAULT
+) -> StepTime:
+    """Predicted time of one optimizer step, with a breakdown whose parts sum to the total.
+
+    ``device``: one :class:`DeviceRates` for every stage, or one per pipeline stage (heterogeneous
+    clusters)."""
+    rates = stage_rates(step, device)
+    if step.stage_groups is not None and len(step.stage_groups) != len(step.stages):
+        raise ValueError(f"stage_groups has {len(step.stage_groups)} entries for {len(step.stages)} stages")
+    times = [stage_time(s, step, r, calib, index=i) for i, (s, r) in enumerate(zip(step.stages, rates))]
+    p2p = [_p2p_time(s, step, calib, i) for i, s in enumerate(step.stages)]
     m, v = step.num_micro_batches, step.virtual_stages
     if step.mode != "train":
         per = [t.fwd_s + t.tp_fwd_s + p for t, p in zip(times, p2p)]

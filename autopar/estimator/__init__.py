@@ -30,6 +30,10 @@ Steps (each a small function below):
    attention-score region (from the first activation-activation matmul to the next one) saves
    besides its inputs; ``full`` keeps each layer's input only.
 5. **Step time and memory** from :func:`cost_models.step_time` and :mod:`cost_models.memory`.
+6. **Heterogeneous clusters** (:mod:`autopar.estimator.devices`): each pipeline stage is timed on
+   its own ranks' device kind (the slowest one if they mix kinds), has its own memory capacity and
+   its own tp/dp groups; the plan fits when every stage fits; MFU is against the sum of all
+   devices' peaks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from autopar.estimator.blocks import _Scale
+from autopar.estimator.devices import StageDevices, check_profiled, stage_devices, stage_groups
 from autopar.estimator.stages import (
     _compute_dtype,
     _flops,
@@ -65,7 +70,16 @@ class Workload:
     calibrations: the fidelity fit times one workload under many constants)."""
 
     spec: StepSpec
-    rates: DeviceRates
+    rates: DeviceRates | tuple[DeviceRates, ...]
+    """The device rates :func:`cost_models.step_time` takes: one DeviceRates on a homogeneous
+    cluster, the per-stage tuple (``stage_rates``) on a heterogeneous one."""
+    stage_rates: list[DeviceRates]
+    """Per pipeline stage, the rates of its devices (the slowest kind where they mix)."""
+    stage_capacity_bytes: list[float]
+    """Per pipeline stage, the memory capacity of its devices (the smallest where they mix)."""
+    stage_devices: list[StageDevices]
+    peak_flops_per_s_total: float
+    """Sum of every device's peak in the compute dtype (the MFU denominator)."""
     stages: list[StageWork]
     memory_per_stage: list[dict[str, float]]
     model_flops_per_step: float
@@ -88,9 +102,10 @@ def workload(
     calib = calib or DEFAULT
     if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
         calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)
-    device = cluster.device
+    check_profiled(cluster, op_times)
     _validate(graph, cluster, plan)
-    key, act = _compute_dtype(graph, device, dtype)
+    placed = stage_devices(cluster, plan)
+    key, act = _compute_dtype(graph, cluster.device_kinds, dtype)
     sc = _Scale(
         batch=plan.micro_batch_size / max(graph.batch_size, 1),
         tp=plan.tp,
@@ -117,12 +132,22 @@ def workload(
         tp=plan.tp,
         param_bytes=elem,
         grad_bytes=elem,
+        stage_groups=stage_groups(cluster, plan) if cluster.is_heterogeneous else None,
     )
     kv_block = _kv_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
     model_flops, hw_flops = _flops(graph, plan, stages)
+    rates = [s.rates(key) for s in placed]
+    if cluster.is_heterogeneous:
+        peak_total = sum(s.peak_flops_per_s(key) for s in placed)
+    else:
+        peak_total = rates[0].peak_flops_per_s * cluster.num_devices
     return Workload(
         spec=spec,
-        rates=DeviceRates(peak_flops_per_s=device.peak_flops(key), hbm_bytes_per_s=device.hbm_bytes_per_s),
+        rates=tuple(rates) if cluster.is_heterogeneous else rates[0],
+        stage_rates=rates,
+        stage_capacity_bytes=[s.capacity_bytes for s in placed],
+        stage_devices=placed,
+        peak_flops_per_s_total=peak_total,
         stages=stages,
         memory_per_stage=_stage_memory(stages, plan, elem, calib, [_kv_bytes(s, kv_block) for s in stages]),
         model_flops_per_step=model_flops,
@@ -150,7 +175,9 @@ def estimate(
     keys/values of every attention layer for the traced sequence length. ``op_times``: profiled
     ``(forward_s, backward_s)`` per graph node name, measured at the graph's batch size on one
     device of the cluster's kind (``autopar.profile``); they replace the roofline for those nodes
-    (scaled to the micro-batch and divided by the tensor-parallel shards). Raises
+    (scaled to the micro-batch and divided by the tensor-parallel shards; not on heterogeneous
+    clusters). On a heterogeneous cluster each pipeline stage is costed on its own devices (see
+    :mod:`autopar.estimator.devices`). Raises
     :class:`~autopar.errors.PlanError` for a plan that does not fit the cluster or the model.
     """
     calib = calib or DEFAULT
@@ -162,28 +189,64 @@ def predicted_cost(w: Workload, plan: Plan, cluster, calib: Calibration) -> Pred
     """Time a :class:`Workload` under ``calib`` and fill a PredictedCost."""
     t = step_time(w.spec, w.rates, calib)
     totals = [sum(m.values()) for m in w.memory_per_stage]
-    worst = max(range(len(totals)), key=totals.__getitem__)
-    used, capacity = totals[worst], cluster.device.memory_bytes
+    capacities = w.stage_capacity_bytes
+    worst = _binding_stage(totals, capacities, cluster.is_heterogeneous)
+    used, capacity = totals[worst], capacities[worst]
+    extra = {
+        "dtype": w.dtype,
+        "largest_memory_stage": worst,
+        "memory_bytes_per_stage": totals,
+        "overflow_bytes": max(0.0, used - capacity),
+        "stage_time_per_micro_batch_s": [s.total_s + p for s, p in zip(t.stage_times, t.stage_p2p_s)],
+        "tp_default": "placements" if plan.placements else "megatron",
+        "memory_capacity_bytes_per_stage": list(capacities),
+    }
+    if cluster.is_heterogeneous:
+        extra.update(_hetero_extra(w))
+        mfu = w.model_flops_per_step / (t.step_time_s * w.peak_flops_per_s_total)
+    else:  # the same expression as always, bit for bit
+        mfu = w.model_flops_per_step / (
+            t.step_time_s * w.stage_rates[0].peak_flops_per_s * cluster.num_devices
+        )
     return PredictedCost(
         step_time_s=t.step_time_s,
         breakdown_s=dict(t.breakdown_s),
         tokens_per_s=plan.global_batch * w.seq / t.step_time_s,
         model_flops_per_step=w.model_flops_per_step,
         hardware_flops_per_step=w.hardware_flops_per_step,
-        mfu=w.model_flops_per_step / (t.step_time_s * w.rates.peak_flops_per_s * cluster.num_devices),
+        mfu=mfu,
         memory_bytes_per_device=used,
         memory_breakdown_bytes=dict(w.memory_per_stage[worst]),
         memory_capacity_bytes=capacity,
-        fits=used <= capacity,
-        extra={
-            "dtype": w.dtype,
-            "largest_memory_stage": worst,
-            "memory_bytes_per_stage": totals,
-            "overflow_bytes": max(0.0, used - capacity),
-            "stage_time_per_micro_batch_s": [s.total_s + p for s, p in zip(t.stage_times, t.stage_p2p_s)],
-            "tp_default": "placements" if plan.placements else "megatron",
-        },
+        fits=all(u <= c for u, c in zip(totals, capacities)),
+        extra=extra,
     )
+
+
+def _binding_stage(totals: list[float], capacities: list[float], heterogeneous: bool) -> int:
+    """The stage whose memory the cost reports: the largest one on a homogeneous cluster; on a
+    heterogeneous one the stage with the largest overflow (or, when all fit, the least headroom)."""
+    if not heterogeneous:
+        return max(range(len(totals)), key=totals.__getitem__)
+    return max(range(len(totals)), key=lambda s: totals[s] - capacities[s])
+
+
+def _hetero_extra(w: Workload) -> dict:
+    totals = [sum(m.values()) for m in w.memory_per_stage]
+    out = {
+        "stage_devices": [s.names for s in w.stage_devices],
+        "overflow_bytes_per_stage": [max(0.0, u - c) for u, c in zip(totals, w.stage_capacity_bytes)],
+        "stage_peak_flops_per_s": [r.peak_flops_per_s for r in w.stage_rates],
+    }
+    mixed = [i for i, s in enumerate(w.stage_devices) if s.mixed]
+    if mixed:
+        out["mixed_device_stages"] = mixed
+        out["mixed_device_note"] = (
+            f"stage(s) {mixed} run on more than one device kind; each is costed at its slowest kind's "
+            "peak FLOP/s and memory bandwidth and its smallest memory capacity. Put pp outermost in "
+            "the mesh and align stages with node groups so each stage has one kind"
+        )
+    return out
 
 
 def _seq_len(graph: OpGraph) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from autopar.errors import PlanError
 from autopar.estimator.blocks import _block_work, _Ctx, _saved_bytes, _Scale
+from autopar.estimator.devices import common_preferred_dtype
 from autopar.estimator.tensor_parallel import _TP, _cached, _out_bytes
 from autopar.ir import OpGraph, OpNode
 from autopar.plan import Plan
@@ -167,17 +168,19 @@ def _group(plan: Plan, cluster, axis: str) -> GroupSpec:
     )
 
 
-def _compute_dtype(graph: OpGraph, device, dtype: str | None) -> tuple[str, float]:
-    """(peak key, activation byte factor). A fp32 graph is costed in the device's 16-bit dtype."""
+def _compute_dtype(graph: OpGraph, kinds, dtype: str | None) -> tuple[str, float]:
+    """(peak key, activation byte factor). A fp32 graph is costed in the 16-bit dtype of the
+    device kinds ``kinds`` (on several kinds: the one they all have a peak for)."""
     if dtype is not None:
         key = dtype
     else:
         dts = [n.output_dtype for n in graph.nodes if n.op_kind in ("linear", "matmul", "attention")]
         graph_dt = max(set(dts), key=dts.count) if dts else "float32"
         key = _PEAK_KEY.get(graph_dt, "fp32")
-        if key == "fp32" and device.preferred_dtype != "fp32":
-            key = device.preferred_dtype
-            log.info("fp32 graph costed as %s mixed precision on %s", key, device.name)
+        preferred = kinds[0].preferred_dtype if len(kinds) == 1 else common_preferred_dtype(kinds)
+        if key == "fp32" and preferred != "fp32":
+            key = preferred
+            log.info("fp32 graph costed as %s mixed precision on %s", key, "+".join(k.name for k in kinds))
     graph_bytes = 4 if all(n.output_dtype in (None, "float32") for n in graph.nodes if n.gemm) else 2
     act = (2 if key in ("fp16", "bf16") else 4) / graph_bytes
     return key, act

@@ -116,3 +116,36 @@ def test_gpt_ilp_never_worse_than_default_placements():
     layers = [[solution.placements[n].output for n in names if n in solution.placements]
               for names in graph.block_types["layers.*"].node_names]  # fmt: skip
     assert layers[0] == layers[1] == layers[2]
+
+
+def test_collapsed_graph_gives_the_same_objective_and_placements():
+    from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+    from autopar.report.collapse import first_blocks_module
+
+    model = GPT(GPTConfig(hidden=256, layers=4, heads=4, vocab=1024, seq=64), device="meta")
+    tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")
+    graph = autopar.trace(model, (tokens, tokens), loss_fn=gpt_loss)
+    costs = _costs(100e9)
+    full = solve_placements(ShardingGraph(graph.gm, 2), graph, costs)
+    small_sg = ShardingGraph(first_blocks_module(graph), 2)
+    assert len(small_sg.nodes) < len(ShardingGraph(graph.gm, 2).nodes)
+    small = solve_placements(small_sg, graph, costs)
+    assert small.objective_s == pytest.approx(full.objective_s, rel=1e-9)
+    for name, placement in small.placements.items():
+        assert str(full.placements[name].output) == str(placement.output)
+
+
+def test_expanded_placements_cost_like_the_full_graph_solution():
+    from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+    from autopar.report.collapse import first_blocks_module
+    from autopar.solve.intra_op import expand_placements
+
+    model = GPT(GPTConfig(hidden=256, layers=4, heads=4, vocab=1024, seq=64), device="meta")
+    tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")
+    graph = autopar.trace(model, (tokens, tokens), loss_fn=gpt_loss)
+    costs = _costs(100e9)
+    full = solve_placements(ShardingGraph(graph.gm, 2), graph, costs).placements
+    small = solve_placements(ShardingGraph(first_blocks_module(graph), 2), graph, costs).placements
+    expanded = expand_placements(small, graph)
+    assert set(expanded) == set(full)
+    assert {k: v.to_dict() for k, v in expanded.items()} == {k: v.to_dict() for k, v in full.items()}

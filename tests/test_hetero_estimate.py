@@ -75,6 +75,11 @@ def test_stages_sit_on_their_node_groups_kind():
     assert [r.hbm_bytes_per_s for r in w.stage_rates] == [2039e9, 900e9]
     assert w.stage_capacity_bytes == [80e9, 32e9]
     assert w.rates == tuple(w.stage_rates)  # what step_time takes on a heterogeneous cluster
+    # each stage's dp (2) and tp (4) groups stay inside its node; stages talk over the network
+    assert [(g["dp"].size, g["dp"].inter, g["tp"].size, g["tp"].inter) for g in w.spec.stage_groups] == [
+        (2, None, 4, None)
+    ] * 2
+    assert w.spec.pp_link_inter_node
     cost = estimate(gpt(), HETERO, pipeline())
     assert cost.extra["stage_devices"] == [["a100-80g"], ["v100-32g"]]
     assert cost.extra["memory_capacity_bytes_per_stage"] == [80e9, 32e9]

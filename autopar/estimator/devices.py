@@ -17,12 +17,13 @@ cluster's, shared by all groups).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
 
 from autopar.errors import PlanError
-from autopar.plan import Plan
+from autopar.plan import MeshAxis, Plan, rank_groups
 from cost_models import DeviceRates, GroupSpec, LinkSpec
 
 
@@ -64,10 +65,29 @@ def stage_devices(cluster, plan: Plan) -> list[StageDevices]:
     pp = plan.pp
     if not cluster.is_heterogeneous:
         return [StageDevices((cluster.device,), (cluster.num_devices // pp,))] * pp
-    per_stage: list[Counter] = [Counter() for _ in range(pp)]
-    for rank in range(plan.world_size):
-        per_stage[plan.coords(rank).get("pp", 0)][cluster.device_of(rank)] += 1
-    return [StageDevices(tuple(c), tuple(c.values())) for c in per_stage]
+    groups = tuple((g.nodes, g.device) for g in cluster.node_groups)
+    return list(_stage_devices(tuple(plan.mesh), cluster.devices_per_node, groups))
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_devices(mesh: tuple[MeshAxis, ...], per_node: int, groups: tuple) -> tuple[StageDevices, ...]:
+    kind_of_node = [device for nodes, device in groups for _ in range(nodes)]
+    stage = _pp_coord(mesh)
+    per_stage: list[Counter] = [Counter() for _ in range(max(stage) + 1)]
+    for rank, s in enumerate(stage):
+        per_stage[s][kind_of_node[rank // per_node]] += 1
+    return tuple(StageDevices(tuple(c), tuple(c.values())) for c in per_stage)
+
+
+def _pp_coord(mesh: tuple[MeshAxis, ...]) -> list[int]:
+    """The ``pp`` coordinate of every rank (row-major mesh; 0 without a pp axis)."""
+    world = math.prod(a.size for a in mesh)
+    names = [a.name for a in mesh]
+    if "pp" not in names:
+        return [0] * world
+    k = names.index("pp")
+    stride = math.prod(a.size for a in mesh[k + 1 :])
+    return [(r // stride) % mesh[k].size for r in range(world)]
 
 
 def common_preferred_dtype(kinds) -> str:
@@ -95,19 +115,29 @@ def _link(link) -> LinkSpec:
 
 def stage_groups(cluster, plan: Plan) -> tuple[dict[str, GroupSpec], ...]:
     """Per stage, its ``tp`` and ``dp`` groups: the one spanning the most nodes of each axis."""
-    out: list[dict[str, GroupSpec]] = [{} for _ in range(plan.pp)]
+    intra, inter = _link(cluster.intra_node), _link(cluster.inter_node)
+    return _stage_groups(tuple(plan.mesh), cluster.devices_per_node, intra, inter)
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_groups(
+    mesh: tuple[MeshAxis, ...], per_node: int, intra: LinkSpec, inter: LinkSpec
+) -> tuple[dict[str, GroupSpec], ...]:
+    stage = _pp_coord(mesh)
+    out: list[dict[str, GroupSpec]] = [{} for _ in range(max(stage) + 1)]
+    names = [a.name for a in mesh]
     for axis in ("tp", "dp"):
+        groups = rank_groups(list(mesh), axis) if axis in names else [[r] for r in range(len(stage))]
         best: dict[int, tuple[int, list[int]]] = {}
-        for group in plan.groups(axis):
-            stage = plan.coords(group[0]).get("pp", 0)
-            nodes = len({cluster.node_of(r) for r in group})
-            if stage not in best or nodes > best[stage][0]:
-                best[stage] = (nodes, group)
-        for stage, (nodes, group) in best.items():
-            out[stage][axis] = GroupSpec(
+        for group in groups:
+            nodes = len({r // per_node for r in group})
+            if stage[group[0]] not in best or nodes > best[stage[group[0]]][0]:
+                best[stage[group[0]]] = (nodes, group)
+        for s, (nodes, group) in best.items():
+            out[s][axis] = GroupSpec(
                 size=len(group),
                 ranks_per_node=math.ceil(len(group) / nodes),
-                intra=_link(cluster.intra_node),
-                inter=_link(cluster.inter_node) if nodes > 1 else None,
+                intra=intra,
+                inter=inter if nodes > 1 else None,
             )
     return tuple(out)

@@ -61,8 +61,8 @@ class _DeviceField:
             kinds = ", ".join(f"{g.nodes} node(s) of {g.device.name}" for g in groups)
             raise ClusterError(
                 f"cluster {obj.name!r} is heterogeneous ({kinds}); it has no single device kind. "
-                "Heterogeneous clusters can be declared but not yet planned or estimated; use "
-                "cluster.device_of(rank) / cluster.device_kinds, or declare one device kind"
+                "Use cluster.device_of(rank) / cluster.device_kinds (autopar.estimate costs each "
+                "pipeline stage on its own device kind)"
             )
         return groups[0].device
 

@@ -111,6 +111,7 @@ def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
             "space_size": st.space_size,
             "evaluated": st.evaluated,
             "pruned": st.pruned,
+            "screened": st.screened,
             "invalid": st.invalid,
             "ilp_solves": st.ilp_solves,
             "refined": st.refined,
@@ -163,7 +164,8 @@ def explain_text(plan) -> str:
     st = plan.search["stats"]
     lines.append(
         f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
-        f"by bounds, {st['invalid']} invalid; {st['solve_time_s']:.2f} s ({st['status']})"
+        f"by bounds, {st.get('screened', 0)} out of memory, {st['invalid']} invalid; "
+        f"{st['solve_time_s']:.2f} s ({st['status']})"
     )
     if st.get("ilp_solves"):
         lines.append(

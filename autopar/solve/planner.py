@@ -231,7 +231,8 @@ class Search:
         if not knobs:
             return None
         first = self.evaluate(dict(base, recompute=knobs[0][0], zero=knobs[0][1]))
-        if first is None:
+        if first is None:  # the mesh breaks a rule (e.g. tp does not divide a width): all knobs do
+            self.stats.invalid += len(knobs) - 1
             return None
         self._learn_block_time(first)
         for rc, z in knobs[1:]:

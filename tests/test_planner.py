@@ -280,7 +280,7 @@ def test_stage_ilp_objective_is_the_estimators_step_time():
     ]:
         plan = make_plan(dict(keys, schedule="1f1b", vpp=1), 32, "train")
         problem = stage_problem(graph, cluster, plan)
-        bound = split_lower_bound(estimate(graph, cluster, plan), plan)
+        bound = split_lower_bound(estimate(graph, cluster, plan), plan, cluster)
         for split in compositions(4, plan.pp):
             counts = [split.count(s) for s in range(plan.pp)]
             cost = estimate(graph, cluster, dataclasses.replace(plan, layer_stages=split))

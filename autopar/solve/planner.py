@@ -207,7 +207,7 @@ class Search:
         or pp. Any split has a stage of at least ``L / pp`` blocks and stages summing to at least
         ``L`` blocks, so ``T >= (m - 1/v) L t / pp + L t / v`` (the classic bubble formula)."""
         t = self.block_s.get((base["tp"], base["sp"], base["mbs"]))
-        if t is None:
+        if t is None or self.cluster.is_heterogeneous:  # stages on other devices: other block times
             return 0.0
         m = self.spec.global_batch // (base["dp"] * base["mbs"])
         v, L = base["vpp"], self.num_blocks
@@ -282,7 +282,7 @@ class Search:
         sync and optimizer step. When the blocks may be split unevenly, any split of any knob
         costs at least :func:`split_lower_bound` of ``first``."""
         if splittable(first.plan, self.num_blocks):
-            return split_lower_bound(first.cost, first.plan)
+            return split_lower_bound(first.cost, first.plan, self.cluster)
         if knob[1] == first.keys["zero"]:
             return first.time_s
         b = first.cost.breakdown_s

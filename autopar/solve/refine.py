@@ -52,9 +52,12 @@ def pipeline_sum_s(cost, m: int) -> float:
     return bubble + (pipe - bubble) / m
 
 
-def split_lower_bound(cost, plan) -> float:
+def split_lower_bound(cost, plan, cluster) -> float:
     """A lower bound on the step time of ``plan``'s keys under any split of the blocks (and, since
-    recompute and ZeRO-3 only lengthen stages, under any recompute / ZeRO setting)."""
+    recompute and ZeRO-3 only lengthen stages, under any recompute / ZeRO setting). It relies on
+    every stage running a block in the same time, so it is 0 on a heterogeneous cluster."""
+    if cluster.is_heterogeneous:
+        return 0.0
     m, S = plan.num_micro_batches, plan.pp
     total = pipeline_sum_s(cost, m)
     return (m - 1) * total / S + total
@@ -202,9 +205,9 @@ def refine_splits(search) -> None:
     better splits join ``search.fitting`` (replacing their even-split twin)."""
     num_blocks = len(search.graph.block_order)
     pool = [c for c in search.fitting + search.overflowing if splittable(c.plan, num_blocks)]
-    pool.sort(key=lambda c: split_lower_bound(c.cost, c.plan))
+    pool.sort(key=lambda c: split_lower_bound(c.cost, c.plan, search.cluster))
     for cand in pool:
-        if split_lower_bound(cand.cost, cand.plan) >= search.best_s * (1 - 1e-12):
+        if split_lower_bound(cand.cost, cand.plan, search.cluster) >= search.best_s * (1 - 1e-12):
             break
         if search.out_of_time():
             return

@@ -398,4 +398,6 @@ def test_explain_names_runner_ups_and_rejected_meshes():
 def test_time_limit_returns_the_incumbent():
     graph = gpt_graph("h64-l4")
     plan = autopar.plan(graph, CLUSTERS["2x4"](), global_batch=32, time_limit_s=0.0, progress=False)
-    assert plan.predicted.fits and plan.search["stats"]["status"] == "time_limit"
+    stats = plan.search["stats"]
+    assert plan.predicted.fits and stats["status"] == "time_limit"
+    assert 0 < stats["gap"] == pytest.approx(1 - plan.predicted.mfu) and "optimality gap" in plan.explain()

@@ -117,6 +117,7 @@ def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
             "refined": st.refined,
             "solve_time_s": st.solve_time_s,
             "status": st.status,
+            "gap": st.gap,
             "cluster": getattr(cluster, "name", ""),
             "num_devices": cluster.num_devices,
         },
@@ -165,7 +166,8 @@ def explain_text(plan) -> str:
     lines.append(
         f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
         f"by bounds, {st.get('screened', 0)} out of memory, {st['invalid']} invalid; "
-        f"{st['solve_time_s']:.2f} s ({st['status']})"
+        f"{st['solve_time_s']:.2f} s ({st['status']}"
+        + (f", optimality gap <= {100 * st['gap']:.0f}%)" if st.get("gap") else ")")
     )
     if st.get("ilp_solves"):
         lines.append(

@@ -86,6 +86,9 @@ class SearchStats:
     solve_time_s: float = 0.0
     status: str = "optimal"
     """``optimal``: the whole space was covered (pruning is exact); ``time_limit``: incumbent."""
+    gap: float = 0.0
+    """Relative optimality gap bound ``1 - lower/incumbent``: 0 when optimal; after a time limit the
+    incumbent's ``1 - MFU`` (no plan beats all devices computing at peak), a loose but valid bound."""
     invalid_reasons: dict[str, str] = field(default_factory=dict)
 
 
@@ -329,6 +332,8 @@ def plan(
     search.stats.solve_time_s = time.perf_counter() - t0
     best = ranked[0]
     best.plan.predicted = best.cost
+    if search.stats.status != "optimal":
+        search.stats.gap = max(0.0, 1.0 - best.cost.mfu)
     attach_search(best.plan, ranked, search, top_k=top_k, cluster=cluster)
     return best.plan
 

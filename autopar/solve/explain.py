@@ -171,7 +171,7 @@ def explain_text(plan) -> str:
     )
     if st.get("ilp_solves"):
         lines.append(
-            f"inter-op ILP: {st['ilp_solves']} pipelines re-split, {st.get('refined', 0)} improved"
+            f"inter-op ILP: {st['ilp_solves']} solved, {st.get('refined', 0)} found a better split"
             + (f"; this plan's blocks per stage: {_blocks_per_stage(plan)}" if plan.layer_stages else "")
         )
     if plan.search["alternatives"]:

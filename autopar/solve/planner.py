@@ -4,22 +4,22 @@
    schedule and virtual stages, sequence parallelism, recompute and ZeRO. Every candidate is costed
    by the estimator ``autopar estimate`` uses, so a plan's predicted cost is reproducible with
    ``autopar estimate --plan``.
-2. **Bounds** (all valid under the cost model, so pruning never loses the optimum; see
-   ``docs/planner.md`` for the arguments):
+2. **Bounds** (all valid under the cost model, so pruning never loses the optimum; the arguments
+   are in ``docs/planner.md`` §3, and ``tests/test_planner.py`` checks each against the estimator):
 
-   * For one (mesh, micro-batch, schedule, sp) the least recompute and ZeRO allowed (``first``) is
-     costed first. Recompute and ZeRO-3 only lengthen stages, and a longer backward hides at most
-     as much gradient all-reduce as it adds, so at ``first``'s ZeRO stage no knob beats ``first``;
-     another ZeRO stage can save at most ``first``'s data-parallel sync and optimizer step. When the
-     blocks may be split unevenly (1F1B, ``pp > 1``) the bound is the split-free one of
-     :func:`~autopar.solve.refine.split_lower_bound`. A knob whose bound is not below the incumbent
-     is skipped.
-   * Per stage, memory falls with more recompute and with ZeRO 0 -> 1 -> 2; if the most frugal
-     knobs (the most recompute at the highest ZeRO stage <= 2, and at ZeRO-3) fit under no split,
-     none does, and the rest of the pipeline's knobs are skipped.
-   * An interleaved schedule with ``v`` virtual stages has the same blocks per device as its 1F1B
-     twin, at least its stage times, and at best ``1/v`` of its bubble, so it is costed only when
-     ``T_1f1b - sync - optimizer - bubble·(1 - 1/v)`` beats the incumbent.
+   * B1, per pipeline (mesh, micro-batch, schedule, sp), before costing any of it: with ``t`` one
+     block's time at this (tp, sp, micro-batch), every knob and split costs at least
+     ``(m - 1/v) L t / pp + L t / v`` (:meth:`Search._pipeline_bound`).
+   * B2, an interleaved pipeline from its 1F1B twin: the same blocks per device, at least the same
+     stage times, at best ``1/v`` of the bubble: ``T_1f1b - sync - optimizer - bubble (1 - 1/v)``.
+   * B3, the memory knobs from ``first`` (the least recompute and ZeRO allowed, costed first):
+     recompute and ZeRO-3 only lengthen stages and a longer backward hides at most as much gradient
+     all-reduce as it adds, so at ``first``'s ZeRO stage nothing beats ``first``; another ZeRO stage
+     saves at most ``first``'s data-parallel sync and optimizer step (:meth:`Search._bound`).
+   * B4, any split of a 1F1B pipeline: ``(m - 1) Σ/S + Σ`` with ``Σ`` the split-invariant sum of
+     the stage times (:func:`~autopar.solve.refine.split_lower_bound`); replaces B3 there.
+   * M1, memory: a knob's per-stage memory comes from ``first``'s workload without timing it; it is
+     costed only if it fits under the even split or, for 1F1B, under some split.
 3. **Inter-op ILP** (:mod:`autopar.solve.inter_op`, :mod:`autopar.solve.refine`): every candidate
    with ``pp > 1`` and no virtual stages whose split-free lower bound beats the incumbent has its
    blocks re-split by an ILP whose objective is the estimator's step time (balancing the stem and

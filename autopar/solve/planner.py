@@ -246,7 +246,9 @@ class Search:
             if not self._may_fit(first, keys):
                 self.stats.screened += 1
                 continue
-            self.evaluate(keys)
+            cand = self.evaluate(keys)
+            if cand is not None:
+                cand.work = None
         first.work = None  # done with it: keep the candidate lists light
         return first
 

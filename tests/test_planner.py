@@ -79,8 +79,8 @@ def compositions(total: int, parts: int):
         yield [s for s in range(parts) for _ in range(bounds[s + 1] - bounds[s])]
 
 
-def exhaustive(graph, cluster, global_batch: int, mode: str = "train") -> list[tuple[float, float, Plan]]:
-    """(step time, memory per device, plan) of every valid plan: every mesh with tensor parallelism
+def exhaustive(graph, cluster, global_batch: int, mode: str = "train") -> list[tuple]:
+    """(step time, memory per device, plan, fits) of every valid plan: every mesh with tensor parallelism
     inside a node, every micro-batch size, GPipe / 1F1B / interleaved (Megatron's rules: v divides
     each stage's blocks, the micro-batch count is a multiple of pp), every split of the blocks for
     pipelines without virtual stages, sequence parallelism, recompute and ZeRO. Written without
@@ -122,7 +122,7 @@ def exhaustive(graph, cluster, global_batch: int, mode: str = "train") -> list[t
                         cost = estimate(graph, cluster, plan)
                     except PlanError:
                         continue
-                    out.append((cost.step_time_s, cost.memory_bytes_per_device, plan))
+                    out.append((cost.step_time_s, cost.memory_bytes_per_device, plan, cost.fits))
     return out
 
 
@@ -148,7 +148,7 @@ def check_against_oracle(shape, cluster_name, global_batch, mode="train", fixed=
         cands = [c for c in cands if all(_key(c[2], k) == v for k, v in fixed.items())]
     for capacity in capacities(cands):
         cluster = with_memory(CLUSTERS[cluster_name](), capacity)
-        fitting = [(t, p) for t, m, p in cands if m <= capacity]
+        fitting = [(t, p) for t, m, p, _ in cands if m <= capacity]
         where = f"{shape} {cluster_name} B={global_batch} {mode} fixed={fixed} memory={capacity:.6g}"
         if not fitting:
             with pytest.raises(InfeasibleError):
@@ -190,6 +190,37 @@ def test_plan_equals_exhaustive_search(shape, cluster_name):
         check_against_oracle(shape, cluster_name, global_batch)
 
 
+def heterogeneous(memory_a100_bytes: float, memory_h100_bytes: float) -> Cluster:
+    """Node 0: four A100s, node 1: four H100s, with the given device memories."""
+    base = Cluster.preset("dgx-a100-80g", nodes=2, devices_per_node=4).to_dict()
+    groups = []
+    for preset, memory in (("dgx-a100-80g", memory_a100_bytes), ("dgx-h100", memory_h100_bytes)):
+        device = Cluster.preset(preset).device.to_dict()
+        groups.append({"nodes": 1, "device": dict(device, memory_bytes=memory)})
+    d = {k: v for k, v in base.items() if k not in ("name", "nodes", "device")}
+    return Cluster.from_dict(dict(d, node_groups=groups))
+
+
+def test_heterogeneous_cluster_equals_exhaustive_search():
+    """Two device kinds (the estimator costs each stage on its own kind): the planner's bounds that
+    assume one kind switch off, and the plan still equals exhaustive search at several memory sizes
+    per kind (with less memory on the A100s the best plans give the H100 stage more blocks)."""
+    graph = gpt_graph("h1024-l4")
+    loose = exhaustive(graph, heterogeneous(80e9, 80e9), 32)
+    mems = sorted(c[1] for c in loose)
+    quantile = [mems[len(mems) * k // 8] for k in range(8)]
+    sizes = [(80e9, 80e9), (quantile[2], quantile[4]), (quantile[1], quantile[4]), (quantile[3], quantile[3])]
+    for memory_a, memory_h in sizes:
+        cluster = heterogeneous(memory_a, memory_h)
+        cands = loose if memory_a == memory_h == 80e9 else exhaustive(graph, cluster, 32)
+        best_s, best = min(((t, p) for t, _, p, fits in cands if fits), key=lambda x: x[0])
+        got = autopar.plan(graph, cluster, global_batch=32, progress=False)
+        assert got.predicted.step_time_s == pytest.approx(best_s, rel=1e-9), (
+            f"{memory_a:.4g}/{memory_h:.4g}: planner {got.summary()} {got.layer_stages}, "
+            f"exhaustive {best.summary()} {best.layer_stages}"
+        )
+
+
 @pytest.mark.parametrize(
     ("shape", "cluster_name"), [("h1024-l4", "2x4-slow"), ("h64-l4", "1x8"), ("llama-l4", "2x4")]
 )
@@ -204,7 +235,7 @@ def test_every_bound_is_below_what_it_bounds(shape, cluster_name):
     search = Search(graph, cluster, spec, time_limit_s=60, progress=Progress(enabled=False))
     firsts: dict = {}
     cands = []
-    for t, memory, plan in oracle(shape, cluster_name, 32):
+    for t, memory, plan, _ in oracle(shape, cluster_name, 32):
         base = {k: _key(plan, k) for k in ("dp", "tp", "pp", "mbs", "schedule", "vpp", "sp")}
         if base["schedule"] == "gpipe":
             continue  # outside the planner's space (the time of 1F1B with more memory)

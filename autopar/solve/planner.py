@@ -47,6 +47,7 @@ from autopar.solve.refine import (
     split_can_fit,
     split_lower_bound,
     splittable,
+    stage_capacities,
     stage_totals,
 )
 
@@ -257,8 +258,8 @@ class Search:
         the blocks may be split unevenly, under some split. Overflows are remembered per mesh so
         the closest miss can still be explained (:meth:`cost_closest_misses`)."""
         plan = make_plan(keys, self.spec.global_batch, self.spec.mode)
-        capacity = self.cluster.device.memory_bytes
-        overflow = max(stage_totals(first.work, plan)) - capacity
+        capacity = stage_capacities(first.work, self.cluster)
+        overflow = max(used - cap for used, cap in zip(stage_totals(first.work, plan), capacity))
         if overflow <= 0:
             return True
         mesh = mesh_label(keys)

@@ -75,7 +75,7 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
     repeated = [_repeated(stage) for stage in w.stages]
     if any(r is None for r in repeated):
         return None
-    L, S = len(graph.block_order), plan.pp
+    L = len(graph.block_order)
     train = plan.mode == "train"
     p = StageProblem(
         num_blocks=L,
@@ -84,7 +84,7 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
         fixed_time_s=[],
         block_bytes=[],
         fixed_bytes=[],
-        capacity_bytes=[cluster.device.memory_bytes] * S,
+        capacity_bytes=stage_capacities(w, cluster),
         sync_time_s=None,
         optimizer_block_s=[],
         optimizer_fixed_s=[],
@@ -92,21 +92,22 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
     syncs = []
     mem_n, mem_n1 = _memory_points(w, even, repeated)
     for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
-        t0 = stage_time(_with(stage, block, 0), w.spec, w.rates, DEFAULT)
-        t1 = stage_time(_with(stage, block, 1), w.spec, w.rates, DEFAULT)
+        rates = _rates(w, s)
+        t0 = stage_time(_with(stage, block, 0), w.spec, rates, DEFAULT, index=s)
+        t1 = stage_time(_with(stage, block, 1), w.spec, rates, DEFAULT, index=s)
         per0, per1 = _per_micro_batch(t0, train), _per_micro_batch(t1, train)
         p.block_time_s.append(per1 - per0)
-        p.fixed_time_s.append(per0 + _p2p_time(stage, w.spec, DEFAULT))
+        p.fixed_time_s.append(per0 + _p2p_time(stage, w.spec, DEFAULT, s))
         p.block_bytes.append(mem_n1[s] - mem_n[s])
         p.fixed_bytes.append(mem_n[s] - count * (mem_n1[s] - mem_n[s]))
         if train:
-            one = [dataclasses.replace(w.spec, stages=(_with(stage, block, k),)) for k in (0, 1)]
-            o0, o1 = (_optimizer_s(spec, w.rates, DEFAULT) for spec in one)
+            one = [_one_stage(w.spec, s, _with(stage, block, k)) for k in (0, 1)]
+            o0, o1 = (_optimizer_s(spec, rates, DEFAULT) for spec in one)
             p.optimizer_block_s.append(o1 - o0)
             p.optimizer_fixed_s.append(o0)
             syncs.append((stage, block, t0, t1 + t0.scaled(-1.0)))
     if train:
-        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, *syncs[s], k))
+        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, s, *syncs[s], k))
     return p
 
 
@@ -117,7 +118,7 @@ def block_time_s(w, mode: str) -> float | None:
     from cost_models.step import block_time
 
     blocks = {id(b): b for stage in w.stages for b, c in stage.blocks if b.recomputable and c > 0}
-    if len(blocks) != 1:
+    if len(blocks) != 1 or isinstance(w.rates, (tuple, list)):
         return None
     (block,) = blocks.values()
     t = block_time(
@@ -132,13 +133,31 @@ def block_time_s(w, mode: str) -> float | None:
     return _per_micro_batch(t, mode == "train")
 
 
-def _sync(spec, stage, block, t0, block_t, k: int) -> float:
-    """``D_s(k)``: the exposed data-parallel sync of ``stage`` holding ``k`` blocks."""
+def _sync(spec, index: int, stage, block, t0, block_t, k: int) -> float:
+    """``D_s(k)``: the exposed data-parallel sync of stage ``index`` holding ``k`` blocks."""
     from cost_models import DEFAULT
     from cost_models.step import _dp_exposed
 
-    one = dataclasses.replace(spec, stages=(_with(stage, block, k),))
-    return _dp_exposed(one, [t0 + block_t.scaled(k)], DEFAULT)
+    return _dp_exposed(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], DEFAULT)
+
+
+def _one_stage(spec, index: int, stage):
+    """``spec`` reduced to its stage ``index`` (for the per-stage sync and optimizer terms)."""
+    groups = getattr(spec, "stage_groups", None)
+    if groups is None:
+        return dataclasses.replace(spec, stages=(stage,))
+    return dataclasses.replace(spec, stages=(stage,), stage_groups=(groups[index],))
+
+
+def _rates(w, index: int):
+    """Stage ``index``'s device rates (one DeviceRates for all stages on a homogeneous cluster)."""
+    return w.rates[index] if isinstance(w.rates, (tuple, list)) else w.rates
+
+
+def stage_capacities(w, cluster) -> list[float]:
+    """Per stage, the memory of its devices."""
+    caps = getattr(w, "stage_capacity_bytes", None)
+    return list(caps) if caps is not None else [cluster.device.memory_bytes] * len(w.stages)
 
 
 def _per_micro_batch(t, train: bool) -> float:
@@ -175,8 +194,9 @@ def _memory_points(w, plan, repeated) -> tuple[list[float], list[float]]:
     return stage_totals(w, plan), stage_totals(w, plan, more)
 
 
-def split_can_fit(w, plan, capacity_bytes: float) -> bool:
-    """Whether some split of ``plan``'s blocks fits memory (``w``: a workload of its pipeline)."""
+def split_can_fit(w, plan, capacity_bytes: list[float]) -> bool:
+    """Whether some split of ``plan``'s blocks fits memory (``w``: a workload of its pipeline,
+    ``capacity_bytes``: per stage)."""
     repeated = [_repeated(stage) for stage in w.stages]
     if any(r is None for r in repeated):
         return True  # cannot tell: let the estimator decide
@@ -190,7 +210,7 @@ def split_can_fit(w, plan, capacity_bytes: float) -> bool:
         fixed_time_s=[0.0] * S,
         block_bytes=per_block,
         fixed_bytes=[a - c * d for a, (_, c), d in zip(mem_n, repeated, per_block)],
-        capacity_bytes=[capacity_bytes] * S,
+        capacity_bytes=list(capacity_bytes),
     )
     return can_fit(problem)
 

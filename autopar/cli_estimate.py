@@ -76,7 +76,6 @@ def run(args) -> int:
     from autopar.plan_keys import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
 
     cluster = Cluster.parse(args.cluster)
-    _ = cluster.device  # a heterogeneous cluster stops here with a clear message
     loaded = load_model(args.model, seq=args.seq)
     plan, keys = _plan_file(args.plan), {}
     if plan is None:
@@ -152,10 +151,10 @@ def _time(value: float) -> str:
 
 def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[str]) -> str:
     """The human-readable report of one estimate."""
-    dev = cluster.device
+    kinds = " + ".join(f"{g.nodes} x {cluster.devices_per_node} {g.device.name}" for g in cluster.node_groups)
     lines = [
         f"model    {model}" + (f"  (seq {seq})" if seq else ""),
-        f"cluster  {cluster.name}: {cluster.nodes} x {cluster.devices_per_node} {dev.name} = {cluster.num_devices} devices",
+        f"cluster  {cluster.name}: {kinds} = {cluster.num_devices} devices",
         f"plan     {plan.summary()}"
         + (f"   (chosen by the planner: {', '.join(defaulted)})" if defaulted else ""),
         "",

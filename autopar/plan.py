@@ -343,10 +343,18 @@ class Plan:
         pp: int = 1,
         global_batch: int,
         micro_batch_size: int | None = None,
+        axis_order: tuple[str, ...] = ("dp", "pp", "tp"),
         **kwargs: Any,
     ) -> Plan:
-        """A hand-written plan. Axes of size 1 are kept so coordinates are always defined."""
-        mesh = [MeshAxis("dp", dp), MeshAxis("pp", pp), MeshAxis("tp", tp)]
+        """A hand-written plan. Axes of size 1 are kept so coordinates are always defined.
+
+        ``axis_order``: outermost first. The default keeps tp inside a node and data-parallel
+        replicas apart; ``("pp", "dp", "tp")`` gives each pipeline stage a contiguous block of
+        ranks, i.e. its own nodes (what a cluster with two device kinds wants)."""
+        sizes = {"dp": dp, "pp": pp, "tp": tp}
+        if sorted(axis_order) != sorted(sizes):
+            raise PlanError(f"axis_order={axis_order!r} must order exactly the axes dp, pp, tp")
+        mesh = [MeshAxis(name, sizes[name]) for name in axis_order]
         if micro_batch_size is None:
             micro_batch_size = max(1, global_batch // (dp * max(pp, 1)))
         return cls(mesh=mesh, global_batch=global_batch, micro_batch_size=micro_batch_size, **kwargs)

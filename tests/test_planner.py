@@ -101,11 +101,14 @@ def exhaustive(graph, cluster, global_batch: int, mode: str = "train") -> list[t
             knobs = [("none", 0)]
             if mode == "train":
                 knobs = list(itertools.product(("none", "selective", "full"), (0, 1, 2, 3)))
-            for (schedule, v), sp, (rc, zero) in itertools.product(schedules, (0, 1), knobs):
+            # With two device kinds the mesh order matters (which ranks form a stage): try both.
+            orders = [("dp", "pp", "tp")] + ([("pp", "dp", "tp")] if cluster.is_heterogeneous else [])
+            for (schedule, v), sp, (rc, zero), order in itertools.product(schedules, (0, 1), knobs, orders):
                 splits = list(compositions(L, pp)) if pp > 1 and v == 1 else [None]
                 for split in splits:
                     try:
                         plan = Plan.manual(
+                            axis_order=order,
                             dp=dp,
                             tp=tp,
                             pp=pp,

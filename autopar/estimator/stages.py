@@ -170,20 +170,34 @@ def _group(plan: Plan, cluster, axis: str) -> GroupSpec:
 
 def _compute_dtype(graph: OpGraph, kinds, dtype: str | None) -> tuple[str, float]:
     """(peak key, activation byte factor). A fp32 graph is costed in the 16-bit dtype of the
-    device kinds ``kinds`` (on several kinds: the one they all have a peak for)."""
+    device kinds ``kinds`` (on several kinds: the one they all have a peak for); a 16-bit graph on a
+    kind without that format (bf16 on a V100) is costed in the 16-bit format the kinds share."""
+    graph_dt, graph_bytes = _cached(graph, ("graph_dtype",), lambda: _graph_dtype(graph))
     if dtype is not None:
         key = dtype
     else:
-        dts = [n.output_dtype for n in graph.nodes if n.op_kind in ("linear", "matmul", "attention")]
-        graph_dt = max(set(dts), key=dts.count) if dts else "float32"
         key = _PEAK_KEY.get(graph_dt, "fp32")
         preferred = kinds[0].preferred_dtype if len(kinds) == 1 else common_preferred_dtype(kinds)
         if key == "fp32" and preferred != "fp32":
             key = preferred
             log.info("fp32 graph costed as %s mixed precision on %s", key, "+".join(k.name for k in kinds))
-    graph_bytes = 4 if all(n.output_dtype in (None, "float32") for n in graph.nodes if n.gemm) else 2
+        elif key in ("fp16", "bf16") and preferred in ("fp16", "bf16") and not _all_have(kinds, key):
+            log.info("%s graph costed as %s on %s", key, preferred, "+".join(k.name for k in kinds))
+            key = preferred
     act = (2 if key in ("fp16", "bf16") else 4) / graph_bytes
     return key, act
+
+
+def _all_have(kinds, key: str) -> bool:
+    return all(key in k.peak_flops_per_s for k in kinds)
+
+
+def _graph_dtype(graph: OpGraph) -> tuple[str, int]:
+    """(the dtype most matmul-like nodes produce, 4 if every GEMM output is fp32 else 2)."""
+    dts = [n.output_dtype for n in graph.nodes if n.op_kind in ("linear", "matmul", "attention")]
+    graph_dt = max(set(dts), key=dts.count) if dts else "float32"
+    graph_bytes = 4 if all(n.output_dtype in (None, "float32") for n in graph.nodes if n.gemm) else 2
+    return graph_dt, graph_bytes
 
 
 # ------------------------------------------------------------------------------ validation

@@ -7,6 +7,7 @@ report can draw it), plus a text rendering for terminals (:func:`explain_text`).
 from __future__ import annotations
 
 from autopar.plan_keys import plan_keys
+from autopar.solve.planner import mesh_label
 
 BREAKDOWN_LABELS = {
     "compute": "compute",
@@ -80,7 +81,7 @@ def _rejected(ranked, search) -> list[dict]:
     best = ranked[0]
     by_mesh: dict[str, list] = {}
     for c in search.fitting + search.overflowing:
-        by_mesh.setdefault(f"dp={c.keys['dp']} tp={c.keys['tp']} pp={c.keys['pp']}", []).append(c)
+        by_mesh.setdefault(mesh_label(c.keys), []).append(c)
     out = []
     for mesh, cands in by_mesh.items():
         fitting = [c for c in cands if c.cost.fits]

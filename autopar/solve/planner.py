@@ -93,8 +93,20 @@ class SearchStats:
     invalid_reasons: dict[str, str] = field(default_factory=dict)
 
 
+DEFAULT_ORDER = ("dp", "pp", "tp")
+
+
+def axis_orders(cluster) -> list[tuple[str, ...]]:
+    """Mesh axis orders to search, outermost first (tp innermost: inside a node). With several
+    device kinds, ``pp`` outermost gives each pipeline stage its own nodes (one kind) so stages can
+    be sized to their devices; ``dp`` outermost mixes kinds inside a stage. Both are searched there
+    (the key ``order`` of a candidate); one kind needs only the default."""
+    return [("pp", "dp", "tp"), DEFAULT_ORDER] if cluster.is_heterogeneous else [DEFAULT_ORDER]
+
+
 def make_plan(keys: dict, global_batch: int, mode: str) -> Plan:
     return Plan.manual(
+        axis_order=keys.get("order", DEFAULT_ORDER),
         dp=keys["dp"],
         tp=keys["tp"],
         pp=keys["pp"],
@@ -164,9 +176,10 @@ class Search:
     # -- the search
     def run(self) -> None:
         meshes = sorted(space.meshes(self.spec), key=lambda m: (-m[1], m[2]))  # likely winners first
-        self.stats.space_size = space.size(self.spec)
-        self.progress.start("planning", total=len(meshes))
-        for dp, tp, pp in meshes:
+        orders = axis_orders(self.cluster)
+        self.stats.space_size = space.size(self.spec) * len(orders)
+        self.progress.start("planning", total=len(meshes) * len(orders))
+        for order, (dp, tp, pp) in ((o, m) for o in orders for m in meshes):
             twins: dict[tuple, Candidate] = {}  # (mbs, sp) -> the 1F1B pipeline's first candidate
             sps = sorted({sp for sp, _, _ in space.knobs(self.spec, tp, dp)})
             for mbs, schedule, vpp in space.pipelines(self.spec, dp, pp):  # 1F1B before its twins
@@ -175,6 +188,8 @@ class Search:
                         self.progress.finish("time limit reached: returning the best plan so far")
                         return
                     base = dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp, sp=sp)
+                    if order != DEFAULT_ORDER:
+                        base["order"] = order
                     if self._skip(base, twins.get((mbs, sp))):
                         self.stats.pruned += self._num_knobs(base)
                         continue
@@ -296,7 +311,8 @@ class Search:
 
 
 def mesh_label(keys: dict) -> str:
-    return f"dp={keys['dp']} tp={keys['tp']} pp={keys['pp']}"
+    label = f"dp={keys['dp']} tp={keys['tp']} pp={keys['pp']}"
+    return label + f" ({','.join(keys['order'])})" if "order" in keys else label
 
 
 def plan(

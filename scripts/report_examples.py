@@ -9,8 +9,8 @@
 * ``gpt3-175b-1024xa100.html``: GPT-3 175B on 128 DGX A100 nodes (1024 GPUs), global batch 1536,
   chosen by the planner; the report is timed (wall and CPU seconds).
 * ``hetero-a100-v100.html``: GPT-3 13B on a heterogeneous cluster (2 nodes of A100 80GB + 2 of V100
-  32GB), a hand-written plan with ``pp`` outermost so each stage holds one device kind. The cost model
-  does not cost mixed device kinds yet, so that report has no times or memory.
+  32GB), global batch 64, chosen by the planner (``pp`` outermost, so each stage holds one device
+  kind, and the layers sized to each stage's devices); every stage is costed on its own kind.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ def gpt3_175b(out: Path) -> None:
 
 
 def hetero(out: Path) -> None:
+    import autopar
     from autopar.cluster import Cluster
-    from autopar.plan import MeshAxis, Plan
-    from autopar.report import write_report
+    from autopar.model_spec import load_model
+    from autopar.report import attach_inputs, write_report
 
     cluster = Cluster.from_dict(
         {
@@ -76,14 +77,14 @@ def hetero(out: Path) -> None:
             "inter_node": {"bandwidth_bytes_per_s": 25e9, "latency_s": 1e-5},
         }
     )
-    plan = Plan(
-        mesh=[MeshAxis("pp", 2), MeshAxis("dp", 2), MeshAxis("tp", 8)],
-        global_batch=64,
-        micro_batch_size=2,
-        schedule="1f1b",
-        recompute="selective",
-    )
-    write_report(plan, out / "hetero-a100-v100.html", cluster=cluster, model="gpt3-13b")
+    loaded = load_model("gpt3-13b")
+    graph = loaded.trace(batch=1)
+    t0 = time.perf_counter()
+    plan = autopar.plan(graph, cluster, global_batch=64, progress=False)
+    print(f"13B on A100 + V100: planned in {time.perf_counter() - t0:.1f} s: {plan.summary()}")
+    attach_inputs(plan, cluster=cluster, model="gpt3-13b", seq=loaded.seq, graph=graph)
+    (out / "hetero-a100-v100.json").write_text(plan.to_json())
+    write_report(plan, out / "hetero-a100-v100.html", cluster=cluster, model="gpt3-13b", graph=graph)
 
 
 def demo(out: Path) -> None:

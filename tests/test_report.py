@@ -184,22 +184,108 @@ def test_collapsed_graph_gives_the_full_graphs_placements(graph):
         assert kept and all(part[k].to_dict() == full[k].to_dict() for k in kept)
 
 
-def test_heterogeneous_cluster_draws_the_map_and_skips_costs(graph):
-    cluster = Cluster.from_dict(
+def test_plan_placements_of_every_block_give_the_derived_table(graph, local4):
+    """A plan carrying placements for all block instances (as the planner's intra-op solver writes
+    them) is shown on the collapsed graph: the same rows as the Megatron default they equal."""
+    from autopar.report.collapse import first_blocks_module
+    from autopar.sharding import megatron_placements
+
+    derived = gather(tp2_pp2(), cluster=local4, graph=graph).sharding
+    own = tp2_pp2(placements=megatron_placements(graph.gm, 2, False))
+    assert set(own.placements) - {n.name for n in first_blocks_module(graph).graph.nodes}
+    table = gather(own, cluster=local4, graph=graph).sharding
+    assert "the plan's placements" in table.note and table.rows == derived.rows
+
+
+def hetero2(memory_bytes: tuple[float, float] | None = None) -> Cluster:
+    """1 node of 2 A100 80GB + 1 node of 2 V100 32GB; ``memory_bytes``: small memories instead (kinds
+    ``a100-small`` and ``v100-small``) so that the tiny model's bars reach the capacity lines."""
+    kinds: list = ["a100-80g", "v100-32g"]
+    if memory_bytes:
+        from autopar.hardware import device_kind
+
+        kinds = [
+            {**device_kind(k).to_dict(), "name": k.split("-")[0] + "-small", "memory_bytes": m}
+            for k, m in zip(kinds, memory_bytes)
+        ]
+    return Cluster.from_dict(
         {
             "devices_per_node": 2,
-            "node_groups": [{"nodes": 1, "device": "a100-80g"}, {"nodes": 1, "device": "v100-32g"}],
+            "node_groups": [{"nodes": 1, "device": kinds[0]}, {"nodes": 1, "device": kinds[1]}],
             "intra_node": {"bandwidth_bytes_per_s": 1e11, "latency_s": 1e-5},
             "inter_node": {"bandwidth_bytes_per_s": 1e10, "latency_s": 1e-5},
         }
     )
-    plan = Plan(mesh=[MeshAxis("pp", 2), MeshAxis("tp", 2)], global_batch=8, micro_batch_size=2)
+
+
+def test_heterogeneous_plan_is_costed_per_device_kind(graph):
+    """Oracle: the estimator's per-stage lists in the plan's prediction (each stage on its own kind)."""
+    from autopar.report import bars
+
+    cluster = hetero2()
+    plan = planned(graph, cluster, fixed={"pp": 2})
+    extra = plan.predicted.extra
+    assert extra["stage_devices"] == [["a100-80g"], ["v100-32g"]]
     data = gather(plan, cluster=cluster, graph=graph)
-    assert data.timing == "unit" and data.predicted is None
-    assert "heterogeneous" in data.notes["costs"][0]
+    assert "costs" not in data.notes and data.timing == "estimator"
+    assert data.stage_kinds == ["a100-80g", "v100-32g"]
+    assert data.stage_capacity_bytes == extra["memory_capacity_bytes_per_stage"] == [80e9, 32e9]
+    used = [sum(s.memory_bytes.values()) for s in data.stages]
+    assert used == pytest.approx(extra["memory_bytes_per_stage"])
+    # 55 MB against 80 and 32 GB: the capacities are written in the memory chart's title.
+    title = bars.memory(data).axes[0].get_title(loc="left")
+    assert "(capacity a100-80g 80 GB, v100-32g 32 GB, off this scale)" in title
+
     html = build_html(plan, cluster=cluster, graph=graph)
-    assert len(images(html)) == 2  # device map and schedule
-    assert "v100-32g" in report_text(plan, cluster=cluster, graph=graph)
+    assert "unavailable" not in html and "not available" not in html
+    assert len(images(html)) == 5  # map, schedule, memory, breakdown, meshes
+    assert "a100-80g 80 GB, v100-32g 32 GB" in html  # the memory caption: each kind's capacity
+    assert "nodes 0-0" in html and "v100-32g: 32.00 GB" in html  # inputs: both kinds
+    blocks = plan.stage_of_layers(4)
+    a100, v100 = blocks.count(0), blocks.count(1)
+    split = f"stage 0 (a100-80g): {a100} layer{'s' * (a100 != 1)}, stage 1 (v100-32g): {v100} layer"
+    assert split in html
+    text = report_text(plan, cluster=cluster, graph=graph)
+    assert split in text and "of 80, " in text and "of 32 (fits)" in text
+
+    # From the plan file alone (no graph): the stored per-stage costs give the same report data.
+    attach_inputs(plan, cluster=cluster, model="tiny:layers=4", graph=graph)
+    stored = gather(Plan.from_json(plan.to_json()))
+    assert stored.graph is None and stored.timing == "estimator" and "costs" not in stored.notes
+    assert stored.stage_capacity_bytes == [80e9, 32e9] and stored.stage_kinds == data.stage_kinds
+    assert stored.timeline.makespan_s == pytest.approx(data.timeline.makespan_s)
+
+
+def test_memory_chart_draws_each_stage_against_its_own_capacity(graph):
+    from autopar.report import bars
+    from autopar.report import figures as F
+
+    cluster = hetero2(memory_bytes=(0.3e9, 0.1e9))
+    plan = planned(graph, cluster, fixed={"pp": 2})
+    data = gather(plan, cluster=cluster, graph=graph)
+    assert data.stage_kinds == ["a100-small", "v100-small"] and data.stage_capacity_bytes == [0.3e9, 0.1e9]
+    ax = bars.memory(data).axes[0]  # MB: one dashed segment over each stage's bar, at its capacity
+    segments = [ln for ln in ax.get_lines() if ln.get_color() == F.CAPACITY]
+    got = sorted((tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ln in segments)
+    assert got == [((-0.45, 0.45), (300.0, 300.0)), ((0.55, 1.45), (100.0, 100.0))]
+    labels = {t.get_text() for t in ax.texts}
+    assert {"a100-small capacity 300 MB", "v100-small capacity 100 MB"} <= labels
+
+
+def test_heterogeneous_plan_without_a_prediction_falls_back(graph):
+    cluster = hetero2()
+    plan = Plan(mesh=[MeshAxis("pp", 2), MeshAxis("tp", 2)], global_batch=8, micro_batch_size=2)
+    data = gather(plan, cluster=cluster)  # no model: nothing to cost
+    assert data.timing == "unit" and data.predicted is None
+    assert "needs the model" in data.notes["costs"][0]
+    assert data.stage_kinds == ["a100-80g", "v100-32g"] and data.stage_capacity_bytes == [80e9, 32e9]
+    html = build_html(plan, cluster=cluster)
+    assert len(images(html)) == 2 and "no prediction for this plan" in html  # device map and schedule
+    assert "v100-32g" in report_text(plan, cluster=cluster)
+    # With the model, the hand-written plan is costed now, on each stage's own kind.
+    costed = gather(plan, cluster=cluster, graph=graph)
+    assert costed.predicted is not None and costed.timing == "estimator"
+    assert costed.predicted.extra["stage_devices"] == [["a100-80g"], ["v100-32g"]]
 
 
 def test_large_cluster_without_the_model(tmp_path):
@@ -288,7 +374,8 @@ def test_stored_inputs_make_the_report_without_the_model(graph, local4, tmp_path
     assert stored.facts == live.facts
     assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
     html = (tmp_path / "r.html").read_text()
-    assert len(images(html)) == 5 and "column-parallel" in html and "Runner-up plans" in html
+    splits = {r[stored.sharding.header.index("split")] for r in stored.sharding.rows}
+    assert len(images(html)) == 5 and "Runner-up plans" in html and all(x in html for x in splits)
 
 
 def plan_file(tmp_path, mutate) -> str:

@@ -66,20 +66,59 @@ OFF_SCALE = 20.0
 bars would be invisible)."""
 
 
+def stage_capacities(data) -> list[float]:
+    """Memory capacity of each stage's devices (each stage its own on a heterogeneous cluster)."""
+    n = data.plan.pp
+    if data.stage_capacity_bytes and len(data.stage_capacity_bytes) == n:
+        return list(data.stage_capacity_bytes)
+    capacity = data.predicted.memory_capacity_bytes if data.predicted else 0.0
+    return [capacity] * n if capacity else []
+
+
+def _capacity_runs(caps: list[float], kinds: list[str]) -> list[tuple[int, int, float, str]]:
+    """Consecutive stages with the same capacity and kind: (first, last, capacity, kind)."""
+    runs: list[tuple[int, int, float, str]] = []
+    for i, (c, k) in enumerate(zip(caps, kinds)):
+        if runs and runs[-1][2] == c and runs[-1][3] == k:
+            runs[-1] = (runs[-1][0], i, c, k)
+        else:
+            runs.append((i, i, c, k))
+    return runs
+
+
+def _draw_capacity(ax, caps: list[float], kinds: list[str], size: float, unit: str) -> None:
+    """One dashed line for a single capacity; otherwise a dashed segment over each run of stages
+    on the same device kind, labelled with the kind, so every bar meets its own capacity."""
+    runs = _capacity_runs(caps, kinds)
+    if len(runs) == 1:
+        c = caps[0] / size
+        ax.axhline(c, color=F.CAPACITY, linestyle="--", linewidth=1.2)
+        ax.text(-0.55, c, f"capacity {c:.3g} {unit}", color=F.CAPACITY, ha="left", va="bottom", fontsize=8)
+        return
+    for first, last, c, kind in runs:
+        y = c / size
+        ax.plot([first - 0.45, last + 0.45], [y, y], color=F.CAPACITY, linestyle="--", linewidth=1.2)
+        label = f"{kind + ' ' if kind else ''}capacity {y:.3g} {unit}"
+        ax.text(first - 0.45, y, label, color=F.CAPACITY, ha="left", va="bottom", fontsize=8)
+
+
 def memory(data):
     stages, _ = _memory_per_stage(data)
-    capacity = data.predicted.memory_capacity_bytes if data.predicted else 0.0
+    caps = stage_capacities(data)
     measured = _measured_per_stage(data) or []
     n = len(stages)
+    kinds = data.stage_kinds if data.stage_kinds and len(data.stage_kinds) == n else [""] * n
+    mixed_kinds = len(set(kinds)) > 1
+    caps = caps if len(caps) == n else []
     used = max([sum(s.values()) for s in stages] + measured)
-    draw_capacity = capacity and capacity <= OFF_SCALE * used
-    size, unit = _byte_unit(max(used, capacity if draw_capacity else 0.0))
+    draw_capacity = bool(caps) and max(caps) <= OFF_SCALE * used
+    size, unit = _byte_unit(max(used, max(caps) if draw_capacity else 0.0))
     fig = F.new_figure(F.WIDTH_IN if n > 8 else 9.0, 4.2)
     ax = fig.add_subplot()
-    kinds = [k for k in MEMORY_KINDS if any(s.get(k, 0) > 0 for s in stages)]
-    kinds += sorted({k for s in stages for k in s if k not in MEMORY_KINDS})
+    parts = [k for k in MEMORY_KINDS if any(s.get(k, 0) > 0 for s in stages)]
+    parts += sorted({k for s in stages for k in s if k not in MEMORY_KINDS})
     bottoms = [0.0] * n
-    for k in kinds:
+    for k in parts:
         label, color = MEMORY_KINDS.get(k, (k, "#d3d3d3"))
         heights = [s.get(k, 0.0) / size for s in stages]
         ax.bar(range(n), heights, bottom=bottoms, color=color, label=label, width=0.7)
@@ -88,19 +127,23 @@ def memory(data):
         for i, b in enumerate(bottoms):
             ax.text(i, b, f"{b:.3g}", ha="center", va="bottom", fontsize=8)
     title = "Memory per device by pipeline stage"
+    if mixed_kinds:
+        title += ", each against its own device's capacity"
     if draw_capacity:
-        ax.axhline(capacity / size, color=F.CAPACITY, linestyle="--", linewidth=1.2)
-        label = f"capacity {capacity / size:.3g} {unit}"
-        ax.text(-0.55, capacity / size, label, color=F.CAPACITY, ha="left", va="bottom", fontsize=8)
-    elif capacity:
-        title += f" (capacity {capacity / 1e9:.3g} GB, off this scale)"
+        _draw_capacity(ax, caps, kinds, size, unit)
+    elif caps:
+        off = sorted({(k, c) for k, c in zip(kinds, caps)}, key=lambda kc: -kc[1])
+        text = ", ".join(f"{k + ' ' if k else ''}{c / 1e9:.3g} GB" for k, c in off)
+        title += f" (capacity {text}, off this scale)"
     if measured:
         ax.plot(range(n), [m / size for m in measured], "D", color="black", label="measured (max over ranks)")
-    top = max([*bottoms, capacity / size if draw_capacity else 0.0, *(m / size for m in measured)])
+    top = max([*bottoms, max(caps) / size if draw_capacity else 0.0, *(m / size for m in measured)])
     ax.set_ylim(0, top * 1.12 if top else 1)
     ax.set_xlim(-0.6, n - 0.4)
     step = max(1, n // 16)
-    ax.set_xticks(range(0, n, step), [f"stage {s}" for s in range(0, n, step)], fontsize=8)
+    ticks = range(0, n, step)
+    labels = [f"stage {s}" + (f"\n{kinds[s]}" if mixed_kinds else "") for s in ticks]
+    ax.set_xticks(ticks, labels, fontsize=8)
     power = {1e12: "12", 1e9: "9", 1e6: "6", 1e3: "3"}.get(size)
     ax.set_ylabel(f"{unit} per device" + (f" (1 {unit} = 10$^{{{power}}}$ bytes)" if power else ""))
     ax.set_title(title, fontsize=11, loc="left")

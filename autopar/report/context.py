@@ -57,6 +57,11 @@ class ReportData:
     """Where the schedule's durations come from: ``estimator``, ``plan`` (per-stage totals split
     1:2) or ``unit`` (no costs: forward 1, backward 2)."""
     timeline: tl.Timeline | None = None
+    stage_kinds: list[str] | None = None
+    """Per pipeline stage, its device kind(s) (``a100-80g``, or ``a100-80g+v100-32g`` where a stage
+    mixes kinds); None when the cluster is unknown."""
+    stage_capacity_bytes: list[float] | None = None
+    """Per pipeline stage, the memory capacity of its devices (the smallest where kinds mix)."""
     settings: dict = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     """Per report section: what is missing or approximate, and why."""
@@ -109,7 +114,7 @@ def attach_inputs(
 
         stored["facts"] = graph_facts(graph)
         stored["sharding"] = sharding_table(plan, graph).to_dict()
-        if cluster is not None and not cluster.is_heterogeneous:
+        if cluster is not None:
             try:
                 stages, _ = _estimator_detail(graph, cluster, plan)
                 stored["stages"] = [asdict(s) for s in stages]
@@ -187,13 +192,6 @@ def _estimator_detail(graph, cluster, plan: Plan):
 
 def _detail(data: ReportData) -> None:
     plan, cluster, graph = data.plan, data.cluster, data.graph
-    if cluster is not None and cluster.is_heterogeneous:
-        data.note(
-            "costs",
-            "the cluster is heterogeneous; the cost model does not cost mixed device kinds yet, so "
-            "times and memory are not shown (the schedule is drawn in units: forward 1, backward 2)",
-        )
-        return
     if graph is None:
         stored = stored_inputs(plan).get("stages")
         if stored and len(stored) == plan.pp:
@@ -232,6 +230,34 @@ def _model(data: ReportData) -> None:
         data.sharding = sharding_table(data.plan, None)
 
 
+def _stage_devices(data: ReportData) -> None:
+    """Device kind and memory capacity of each pipeline stage: from the prediction's per-stage
+    lists (the estimator's), else from the cluster (the kinds of each stage's ranks)."""
+    plan, cluster = data.plan, data.cluster
+    extra = (data.predicted.extra or {}) if data.predicted is not None else {}
+    names = extra.get("stage_devices")
+    caps = extra.get("memory_capacity_bytes_per_stage")
+    if cluster is not None and not cluster.is_heterogeneous:
+        names = [[cluster.device_kinds[0].name]] * plan.pp
+    elif cluster is not None and not (names and len(names) == plan.pp):
+        names = [[] for _ in range(plan.pp)]
+        for rank in range(plan.world_size):
+            kind = cluster.device_of(rank)
+            s = plan.coords(rank).get("pp", 0)
+            if kind.name not in names[s]:
+                names[s].append(kind.name)
+    if cluster is not None and not (caps and len(caps) == plan.pp):
+        caps = [min(k.memory_bytes for k in cluster.device_kinds if k.name in n) for n in names]
+    if names and len(names) == plan.pp:
+        data.stage_kinds = ["+".join(n) for n in names]
+    if caps and len(caps) == plan.pp:
+        data.stage_capacity_bytes = [float(c) for c in caps]
+    elif data.predicted is not None and data.predicted.memory_capacity_bytes:
+        data.stage_capacity_bytes = [data.predicted.memory_capacity_bytes] * plan.pp
+    if extra.get("mixed_device_note"):
+        data.note("costs", extra["mixed_device_note"])
+
+
 def _differs(a: float, b: float) -> bool:
     return b > 0 and abs(a / b - 1.0) > 0.01
 
@@ -239,7 +265,10 @@ def _differs(a: float, b: float) -> bool:
 def _compare_stored(data: ReportData, now_s: float) -> None:
     """Plans written by an older cost model: say so rather than show two numbers silently."""
     stored = data.plan.predicted
-    now_mem = max(sum(s.memory_bytes.values()) for s in data.stages)
+    now = [sum(s.memory_bytes.values()) for s in data.stages]
+    # The stage the cost reports: the largest, or on a heterogeneous cluster the least headroom.
+    worst = (stored.extra or {}).get("largest_memory_stage")
+    now_mem = now[worst] if isinstance(worst, int) and 0 <= worst < len(now) else max(now)
     diffs = []
     if _differs(now_s, stored.step_time_s):
         diffs.append(f"step time {stored.step_time_s:.4g} s stored, {now_s:.4g} s now")
@@ -325,5 +354,6 @@ def gather(
         data.note("device_map", "cluster unknown: devices drawn in rows of 8 (give --cluster)")
     _model(data)
     _detail(data)
+    _stage_devices(data)
     _timeline(data)
     return data

@@ -34,7 +34,9 @@ def _row_label(data, stage: int) -> str:
     rank = plan.groups("pp")[0][stage]
     tp = next(g for g in plan.groups("tp") if rank in g)
     ranks = f"ranks {tp[0]}-{tp[-1]}" if len(tp) > 1 else f"rank {rank}"
-    return f"stage {stage}\n{ranks}"
+    kinds = data.stage_kinds or []
+    kind = f"\n{kinds[stage]}" if len(set(kinds)) > 1 and stage < len(kinds) else ""
+    return f"stage {stage}\n{ranks}{kind}"
 
 
 def _bars(ax, data, scale: float, x_max: float, px_per_unit: float) -> None:

@@ -90,7 +90,7 @@ def section_device_map(data) -> str:
         "colour is its pipeline stage. Ranks are numbered node-major; tp is the innermost axis, so a "
         "tensor-parallel group sits on consecutive devices of one node.</p>"
         + notes(data, "device_map")
-        + table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks")))
+        + table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"), data.stage_kinds))
     )
 
 
@@ -144,6 +144,13 @@ def section_memory(data) -> str:
         "Predicted memory of one device of each pipeline stage (all devices of a stage hold the same), "
         "stacked by kind; the dashed line is the device capacity."
     )
+    kinds, caps = data.stage_kinds or [], bars.stage_capacities(data)
+    if len(set(kinds)) > 1 and len(caps) == len(kinds):
+        per_kind = ", ".join(f"{k} {c / 1e9:.3g} GB" for k, c in dict(zip(kinds, caps)).items())
+        cap = cap.replace(
+            "the dashed line is the device capacity.",
+            f"each stage's dashed line is the capacity of its own devices ({per_kind}).",
+        )
     if source == "plan":
         cap += " Only the fullest stage's breakdown is stored in the plan; give the model for every stage's."
     return (

@@ -42,8 +42,10 @@ def placements_for(plan: Plan, graph):
     from autopar.sharding import megatron_placements
 
     gm = first_blocks_module(graph)
-    if plan.placements:
-        return plan.placements, "the plan's placements", gm
+    if plan.placements:  # of every block instance: keep those of the nodes the collapsed graph has
+        names = {n.name for n in gm.graph.nodes}
+        kept = {k: v for k, v in plan.placements.items() if k in names}
+        return kept, "the plan's placements", gm
     return megatron_placements(gm, plan.tp, plan.sequence_parallel), "the Megatron default (derived)", gm
 
 

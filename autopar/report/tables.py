@@ -79,9 +79,15 @@ def _ranges(blocks: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in out)
 
 
-def layer_stage_table(plan: Plan, num_blocks: int | None) -> Table:
-    """The blocks each pipeline stage runs (all its model chunks under the interleaved schedule)."""
-    header = ["stage", "ranks (dp=0)", "blocks", "count", "also"]
+def _mixed(stage_kinds: list[str] | None, pp: int) -> bool:
+    return bool(stage_kinds) and len(stage_kinds) == pp and len(set(stage_kinds)) > 1
+
+
+def layer_stage_table(plan: Plan, num_blocks: int | None, stage_kinds: list[str] | None = None) -> Table:
+    """The blocks each pipeline stage runs (all its model chunks under the interleaved schedule);
+    with ``stage_kinds`` of more than one device kind, a column names each stage's kind."""
+    devices = _mixed(stage_kinds, plan.pp)
+    header = ["stage", *(["devices"] if devices else []), "ranks (dp=0)", "blocks", "count", "also"]
     table = Table("Layers per pipeline stage", header)
     if not num_blocks:
         table.note = "needs the model" if num_blocks is None else "the model has no repeated blocks"
@@ -95,12 +101,41 @@ def layer_stage_table(plan: Plan, num_blocks: int | None) -> Table:
     for s in range(plan.pp):
         blocks = [i for i, vs in enumerate(stages) if vs % plan.pp == s]
         also = [x for x, i in (("stem", 0), ("head", num_blocks - 1)) if i in blocks]
+        kind = [stage_kinds[s]] if devices else []
         table.rows.append(
-            [str(s), _ranks_text(plan, pp_ranks[s]), _ranges(blocks), str(len(blocks)), " + ".join(also)]
+            [
+                str(s),
+                *kind,
+                _ranks_text(plan, pp_ranks[s]),
+                _ranges(blocks),
+                str(len(blocks)),
+                " + ".join(also),
+            ]
         )
     chunks = f"; {plan.virtual_stages} chunks per stage (interleaved)" if plan.virtual_stages > 1 else ""
     table.note = f"{num_blocks} blocks{chunks}; every dp replica repeats this split"
     return table
+
+
+def layer_split_text(plan: Plan, num_blocks: int | None, stage_kinds: list[str] | None) -> str:
+    """How the blocks are split across device kinds, e.g. ``stage 0 (a100-80g): 26 layers, stage 1
+    (v100-32g): 14 layers``; empty on one device kind or without the model."""
+    if not num_blocks or not _mixed(stage_kinds, plan.pp):
+        return ""
+    try:
+        stages = plan.stage_of_layers(num_blocks)
+    except PlanError:
+        return ""
+    counts = [sum(1 for vs in stages if vs % plan.pp == s) for s in range(plan.pp)]
+    per_stage = ", ".join(
+        f"stage {s} ({stage_kinds[s]}): {c} layer{'s' if c != 1 else ''}" for s, c in enumerate(counts)
+    )
+    per_kind: dict[str, int] = {}
+    for kind, c in zip(stage_kinds, counts):
+        per_kind[kind] = per_kind.get(kind, 0) + c
+    totals = " and ".join(f"{k} {c}" for k, c in per_kind.items())
+    how = "sized by the planner" if plan.layer_stages is not None else "even split"
+    return f"{per_stage}; {totals} of {num_blocks} layers ({how})"
 
 
 def _ranks_text(plan: Plan, rank: int) -> str:
@@ -238,6 +273,26 @@ def planner_table(data) -> Table:
     return table
 
 
+MAX_STAGES_LISTED = 8
+
+
+def _memory_text(data) -> str:
+    """Used of capacity; on several device kinds, the binding stage and every stage's numbers."""
+    p, kinds = data.predicted, data.stage_kinds
+    fits = "fits" if p.fits else "DOES NOT FIT"
+    head = f"{fmt_bytes(p.memory_bytes_per_device)} of {fmt_bytes(p.memory_capacity_bytes)}"
+    if not _mixed(kinds, data.plan.pp):
+        return f"{head} ({fits})"
+    extra = p.extra or {}
+    worst = extra.get("largest_memory_stage", 0)
+    head += f" on stage {worst} ({kinds[worst]}, the least headroom)"
+    used, caps = extra.get("memory_bytes_per_stage"), data.stage_capacity_bytes
+    if used and caps and len(used) == len(caps) <= MAX_STAGES_LISTED:
+        per = ", ".join(f"{u / 1e9:.3g} of {c / 1e9:.3g}" for u, c in zip(used, caps))
+        head += f"; per stage GB: {per}"
+    return f"{head} ({fits})"
+
+
 def summary_rows(data) -> list[tuple[str, str]]:
     """The headline numbers of the chosen plan."""
     plan, p = data.plan, data.predicted
@@ -245,6 +300,9 @@ def summary_rows(data) -> list[tuple[str, str]]:
         ("plan", plan.summary()),
         ("ranks", f"{plan.world_size} ({' x '.join(f'{a.name}={a.size}' for a in plan.mesh)})"),
     ]
+    split = layer_split_text(plan, (data.facts or {}).get("num_blocks"), data.stage_kinds)
+    if split:
+        rows.append(("layers per kind", split))
     if p is None:
         rows.append(("predicted", "not available (see the note below)"))
         return rows
@@ -252,10 +310,7 @@ def summary_rows(data) -> list[tuple[str, str]]:
         ("step time", fmt_s(p.step_time_s)),
         ("throughput", f"{p.tokens_per_s:,.0f} tokens/s" if p.tokens_per_s else "-"),
         ("MFU", f"{100 * p.mfu:.1f}%"),
-        (
-            "memory / device",
-            f"{fmt_bytes(p.memory_bytes_per_device)} of {fmt_bytes(p.memory_capacity_bytes)} ({'fits' if p.fits else 'DOES NOT FIT'})",
-        ),
+        ("memory / device", _memory_text(data)),
     ]
     m = data.measured or {}
     if "step_time_s" in m:

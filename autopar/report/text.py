@@ -71,7 +71,7 @@ def render(data) -> str:
     blocks = [
         lines,
         _device_map(data),
-        _table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"))),
+        _table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"), data.stage_kinds)),
         _schedule(data),
         _table(data.sharding),
         _table(T.alternatives_table(data)),

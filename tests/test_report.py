@@ -436,3 +436,11 @@ def test_cli_text_and_world_size_check(tmp_path, capsys):
 def test_write_report_refuses_a_non_plan(tmp_path):
     with pytest.raises(PlanError):
         write_report({"mesh": []}, tmp_path / "x.html")
+
+
+def test_stages_mixing_device_kinds_are_named_and_noted(graph):
+    cluster = hetero2()  # dp outermost: each stage has one device of each node
+    plan = Plan(mesh=[MeshAxis("dp", 2), MeshAxis("pp", 2)], global_batch=8, micro_batch_size=2)
+    data = gather(plan, cluster=cluster, graph=graph)
+    assert data.stage_kinds == ["a100-80g+v100-32g"] * 2 and data.stage_capacity_bytes == [32e9, 32e9]
+    assert any("more than one device kind" in n for n in data.notes["costs"])

@@ -54,7 +54,7 @@ from autopar.estimator.stages import (
     _stage_works,
     _validate,
 )
-from autopar.estimator.tensor_parallel import _megatron_tp, _tp_from_placements
+from autopar.estimator.tensor_parallel import _cached, _megatron_tp, _tp_from_placements
 from autopar.ir import OpGraph
 from autopar.plan import Plan, PredictedCost
 from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
@@ -113,8 +113,14 @@ def workload(
         graph_batch=graph.batch_size,
         act=act,
     )
-    tp = _tp_from_placements(graph, plan) if plan.placements else _megatron_tp(graph, plan.tp, sc.sp)
-    tp_key = None if plan.placements else ("megatron", plan.tp, sc.sp)
+    if plan.placements:
+        # Placements are cached by identity: the planner costs many plans with one placements dict
+        # (the cache holds the dict, so its id cannot be reused while the entry lives).
+        tp_key = ("placements", id(plan.placements), plan.tp, sc.sp)
+        tp = _cached(graph, tp_key, lambda: (plan.placements, _tp_from_placements(graph, plan)))[1]
+    else:
+        tp = _megatron_tp(graph, plan.tp, sc.sp)
+        tp_key = ("megatron", plan.tp, sc.sp)
     stages = _stage_works(graph, plan, tp, sc, calib, tp_key, dict(op_times or {}))
     pp_group = _group(plan, cluster, "pp")
     elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0

@@ -119,6 +119,7 @@ def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
             "solve_time_s": st.solve_time_s,
             "status": st.status,
             "gap": st.gap,
+            "intra_op": {str(tp): v for tp, v in st.intra_op.items()},
             "cluster": getattr(cluster, "name", ""),
             "num_devices": cluster.num_devices,
         },
@@ -174,6 +175,12 @@ def explain_text(plan) -> str:
         lines.append(
             f"inter-op ILP: {st['ilp_solves']} solved, {st.get('refined', 0)} found a better split"
             + (f"; this plan's blocks per stage: {_blocks_per_stage(plan)}" if plan.layer_stages else "")
+        )
+    for tp, c in sorted(st.get("intra_op", {}).items(), key=lambda kv: int(kv[0])):
+        ilp = f"{c['ilp_step_time_s']:.4g} s" if c.get("ilp_step_time_s") is not None else "n/a"
+        lines.append(
+            f"intra-op ILP at tp={tp}: {c['note']} (rules default {c['default_step_time_s']:.4g} s, "
+            f"ILP placements {ilp}, solved in {c['solve_time_s']:.2f} s)"
         )
     if plan.search["alternatives"]:
         lines.append("runner-ups:")

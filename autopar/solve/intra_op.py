@@ -116,26 +116,32 @@ class _Quotient:
             count.update({n: bt.count for n in first})
         by_name = {n.name: n for n in sg.nodes}
         collapsed = any(name not in by_name for name in inst0)
+        copies: dict = {}
         for node in reversed(sg.nodes):
             self.canon[node] = self._canonical(node, inst0, by_name)
+            copies[node] = self._copies(node, count, copies, graph) if collapsed else 1
         self.weight: dict = defaultdict(int)
         self.edges: dict = defaultdict(int)
         for node in sg.nodes:
             c = self.canon[node]
-            self.weight[c] += self._copies(c, count, collapsed)
+            self.weight[c] += copies[c]
             for i, u in enumerate(sg.calls[node].inputs):
                 if u is not None:
-                    both = (
-                        self._copies(self.canon[u], count, collapsed) > 1
-                        and self._copies(c, count, collapsed) > 1
-                    )
-                    self.edges[(self.canon[u], c, i)] += self._copies(c, count, collapsed) if both else 1
+                    both = copies[self.canon[u]] > 1 and copies[c] > 1
+                    self.edges[(self.canon[u], c, i)] += copies[c] if both else 1
         if collapsed:
             self._add_chain_edges(graph, inst0, by_name)
 
     @staticmethod
-    def _copies(node, count: dict, collapsed: bool) -> int:
-        return count.get(node.name, 1) if collapsed else 1
+    def _copies(node, count: dict, copies: dict, graph) -> int:
+        """How many instances a node of the collapsed graph stands for: its block type's count
+        (1 outside blocks); for nodes the analysed graph does not list (parameters, attribute
+        reads), their users'."""
+        if node.name in count:
+            return count[node.name]
+        if node.name in graph._by_name:
+            return 1
+        return max((copies.get(u, 1) for u in node.users), default=1)
 
     def _canonical(self, node, inst0, by_name):
         if node.name in inst0:

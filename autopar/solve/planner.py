@@ -80,6 +80,8 @@ class SearchStats:
     screened: int = 0
     """Skipped because their memory (computed without timing them) fits under no split."""
     invalid: int = 0
+    intra_op: dict = field(default_factory=dict)
+    """tp -> what the intra-op ILP gave at that tp (adopted or not, both step times, solve time)."""
     ilp_solves: int = 0
     """Inter-op ILPs solved (uneven splits)."""
     refined: int = 0
@@ -104,9 +106,10 @@ def axis_orders(cluster) -> list[tuple[str, ...]]:
     return [("pp", "dp", "tp"), DEFAULT_ORDER] if cluster.is_heterogeneous else [DEFAULT_ORDER]
 
 
-def make_plan(keys: dict, global_batch: int, mode: str) -> Plan:
+def make_plan(keys: dict, global_batch: int, mode: str, placements: dict | None = None) -> Plan:
     return Plan.manual(
         axis_order=keys.get("order", DEFAULT_ORDER),
+        placements=placements or {},
         dp=keys["dp"],
         tp=keys["tp"],
         pp=keys["pp"],
@@ -124,7 +127,16 @@ def make_plan(keys: dict, global_batch: int, mode: str) -> Plan:
 class Search:
     """One run of the outer search; :func:`plan` drives it."""
 
-    def __init__(self, graph, cluster, spec: space.SpaceSpec, *, time_limit_s: float, progress: Progress):
+    def __init__(
+        self,
+        graph,
+        cluster,
+        spec: space.SpaceSpec,
+        *,
+        time_limit_s: float,
+        progress: Progress,
+        intra_op: bool = True,
+    ):
         self.graph, self.cluster, self.spec = graph, cluster, spec
         self.num_blocks = len(graph.block_order)
         self.deadline = time.perf_counter() + time_limit_s
@@ -133,6 +145,9 @@ class Search:
         self.stats = SearchStats()
         self.progress = progress
         self.best_s = float("inf")
+        self.intra_op = intra_op
+        self.tp_choices: dict = {}
+        """tp -> TpChoice: the placements the search uses at that tp (None: the rules default)."""
         self.block_s: dict[tuple, float] = {}
         """(tp, sp, micro-batch) -> one block's time per micro-batch (no recompute, no ZeRO)."""
         self.misses: dict[str, tuple[float, dict]] = {}
@@ -164,6 +179,30 @@ class Search:
         else:
             self.overflowing.append(cand)
         return cand
+
+    # -- the intra-op level (autopar.solve.placements)
+    def try_intra_op(self, top: int) -> None:
+        """After the exact search over the rules' default placements: for the best ``top`` plans
+        with tensor parallelism (and no sequence parallelism, a variant of the default), cost them
+        again under the intra-op ILP's placements for their tp and keep the faster ones that fit.
+        The result is never worse than the exact optimum over the default placements."""
+        from autopar.solve.placements import choose
+
+        ranked = sorted(self.fitting, key=lambda c: c.time_s)[:top]
+        for cand in ranked:
+            if not self.intra_op or cand.plan.tp == 1 or cand.plan.sequence_parallel:
+                continue
+            choice = self.tp_choices.get(cand.plan.tp)
+            if choice is None:
+                choice = self.tp_choices[cand.plan.tp] = choose(
+                    self.graph, self.cluster, cand.plan, cand.cost
+                )
+                self.stats.intra_op[cand.plan.tp] = choice.to_dict()
+            better = choice.better_than(self.graph, self.cluster, cand)
+            if better is not None:
+                self.stats.evaluated += 1
+                self.fitting.append(better)
+                self.best_s = min(self.best_s, better.time_s)
 
     def add_split(self, even: Candidate, better: Candidate) -> None:
         """A re-split candidate replaces its even-split twin among the fitting ones."""
@@ -328,6 +367,7 @@ def plan(
     fixed: dict | None = None,
     allow_cross_node_tp: bool = False,
     progress: bool = True,
+    intra_op: bool = True,
 ) -> Plan:
     """The fastest plan that fits ``cluster``, with runner-ups and explanations attached.
 
@@ -340,9 +380,17 @@ def plan(
     t0 = time.perf_counter()
     graph = _as_graph(model_or_graph, example_inputs, loss_fn)
     spec = _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
-    search = Search(graph, cluster, spec, time_limit_s=time_limit_s, progress=Progress(enabled=progress))
+    search = Search(
+        graph,
+        cluster,
+        spec,
+        time_limit_s=time_limit_s,
+        progress=Progress(enabled=progress),
+        intra_op=intra_op,
+    )
     search.run()
     refine_splits(search)
+    search.try_intra_op(top=max(top_k, 3))
     search.cost_closest_misses()
     if not search.fitting:
         search.stats.solve_time_s = time.perf_counter() - t0

@@ -96,7 +96,7 @@ def test_estimate_rejects_bad_cluster_and_plan_keys(cluster, plan, fragments):
     assert_user_error(r, *fragments)
 
 
-def test_estimate_heterogeneous_cluster_is_a_clear_error(tmp_path):
+def test_estimate_on_a_heterogeneous_cluster_costs_each_kind(tmp_path):
     f = tmp_path / "mixed.yaml"
     f.write_text(
         "devices_per_node: 8\n"
@@ -104,8 +104,13 @@ def test_estimate_heterogeneous_cluster_is_a_clear_error(tmp_path):
         "intra_node: {bandwidth_bytes_per_s: 300.0e9, latency_s: 5.0e-6}\n"
         "inter_node: {bandwidth_bytes_per_s: 25.0e9, latency_s: 1.0e-5}\n"
     )
-    r = autopar("estimate", "gpt3-175b", "--cluster", str(f), "--global-batch", "64")
-    assert_user_error(r, "heterogeneous", "not yet planned")
+    spec = "gpt:hidden=1024,layers=8,heads=16,vocab=8192,seq=512"
+    plan = "dp=8,tp=2,pp=2,mbs=1,vpp=1,schedule=1f1b,recompute=none,sp=0,zero=0"
+    r = autopar("estimate", spec, "--cluster", str(f), "--global-batch", "64", "--plan", plan, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] is True
+    assert set(out["extra"]["memory_capacity_bytes_per_stage"]) <= {80e9, 32e9}
 
 
 # ------------------------------------------------------------------------------ framework

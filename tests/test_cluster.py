@@ -295,7 +295,7 @@ def test_heterogeneous_is_representable():
     assert [c.node_of(r) for r in (0, 7, 8, 31)] == [0, 0, 1, 3]
     assert [k.name for k in c.device_kinds] == ["a100-80g", "v100-32g"]
     assert c.link_between(0, 7) is c.intra_node and c.link_between(7, 8) is c.inter_node
-    with pytest.raises(ClusterError, match="heterogeneous .* not yet planned"):
+    with pytest.raises(ClusterError, match="heterogeneous .* no single device kind"):
         _ = c.device
     assert Cluster.from_dict(c.to_dict()) == c
     assert "nodes 2-3" in c.describe() and "v100-32g" in repr(c)

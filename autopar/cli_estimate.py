@@ -39,13 +39,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "estimate",
-        help="predict step time and memory of one plan on a cluster",
-        description="Predict the step time (with its breakdown), throughput, MFU and per-device memory of "
-        "training MODEL on CLUSTER under one plan. Plan keys left out are chosen by the planner.",
-    )
+def add_workload_args(p) -> None:
+    """MODEL, --cluster, --global-batch and --seq: what every costing command takes."""
     p.add_argument(
         "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
     )
@@ -57,14 +52,24 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--global-batch", required=True, type=positive_int, metavar="B", help="sequences per step")
     p.add_argument(
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
+    )
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="predict step time and memory of one plan on a cluster",
+        description="Predict the step time (with its breakdown), throughput, MFU and per-device memory of "
+        "training MODEL on CLUSTER under one plan. Plan keys left out are chosen by the planner.",
+    )
+    add_workload_args(p)
+    p.add_argument(
         "--plan",
         default="",
         metavar="k=v,...|FILE.json",
         help="keys: dp tp pp mbs vpp schedule recompute sp zero (the planner chooses keys left out), "
         "or a plan file from `autopar plan --out`",
-    )
-    p.add_argument(
-        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from autopar.cli_estimate import JSON_KEYS, positive_int, render
+from autopar.cli_estimate import JSON_KEYS, add_workload_args, positive_int, render
 
 ORDER = 20
 
@@ -25,14 +25,9 @@ def add_parser(subparsers) -> None:
         description="Search data/tensor/pipeline degrees, micro-batching, schedule, recompute, sequence "
         "parallelism and ZeRO for the fastest plan of MODEL on CLUSTER that fits in memory.",
     )
-    p.add_argument(
-        "model", metavar="MODEL", help="gpt:hidden=..; a preset (`autopar models`); file.py:factory"
-    )
-    p.add_argument("--cluster", required=True, metavar="CLUSTER", help="as for `autopar estimate`")
-    p.add_argument("--global-batch", required=True, type=positive_int, metavar="B", help="sequences per step")
+    add_workload_args(p)
     p.add_argument("--plan", default="", metavar="k=v,...", help="keys to fix; the planner chooses the rest")
     p.add_argument("--mode", choices=("train", "inference"), default="train")
-    p.add_argument("--seq", type=positive_int, default=None, metavar="S", help="sequence length")
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="runner-ups to keep")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="search time limit (s)")
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON")

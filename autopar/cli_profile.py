@@ -8,19 +8,9 @@ also measures gloo all-reduce between 2 local processes.
 
 from __future__ import annotations
 
-import argparse
+from autopar.cli_estimate import positive_int
 
 ORDER = 45
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -33,17 +23,19 @@ def add_parser(subparsers) -> None:
         "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
     )
     p.add_argument(
-        "--batch", type=_positive, default=1, metavar="B", help="samples in the example batch (default 1)"
+        "--batch", type=positive_int, default=1, metavar="B", help="samples in the example batch (default 1)"
     )
     p.add_argument(
-        "--seq", type=_positive, default=None, metavar="S", help="sequence length (default: model's)"
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeats", type=_positive, default=7, help="timed calls per op (median)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed calls per op (median)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the profile as JSON")
     p.add_argument("--cache", default=None, metavar="FILE", help="JSON cache of measured op signatures")
-    p.add_argument("--top", type=_positive, default=15, help="rows of the slowest-ops table")
+    p.add_argument("--top", type=positive_int, default=15, help="rows of the slowest-ops table")
     p.add_argument("--collectives", action="store_true", help="also measure 2-rank gloo all-reduce")
     p.set_defaults(func=run)
 

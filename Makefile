@@ -22,7 +22,7 @@ $(BIN)/autopar: pyproject.toml
 setup: $(BIN)/autopar
 
 demo: setup
-	$(BIN)/python -m autopar.demo
+	$(BIN)/python -m autopar.cli.demo
 
 lint: setup
 	$(BIN)/ruff check autopar cost_models tests benchmarks examples

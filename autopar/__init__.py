@@ -12,52 +12,41 @@ from __future__ import annotations
 
 import importlib
 
-# ``autopar.plan`` is both a module (the Plan type) and the planner function. Load the module
-# first: Python binds a submodule onto its package only on first import, so the function defined
-# below keeps the name for good.
-import autopar.plan as _plan_module  # noqa: F401
-
 __version__ = "0.1.0"
-
-
-def plan(model_or_graph, cluster, **kwargs):
-    """Find the fastest plan that fits; see :func:`autopar.solve.plan`."""
-    from autopar.solve import plan as _plan
-
-    return _plan(model_or_graph, cluster, **kwargs)
 
 
 _LAZY = {
     # stage: trace / ir
     "trace": "autopar.tracing",
-    "OpGraph": "autopar.ir",
-    "OpNode": "autopar.ir",
+    "OpGraph": "autopar.core.ir",
+    "OpNode": "autopar.core.ir",
     # declarations
     "Cluster": "autopar.cluster",
     "DeviceSpec": "autopar.cluster",
     "Link": "autopar.cluster",
-    "Plan": "autopar.plan",
-    "Replicate": "autopar.plan",
-    "Shard": "autopar.plan",
-    "Partial": "autopar.plan",
+    "Plan": "autopar.core.plan",
+    "Replicate": "autopar.core.plan",
+    "Shard": "autopar.core.plan",
+    "Partial": "autopar.core.plan",
     # model zoo
     "build_model": "autopar.models",
     # cost / solve / compile / report
     "estimate": "autopar.estimator",
-    "profile": "autopar.profiler",
-    "compile": "autopar.compiler",
-    "ParallelModule": "autopar.compiler",
+    "plan": "autopar.solve",
+    "profile": "autopar.estimator.profile",
+    "compile": "autopar.api",
+    "ParallelModule": "autopar.api",
     # errors
-    "AutoparError": "autopar.errors",
-    "ModelSpecError": "autopar.errors",
-    "TraceError": "autopar.errors",
-    "ClusterError": "autopar.errors",
-    "PlanError": "autopar.errors",
-    "InfeasibleError": "autopar.errors",
-    "RuntimeFailure": "autopar.errors",
+    "AutoparError": "autopar.core.errors",
+    "ModelSpecError": "autopar.core.errors",
+    "TraceError": "autopar.core.errors",
+    "ClusterError": "autopar.core.errors",
+    "PlanError": "autopar.core.errors",
+    "InfeasibleError": "autopar.core.errors",
+    "RuntimeFailure": "autopar.core.errors",
 }
 
-__all__ = sorted([*_LAZY, "plan"])
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

@@ -27,9 +27,9 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
+from autopar.core.plan import Plan
 from autopar.estimator import Workload, predicted_cost, workload
 from autopar.models import GPTConfig
-from autopar.plan import Plan
 from cost_models import DEFAULT, FITTED, Calibration, step_time
 from cost_models.constants import FIT_BOUNDS as BOUNDS
 from cost_models.transformer import megatron_flops_per_iteration

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import autopar
 from autopar.cluster import Cluster
-from autopar.errors import AutoparError
+from autopar.core.errors import AutoparError
+from autopar.core.plan import Plan
 from autopar.estimator import estimate
-from autopar.plan import Plan
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs.json"
 PRESETS = {

@@ -120,7 +120,7 @@ def profile(case: Case, top: int = 30) -> None:
 
     import autopar
     from autopar.cluster import Cluster
-    from autopar.model_spec import load_model
+    from autopar.models.spec import load_model
 
     graph = load_model(case.model).trace(batch=1)
     cluster = Cluster.parse(case.cluster)

@@ -23,8 +23,8 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
+from autopar.core.plan import Plan
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.plan import Plan
 
 TARGET = 0.25
 

@@ -92,7 +92,7 @@ class Calibration:
     runtime_reserved_bytes: float = 0.0
     """Memory taken before the model (CUDA context ~0.5 GB, cuBLAS workspaces, NCCL buffers,
     allocator fragmentation). 0 because device capacities follow the datasheet-GB convention
-    (``autopar.hardware``: an "80 GB" A100 has 85.9e9 B, so 80e9 already leaves ~6 GB for these)."""
+    (``autopar.cluster.hardware``: an "80 GB" A100 has 85.9e9 B, so 80e9 already leaves ~6 GB for these)."""
 
     def with_(self, **changes: float) -> Calibration:
         """A copy with some constants replaced (names checked)."""

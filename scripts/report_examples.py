@@ -4,7 +4,7 @@
     scripts/screenshot_report.sh docs/img OUT_DIR/*.html
 
 * ``small-gpt-local4.html``: the demo's GPT (hidden 64, 4 layers) planned with tp=2, pp=2 on
-  ``Cluster.local(4)``, compiled and trained on 4 gloo processes (``python -m autopar.demo``), with
+  ``Cluster.local(4)``, compiled and trained on 4 gloo processes (``python -m autopar.cli.demo``), with
   the measured step time overlaid.
 * ``gpt3-175b-1024xa100.html``: GPT-3 175B on 128 DGX A100 nodes (1024 GPUs), global batch 1536,
   chosen by the planner; the report is timed (wall and CPU seconds).
@@ -25,7 +25,7 @@ from pathlib import Path
 def gpt3_175b(out: Path) -> None:
     import autopar
     from autopar.cluster import Cluster
-    from autopar.model_spec import load_model
+    from autopar.models.spec import load_model
     from autopar.report import attach_inputs, write_report
 
     cluster = Cluster.parse("dgx-a100-80g:nodes=128")
@@ -65,7 +65,7 @@ def gpt3_175b(out: Path) -> None:
 def hetero(out: Path) -> None:
     import autopar
     from autopar.cluster import Cluster
-    from autopar.model_spec import load_model
+    from autopar.models.spec import load_model
     from autopar.report import attach_inputs, write_report
 
     cluster = Cluster.from_dict(
@@ -92,7 +92,7 @@ def demo(out: Path) -> None:
         [
             sys.executable,
             "-m",
-            "autopar.demo",
+            "autopar.cli.demo",
             "--plan",
             "tp=2,pp=2",
             "--steps",

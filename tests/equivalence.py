@@ -5,9 +5,9 @@ one device for ``steps`` steps. The compiled run (any plan, any number of gloo r
 after every step, the same loss, the same full gradients (gathered from every shard) and the
 same updated parameters (``state_dict()``), within ``rtol=1e-5, atol=1e-6`` in fp32.
 
-Dropout: the reference swaps ``nn.Dropout`` for :class:`autopar.runtime.rng.DeterministicDropout`
+Dropout: the reference swaps ``nn.Dropout`` for :class:`autopar.lower.rng.DeterministicDropout`
 and feeds the step's sample ids, so it draws exactly the masks the compiled graph draws for the
-same samples (see ``autopar/runtime/rng.py``); dropout-free models run the untouched eager model.
+same samples (see ``autopar/lower/rng.py``); dropout-free models run the untouched eager model.
 
 Usage (everything must be picklable: module-level builders, ``functools.partial``)::
 
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import autopar
+from autopar.lower import rng
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.runtime import rng
 
 RTOL, ATOL = 1e-5, 1e-6
 

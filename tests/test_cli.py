@@ -12,9 +12,9 @@ import types
 import pytest
 
 from autopar import Cluster, PlanError
-from autopar.cli import command_modules, main
-from autopar.errors import AutoparError
-from autopar.plan_keys import parse_plan_arg, plan_keys, resolve_plan
+from autopar.cli.main import command_modules, main
+from autopar.core.errors import AutoparError
+from autopar.core.plan_rules import parse_plan_arg, plan_keys, resolve_plan
 
 
 def autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -116,7 +116,7 @@ def test_estimate_on_a_heterogeneous_cluster_costs_each_kind(tmp_path):
 # ------------------------------------------------------------------------------ framework
 def test_every_command_module_imports_and_registers():
     names = command_modules()
-    assert {"autopar.cli_estimate", "autopar.cli_hardware", "autopar.cli_models"} <= set(names)
+    assert {"autopar.cli.estimate", "autopar.cli.hardware", "autopar.cli.models"} <= set(names)
     for name in names:
         module = importlib.import_module(name)
         assert callable(module.add_parser), name
@@ -127,14 +127,14 @@ def _fake_command(exc: BaseException):
         p = subparsers.add_parser("boom")
         p.set_defaults(func=lambda args: (_ for _ in ()).throw(exc))
 
-    return types.SimpleNamespace(__name__="autopar.cli_boom", ORDER=1, add_parser=add_parser)
+    return types.SimpleNamespace(__name__="autopar.cli.boom", ORDER=1, add_parser=add_parser)
 
 
 def test_user_errors_exit_2_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    monkeypatch.setattr("autopar.cli._load_commands", lambda: [_fake_command(PlanError("tp=3 is wrong"))])
+    monkeypatch.setattr("autopar.cli.main.load_commands", lambda: [_fake_command(PlanError("tp=3 is wrong"))])
     assert main(["boom"]) == 2
     assert "autopar boom: error: tp=3 is wrong" in capsys.readouterr().err
-    monkeypatch.setattr("autopar.cli._load_commands", lambda: [_fake_command(ZeroDivisionError("bug"))])
+    monkeypatch.setattr("autopar.cli.main.load_commands", lambda: [_fake_command(ZeroDivisionError("bug"))])
     with pytest.raises(ZeroDivisionError):
         main(["boom"])
     assert issubclass(PlanError, AutoparError)
@@ -221,8 +221,8 @@ def test_grouped_query_attention_limits_tp():
 
 # ---------------------------------------------------------------------------- model spec
 def test_model_spec_adapts_the_builtin_gpt_on_meta():
-    from autopar.model_spec import adapt
     from autopar.models.gpt import GPT, GPTConfig
+    from autopar.models.spec import adapt
 
     cfg = GPTConfig(hidden=64, layers=3, heads=4, kv_heads=2, vocab=128, seq=16, norm="rmsnorm", act="swiglu")
     loaded = adapt("tiny", GPT(cfg, device="meta"), seq=8)

@@ -8,7 +8,7 @@ import pytest
 from equivalence import gpt_case
 
 import autopar
-from autopar.cli import main
+from autopar.cli.main import main
 
 
 def _plan_file(tmp_path, **kw):

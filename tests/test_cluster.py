@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autopar import Cluster, ClusterError, DeviceSpec, Link
-from autopar.hardware import DEVICES, PRESETS
+from autopar.cluster.hardware import DEVICES, PRESETS
 
 # Datasheet figures (shared/data/hardware.json), re-stated as the test oracle.
 DATASHEET = {

@@ -10,7 +10,7 @@ import torch
 from equivalence import assert_equivalent, gpt_case, parallel, reference
 
 import autopar
-from autopar.errors import PlanError, RuntimeFailure
+from autopar.core.errors import PlanError, RuntimeFailure
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 
 

@@ -4,7 +4,7 @@ atol 1e-6 in fp32. Oracle and comparison: ``tests/equivalence.py``. Several plan
 launch, so process start-up is paid once per world size.
 
 Dropout runs with p=0.1 for the built-in GPT: the reference draws the masks with the same
-counter-based generator over the whole batch (see ``autopar/runtime/rng.py``), so equality is exact.
+counter-based generator over the whole batch (see ``autopar/lower/rng.py``), so equality is exact.
 """
 
 from __future__ import annotations

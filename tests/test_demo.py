@@ -1,11 +1,11 @@
-"""``python -m autopar.demo`` end to end, shortened (2 ranks, 3 steps, a hand-written plan): it
+"""``python -m autopar.cli.demo`` end to end, shortened (2 ranks, 3 steps, a hand-written plan): it
 trains on real gloo processes and its own check against the single-process run passes."""
 
 from __future__ import annotations
 
 import pytest
 
-from autopar import demo
+from autopar.cli import demo
 
 pytestmark = pytest.mark.multiproc
 

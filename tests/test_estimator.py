@@ -11,10 +11,10 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.core.plan import Plan
 from autopar.estimator import estimate, workload
 from autopar.models import GPTConfig
-from autopar.plan import Plan
 from cost_models.transformer import korthikanti_activation_bytes, megatron_flops_per_iteration
 
 S, B, H, A = 256, 2, 512, 8
@@ -222,7 +222,7 @@ def test_bad_plans_name_the_value_and_the_rule():
 def test_explicit_placements_are_costed_as_written():
     """A plan that shards only the MLP (fc1 by rows of W, fc2 by columns, one all-reduce) has the
     MLP GEMMs split, attention replicated, and exactly that one collective forward."""
-    from autopar.plan import NodePlacement, Replicate, Shard
+    from autopar.core.plan import NodePlacement, Replicate, Shard
 
     graph = gpt_graph(layers=1)
     fc1 = next(n for n in graph.nodes if n.module_path.endswith("mlp.fc1"))

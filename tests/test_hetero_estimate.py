@@ -14,11 +14,11 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
-from autopar.errors import PlanError
+from autopar.cluster.hardware import DEVICES
+from autopar.core.errors import PlanError
+from autopar.core.plan import MeshAxis, Plan
 from autopar.estimator import estimate, workload
-from autopar.hardware import DEVICES
 from autopar.models import GPTConfig
-from autopar.plan import MeshAxis, Plan
 from cost_models import DEFAULT, step_time
 from cost_models.step import block_time, op_time_s
 

@@ -120,7 +120,7 @@ def test_gpt_ilp_never_worse_than_default_placements():
 
 def test_collapsed_graph_gives_the_same_objective_and_placements():
     from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-    from autopar.report.collapse import first_blocks_module
+    from autopar.tracing.collapse import first_blocks_module
 
     model = GPT(GPTConfig(hidden=256, layers=4, heads=4, vocab=1024, seq=64), device="meta")
     tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")
@@ -137,8 +137,8 @@ def test_collapsed_graph_gives_the_same_objective_and_placements():
 
 def test_expanded_placements_cost_like_the_full_graph_solution():
     from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-    from autopar.report.collapse import first_blocks_module
     from autopar.solve.intra_op import expand_placements
+    from autopar.tracing.collapse import first_blocks_module
 
     model = GPT(GPTConfig(hidden=256, layers=4, heads=4, vocab=1024, seq=64), device="meta")
     tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")

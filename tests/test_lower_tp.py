@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from torch import nn
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.core.plan import NodePlacement, Partial, Plan, Replicate, Shard
 from autopar.lower import ShardSpec, lower_tensor_parallel
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.plan import NodePlacement, Partial, Plan, Replicate, Shard
 from autopar.sharding import ShardingGraph, reshard_kind
 from autopar.sharding.rules import NO_PLACEMENT
 from autopar.tracing import fx_trace
@@ -213,8 +213,8 @@ def test_tp2_megatron_shards_every_weight_matrix_of_gpt(tp_results):
 
 
 def _rank_runtime_dropout() -> tuple:
-    """The runtime's counter-based dropout (autopar.runtime.rng) under tp=2 + sequence parallel."""
-    from autopar.compiler.passes import replace_dropout
+    """The runtime's counter-based dropout (autopar.lower.rng) under tp=2 + sequence parallel."""
+    from autopar.lower.passes import replace_dropout
 
     case = CASES["gpt-rmsnorm-swiglu-gqa-sp"]
     model, x, y, loss_fn = build(case)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from autopar.errors import ModelSpecError
+from autopar.core.errors import ModelSpecError
 from autopar.models import PRESETS, BuiltModel, GPTConfig, build_model, count_params, list_models
 
 REQUIRED = [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from autopar.errors import PlanError
-from autopar.plan import NodePlacement, Partial, Plan, PredictedCost, Replicate, Shard, parse_placement
+from autopar.core.errors import PlanError
+from autopar.core.plan import NodePlacement, Partial, Plan, PredictedCost, Replicate, Shard, parse_placement
 
 
 def test_rank_groups_follow_the_documented_row_major_layout():

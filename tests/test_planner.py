@@ -20,11 +20,11 @@ import torch
 
 import autopar
 from autopar import Cluster
-from autopar.errors import InfeasibleError, PlanError
+from autopar.core.errors import InfeasibleError, PlanError
+from autopar.core.plan import Plan
+from autopar.core.progress import Progress
 from autopar.estimator import estimate, workload
 from autopar.models import GPTConfig
-from autopar.plan import Plan
-from autopar.progress import Progress
 from autopar.solve.inter_op import latency_s
 from autopar.solve.planner import Search, _space_spec, make_plan
 from autopar.solve.refine import split_lower_bound, stage_problem, stage_totals

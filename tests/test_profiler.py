@@ -7,9 +7,9 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
+from autopar.core.plan import Plan
+from autopar.estimator.profile import Profile, measure_collectives
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.plan import Plan
-from autopar.profiler import Profile, measure_collectives
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,9 @@ def test_profile_accepts_a_module(tiny):
 
 def test_bad_inputs_raise_typed_errors(tiny):
     graph, (x, _), _ = tiny
-    with pytest.raises(autopar.errors.TraceError, match="inputs"):
+    with pytest.raises(autopar.core.errors.TraceError, match="inputs"):
         autopar.profile(graph, (x,), progress=False)
-    with pytest.raises(autopar.errors.AutoparError, match="repeats"):
+    with pytest.raises(autopar.core.errors.AutoparError, match="repeats"):
         autopar.profile(graph, (x, x), repeats=0, progress=False)
 
 
@@ -118,7 +118,7 @@ def test_saved_bytes_match_the_layer_inputs(tiny):
 
 
 def test_clock_choice():
-    from autopar.profiler import resolve_clock
+    from autopar.estimator.profile import resolve_clock
 
     threads = torch.get_num_threads()
     try:
@@ -129,5 +129,5 @@ def test_clock_choice():
     finally:
         torch.set_num_threads(threads)
     assert resolve_clock("wall", torch.device("cpu")) == "wall"
-    with pytest.raises(autopar.errors.AutoparError, match="clock"):
+    with pytest.raises(autopar.core.errors.AutoparError, match="clock"):
         resolve_clock("gpu", torch.device("cpu"))

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from autopar.cli import main
+from autopar.cli.main import main
 from autopar.cluster import Cluster
-from autopar.errors import PlanError
-from autopar.plan import MeshAxis, Plan
+from autopar.core.errors import PlanError
+from autopar.core.plan import MeshAxis, Plan
 from autopar.report import ReportError, attach_inputs, build_html, report_text, write_report
 from autopar.report import timeline as tl
 from autopar.report.context import gather
@@ -31,7 +31,7 @@ SECTIONS = ("device-map", "schedule", "memory", "time", "sharding", "alternative
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def graph():
-    from autopar.model_spec import load_model
+    from autopar.models.spec import load_model
 
     return load_model("tiny:layers=4").trace(batch=1)
 
@@ -172,8 +172,8 @@ def test_sharding_table_shows_megatron_layout(graph, local4):
 
 
 def test_collapsed_graph_gives_the_full_graphs_placements(graph):
-    from autopar.report.collapse import first_blocks_module
     from autopar.sharding import megatron_placements
+    from autopar.tracing.collapse import first_blocks_module
 
     small = first_blocks_module(graph)
     assert len(small.graph.nodes) < len(graph.gm.graph.nodes)
@@ -187,8 +187,8 @@ def test_collapsed_graph_gives_the_full_graphs_placements(graph):
 def test_plan_placements_of_every_block_give_the_derived_table(graph, local4):
     """A plan carrying placements for all block instances (as the planner's intra-op solver writes
     them) is shown on the collapsed graph: the same rows as the Megatron default they equal."""
-    from autopar.report.collapse import first_blocks_module
     from autopar.sharding import megatron_placements
+    from autopar.tracing.collapse import first_blocks_module
 
     derived = gather(tp2_pp2(), cluster=local4, graph=graph).sharding
     own = tp2_pp2(placements=megatron_placements(graph.gm, 2, False))
@@ -202,7 +202,7 @@ def hetero2(memory_bytes: tuple[float, float] | None = None) -> Cluster:
     ``a100-small`` and ``v100-small``) so that the tiny model's bars reach the capacity lines."""
     kinds: list = ["a100-80g", "v100-32g"]
     if memory_bytes:
-        from autopar.hardware import device_kind
+        from autopar.cluster.hardware import device_kind
 
         kinds = [
             {**device_kind(k).to_dict(), "name": k.split("-")[0] + "-small", "memory_bytes": m}

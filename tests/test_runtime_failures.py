@@ -13,7 +13,7 @@ from dist_utils import LaunchFailure, run_ranks
 from equivalence import gpt_case
 
 import autopar
-from autopar.errors import RuntimeFailure
+from autopar.core.errors import RuntimeFailure
 
 pytestmark = pytest.mark.multiproc
 

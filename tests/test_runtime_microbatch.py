@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches, split_micro_batches
 
 

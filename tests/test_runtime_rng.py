@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autopar.compiler.passes import SAMPLE_IDS, replace_dropout
+from autopar.lower import rng
+from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.runtime import rng
 from autopar.tracing import fx_trace
 
 SHAPE = (6, 4, 5, 5)  # samples, heads, seq, seq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
 from autopar.runtime.schedule import Action, Schedule, for_plan, gpipe, interleaved, one_f_one_b
 
 

@@ -10,11 +10,11 @@ import torch
 from equivalence import MLPNet, hf_case
 
 from autopar import Plan
-from autopar.compiler.program import build_program
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.lower.program import build_program
+from autopar.lower.segments import find_blocks, split_segments, stage_of_segments
+from autopar.lower.stages import build_stage
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.runtime.segments import find_blocks, split_segments, stage_of_segments
-from autopar.runtime.stages import build_stage
 from autopar.tracing import fx_trace
 
 

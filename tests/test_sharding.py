@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopar.core.plan import Partial, Replicate, Shard
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.plan import Partial, Replicate, Shard
 from autopar.sharding import ShardingGraph, functionalize, megatron_placements, reshard_kind, strategies
 from autopar.sharding.view_rules import getitem_dim_map, reshape_dim_map
 from autopar.tracing import fx_trace

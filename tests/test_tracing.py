@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import autopar
-from autopar.errors import TraceError
-from autopar.ir import OP_KINDS
+from autopar.core.errors import TraceError
+from autopar.core.ir import OP_KINDS
 from autopar.models import build_model
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.tracing import fx_trace

@@ -1,9 +1,9 @@
 """``estimate(graph, cluster, plan)``: the predicted step time and memory of a plan.
 
 The glue between the analysed graph and :mod:`cost_models`: it turns an
-:class:`~autopar.ir.OpGraph`, a :class:`~autopar.cluster.Cluster` and a
-:class:`~autopar.plan.Plan` into per-device, per-micro-batch workloads (``cost_models.workload``)
-and reads the answer back into a :class:`~autopar.plan.PredictedCost`.
+:class:`~autopar.core.ir.OpGraph`, a :class:`~autopar.cluster.Cluster` and a
+:class:`~autopar.core.plan.Plan` into per-device, per-micro-batch workloads (``cost_models.workload``)
+and reads the answer back into a :class:`~autopar.core.plan.PredictedCost`.
 
 Steps (each a small function below):
 
@@ -41,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from autopar.core.ir import OpGraph
+from autopar.core.plan import Plan, PredictedCost
 from autopar.estimator.blocks import _Scale
 from autopar.estimator.devices import StageDevices, check_profiled, stage_devices, stage_groups
 from autopar.estimator.stages import (
@@ -55,8 +57,6 @@ from autopar.estimator.stages import (
     _validate,
 )
 from autopar.estimator.tensor_parallel import _cached, _megatron_tp, _tp_from_placements
-from autopar.ir import OpGraph
-from autopar.plan import Plan, PredictedCost
 from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
 
 __all__ = ["Workload", "estimate", "predicted_cost", "workload"]
@@ -184,7 +184,7 @@ def estimate(
     (scaled to the micro-batch and divided by the tensor-parallel shards; not on heterogeneous
     clusters). On a heterogeneous cluster each pipeline stage is costed on its own devices (see
     :mod:`autopar.estimator.devices`). Raises
-    :class:`~autopar.errors.PlanError` for a plan that does not fit the cluster or the model.
+    :class:`~autopar.core.errors.PlanError` for a plan that does not fit the cluster or the model.
     """
     calib = calib or DEFAULT
     w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache, op_times=op_times)

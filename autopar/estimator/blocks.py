@@ -9,8 +9,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from autopar.core.ir import OpGraph, OpNode
 from autopar.estimator.tensor_parallel import _DTYPE_BYTES, _TP, _out_bytes, _Shard, _tensor_bytes
-from autopar.ir import OpGraph, OpNode
 from cost_models import BlockWork, Calibration, CommWork, OpWork
 from cost_models.compute import gemm_efficiency
 

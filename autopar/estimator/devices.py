@@ -22,8 +22,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from autopar.errors import PlanError
-from autopar.plan import MeshAxis, Plan, rank_groups
+from autopar.core.errors import PlanError
+from autopar.core.plan import MeshAxis, Plan, rank_groups
 from cost_models import DeviceRates, GroupSpec, LinkSpec
 
 
@@ -32,7 +32,7 @@ class StageDevices:
     """The device kinds (with rank counts) that one pipeline stage runs on."""
 
     kinds: tuple
-    """Distinct :class:`~autopar.hardware.DeviceSpec` of the stage's ranks, in rank order."""
+    """Distinct :class:`~autopar.cluster.hardware.DeviceSpec` of the stage's ranks, in rank order."""
     counts: tuple[int, ...]
     """Ranks of each kind."""
 

@@ -7,12 +7,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.core.ir import OpGraph, OpNode
+from autopar.core.plan import Plan
 from autopar.estimator.blocks import _block_work, _Ctx, _saved_bytes, _Scale
 from autopar.estimator.devices import common_preferred_dtype
 from autopar.estimator.tensor_parallel import _TP, _cached, _out_bytes
-from autopar.ir import OpGraph, OpNode
-from autopar.plan import Plan
 from cost_models import BlockWork, Calibration, GroupSpec, LinkSpec, StageWork
 from cost_models import memory as mem
 

@@ -7,8 +7,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from autopar.ir import OpGraph, OpNode
-from autopar.plan import Partial, Plan, Shard
+from autopar.core.ir import OpGraph, OpNode
+from autopar.core.plan import Partial, Plan, Shard
 from cost_models import CommWork
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "bool": 1, "int64": 8, "int32": 4}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from autopar.errors import PlanError
-from autopar.plan import NodePlacement, Placement, Replicate, Shard
+from autopar.core.errors import PlanError
+from autopar.core.plan import NodePlacement, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import describe, numel_bytes, shape
 from autopar.sharding.reshard import reshard_bytes, reshard_kind

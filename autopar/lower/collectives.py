@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from autopar.errors import RuntimeFailure
+from autopar.core.errors import RuntimeFailure
 
 # torch 2.13 renamed the tensor forms (the old names warn); torch < 2.13 has only the old ones.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

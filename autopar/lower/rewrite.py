@@ -17,11 +17,11 @@ import operator
 import torch
 import torch.fx
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.core.plan import Partial, Placement, Replicate, Shard
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, conversion_calls
-from autopar.plan import Partial, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import OpCall, describe, is_multi, is_tensor, shape, tensor_meta
 from autopar.sharding.reshard import reshard_kind

@@ -25,12 +25,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
+from autopar.core.plan import NodePlacement, Placement, Plan, Shard
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
 from autopar.lower.rewrite import Rewriter
-from autopar.plan import NodePlacement, Placement, Plan, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.megatron import megatron_placements
 from autopar.sharding.normalize import canonical_names

@@ -52,7 +52,7 @@ class GPTConfig:
     """Biases in Linear layers (GPT-3: yes, Llama: no)."""
 
     def __post_init__(self) -> None:
-        from autopar.errors import ModelSpecError
+        from autopar.core.errors import ModelSpecError
 
         for name in ("hidden", "layers", "heads", "vocab", "seq"):
             value = getattr(self, name)

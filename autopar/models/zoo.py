@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopar.errors import ModelSpecError
+from autopar.core.errors import ModelSpecError
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.models.presets import PRESETS
 
@@ -192,7 +192,7 @@ def build_model(
     ``batch``/``seq``: size of ``example_inputs`` (``seq`` defaults to the model's).
     ``dtype``: parameter dtype; default bfloat16 on meta (training-scale analysis), float32 otherwise.
     ``overrides``: GPTConfig fields replacing the spec's (``dropout=0.1``, ``fused_attention=True``).
-    Raises :class:`~autopar.errors.ModelSpecError` naming the bad part of the spec.
+    Raises :class:`~autopar.core.errors.ModelSpecError` naming the bad part of the spec.
     """
     if isinstance(spec, str) and _is_file_spec(spec):
         if overrides:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autopar.core.errors import ReportError
+from autopar.core.plan_file import load_plan
 from autopar.report.context import ReportData, attach_inputs, gather
-from autopar.report.errors import ReportError
-from autopar.report.loader import load_plan
 
 __all__ = [
     "ReportData",
@@ -53,7 +53,7 @@ def write_report(
     ``cluster``: a :class:`~autopar.cluster.Cluster` or a ``--cluster`` spec; default: the one stored
     with the plan (``autopar plan --out``) or named by its search. ``model``: a MODEL spec string
     (traced on ``meta`` when ``graph`` is not given), a loaded model or an OpGraph. ``graph``: the
-    traced :class:`~autopar.ir.OpGraph` (saves re-tracing). Without a model the report leaves out
+    traced :class:`~autopar.core.ir.OpGraph` (saves re-tracing). Without a model the report leaves out
     the per-layer shardings and per-stage detail and says so. ``measured``: a run's measurements.
     """
     path = Path(path)
@@ -67,6 +67,6 @@ def write_report(
 
 def report_text(plan, *, cluster=None, model=None, graph=None, seq=None, measured=None) -> str:
     """The report's tables for a terminal (no figures)."""
-    from autopar.report.text import render
+    from autopar.report.terminal import render
 
     return render(gather(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured))

@@ -3,8 +3,8 @@ stage), the step-time breakdown, and the best step time of every mesh the planne
 
 from __future__ import annotations
 
+from autopar.core.explain import BREAKDOWN_LABELS
 from autopar.report import figures as F
-from autopar.solve.explain import BREAKDOWN_LABELS
 
 MEMORY_KINDS = {
     "params": ("parameters", "#4e79a7"),

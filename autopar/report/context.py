@@ -12,8 +12,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from autopar.errors import AutoparError, PlanError
-from autopar.plan import Plan
+from autopar.core.errors import AutoparError, PlanError
+from autopar.core.plan import Plan
 from autopar.report import timeline as tl
 from autopar.report.measured import check_measured
 
@@ -148,7 +148,7 @@ def resolve_cluster(plan: Plan, cluster=None):
 def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
     """(graph, model label, seq) from ``graph``, a model spec or a LoadedModel given now. The
     stored spec is traced only when nothing was stored from the graph at planning time."""
-    from autopar.ir import OpGraph
+    from autopar.core.ir import OpGraph
 
     if isinstance(model, OpGraph):
         model, graph = "", model
@@ -162,7 +162,7 @@ def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
     if not label and "facts" not in stored:
         label = stored.get("model", "")
     if label:
-        from autopar.model_spec import load_model
+        from autopar.models.spec import load_model
 
         loaded = load_model(label, seq=seq)
         return loaded.trace(batch=1), label, loaded.seq

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from autopar.report.errors import ReportError
+from autopar.core.errors import ReportError
 
 KEYS = ("step_time_s", "memory_bytes_per_rank", "events", "source")
 EVENT_KEYS = ("stage", "kind", "micro_batch", "start_s", "end_s")

@@ -2,7 +2,7 @@
 lowering inserts before it (resharding an input) and after it (resolving its result).
 
 The strategies are the lowering's own (:func:`autopar.lower.choose.choose`), run on the graph with
-later block instances removed (:mod:`autopar.report.collapse`): the stem, one instance of each
+later block instances removed (:mod:`autopar.tracing.collapse`): the stem, one instance of each
 block type and the head.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from autopar.plan import Partial, Plan, Shard
+from autopar.core.plan import Partial, Plan, Shard
 from autopar.report.tables import Table
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ def placements_for(plan: Plan, graph):
         return {}, "tp=1: every op runs whole on its rank", None
     if graph is None or graph.gm is None:
         return {}, "the traced model is not available", None
-    from autopar.report.collapse import first_blocks_module
     from autopar.sharding import megatron_placements
+    from autopar.tracing.collapse import first_blocks_module
 
     gm = first_blocks_module(graph)
     if plan.placements:  # of every block instance: keep those of the nodes the collapsed graph has

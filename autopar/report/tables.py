@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from autopar.errors import PlanError
-from autopar.plan import Plan
+from autopar.core.errors import PlanError
+from autopar.core.plan import Plan
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -56,7 +56,7 @@ class Table:
     @classmethod
     def from_dict(cls, d: dict) -> Table:
         if not isinstance(d, dict) or not isinstance(d.get("rows", []), list):
-            from autopar.report.errors import ReportError
+            from autopar.core.errors import ReportError
 
             raise ReportError("plan field search.report_inputs.sharding must be an object with rows")
         return cls(

@@ -1,2 +1,2 @@
 """The runtime: process groups per mesh axis, the local launcher, micro-batches, pipeline stages and
-schedules, data-parallel wrappers, deterministic dropout. ``autopar.compiler`` assembles them."""
+schedules, data-parallel wrappers, deterministic dropout. ``autopar.api`` assembles them."""

@@ -18,7 +18,7 @@ import traceback
 
 import torch.distributed as dist
 
-from autopar.errors import AutoparError, RuntimeFailure
+from autopar.core.errors import AutoparError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 

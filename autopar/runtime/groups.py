@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from autopar.errors import PlanError, RuntimeFailure
-from autopar.plan import Plan
+from autopar.core.errors import PlanError, RuntimeFailure
+from autopar.core.plan import Plan
 
 log = logging.getLogger(__name__)
 

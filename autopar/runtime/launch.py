@@ -10,7 +10,7 @@ preloaded: the first launch in a Python process pays the import (~1.5 s), later 
 
 Never hangs: when a rank fails (raises, or exits without a result), the others get
 ``timeout_s`` plus a grace period to finish, then the launcher terminates them and raises
-:class:`~autopar.errors.RuntimeFailure` with every rank's error in ``.rank_errors``.
+:class:`~autopar.core.errors.RuntimeFailure` with every rank's error in ``.rank_errors``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autopar.errors import RuntimeFailure
+from autopar.core.errors import RuntimeFailure
 from autopar.runtime.failure import FailureReporter, guard
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ _PRELOAD = [
     "torch.distributed.fsdp",
     "torch.nn.parallel",
     "autopar.runtime.launch",
-    "autopar.compiler",
+    "autopar.api",
 ]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
 
 
 def batch_size_of(batch: Sequence[torch.Tensor]) -> int:

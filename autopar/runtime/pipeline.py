@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopar.lower.stages import SIDE_PREFIX, StageSpec
 from autopar.runtime.groups import ProcessGroups
 from autopar.runtime.microbatch import split_micro_batches
 from autopar.runtime.schedule import runs_as
-from autopar.runtime.stages import SIDE_PREFIX, StageSpec
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
 
 
 @dataclass(frozen=True, order=True)

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import torch.fx
 
-from autopar.errors import TraceError
+from autopar.core.errors import TraceError
 from autopar.sharding.normalize import Normalized, canonical_names, functionalize
 from autopar.sharding.ops import OpCall, is_multi, is_tensor, numel_bytes, parse, shape, tensor_meta
 from autopar.sharding.rules import Strategy, call_strategies

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from autopar.plan import NodePlacement, Partial, Placement, Replicate, Shard
+from autopar.core.plan import NodePlacement, Partial, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import numel_bytes, shape
 from autopar.sharding.reshard import reshard_bytes, reshard_kind

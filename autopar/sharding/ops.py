@@ -163,12 +163,12 @@ SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "require
 
 
 def is_rng_dropout(node: Node) -> bool:
-    """The runtime's counter-based dropout (``autopar.runtime.rng.dropout``), matched by name."""
+    """The runtime's counter-based dropout (``autopar.lower.rng.dropout``), matched by name."""
     t = node.target
     return (
         node.op == "call_function"
         and getattr(t, "__name__", "") == "dropout"
-        and getattr(t, "__module__", "") == "autopar.runtime.rng"
+        and getattr(t, "__module__", "") == "autopar.lower.rng"
     )
 
 

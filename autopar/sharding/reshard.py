@@ -17,7 +17,7 @@ Bytes are those of the full (unsharded) tensor; the cost model applies each algo
 
 from __future__ import annotations
 
-from autopar.plan import Partial, Placement, Replicate, Shard
+from autopar.core.plan import Partial, Placement, Replicate, Shard
 
 COMMUNICATING = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 

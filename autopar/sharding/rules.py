@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from autopar.plan import Shard
+from autopar.core.plan import Shard
 from autopar.sharding import view_rules as V
 from autopar.sharding.ops import OpCall, shape
 from autopar.sharding.strategy import Comm, Ctx, P, R, Strategy, norm_dim, replicate

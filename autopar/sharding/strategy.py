@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from autopar.plan import Partial, Placement, Replicate
+from autopar.core.plan import Partial, Placement, Replicate
 from autopar.sharding.ops import OpCall, is_tensor
 
 R = Replicate()

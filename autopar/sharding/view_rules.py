@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from autopar.plan import Shard
+from autopar.core.plan import Shard
 from autopar.sharding.ops import OpCall, shape
 from autopar.sharding.strategy import Ctx, P, R, norm_dim, replicate, tensor_nodes
 

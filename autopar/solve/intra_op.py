@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from autopar.plan import NodePlacement, Replicate
+from autopar.core.plan import NodePlacement, Replicate
 from autopar.sharding import ShardingGraph, reshard_kind
 from autopar.solve.ilp import SolveResult, solve
 
@@ -99,7 +99,7 @@ class _Quotient:
     """Canonical nodes (first block instance), their weights and the weighted canonical edges.
 
     ``sg`` may be built on the whole graph or on the collapsed graph (stem, first instance of each
-    block type, head: :func:`autopar.report.collapse.first_blocks_module`, 10x faster to parse on
+    block type, head: :func:`autopar.tracing.collapse.first_blocks_module`, 10x faster to parse on
     GPT-3). On the collapsed graph, block-0 nodes weigh as many instances as the type has, and the
     edges from one instance to the next (absent there) are read off the analysed graph.
     """

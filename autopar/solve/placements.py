@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from autopar.errors import AutoparError
+from autopar.core.errors import AutoparError
 
 log = logging.getLogger(__name__)
 MIN_GAIN = 1e-3
@@ -64,9 +64,9 @@ class TpChoice:
 def solve_for_tp(graph, cluster, plan) -> tuple[dict | None, float]:
     """The intra-op ILP's placements for ``plan.tp`` (expanded to every block), and its solve time."""
     from autopar.estimator import workload
-    from autopar.report.collapse import first_blocks_module
     from autopar.sharding import ShardingGraph
     from autopar.solve.intra_op import CostModel, expand_placements, solve_placements
+    from autopar.tracing.collapse import first_blocks_module
     from cost_models import collective_time_s
 
     t0 = time.perf_counter()

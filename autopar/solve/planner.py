@@ -37,9 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from autopar.errors import InfeasibleError, PlanError
-from autopar.plan import Plan, PredictedCost
-from autopar.progress import Progress
+from autopar.core.errors import InfeasibleError, PlanError
+from autopar.core.plan import Plan, PredictedCost
+from autopar.core.plan_rules import mesh_label
+from autopar.core.progress import Progress
 from autopar.solve import space
 from autopar.solve.refine import (
     block_time_s,
@@ -349,11 +350,6 @@ class Search:
         return first.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
 
 
-def mesh_label(keys: dict) -> str:
-    label = f"dp={keys['dp']} tp={keys['tp']} pp={keys['pp']}"
-    return label + f" ({','.join(keys['order'])})" if "order" in keys else label
-
-
 def plan(
     model_or_graph,
     cluster,
@@ -371,9 +367,9 @@ def plan(
 ) -> Plan:
     """The fastest plan that fits ``cluster``, with runner-ups and explanations attached.
 
-    ``model_or_graph``: an :class:`~autopar.ir.OpGraph`, or an ``nn.Module`` with
+    ``model_or_graph``: an :class:`~autopar.core.ir.OpGraph`, or an ``nn.Module`` with
     ``example_inputs`` (and ``loss_fn``). ``fixed``: plan keys the user chose (``{"tp": 8}``); the
-    planner searches the rest. Raises :class:`~autopar.errors.InfeasibleError` when nothing fits.
+    planner searches the rest. Raises :class:`~autopar.core.errors.InfeasibleError` when nothing fits.
     """
     from autopar.solve.explain import attach_search
 
@@ -406,7 +402,7 @@ def plan(
 
 
 def _as_graph(model_or_graph, example_inputs, loss_fn):
-    from autopar.ir import OpGraph
+    from autopar.core.ir import OpGraph
 
     if isinstance(model_or_graph, OpGraph):
         return model_or_graph
@@ -418,8 +414,8 @@ def _as_graph(model_or_graph, example_inputs, loss_fn):
 
 
 def _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp) -> space.SpaceSpec:
+    from autopar.core.plan_rules import check_keys
     from autopar.estimator import _heads
-    from autopar.plan_keys import check_keys
 
     heads = _heads(graph)
     return space.SpaceSpec(

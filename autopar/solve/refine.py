@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import logging
 
-from autopar.errors import PlanError
+from autopar.core.errors import PlanError
 from autopar.solve.inter_op import (
     NO_SOLVER,
     StageProblem,

@@ -1,8 +1,8 @@
-"""Tracing: ``nn.Module`` + example inputs (+ loss) -> fx graph -> analysed :class:`~autopar.ir.OpGraph`.
+"""Tracing: ``nn.Module`` + example inputs (+ loss) -> fx graph -> analysed :class:`~autopar.core.ir.OpGraph`.
 
 * :func:`fx_trace` returns the raw ``torch.fx.GraphModule`` of the model with its loss, with
   shapes, module paths, source lines and saved-activation bytes in ``node.meta``.
-* :func:`trace` analyses it into an :class:`~autopar.ir.OpGraph`.
+* :func:`trace` analyses it into an :class:`~autopar.core.ir.OpGraph`.
 """
 
 from __future__ import annotations

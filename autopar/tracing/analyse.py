@@ -1,4 +1,4 @@
-"""fx graph (with meta from :func:`~autopar.tracing.fx.fx_trace`) -> :class:`~autopar.ir.OpGraph`.
+"""fx graph (with meta from :func:`~autopar.tracing.fx.fx_trace`) -> :class:`~autopar.core.ir.OpGraph`.
 
 Per node: op kind, shapes and dtypes, FLOPs forward/backward, bytes read/written, parameters read
 (each unique parameter's bytes counted once, at the first node that reads it, tied aliases mapped
@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from autopar.ir import BlockType, OpGraph, OpNode
+from autopar.core.ir import BlockType, OpGraph, OpNode
 from autopar.tracing import opkinds
 from autopar.tracing.blocks import node_module_path, strip_prefix
 from autopar.tracing.fx import _is_user_file, fx_trace
@@ -330,7 +330,7 @@ def trace(
     tracer: str = "auto",
     leaf_modules: Iterable = (),
 ) -> OpGraph:
-    """Trace ``model`` with its loss and analyse it into an :class:`~autopar.ir.OpGraph`.
+    """Trace ``model`` with its loss and analyse it into an :class:`~autopar.core.ir.OpGraph`.
 
     Arguments as :func:`autopar.tracing.fx_trace`: ``example_inputs = (model inputs..., targets...)``;
     with ``loss_fn`` the last ``num_targets`` (default 1) inputs are the targets of

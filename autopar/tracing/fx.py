@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from autopar.errors import TraceError
+from autopar.core.errors import TraceError
 from autopar.tracing.blocks import find_blocks, replication_templates
 from autopar.tracing.propagate import PropagationError, propagate
 from autopar.tracing.wrap import MODEL_PREFIX, wrap
@@ -197,7 +197,7 @@ def fx_trace(
     ``"export"``. ``leaf_modules``: module types or qualified names (in ``model``) kept as one
     ``call_module`` node by symbolic tracing.
 
-    Raises :class:`~autopar.errors.TraceError` naming the module path, source line and a fix when
+    Raises :class:`~autopar.core.errors.TraceError` naming the module path, source line and a fix when
     no tracer can handle the model (data-dependent control flow, for example).
     """
     if tracer not in ("auto", "symbolic_trace", "export"):

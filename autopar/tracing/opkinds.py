@@ -3,7 +3,7 @@
 ``symbolic_trace`` graphs hold ``call_module`` (``nn.Linear``), Python functions
 (``torch.softmax``, ``operator.add``) and methods (``view``); ``export`` graphs hold ATen
 overloads (``aten.linear.default``). Both reduce to a base name (``linear``, ``softmax``, ``add``)
-that the tables below map to an :data:`autopar.ir.OP_KINDS` entry.
+that the tables below map to an :data:`autopar.core.ir.OP_KINDS` entry.
 
 FLOPs (a multiply-add counts 2):
 

@@ -30,7 +30,7 @@ def split_inputs(example_inputs, loss_fn: Callable | None, num_targets: int | No
     With a ``loss_fn`` the last ``num_targets`` inputs (default 1) are the targets; without one,
     every input goes to the model.
     """
-    from autopar.errors import TraceError
+    from autopar.core.errors import TraceError
 
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, Sequence):
         example_inputs = (example_inputs,)

@@ -1,0 +1,475 @@
+"""``autopar.compile`` and the ``ParallelModule`` it returns.
+
+Every rank calls ``autopar.compile(...)`` with the same model, inputs and plan (under torchrun, or
+inside :func:`autopar.runtime.launch.run_local`); each gets its own program: its pipeline stage of
+its tensor-parallel graph, wrapped in DDP or FSDP on its data-parallel group. Without an
+initialised process group a 1-rank plan runs in-process and any plan can still be inspected
+(``plan``, ``rank_code(r)``).
+
+Batches: ``step(batch)`` takes the *global* batch ``(inputs..., targets...)`` (the order of
+``example_inputs``) and uses this rank's data-parallel share; a batch of exactly ``global_batch/dp``
+samples is taken as the share itself. The returned loss is the mean over the global batch, the
+same number on every rank. Inference: ``module(inputs...)`` returns the full output (all samples)
+on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopar.core.errors import PlanError, RuntimeFailure
+from autopar.core.plan import Plan
+from autopar.lower import rng
+from autopar.lower.passes import SAMPLE_IDS, replace_dropout
+from autopar.lower.program import RankProgram, build_program
+from autopar.runtime.engines import apply_ddp, apply_fsdp, apply_recompute
+from autopar.runtime.failure import FailureReporter, guard
+from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
+from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
+from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
+from autopar.runtime.schedule import for_plan
+from autopar.runtime.state import gather_full, scatter_full
+from autopar.tracing import MODEL_PREFIX, fx_trace
+from autopar.tracing.wrap import split_inputs
+
+log = logging.getLogger(__name__)
+
+PLAN_ENV = "AUTOPAR_PLAN"
+"""Path of a plan file for ``compile(plan=None)``; set by ``autopar run PLAN.json``."""
+
+
+def _num_devices(cluster) -> int:
+    if isinstance(cluster, int):
+        return cluster
+    n = getattr(cluster, "num_devices", None)
+    if callable(n):
+        n = n()
+    if not isinstance(n, int):
+        raise PlanError(f"cluster {cluster!r} has no device count; pass an autopar.Cluster or an int")
+    return n
+
+
+def compile(  # noqa: A001 - the public name autopar.compile
+    model: nn.Module,
+    cluster,
+    *,
+    example_inputs,
+    loss_fn: Callable | None = None,
+    optimizer: Callable | None = None,
+    plan: Plan | None = None,
+    global_batch: int,
+    mode: str = "train",
+    num_targets: int | None = None,
+    seed: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> ParallelModule:
+    """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
+
+    ``plan=None``: the plan file named by ``$AUTOPAR_PLAN`` (``autopar run``), else the planner's.
+
+    ``optimizer``: ``callable(params) -> torch.optim.Optimizer`` (default AdamW, lr 1e-3), applied
+    to this rank's parameters. ``seed`` seeds dropout masks (:mod:`autopar.lower.rng`).
+    ``timeout_s`` is the timeout of every process group.
+    """
+    if mode not in ("train", "inference"):
+        raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
+    world = _num_devices(cluster)
+    if plan is None and os.environ.get(PLAN_ENV):
+        from autopar.core.plan_file import load_plan
+
+        plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
+    if plan is None:
+        plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode)
+    if plan.world_size != world:
+        raise PlanError(
+            f"the plan ({plan.summary()}) uses {plan.world_size} ranks but the cluster has {world} "
+            "devices; choose degrees whose product is the device count"
+        )
+    if plan.pp > 1:  # PlanError for what we cannot run
+        for_plan(plan.schedule, plan.pp, plan.num_micro_batches, plan.virtual_stages)
+    elif plan.virtual_stages > 1:
+        raise PlanError(f"vpp={plan.virtual_stages} needs pp > 1: virtual stages interleave a pipeline")
+    if plan.global_batch != global_batch:
+        raise PlanError(
+            f"global_batch={global_batch} but the plan was made for {plan.global_batch}; pass the "
+            "plan's global batch or re-plan"
+        )
+    return ParallelModule(
+        model,
+        plan,
+        cluster=None if isinstance(cluster, int) else cluster,
+        example_inputs=example_inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        mode=mode,
+        num_targets=num_targets,
+        seed=seed,
+        timeout_s=timeout_s,
+    )
+
+
+def _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode) -> Plan:
+    """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank)."""
+    if isinstance(cluster, int):
+        raise PlanError(
+            "autopar.compile without a plan asks the planner, which needs an autopar.Cluster (got the "
+            f"device count {cluster}); pass autopar.Cluster.local(ranks={cluster}) or "
+            f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch})"
+        )
+    box: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from autopar.solve import plan as planner
+
+        inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
+        args = (*inputs, *targets) if mode == "train" else inputs
+        chosen = planner(
+            model,
+            cluster,
+            global_batch=global_batch,
+            mode=mode,
+            example_inputs=args,
+            loss_fn=loss_fn if mode == "train" else None,
+            progress=False,
+        )
+        box[0] = chosen.to_json()
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    log.info("planner chose %s", box[0])
+    return Plan.from_json(box[0])
+
+
+class ParallelModule:
+    """The compiled model on this rank. See the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        plan,
+        *,
+        cluster=None,
+        example_inputs,
+        loss_fn,
+        optimizer,
+        mode,
+        num_targets,
+        seed,
+        timeout_s,
+    ):
+        self.plan = plan
+        self.cluster = cluster
+        self._step_times_s: list[float] = []
+        self.mode = mode
+        self.timeout_s = timeout_s
+        self._train = mode == "train"
+        self._model = copy.deepcopy(model).train(self._train)
+        config = getattr(self._model, "config", None)
+        if getattr(config, "use_cache", False):
+            # A KV cache is decoding state, not an output of one batched forward (and not traceable).
+            config.use_cache = False
+        inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
+        # Trace at the micro-batch size: exported graphs (HuggingFace models) bake shapes in.
+        trace_args = _first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
+        self._trace_args, self._loss_fn = trace_args, loss_fn
+        self._gm = fx_trace(
+            self._model,
+            trace_args,
+            loss_fn=loss_fn if self._train else None,
+            num_targets=len(targets) if self._train else 0,
+        )
+        info = self._gm.meta["autopar"]
+        self.input_names: list[str] = list(info["input_names"])
+        self.target_names: list[str] = list(info["target_names"]) if self._train else []
+        self._has_sample_ids = replace_dropout(self._gm, train=self._train, seed=seed)
+        self._key_to_traced = self._map_state_keys()
+        self._optimizer_fn = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self._step = 0
+        self._groups: ProcessGroups | None = None
+        self._program: RankProgram | None = None
+        init_from_env(timeout_s)  # under torchrun without an init_process_group of the user's
+        if dist.is_initialized():
+            self._start(dist.get_rank())
+        elif plan.world_size == 1:
+            self._start(0)
+
+    # ------------------------------------------------------------------------------ building
+    def _map_state_keys(self) -> dict[str, str]:
+        """Original state-dict key of every parameter -> its name in the traced graph."""
+        by_id = {id(p): n for n, p in self._gm.named_parameters()}
+        names = set(by_id.values())
+        out = {}
+        for key, value in self._model.state_dict(keep_vars=True).items():
+            if not isinstance(value, nn.Parameter):
+                continue
+            if id(value) in by_id:
+                out[key] = by_id[id(value)]
+            elif MODEL_PREFIX + key in names:
+                out[key] = MODEL_PREFIX + key
+        return out
+
+    def _start(self, rank: int) -> None:
+        self.rank = rank
+        if dist.is_initialized():
+            self._groups = build_process_groups(self.plan, timeout_s=self.timeout_s)
+        self._reporter = FailureReporter(rank) if dist.is_initialized() else None
+        with guard(self._reporter, "compile", self.timeout_s):
+            self._build(rank)
+
+    def _build(self, rank: int) -> None:
+        tp_group = self._groups.group("tp") if self._groups else None
+        prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=tp_group)
+        self._check_ties(prog)
+        self.device = _device()
+        if self.plan.recompute == "selective" and self._train:
+            log.warning("recompute=selective runs as full recompute (whole blocks are checkpointed)")
+        modules = [self._wrap(stage.to(self.device), prog) for stage in prog.stages]
+        self._program, self._module = prog, modules[0]
+        params = list({id(p): p for mod in modules for p in mod.parameters()}.values())
+        self._optimizer = self._optimizer_fn(params) if self._train else None
+        self._pipeline = None
+        self._events = Events(prog.stage.spec.index)
+        if self.plan.pp > 1:
+            for stage in prog.stages:
+                stage.flat_output = not self._train
+            specs = [stage.spec for stage in prog.stages]
+            self._pipeline = Pipeline(
+                modules, specs, self._groups, self.device, self.plan.schedule, self.plan.num_micro_batches
+            )
+
+    def _wrap(self, stage, prog: RankProgram) -> nn.Module:
+        """Recompute, then DDP or FSDP on the dp group (training only)."""
+        if not self._train:
+            return stage
+        if self.plan.recompute != "none":
+            apply_recompute(stage, prog.block_segments)
+        if self.plan.dp == 1:
+            return stage
+        dp_group = self._groups.group("dp")
+        if self.plan.zero_stage > 0:
+            return apply_fsdp(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
+        return apply_ddp(stage, dp_group, self.device)
+
+    def _check_ties(self, prog: RankProgram) -> None:
+        last = len(prog.params_by_stage) - 1
+        for name in prog.tied_names():
+            holders = [s for s, names in enumerate(prog.params_by_stage) if name in names]
+            if holders != [0, last]:
+                raise PlanError(
+                    f"parameter {name} is shared by pipeline stages {holders}; only the first and the "
+                    "last stage may share a parameter (tied embeddings). Move the blocks with layer_stages"
+                )
+
+    # ------------------------------------------------------------------------------ running
+    def _require_runtime(self) -> None:
+        if self._program is None:
+            raise RuntimeFailure(
+                f"this plan needs {self.plan.world_size} ranks and torch.distributed is not initialised "
+                "here; run under torchrun or autopar.runtime.launch.run_local (rank_code() works anyway)"
+            )
+
+    def _side_inputs(self, share: tuple) -> dict[str, torch.Tensor]:
+        names = self.input_names + self.target_names
+        side = {n: t.to(self.device) if isinstance(t, torch.Tensor) else t for n, t in zip(names, share)}
+        if self._has_sample_ids:
+            n = share[0].shape[0]
+            dp_index = self.plan.coords(self.rank).get("dp", 0)
+            ids = rng.sample_ids_for_step(self._step, self.plan.global_batch)
+            side[SAMPLE_IDS] = ids[dp_index * n : (dp_index + 1) * n].to(self.device)
+        return side
+
+    def step(self, batch) -> float:
+        """One training step on this rank's share of ``batch``; returns the global mean loss."""
+        if not self._train:
+            raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
+        self._require_runtime()
+        start = time.perf_counter()
+        with guard(self._reporter, f"step {self._step}", self.timeout_s):
+            loss = self._train_step(tuple(batch))
+        self._step_times_s.append(time.perf_counter() - start)
+        self._step += 1
+        return loss
+
+    def _train_step(self, batch: tuple) -> float:
+        dp_index = self.plan.coords(self.rank).get("dp", 0)
+        share = data_parallel_share(batch, self.plan.global_batch, self.plan.dp, dp_index)
+        side = self._side_inputs(share)
+        inputs = tuple(side[n] for n in self.input_names)
+        self._optimizer.zero_grad(set_to_none=True)
+        m = self.plan.num_micro_batches
+        if self._pipeline is None:
+            self._events.reset()
+            losses = run_accumulation(
+                self._module, self._program.stage.spec, inputs, side, m, True, self._events
+            )
+        else:
+            losses = self._pipeline.run(inputs, side, True)
+        self._sync_tied_grads()
+        self._optimizer.step()
+        return self._global_loss(losses)
+
+    def _sync_tied_grads(self) -> None:
+        tied = self._program.tied_names()
+        if not tied or self._groups is None:
+            return
+        group = self._groups.group("tie")
+        by_name = {s.full_name: s for s in self._program.slots}
+        for name in tied:
+            g = by_name[name].tensor().grad
+            local = g.to_local() if hasattr(g, "to_local") else g
+            dist.all_reduce(local, group=group)
+
+    def _global_loss(self, losses) -> float:
+        value = torch.stack(losses).mean() if losses else torch.zeros(())
+        value = value.detach().to(torch.float32).reshape(1).to(self.device)
+        if self._groups is not None and self.plan.pp > 1:
+            dist.broadcast(value, src=self._groups.ranks["pp"][-1], group=self._groups.group("pp"))
+        if self._groups is not None and self.plan.dp > 1:
+            dist.all_reduce(value, group=self._groups.group("dp"))
+            value /= self.plan.dp
+        return float(value.item())
+
+    def __call__(self, *inputs):
+        """Inference: the full output for the global batch ``inputs``, on every rank."""
+        if self._train:
+            raise RuntimeFailure("calling the module runs inference; compile with mode='inference'")
+        self._require_runtime()
+        with guard(self._reporter, "inference", self.timeout_s):
+            return self._infer(tuple(inputs))
+
+    def _infer(self, inputs: tuple):
+        dp_index = self.plan.coords(self.rank).get("dp", 0)
+        share = data_parallel_share(inputs, self.plan.global_batch, self.plan.dp, dp_index)
+        side = self._side_inputs(share)
+        args = tuple(side[n] for n in self.input_names)
+        m = self.plan.num_micro_batches
+        if self._pipeline is None:
+            out = merge_micro_batches(
+                run_accumulation(self._module, self._program.stage.spec, args, side, m, False)
+            )
+        else:
+            flat = self._pipeline.run(args, side, False)
+            out = (
+                self._program.stages[-1].unflatten(flat if isinstance(flat, tuple) else (flat,))
+                if flat is not None
+                else None
+            )
+            box = [out]
+            dist.broadcast_object_list(box, src=self._groups.ranks["pp"][-1], group=self._groups.group("pp"))
+            out = box[0]
+        if self._groups is not None and self.plan.dp > 1:
+            parts: list = [None] * self.plan.dp
+            dist.all_gather_object(parts, out, group=self._groups.group("dp"))
+            out = merge_micro_batches(parts)
+        return out
+
+    # ------------------------------------------------------------------------------ state
+    def _full(self, grads: bool) -> dict[str, torch.Tensor]:
+        self._require_runtime()
+        with guard(self._reporter, "gathering the full state", self.timeout_s):
+            traced = gather_full(self._program.slots, self._groups, grads=grads)
+        return {key: traced[name] for key, name in self._key_to_traced.items() if name in traced}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full, unsharded state dict (original parameter names), on every rank (collective)."""
+        out = self._full(grads=False)
+        for key, value in self._model.state_dict().items():
+            out.setdefault(key, value.detach().clone())
+        return {key: out[key] for key in self._model.state_dict()}
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Full gradients of the last step by original parameter name, on every rank (collective)."""
+        return self._full(grads=True)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a full state dict (as from the original model): each rank takes its shards."""
+        self._require_runtime()
+        traced = {}
+        for key, name in self._key_to_traced.items():
+            if key in state:
+                traced.setdefault(name, state[key])
+        with guard(self._reporter, "load_state_dict", self.timeout_s):
+            scatter_full(self._program.slots, traced)
+
+    # ------------------------------------------------------------------------------ measurements
+    def measured(self) -> dict:
+        """This run's measurements for the plan report (collective): the median step time after the
+        first (warm-up) step, the last step's forward/backward timeline of this rank's pipeline
+        (seconds from each rank's step start), on CUDA the peak memory of every rank."""
+        times = sorted(self._step_times_s[1:] or self._step_times_s)
+        out: dict = {
+            "source": f"{self.plan.world_size} ranks, {len(self._step_times_s)} steps (first excluded)"
+        }
+        if times:
+            out["step_time_s"] = times[len(times) // 2]
+        if self._program is not None:
+            out["events"] = self._pipeline_events()
+        if self._program is not None and self.device.type == "cuda":
+            mem = [None] * self.plan.world_size
+            dist.all_gather_object(mem, torch.cuda.max_memory_allocated(self.device))
+            out["memory_bytes_per_rank"] = mem
+        return out
+
+    def _pipeline_events(self) -> list[dict]:
+        """The last step's timeline of this rank's pipeline (collective over pp); virtual stage
+        ``v`` is reported as stage ``v % pp``, chunk ``v // pp``."""
+        mine = (self._pipeline.events if self._pipeline is not None else self._events).events
+        pp = self.plan.pp
+        if self.plan.virtual_stages > 1:
+            mine = [{**e, "stage": e["stage"] % pp, "chunk": e["stage"] // pp} for e in mine]
+        if self._groups is None or pp == 1:
+            return list(mine)
+        parts: list = [None] * pp
+        dist.all_gather_object(parts, mine, group=self._groups.group("pp"))
+        return [e for part in parts for e in part]
+
+    def report(self, path, *, measured: dict | None = None):
+        """Write the plan report (HTML) with this run's measurements overlaid; returns the path."""
+        from autopar.report import write_report
+        from autopar.tracing import trace
+
+        loss_fn = self._loss_fn if self._train else None
+        n = len(self.target_names)
+        graph = trace(self._model, self._trace_args, loss_fn=loss_fn, num_targets=n)
+        return write_report(self.plan, path, cluster=self.cluster, graph=graph, measured=measured)
+
+    # ------------------------------------------------------------------------------ inspection
+    def rank_code(self, rank: int) -> str:
+        """The program of ``rank`` as Python source, collectives visible (no processes needed)."""
+        from autopar.runtime.rank_code import render
+
+        if not 0 <= rank < self.plan.world_size:
+            raise PlanError(f"rank {rank} is outside 0..{self.plan.world_size - 1}")
+        prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=None)
+        return render(prog, self.plan, train=self._train, has_sample_ids=self._has_sample_ids)
+
+    @property
+    def program(self) -> RankProgram | None:
+        """This rank's program (None when not running)."""
+        return self._program
+
+    def __repr__(self) -> str:
+        return f"ParallelModule({self.plan.summary()}, mode={self.mode})"
+
+
+def _first_samples(batch: tuple, n: int) -> tuple:
+    sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if sizes and min(sizes) < n:
+        raise PlanError(
+            f"example_inputs hold {min(sizes)} samples but a micro-batch has {n}; pass at least "
+            "micro_batch_size samples (the graph is traced at the micro-batch shape)"
+        )
+    # Clones: two example inputs that are one tensor (labels=input_ids) would trace as aliases.
+    return tuple(t[:n].clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in batch)
+
+
+def _device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

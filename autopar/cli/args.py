@@ -1,0 +1,33 @@
+"""Arguments several subcommands share: MODEL, --cluster, --global-batch, --seq and whole numbers."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_workload_args(p) -> None:
+    """MODEL, --cluster, --global-batch and --seq: what every costing command takes."""
+    p.add_argument(
+        "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
+    )
+    p.add_argument(
+        "--cluster",
+        required=True,
+        metavar="CLUSTER",
+        help="PRESET, PRESET:N (N devices), PRESET:nodes=4,inter_node_gbps=100, local:N, or a .yaml/.json file",
+    )
+    p.add_argument("--global-batch", required=True, type=positive_int, metavar="B", help="sequences per step")
+    p.add_argument(
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
+    )

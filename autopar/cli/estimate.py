@@ -1,0 +1,161 @@
+"""``autopar estimate MODEL --cluster CLUSTER --global-batch B [--plan k=v,...] [--json]``.
+
+Builds the model on the ``meta`` device (nothing is allocated), traces it with its loss at the
+micro-batch size, resolves the plan keys (:func:`autopar.core.plan_rules.resolve_plan`) and prints what
+:func:`autopar.estimator.estimate` predicts: step time and its breakdown, tokens/s, MFU, memory
+per device against capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from autopar.cli.args import add_workload_args
+
+ORDER = 10
+
+JSON_KEYS = (
+    "step_time_s",
+    "tokens_per_s",
+    "model_flops_per_step",
+    "hardware_flops_per_step",
+    "mfu",
+    "memory_bytes_per_device",
+    "memory_capacity_bytes",
+    "fits",
+    "breakdown_s",
+    "memory_breakdown_bytes",
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="predict step time and memory of one plan on a cluster",
+        description="Predict the step time (with its breakdown), throughput, MFU and per-device memory of "
+        "training MODEL on CLUSTER under one plan. Plan keys left out are chosen by the planner.",
+    )
+    add_workload_args(p)
+    p.add_argument(
+        "--plan",
+        default="",
+        metavar="k=v,...|FILE.json",
+        help="keys: dp tp pp mbs vpp schedule recompute sp zero (the planner chooses keys left out), "
+        "or a plan file from `autopar plan --out`",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from autopar.cluster import Cluster
+    from autopar.core.plan_rules import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
+    from autopar.models.spec import graph_layers, load_model
+
+    cluster = Cluster.parse(args.cluster)
+    loaded = load_model(args.model, seq=args.seq)
+    plan, keys = _plan_file(args.plan), {}
+    if plan is None:
+        keys = parse_plan_arg(args.plan)
+    chosen = [] if plan is not None else [k for k in PLAN_KEYS if k not in keys]
+    graph = None
+    if loaded.num_layers is None:  # a user model without a config: count its blocks in the graph
+        graph = loaded.trace(batch=1)
+        loaded.num_layers = graph_layers(graph)
+    if plan is None:
+        # Validate the given keys with the rules' own messages before searching the rest.
+        resolve_plan(
+            keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
+        )
+    if plan is None and chosen:
+        import autopar
+
+        graph = graph or loaded.trace(batch=1)
+        plan = autopar.plan(
+            graph, cluster, global_batch=args.global_batch, fixed=keys, progress=not args.json
+        )
+    elif plan is None:
+        plan = resolve_plan(
+            keys, cluster, loaded.num_layers, loaded.heads, args.global_batch, kv_heads=loaded.kv_heads
+        )
+    graph = graph or loaded.trace(batch=1)
+
+    from autopar.estimator import estimate
+
+    cost = estimate(graph, cluster, plan)
+    if args.json:
+        out = {k: getattr(cost, k) for k in JSON_KEYS}
+        out.update(
+            plan=plan_keys(plan),
+            layer_stages=plan.layer_stages,
+            chosen_by_planner=chosen,
+            model=args.model,
+            seq=loaded.seq,
+            cluster=cluster.to_dict(),
+        )
+        out["extra"] = cost.extra
+        json.dump(out, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=chosen))
+    return 0
+
+
+def _plan_file(text: str):
+    """``--plan plan.json``: a plan written by ``autopar plan --out`` (None for key=value text)."""
+    if not text.strip().lower().endswith(".json"):
+        return None
+    from autopar.core.errors import PlanError
+    from autopar.core.plan import Plan
+
+    try:
+        with open(text) as f:
+            return Plan.from_json(f.read())
+    except OSError as e:
+        raise PlanError(f"--plan {text}: cannot read the plan file ({e.strerror})") from None
+
+
+# ------------------------------------------------------------------------------- output
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.2f} GB"
+
+
+def _time(value: float) -> str:
+    if value >= 1:
+        return f"{value:,.3f} s"
+    return f"{value * 1e3:,.2f} ms"
+
+
+def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[str]) -> str:
+    """The human-readable report of one estimate."""
+    kinds = " + ".join(f"{g.nodes} x {cluster.devices_per_node} {g.device.name}" for g in cluster.node_groups)
+    lines = [
+        f"model    {model}" + (f"  (seq {seq})" if seq else ""),
+        f"cluster  {cluster.name}: {kinds} = {cluster.num_devices} devices",
+        f"plan     {plan.summary()}"
+        + (f"   (chosen by the planner: {', '.join(defaulted)})" if defaulted else ""),
+        "",
+        f"{'step time':<26}{_time(cost.step_time_s):>14}",
+    ]
+    total = cost.step_time_s or 1.0
+    for name, seconds in cost.breakdown_s.items():
+        lines.append(f"  {name:<24}{_time(seconds):>14}  {100 * seconds / total:5.1f}%")
+    lines += [
+        f"{'tokens/s':<26}{cost.tokens_per_s:>14,.0f}",
+        f"{'MFU':<26}{100 * cost.mfu:>13.1f}%",
+        f"{'model FLOPs/step':<26}{cost.model_flops_per_step:>14.3e}",
+        f"{'hardware FLOPs/step':<26}{cost.hardware_flops_per_step:>14.3e}",
+        "",
+        f"{'memory per device':<26}{_gb(cost.memory_bytes_per_device):>14}  of {_gb(cost.memory_capacity_bytes)}",
+    ]
+    for name, value in cost.memory_breakdown_bytes.items():
+        lines.append(f"  {name:<24}{_gb(value):>14}")
+    if cost.fits:
+        lines.append(f"{'fits':<26}{'yes':>14}")
+    else:
+        over = cost.memory_bytes_per_device - cost.memory_capacity_bytes
+        lines.append(
+            f"{'fits':<26}{'NO':>14}  over by {_gb(over)}: try recompute, zero, more pp/tp or a smaller mbs"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""``autopar plan MODEL --cluster CLUSTER --global-batch B [--plan k=v] [--json] [--out plan.json]``.
+
+Traces MODEL on ``meta`` (nothing is allocated), searches every mesh and knob the plan keys leave
+open (:func:`autopar.core.plan`) and prints the best plan with its predicted cost; ``--verbose`` adds
+why it won (runner-ups, rejected meshes). ``--json`` prints the keys of ``autopar estimate --json``
+plus ``solve_time_s`` and ``alternatives``; ``--out`` writes the plan (``Plan.to_json``) for
+``autopar estimate --plan FILE``, ``autopar report`` and ``autopar.compile``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from autopar.cli.args import add_workload_args, positive_int
+from autopar.cli.estimate import JSON_KEYS, render
+
+ORDER = 20
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="find the fastest plan that fits (ILP planner)",
+        description="Search data/tensor/pipeline degrees, micro-batching, schedule, recompute, sequence "
+        "parallelism and ZeRO for the fastest plan of MODEL on CLUSTER that fits in memory.",
+    )
+    add_workload_args(p)
+    p.add_argument("--plan", default="", metavar="k=v,...", help="keys to fix; the planner chooses the rest")
+    p.add_argument("--mode", choices=("train", "inference"), default="train")
+    p.add_argument("--top", type=positive_int, default=5, metavar="K", help="runner-ups to keep")
+    p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="search time limit (s)")
+    p.add_argument("--out", metavar="FILE", help="write the plan as JSON")
+    p.add_argument("--report", metavar="FILE", help="write an HTML report of the plan")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true", help="explain the choice")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import autopar
+    from autopar.cluster import Cluster
+    from autopar.core.plan_rules import parse_plan_arg, plan_keys
+    from autopar.models.spec import load_model
+
+    t0 = time.perf_counter()
+    cluster = Cluster.parse(args.cluster)
+    fixed = parse_plan_arg(args.plan)
+    loaded = load_model(args.model, seq=args.seq)
+    graph = loaded.trace(batch=1)
+    plan = autopar.plan(
+        graph,
+        cluster,
+        global_batch=args.global_batch,
+        mode=args.mode,
+        fixed=fixed,
+        top_k=args.top,
+        time_limit_s=args.time_limit,
+        progress=not args.json,
+    )
+    wall_s = time.perf_counter() - t0
+    from autopar.report.context import attach_inputs  # light: no matplotlib
+
+    settings = {"fixed": args.plan, "top_k": args.top, "time_limit_s": args.time_limit}
+    attach_inputs(plan, cluster=cluster, model=args.model, seq=loaded.seq, settings=settings, graph=graph)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(plan.to_json())
+    if args.report:
+        from autopar.report import write_report
+
+        write_report(plan, args.report, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq)
+    cost = plan.predicted
+    if args.json:
+        out = {k: getattr(cost, k) for k in JSON_KEYS}
+        out.update(
+            plan=plan_keys(plan),
+            layer_stages=plan.layer_stages,
+            solve_time_s=plan.search["stats"]["solve_time_s"],
+            wall_time_s=wall_s,
+            search=plan.search["stats"],
+            alternatives=plan.search["alternatives"],
+            model=args.model,
+            seq=loaded.seq,
+            cluster=cluster.to_dict(),
+        )
+        json.dump(out, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=[]))
+    st = plan.search["stats"]
+    print(
+        f"\nplanned in {wall_s:.2f} s ({st['evaluated']} plans costed, {st['pruned']} pruned, {st['status']})"
+        + (f"; written to {args.out}" if args.out else "")
+    )
+    if args.verbose:
+        print()
+        print(plan.explain())
+    return 0

@@ -1,0 +1,88 @@
+"""``autopar profile MODEL [--batch B] [--seq S] [--out profile.json] [--cache C] [--collectives]``.
+
+Builds MODEL with real fp32 weights on this machine's CPU (or ``--device cuda``), measures every op
+of its traced graph (:func:`autopar.profile`) and prints the slowest ops; ``--out`` writes the
+profile as JSON (its ``op_times`` feed ``autopar.estimate(..., op_times=...)``). ``--collectives``
+also measures gloo all-reduce between 2 local processes.
+"""
+
+from __future__ import annotations
+
+from autopar.cli.args import positive_int
+
+ORDER = 45
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure per-op forward/backward times of a model on this machine",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"
+    )
+    p.add_argument(
+        "--batch", type=positive_int, default=1, metavar="B", help="samples in the example batch (default 1)"
+    )
+    p.add_argument(
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length (default: model's)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed calls per op (median)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the profile as JSON")
+    p.add_argument("--cache", default=None, metavar="FILE", help="JSON cache of measured op signatures")
+    p.add_argument("--top", type=positive_int, default=15, help="rows of the slowest-ops table")
+    p.add_argument("--collectives", action="store_true", help="also measure 2-rank gloo all-reduce")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    import autopar
+    from autopar.models import build_model
+    from autopar.models.spec import adapt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    built = build_model(args.model, device="cpu", batch=args.batch, seq=args.seq, dtype=torch.float32)
+    loaded = adapt(args.model, built, seq=args.seq)
+    inputs = loaded.make_inputs(args.batch)
+    graph = autopar.trace(loaded.model, inputs, loss_fn=loaded.loss_fn)
+    prof = autopar.profile(graph, inputs, device=args.device, repeats=args.repeats, cache_path=args.cache)
+    print(render(prof, args))
+    if args.collectives:
+        from autopar.estimator.profile import measure_collectives
+
+        link = measure_collectives(2)["link"]
+        print(
+            f"gloo all_reduce, 2 ranks: {link['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s per link, "
+            f"{link['latency_s'] * 1e6:.0f} us per hop"
+        )
+    if args.out:
+        prof.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def render(prof, args) -> str:
+    fwd_s, bwd_s = prof.total_s()
+    lines = [
+        f"model    {args.model}  (batch {args.batch})",
+        f"device   {prof.device}",
+        f"ops      {len(prof.nodes)} nodes, {len(prof.records)} distinct, {prof.num_measured} measured, "
+        f"{prof.num_cached} from cache, {prof.profile_s:.1f} s",
+        f"total    forward {fwd_s * 1e3:.2f} ms, backward {bwd_s * 1e3:.2f} ms",
+        "",
+        f"{'node':<40}{'op':<30}{'fwd ms':>10}{'bwd ms':>10}{'saved MB':>10}",
+    ]
+    saved = prof.saved_bytes
+    for node, target, f, b in prof.slowest(args.top):
+        lines.append(
+            f"{node[:39]:<40}{target[:29]:<30}{f * 1e3:>10.3f}{b * 1e3:>10.3f}{saved[node] / 1e6:>10.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""``autopar run PLAN.json --nproc N [--master-port P] -- train.py [ARGS...]``: torchrun with a plan.
+
+A thin wrapper over ``torchrun`` (``python -m torch.distributed.run``): it checks the plan against
+``--nproc``, puts the plan file's path in ``AUTOPAR_PLAN`` and starts N processes of the script.
+Inside, ``autopar.compile(..., plan=None)`` takes that plan (instead of asking the planner), and
+initialises the process group from torchrun's environment::
+
+    # train.py
+    compiled = autopar.compile(model, autopar.Cluster.local(ranks=4), example_inputs=batch,
+                               loss_fn=loss, global_batch=16)
+    for batch in data:
+        compiled.step(batch)
+
+``--dry-run`` prints the torchrun command and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+ORDER = 45
+PLAN_ENV = "AUTOPAR_PLAN"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a training script on N local processes under a plan (wraps torchrun)",
+        description="Start NPROC processes of SCRIPT with torchrun; autopar.compile(plan=None) in the "
+        "script uses PLAN.json (passed in the AUTOPAR_PLAN environment variable).",
+    )
+    p.add_argument("plan_file", metavar="PLAN.json", help="a plan written by `autopar plan --out`")
+    p.add_argument("--nproc", type=int, required=True, help="processes on this machine (the plan's ranks)")
+    p.add_argument("--master-port", type=int, default=None, help="torchrun's rendezvous port")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("script", metavar="SCRIPT", help="the training script (after --)")
+    p.add_argument("script_args", nargs="*", metavar="ARGS", help="the script's arguments")
+    p.set_defaults(func=run)
+
+
+def command(
+    plan_file: str, nproc: int, script: str, script_args: list[str], master_port: int | None
+) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if master_port is not None:
+        cmd.append(f"--master-port={master_port}")
+    return [*cmd, script, *script_args]
+
+
+def run(args) -> int:
+    from autopar.core.errors import PlanError
+    from autopar.core.plan_file import load_plan
+
+    plan = load_plan(args.plan_file)
+    if plan.world_size != args.nproc:
+        raise PlanError(
+            f"the plan {args.plan_file} ({plan.summary()}) needs {plan.world_size} processes but --nproc is "
+            f"{args.nproc}; pass --nproc {plan.world_size} or re-plan for {args.nproc} devices"
+        )
+    cmd = command(args.plan_file, args.nproc, args.script, args.script_args, args.master_port)
+    env = {**os.environ, PLAN_ENV: os.path.abspath(args.plan_file)}
+    if args.dry_run:
+        print(f"{PLAN_ENV}={shlex.quote(env[PLAN_ENV])} {shlex.join(cmd)}")
+        return 0
+    return subprocess.call(cmd, env=env)

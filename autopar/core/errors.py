@@ -1,0 +1,43 @@
+"""Typed errors for user mistakes. Each message states the value seen, the rule, and the fix.
+
+``assert`` is reserved for internal invariants; anything a user can cause raises one of these, and
+the CLI prints the message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class AutoparError(Exception):
+    """Base class of every error a user can cause."""
+
+
+class ModelSpecError(AutoparError):
+    """A model name, shape string or ``file.py:factory`` path that cannot be resolved."""
+
+
+class TraceError(AutoparError):
+    """The model cannot be traced (data-dependent control flow, unsupported op, ...)."""
+
+
+class ClusterError(AutoparError):
+    """An invalid cluster declaration: unknown device or preset, bad or missing field."""
+
+
+class PlanError(AutoparError):
+    """An invalid plan: degrees that do not match the cluster, a bad key or value."""
+
+
+class InfeasibleError(AutoparError):
+    """No plan fits the cluster's memory. ``details`` carries the closest candidate and its overflow."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+class RuntimeFailure(AutoparError):
+    """A rank failed or timed out while running a compiled program."""
+
+
+class ReportError(AutoparError):
+    """A plan file, measurement or option the report cannot use; the message names the field."""

@@ -1,0 +1,65 @@
+"""``Plan.explain()``: the plan's predicted cost against the runner-ups the planner stored on
+``Plan.search`` (see :mod:`autopar.solve.explain`), as a table for terminals. Plain data in, text out."""
+
+from __future__ import annotations
+
+from autopar.core.text import bytes_text
+
+BREAKDOWN_LABELS = {
+    "compute": "compute",
+    "recompute": "recompute",
+    "tp_comm": "TP comm",
+    "zero_comm_exposed": "ZeRO comm",
+    "pp_p2p": "PP p2p",
+    "pp_bubble": "PP bubble",
+    "dp_comm_exposed": "DP sync",
+    "optimizer": "optimizer",
+}
+
+
+def _blocks_per_stage(plan) -> list[int]:
+    return [plan.layer_stages.count(s) for s in range(max(plan.layer_stages) + 1)]
+
+
+def explain_text(plan) -> str:
+    """A terminal table: the plan, its breakdown, the runner-ups and the rejected configurations."""
+    lines = [f"plan: {plan.summary()}"]
+    if plan.predicted:
+        p = plan.predicted
+        lines.append(
+            f"predicted step {p.step_time_s:.4g} s, MFU {100 * p.mfu:.1f}%, "
+            f"memory {bytes_text(p.memory_bytes_per_device)} / {bytes_text(p.memory_capacity_bytes)}"
+        )
+        parts = ", ".join(f"{BREAKDOWN_LABELS.get(k, k)} {v:.3g}s" for k, v in p.breakdown_s.items() if v > 0)
+        lines.append(f"  breakdown: {parts}")
+    if not plan.search:
+        lines.append("(hand-written plan: no search to explain)")
+        return "\n".join(lines)
+    st = plan.search["stats"]
+    lines.append(
+        f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
+        f"by bounds, {st.get('screened', 0)} out of memory, {st['invalid']} invalid; "
+        f"{st['solve_time_s']:.2f} s ({st['status']}"
+        + (f", optimality gap <= {100 * st['gap']:.0f}%)" if st.get("gap") else ")")
+    )
+    if st.get("ilp_solves"):
+        lines.append(
+            f"inter-op ILP: {st['ilp_solves']} solved, {st.get('refined', 0)} found a better split"
+            + (f"; this plan's blocks per stage: {_blocks_per_stage(plan)}" if plan.layer_stages else "")
+        )
+    for tp, c in sorted(st.get("intra_op", {}).items(), key=lambda kv: int(kv[0])):
+        ilp = f"{c['ilp_step_time_s']:.4g} s" if c.get("ilp_step_time_s") is not None else "n/a"
+        lines.append(
+            f"intra-op ILP at tp={tp}: {c['note']} (rules default {c['default_step_time_s']:.4g} s, "
+            f"ILP placements {ilp}, solved in {c['solve_time_s']:.2f} s)"
+        )
+    if plan.search["alternatives"]:
+        lines.append("runner-ups:")
+        lines += [
+            f"  {a['summary']:<60} {a['step_time_s']:.4g} s  {a['why']}" for a in plan.search["alternatives"]
+        ]
+    if plan.search["rejected"]:
+        lines.append("other meshes:")
+        for r in plan.search["rejected"][:12]:
+            lines.append(f"  {r['config']:<24} {'fits' if r['fits'] else 'no':<5} {r['why']}")
+    return "\n".join(lines)

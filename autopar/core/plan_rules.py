@@ -1,0 +1,210 @@
+"""The short plan keys of the CLI (``--plan tp=8,pp=8,dp=16``) and their resolution into a Plan.
+
+Keys: ``dp tp pp`` (mesh degrees), ``mbs`` (micro-batch size), ``vpp`` (virtual pipeline stages),
+``schedule`` (gpipe | 1f1b | interleaved), ``recompute`` (none | selective | full), ``sp`` (sequence
+parallel 0 | 1), ``zero`` (ZeRO stage 0..3).
+
+:func:`resolve_plan` fills keys left out with fixed defaults (``tp=pp=1``, ``dp`` = the rest of the
+devices, ``mbs=1``, ``1f1b``, no recompute, ``sp=0``, ``zero=0``); the planner replaces these
+defaults with its own choice for the missing keys. Every rule a value breaks raises a
+:class:`~autopar.core.errors.PlanError` naming the value, the rule and the values that would work.
+"""
+
+from __future__ import annotations
+
+from autopar.core.errors import PlanError
+from autopar.core.plan import RECOMPUTE, SCHEDULES, Plan
+from autopar.core.text import did_you_mean
+
+PLAN_KEYS = ("dp", "tp", "pp", "mbs", "vpp", "schedule", "recompute", "sp", "zero")
+_DEGREE_KEYS = ("dp", "tp", "pp", "mbs", "vpp")
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choices(values: list[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return "{" + shown + (", ..." if len(values) > limit else "") + "}"
+
+
+def _value(key: str, raw: object) -> object:
+    """One key's value, typed and range-checked."""
+    text = str(raw).strip().lower()
+    if key in _DEGREE_KEYS:
+        if isinstance(raw, bool) or not (isinstance(raw, int) or text.isdigit()) or int(text) < 1:
+            raise PlanError(f"plan key {key}={raw!r}: must be a whole number >= 1")
+        return int(text)
+    if key == "zero":
+        if text not in ("0", "1", "2", "3"):
+            raise PlanError(f"plan key zero={raw!r}: the ZeRO stage must be 0, 1, 2 or 3")
+        return int(text)
+    if key == "sp":
+        if text not in _TRUE + _FALSE:
+            raise PlanError(f"plan key sp={raw!r}: sequence parallelism is 0 or 1")
+        return int(text in _TRUE)
+    options = SCHEDULES if key == "schedule" else RECOMPUTE
+    if text not in options:
+        raise PlanError(f"plan key {key}={raw!r}: choose one of {', '.join(options)}")
+    return text
+
+
+def check_keys(keys: dict) -> dict:
+    """Validate names and values of a keys dict (typed copy)."""
+    out = {}
+    for key, raw in keys.items():
+        if key not in PLAN_KEYS:
+            hint = did_you_mean(str(key), PLAN_KEYS)
+            raise PlanError(f"unknown plan key {key!r}{hint}; known keys: {', '.join(PLAN_KEYS)}")
+        out[key] = _value(key, raw)
+    return out
+
+
+def parse_plan_arg(text: str | None) -> dict:
+    """``"tp=8,pp=8,dp=16"`` -> ``{"tp": 8, "pp": 8, "dp": 16}`` (typed and validated)."""
+    keys: dict = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not value:
+            raise PlanError(f"--plan item {item!r} is not key=value; example: --plan tp=8,pp=4,mbs=1")
+        if key in keys:
+            raise PlanError(f"--plan gives {key} twice")
+        keys[key] = value
+    return check_keys(keys)
+
+
+def resolve_plan(
+    keys: dict,
+    cluster,
+    num_layers: int,
+    heads: int | None,
+    global_batch: int,
+    *,
+    kv_heads: int | None = None,
+) -> Plan:
+    """A full :class:`Plan` from the keys given; the rest take the documented defaults.
+
+    ``heads`` may be None for a model whose head count is unknown (the tp rule is then skipped);
+    ``kv_heads`` (grouped-query attention) must be divisible by tp as well, as in Megatron-LM.
+    """
+    k = check_keys(keys)
+    devices = cluster.num_devices
+    where = f"cluster {cluster.name!r} has {devices} devices"
+    tp, pp = k.get("tp", 1), k.get("pp", 1)
+    if "dp" in k:
+        dp = k["dp"]
+        if dp * tp * pp != devices:
+            hint = ""
+            if dp * tp * pp == devices * cluster.devices_per_node:
+                hint = (
+                    f"; note that PRESET:{devices} means {devices} devices in all: for {devices} nodes "
+                    f"write PRESET:nodes={devices}"
+                )
+            raise PlanError(
+                f"dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} but {where}; the degrees must multiply to "
+                f"{devices} (leave dp out to use all the devices left after tp and pp){hint}"
+            )
+    elif devices % (tp * pp):
+        raise PlanError(
+            f"tp*pp = {tp}*{pp} = {tp * pp} does not divide the {devices} devices of cluster {cluster.name!r}; "
+            f"choose tp*pp in {_choices(_divisors(devices))}"
+        )
+    else:
+        dp = devices // (tp * pp)
+    if heads and heads % tp:
+        ok = [d for d in _divisors(heads) if devices % d == 0]
+        raise PlanError(
+            f"tp={tp} does not divide the model's {heads} attention heads (tensor parallelism splits "
+            f"attention by heads); choose tp in {_choices(ok)}"
+        )
+    if kv_heads and kv_heads % tp:
+        ok = [d for d in _divisors(kv_heads) if devices % d == 0]
+        raise PlanError(
+            f"tp={tp} does not divide the model's {kv_heads} key/value heads (grouped-query attention "
+            f"splits key/value heads across tp ranks); choose tp in {_choices(ok)}"
+        )
+    vpp = k.get("vpp", 1)
+    schedule = k.get("schedule", "interleaved" if vpp > 1 else "1f1b")
+    _check_pipeline(pp, vpp, schedule, num_layers)
+    mbs = _check_batch(global_batch, dp, k.get("mbs", 1))
+    micro_batches = global_batch // (dp * mbs)
+    if schedule == "interleaved" and micro_batches % pp:
+        raise PlanError(
+            f"schedule=interleaved needs the {micro_batches} micro-batches per step (global batch "
+            f"{global_batch} / (dp={dp} * mbs={mbs})) to be a multiple of pp={pp}; change mbs or the batch"
+        )
+    sp = k.get("sp", 0)
+    if sp and tp == 1:
+        raise PlanError("sp=1 needs tp > 1: sequence parallelism splits along the tensor-parallel axis")
+    return Plan.manual(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        global_batch=global_batch,
+        micro_batch_size=mbs,
+        schedule=schedule,
+        virtual_stages=vpp,
+        recompute=k.get("recompute", "none"),
+        sequence_parallel=bool(sp),
+        zero_stage=k.get("zero", 0),
+    )
+
+
+def _check_pipeline(pp: int, vpp: int, schedule: str, num_layers: int) -> None:
+    if vpp > 1 and schedule != "interleaved":
+        raise PlanError(f"vpp={vpp} needs schedule=interleaved (got {schedule}); drop vpp or the schedule")
+    if schedule == "interleaved" and vpp < 2:
+        raise PlanError(
+            "schedule=interleaved needs vpp >= 2 model chunks per pipeline rank; set vpp=2 or more"
+        )
+    if schedule == "interleaved" and pp < 2:
+        raise PlanError("schedule=interleaved needs pp >= 2; use 1f1b without pipelining")
+    if pp * vpp > num_layers:
+        raise PlanError(
+            f"pp*vpp = {pp}*{vpp} = {pp * vpp} stages exceed the model's {num_layers} layers; "
+            f"choose pp*vpp <= {num_layers}"
+        )
+
+
+def _check_batch(global_batch: int, dp: int, mbs: int) -> int:
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise PlanError(f"global batch {global_batch!r}: must be a whole number >= 1")
+    if global_batch % dp:
+        ok = [d for d in _divisors(global_batch) if d <= dp]
+        raise PlanError(
+            f"global batch {global_batch} does not split over dp={dp} data-parallel replicas; choose a "
+            f"global batch divisible by {dp} (or a dp in {_choices(ok)})"
+        )
+    per_replica = global_batch // dp
+    if per_replica % mbs:
+        raise PlanError(
+            f"mbs={mbs} does not divide the per-replica batch {global_batch}/dp={dp} = {per_replica}; "
+            f"choose mbs in {_choices(_divisors(per_replica))}"
+        )
+    return mbs
+
+
+def mesh_label(keys: dict) -> str:
+    """``dp=2 tp=4 pp=1`` (with the axis order when the keys carry one): a mesh's name in reports."""
+    label = f"dp={keys['dp']} tp={keys['tp']} pp={keys['pp']}"
+    return label + f" ({','.join(keys['order'])})" if "order" in keys else label
+
+
+def plan_keys(plan: Plan) -> dict:
+    """The resolved short keys of ``plan`` (what ``--json`` prints under ``plan``)."""
+    return {
+        "dp": plan.dp,
+        "tp": plan.tp,
+        "pp": plan.pp,
+        "mbs": plan.micro_batch_size,
+        "vpp": plan.virtual_stages,
+        "schedule": plan.schedule,
+        "recompute": plan.recompute,
+        "sp": int(plan.sequence_parallel),
+        "zero": plan.zero_stage,
+        "micro_batches": plan.num_micro_batches,
+        "global_batch": plan.global_batch,
+    }

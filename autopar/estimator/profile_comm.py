@@ -1,0 +1,141 @@
+"""Measured all-reduce bandwidth and latency of a local gloo group (part of the profiler).
+
+``measure_collectives(ranks=2)`` spawns ``ranks`` real processes, times ``all_reduce`` of float32
+tensors of several sizes (warm-up, then the median of ``repeats``, the slowest rank's time per
+call), and fits the ring model by least squares::
+
+    t(D) = 2(p-1) * latency_s + 2(p-1)/p * D / bandwidth_bytes_per_s
+
+so the result's ``link`` is a :class:`~autopar.cluster.hardware.Link`-shaped dict for the cluster's
+``intra_node`` level (``Cluster.local(ranks, intra_node_bandwidth_bytes_per_s=..., ...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import statistics
+import time
+from datetime import timedelta
+
+from autopar.core.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES_BYTES = (4 * 1024, 64 * 1024, 1 << 20, 4 << 20, 16 << 20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, ranks, port, sizes, repeats, timeout_s, queue):  # runs in a spawned process
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=ranks,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        times = {}
+        for size in sizes:
+            x = torch.ones(max(size // 4, 1))
+            for _ in range(2):
+                dist.all_reduce(x)
+            samples = []
+            for _ in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+                samples.append(float(t))
+            times[size] = statistics.median(samples)
+        dist.barrier()
+        if rank == 0:
+            queue.put(("ok", times))
+        dist.destroy_process_group()
+    except Exception as e:  # reported to the parent, which raises a typed error
+        queue.put(("error", f"rank {rank}: {e!r}"))
+
+
+def _fit(sizes, times, ranks):
+    """Least-squares line t = c0 + c1 * D; returns (latency_s per hop, bandwidth bytes/s)."""
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(times) / n
+    sxx = sum((x - mx) ** 2 for x in sizes)
+    c1 = sum((x - mx) * (y - my) for x, y in zip(sizes, times, strict=True)) / sxx
+    c0 = my - c1 * mx
+    hops = 2 * (ranks - 1)
+    bandwidth = (hops / ranks) / c1 if c1 > 0 else float("inf")
+    return max(c0, 0.0) / hops, bandwidth
+
+
+def measure_collectives(
+    ranks: int = 2,
+    *,
+    sizes_bytes=DEFAULT_SIZES_BYTES,
+    repeats: int = 10,
+    timeout_s: float = 60.0,
+) -> dict:
+    """All-reduce times of a local gloo group of ``ranks`` processes and the fitted link.
+
+    Returns ``{"ranks", "sizes_bytes", "times_s", "bus_bytes_per_s", "link": {"bandwidth_bytes_per_s",
+    "latency_s", "source"}}`` (``bus_bytes_per_s``: NCCL-tests' bus bandwidth per size). Raises
+    :class:`~autopar.core.errors.RuntimeFailure` if a rank fails or the group does not finish within
+    ``timeout_s`` (the processes are then killed).
+    """
+    import torch.multiprocessing as mp
+
+    if ranks < 2 or len(sizes_bytes) < 2:
+        raise RuntimeFailure(
+            f"measure_collectives: ranks={ranks}, {len(sizes_bytes)} sizes; need ranks >= 2 and >= 2 sizes to fit"
+        )
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    args = (ranks, port, tuple(sizes_bytes), repeats, timeout_s, queue)
+    procs = [ctx.Process(target=_worker, args=(r, *args), daemon=True) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = queue.get(timeout=timeout_s + 30)
+    except Exception as e:
+        raise RuntimeFailure(
+            f"measure_collectives: no result from {ranks} gloo ranks within {timeout_s + 30:.0f} s ({e!r}); "
+            "is 127.0.0.1 reachable and the machine not overloaded?"
+        ) from e
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeFailure(f"measure_collectives failed: {payload}")
+    return _result(ranks, payload)
+
+
+def _result(ranks: int, times: dict) -> dict:
+    sizes = sorted(times)
+    ts = [times[s] for s in sizes]
+    latency_s, bandwidth = _fit(sizes, ts, ranks)
+    bus = [2 * (ranks - 1) / ranks * s / t for s, t in zip(sizes, ts, strict=True)]
+    log.info("gloo all_reduce over %d ranks: %.3g B/s per link, %.3g s per hop", ranks, bandwidth, latency_s)
+    return {
+        "ranks": ranks,
+        "sizes_bytes": sizes,
+        "times_s": ts,
+        "bus_bytes_per_s": bus,
+        "link": {
+            "bandwidth_bytes_per_s": bandwidth,
+            "latency_s": latency_s,
+            "source": f"measured: gloo all_reduce, {ranks} local ranks, ring fit over {len(sizes)} sizes",
+        },
+    }

@@ -1,0 +1,164 @@
+"""The program of one rank: its pipeline stage of its tensor-parallel graph, plus the bookkeeping
+that maps its local parameters back to the full model.
+
+    traced graph ──lower(tp rank)──> per-rank graph ──split_module──> segments ──> stage of this rank
+
+Built without any process group (``tp_group=None``), so ``rank_code(r)`` can show any rank's
+program from one process; the runtime builds the same program with real groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from autopar.core.errors import PlanError
+from autopar.core.plan import Plan
+from autopar.lower.segments import Blocks, find_blocks, split_segments, stage_of_segments
+from autopar.lower.stages import StageModule, build_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How a local parameter relates to the full one: chunk ``index`` of ``num_shards`` along ``dim``."""
+
+    dim: int | None = None
+    num_shards: int = 1
+    index: int = 0
+
+
+@dataclass
+class ParamSlot:
+    """Where a parameter lives on this rank: ``getattr(owner, attr)`` (survives FSDP re-registration)."""
+
+    full_name: str
+    """Name in the traced graph (``model.layers.0.attn.q_proj.weight``)."""
+    owner: nn.Module
+    attr: str
+    shard: Shard = field(default_factory=Shard)
+
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
+
+
+@dataclass
+class LoweredGraph:
+    """What the tensor-parallel lowering returns (``tp == 1``: the graph unchanged)."""
+
+    gm: torch.fx.GraphModule
+    shards: dict[str, Shard]
+    code: str
+
+
+@dataclass
+class RankProgram:
+    rank: int
+    coords: dict[str, int]
+    lowered: LoweredGraph
+    split: torch.fx.GraphModule
+    blocks: Blocks | None
+    stage_of_segment: list[int]
+    stages: list[StageModule]
+    """This rank's stages, in order: one, or ``vpp`` virtual stages ``pp_index + k*pp`` (interleaved)."""
+    slots: list[ParamSlot]
+    params_by_stage: list[set[str]]
+    """Full names of the parameters each (virtual) pipeline stage holds (tied weights across stages)."""
+
+    @property
+    def stage(self) -> StageModule:
+        """This rank's first (usually only) stage."""
+        return self.stages[0]
+
+    @property
+    def block_segments(self) -> set[int]:
+        return set(range(1, self.blocks.count + 1)) if self.blocks else set()
+
+    def tied_names(self) -> list[str]:
+        """Parameters held by more than one stage (tied embeddings): their gradients are summed."""
+        seen: dict[str, int] = {}
+        for names in self.params_by_stage:
+            for n in names:
+                seen[n] = seen.get(n, 0) + 1
+        return sorted(n for n, c in seen.items() if c > 1)
+
+
+def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group) -> LoweredGraph:
+    """Tensor-parallel lowering of a copy of ``gm`` for tp rank ``tp_index``."""
+    gm = copy.deepcopy(gm)
+    if plan.tp == 1:
+        return LoweredGraph(gm=gm, shards={}, code=gm.code)
+    try:
+        from autopar.lower import lower_tensor_parallel
+    except ImportError as exc:
+        raise PlanError(
+            f"tp={plan.tp} needs the tensor-parallel lowering (autopar.lower), which is not available: {exc}"
+        ) from exc
+    out = lower_tensor_parallel(gm, plan, tp_index, tp_group)
+    shards = {
+        name: Shard(dim=spec.dim, num_shards=spec.num_shards, index=spec.index)
+        for name, spec in getattr(out, "shards", {}).items()
+    }
+    full = {name: spec.full_name for name, spec in getattr(out, "shards", {}).items()}
+    gm_out = out.gm
+    gm_out.meta.setdefault("autopar_full_names", {}).update(full)
+    return LoweredGraph(gm=gm_out, shards=shards, code=getattr(out, "code", gm_out.code))
+
+
+def build_program(
+    gm: torch.fx.GraphModule, plan: Plan, rank: int, model_input_names, tp_group=None
+) -> RankProgram:
+    coords = plan.coords(rank)
+    lowered = lower(gm, plan, coords.get("tp", 0), tp_group)
+    full_names = lowered.gm.meta.get("autopar_full_names", {})
+    local_params = dict(lowered.gm.named_parameters())
+    blocks = find_blocks(lowered.gm)
+    split, num_segments = split_segments(lowered.gm, blocks)
+    if plan.pp > 1 and blocks is None:
+        raise PlanError(
+            f"pp={plan.pp}: no repeated blocks (a ModuleList like `layers.<i>`) were found to cut the "
+            "graph at; use pp=1"
+        )
+    num_stages = plan.pp * plan.virtual_stages
+    layer_stages = plan.stage_of_layers(blocks.count) if blocks else []
+    if layer_stages and max(layer_stages) >= num_stages:
+        raise PlanError(f"layer_stages={layer_stages} names stages beyond pp*vpp={num_stages}")
+    stage_of_segment = stage_of_segments(num_segments, blocks, layer_stages)
+    stages = [
+        build_stage(split, stage_of_segment, num_stages, v, model_input_names) for v in range(num_stages)
+    ]
+    by_id = {id(p): name for name, p in local_params.items()}
+
+    def full(local: str) -> str:
+        return full_names.get(local, local)
+
+    params_by_stage = [{full(by_id[id(p)]) for p in st.parameters()} for st in stages]
+    # Megatron's layout: virtual stage v runs on pipeline rank v % pp.
+    mine = [st for v, st in enumerate(stages) if v % plan.pp == coords.get("pp", 0)]
+    slots = []
+    for stage in mine:
+        for module_name, module in stage.named_modules():
+            for attr, p in module.named_parameters(recurse=False):
+                local = by_id.get(id(p))
+                if local is None:
+                    raise AssertionError(
+                        f"stage parameter {module_name}.{attr} not found in the lowered graph"
+                    )
+                slots.append(ParamSlot(full(local), module, attr, lowered.shards.get(local, Shard())))
+    return RankProgram(
+        rank=rank,
+        coords=coords,
+        lowered=lowered,
+        split=split,
+        blocks=blocks,
+        stage_of_segment=stage_of_segment,
+        stages=mine,
+        slots=slots,
+        params_by_stage=params_by_stage,
+    )

@@ -1,0 +1,166 @@
+"""``rank_code(r)``: the program of one rank as Python source, every collective on its own line.
+
+Three parts: the rank's stage module (fx code of the stage and of each segment it runs, with the
+tensor-parallel collectives the lowering inserted), the step driver (this stage's pipeline actions
+with their sends and receives, in schedule order), and the gradient synchronisation
+(DDP all-reduce, FSDP all-gather / reduce-scatter, tied-weight all-reduce) and loss reduction.
+Collective calls are spelled ``dist.<collective>(...)`` so they can be counted.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from autopar.core.plan import Plan
+from autopar.lower.program import RankProgram
+from autopar.runtime.groups import describe_groups
+from autopar.runtime.schedule import for_plan
+
+
+def _indent(code: str, n: int = 4) -> str:
+    return textwrap.indent(code.strip("\n"), " " * n)
+
+
+def _segment_label(prog: RankProgram, seg: int) -> str:
+    if prog.blocks is None:
+        return "the whole model"
+    if seg == 0:
+        return "stem"
+    if seg <= prog.blocks.count:
+        return f"{prog.blocks.prefix}.{seg - 1}"
+    return "head + loss"
+
+
+def _stage_label(prog: RankProgram, plan: Plan, spec) -> str:
+    where = ", ".join(_segment_label(prog, s) for s in spec.segments)
+    if plan.virtual_stages > 1:
+        return f"# virtual stage {spec.index} of {spec.num_stages} (chunk {spec.index // plan.pp}): {where}"
+    return f"# stage {spec.index} of {spec.num_stages}: {where}"
+
+
+def _header(prog: RankProgram, plan: Plan) -> list[str]:
+    groups = describe_groups(plan, prog.rank)
+    n_params = sum(p.numel() for st in prog.stages for p in st.parameters())
+    sharded = sum(1 for s in prog.slots if s.shard.dim is not None and s.shard.num_shards > 1)
+    coords = " ".join(f"{k}={v}" for k, v in prog.coords.items())
+    return [
+        f"# autopar program of rank {prog.rank} / {plan.world_size}   ({coords})",
+        f"# plan: {plan.summary()}",
+        "# groups: " + (", ".join(f"{k}={v}" for k, v in groups.items()) or "none (one rank)"),
+        *(_stage_label(prog, plan, st.spec) for st in prog.stages),
+        f"# parameters: {n_params} elements in {len(prog.slots)} tensors, {sharded} tensor-parallel shards",
+    ]
+
+
+def _stage_code(prog: RankProgram) -> list[str]:
+    lines = []
+    for stage in prog.stages:
+        gm = stage.gm
+        lines += [f"class Stage{stage.spec.index}:", _indent(gm.code), ""]
+        for seg in stage.spec.segments:
+            sub = getattr(gm, f"submod_{seg}", None)
+            if sub is None:
+                continue
+            inner = getattr(sub, "inner", sub)
+            code = inner.code.replace("def forward(self", f"def submod_{seg}(self", 1)
+            lines += [f"    # segment {seg}: {_segment_label(prog, seg)}", _indent(code), ""]
+    return lines
+
+
+def _actions(prog: RankProgram, plan: Plan, train: bool) -> list:
+    m = plan.num_micro_batches
+    if train and plan.pp > 1:
+        return for_plan(plan.schedule, plan.pp, m, plan.virtual_stages).orders[prog.coords.get("pp", 0)]
+    out = [_A(st.spec.index, "F", i) for i in range(m) for st in prog.stages]
+    if train:
+        out += [_A(st.spec.index, "B", i) for i in range(m) for st in reversed(prog.stages)]
+    return out
+
+
+def _pipeline_lines(prog: RankProgram, plan: Plan, train: bool) -> list[str]:
+    pp = describe_groups(plan, prog.rank).get("pp", [prog.rank])
+    specs = {st.spec.index: st.spec for st in prog.stages}
+    multi = len(prog.stages) > 1
+    m = plan.num_micro_batches
+    lines = []
+    for a in _actions(prog, plan, train):
+        spec = specs[a.stage]
+        prev = pp[(a.stage - 1) % len(pp)] if a.stage > 0 else None
+        nxt = pp[(a.stage + 1) % len(pp)] if a.stage < spec.num_stages - 1 else None
+        v = str(a.stage) if multi else ""
+        x, y, mb, tag = f"x{v}", f"y{v}", a.micro_batch, f"  # {a}"
+        if a.kind == "F":
+            if prev is not None:
+                lines.append(f"{x}[{mb}] = dist.recv(src={prev}, group=pp){tag}")
+                call = f"stage{v}(*{x}[{mb}], **inputs[{mb}])"
+            else:
+                call = f"stage{v}(*model_inputs[{mb}], **inputs[{mb}])"
+            lines.append(f"{y}[{mb}] = {call}  # -> {', '.join(spec.output_names) or 'loss'}")
+            if nxt is not None:
+                lines.append(f"dist.send({y}[{mb}], dst={nxt}, group=pp){tag}")
+        else:
+            if nxt is not None:
+                lines.append(f"dy = dist.recv(src={nxt}, group=pp){tag}")
+                lines.append(f"autograd.backward({y}[{mb}], dy)")
+            else:
+                lines.append(f"autograd.backward({y}[{mb}] / {m}){tag}")
+            if prev is not None:
+                lines.append(f"dist.send({x}[{mb}].grad, dst={prev}, group=pp){tag}")
+    return lines
+
+
+class _A:
+    def __init__(self, stage, kind, mb):
+        self.stage, self.kind, self.micro_batch = stage, kind, mb
+
+    def __str__(self):
+        return f"{self.stage}{self.kind}{self.micro_batch}"
+
+
+def _sync_lines(prog: RankProgram, plan: Plan) -> list[str]:
+    groups = describe_groups(plan, prog.rank)
+    lines = []
+    if plan.dp > 1:
+        dp = groups["dp"]
+        if plan.zero_stage > 0:
+            units = sum(
+                len([s for s in st.spec.segments if s in prog.block_segments]) + 1 for st in prog.stages
+            )
+            lines += [
+                f"# ZeRO-{plan.zero_stage} (FSDP2 fully_shard, {units} units): per unit and micro-batch",
+                f"#   dist.all_gather(params, group=dp{dp}) before forward"
+                + (" and again before backward" if plan.zero_stage >= 3 else ""),
+                f"dist.reduce_scatter(grads, group=dp{dp}, op=AVG)  # per unit, last micro-batch",
+            ]
+        else:
+            lines.append(f"dist.all_reduce(grads, group=dp{dp}, op=AVG)  # DDP buckets, last micro-batch")
+    for name in prog.tied_names():
+        lines.append(f"dist.all_reduce({name}.grad, group=tie{groups['tie']})  # tied across stages")
+    lines.append("optimizer.step()")
+    if plan.pp > 1:
+        lines.append(f"dist.broadcast(loss, src={groups['pp'][-1]}, group=pp)")
+    if plan.dp > 1:
+        lines.append(f"dist.all_reduce(loss, group=dp{groups['dp']}); loss /= {plan.dp}")
+    return lines
+
+
+def render(prog: RankProgram, plan: Plan, *, train: bool, has_sample_ids: bool) -> str:
+    share = plan.global_batch // plan.dp
+    dp_i = prog.coords.get("dp", 0)
+    lines = _header(prog, plan) + [""] + _stage_code(prog)
+    fn = "train_step" if train else "infer"
+    lines += [f"def {fn}(batch):"]
+    body = [
+        f"# data-parallel share: samples [{dp_i * share}, {(dp_i + 1) * share}) of {plan.global_batch}; "
+        f"{plan.num_micro_batches} micro-batches of {plan.micro_batch_size}",
+        "inputs = split_micro_batches(graph_inputs(batch)"
+        + (" + sample_ids(step)" if has_sample_ids else "")
+        + f", {plan.num_micro_batches})",
+    ]
+    if plan.pp > 1:
+        body.append(f"# pipeline schedule: {plan.schedule if train else 'forward only'}")
+    body += _pipeline_lines(prog, plan, train)
+    if train:
+        body += _sync_lines(prog, plan)
+    lines += [_indent("\n".join(body)), ""]
+    return "\n".join(lines)

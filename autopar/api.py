@@ -19,14 +19,18 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopar.cluster import Cluster
 from autopar.core.errors import PlanError, RuntimeFailure
 from autopar.core.plan import Plan
+from autopar.core.plan_file import load_plan
 from autopar.lower import rng
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
@@ -35,9 +39,10 @@ from autopar.runtime.failure import FailureReporter, guard
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
+from autopar.runtime.rank_code import render
 from autopar.runtime.schedule import for_plan
 from autopar.runtime.state import gather_full, scatter_full
-from autopar.tracing import MODEL_PREFIX, fx_trace
+from autopar.tracing import MODEL_PREFIX, fx_trace, trace
 from autopar.tracing.wrap import split_inputs
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,7 @@ PLAN_ENV = "AUTOPAR_PLAN"
 """Path of a plan file for ``compile(plan=None)``; set by ``autopar run PLAN.json``."""
 
 
-def _num_devices(cluster) -> int:
+def _num_devices(cluster: Cluster | int) -> int:
     if isinstance(cluster, int):
         return cluster
     n = getattr(cluster, "num_devices", None)
@@ -59,9 +64,9 @@ def _num_devices(cluster) -> int:
 
 def compile(  # noqa: A001 - the public name autopar.compile
     model: nn.Module,
-    cluster,
+    cluster: Cluster | int,
     *,
-    example_inputs,
+    example_inputs: Sequence[Any],
     loss_fn: Callable | None = None,
     optimizer: Callable | None = None,
     plan: Plan | None = None,
@@ -83,8 +88,6 @@ def compile(  # noqa: A001 - the public name autopar.compile
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
     world = _num_devices(cluster)
     if plan is None and os.environ.get(PLAN_ENV):
-        from autopar.core.plan_file import load_plan
-
         plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
     if plan is None:
         plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode)
@@ -116,7 +119,15 @@ def compile(  # noqa: A001 - the public name autopar.compile
     )
 
 
-def _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode) -> Plan:
+def _plan(
+    model: nn.Module,
+    cluster: Cluster | int,
+    example_inputs: Sequence[Any],
+    loss_fn: Callable | None,
+    num_targets: int | None,
+    global_batch: int,
+    mode: str,
+) -> Plan:
     """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank)."""
     if isinstance(cluster, int):
         raise PlanError(
@@ -126,7 +137,7 @@ def _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mo
         )
     box: list = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        from autopar.solve import plan as planner
+        from autopar.solve import plan as planner  # lazy: the solver loads pulp
 
         inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
         args = (*inputs, *targets) if mode == "train" else inputs
@@ -151,18 +162,18 @@ class ParallelModule:
 
     def __init__(
         self,
-        model,
-        plan,
+        model: nn.Module,
+        plan: Plan,
         *,
-        cluster=None,
-        example_inputs,
-        loss_fn,
-        optimizer,
-        mode,
-        num_targets,
-        seed,
-        timeout_s,
-    ):
+        cluster: Cluster | None = None,
+        example_inputs: Sequence[Any],
+        loss_fn: Callable | None,
+        optimizer: Callable | None,
+        mode: str,
+        num_targets: int | None,
+        seed: int,
+        timeout_s: float,
+    ) -> None:
         self.plan = plan
         self.cluster = cluster
         self._step_times_s: list[float] = []
@@ -243,7 +254,7 @@ class ParallelModule:
                 modules, specs, self._groups, self.device, self.plan.schedule, self.plan.num_micro_batches
             )
 
-    def _wrap(self, stage, prog: RankProgram) -> nn.Module:
+    def _wrap(self, stage: nn.Module, prog: RankProgram) -> nn.Module:
         """Recompute, then DDP or FSDP on the dp group (training only)."""
         if not self._train:
             return stage
@@ -284,7 +295,7 @@ class ParallelModule:
             side[SAMPLE_IDS] = ids[dp_index * n : (dp_index + 1) * n].to(self.device)
         return side
 
-    def step(self, batch) -> float:
+    def step(self, batch: Sequence[Any]) -> float:
         """One training step on this rank's share of ``batch``; returns the global mean loss."""
         if not self._train:
             raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
@@ -325,7 +336,7 @@ class ParallelModule:
             local = g.to_local() if hasattr(g, "to_local") else g
             dist.all_reduce(local, group=group)
 
-    def _global_loss(self, losses) -> float:
+    def _global_loss(self, losses: list[torch.Tensor]) -> float:
         value = torch.stack(losses).mean() if losses else torch.zeros(())
         value = value.detach().to(torch.float32).reshape(1).to(self.device)
         if self._groups is not None and self.plan.pp > 1:
@@ -335,7 +346,7 @@ class ParallelModule:
             value /= self.plan.dp
         return float(value.item())
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs: Any) -> Any:
         """Inference: the full output for the global batch ``inputs``, on every rank."""
         if self._train:
             raise RuntimeFailure("calling the module runs inference; compile with mode='inference'")
@@ -343,7 +354,7 @@ class ParallelModule:
         with guard(self._reporter, "inference", self.timeout_s):
             return self._infer(tuple(inputs))
 
-    def _infer(self, inputs: tuple):
+    def _infer(self, inputs: tuple) -> Any:
         dp_index = self.plan.coords(self.rank).get("dp", 0)
         share = data_parallel_share(inputs, self.plan.global_batch, self.plan.dp, dp_index)
         side = self._side_inputs(share)
@@ -429,10 +440,9 @@ class ParallelModule:
         dist.all_gather_object(parts, mine, group=self._groups.group("pp"))
         return [e for part in parts for e in part]
 
-    def report(self, path, *, measured: dict | None = None):
+    def report(self, path: str | os.PathLike, *, measured: dict | None = None) -> Path:
         """Write the plan report (HTML) with this run's measurements overlaid; returns the path."""
-        from autopar.report import write_report
-        from autopar.tracing import trace
+        from autopar.report import write_report  # lazy: optional, loads the figure code
 
         loss_fn = self._loss_fn if self._train else None
         n = len(self.target_names)
@@ -442,8 +452,6 @@ class ParallelModule:
     # ------------------------------------------------------------------------------ inspection
     def rank_code(self, rank: int) -> str:
         """The program of ``rank`` as Python source, collectives visible (no processes needed)."""
-        from autopar.runtime.rank_code import render
-
         if not 0 <= rank < self.plan.world_size:
             raise PlanError(f"rank {rank} is outside 0..{self.plan.world_size - 1}")
         prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=None)

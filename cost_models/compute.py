@@ -120,7 +120,12 @@ def memory_op_time_s(bytes_moved: float, device: DeviceRates, *, calib: Calibrat
 
 
 def roofline_time_s(
-    flops: float, bytes_moved: float, device: DeviceRates, *, efficiency: float = 1.0, calib=DEFAULT
+    flops: float,
+    bytes_moved: float,
+    device: DeviceRates,
+    *,
+    efficiency: float = 1.0,
+    calib: Calibration = DEFAULT,
 ) -> float:
     """Generic roofline for an op that is neither a GEMM nor purely memory-bound."""
     if flops <= 0 and bytes_moved <= 0:

@@ -40,7 +40,12 @@ class Precision:
 
 
 def model_state_bytes(
-    num_params: float, *, dp: int = 1, zero_stage: int = 0, mode: str = "train", precision=Precision()
+    num_params: float,
+    *,
+    dp: int = 1,
+    zero_stage: int = 0,
+    mode: str = "train",
+    precision: Precision = Precision(),
 ) -> dict[str, float]:
     """Parameters, gradients and optimizer state of ``num_params`` parameters on one device."""
     if zero_stage not in (0, 1, 2, 3):

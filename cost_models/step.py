@@ -147,7 +147,11 @@ def _tp_times(
 
 
 def _zero3_time(
-    block: BlockWork, dp_group: GroupSpec | None, recompute: str, bytes_per_param: tuple[float, float], calib
+    block: BlockWork,
+    dp_group: GroupSpec | None,
+    recompute: str,
+    bytes_per_param: tuple[float, float],
+    calib: Calibration,
 ) -> float:
     if dp_group is None or dp_group.size == 1 or block.param_count == 0:
         return 0.0
@@ -265,7 +269,7 @@ def stage_time(
     return total
 
 
-def _p2p_time(stage: StageWork, step: StepSpec, calib: Calibration, index: int | None = None) -> float:
+def stage_p2p_s(stage: StageWork, step: StepSpec, calib: Calibration, index: int | None = None) -> float:
     """Blocking sends per micro-batch on this stage: per chunk one forward (and, when training, one
     backward) transfer."""
     if len(step.stages) == 1 or step.pp_link is None or stage.p2p_bytes <= 0:
@@ -281,7 +285,8 @@ def _p2p_time(stage: StageWork, step: StepSpec, calib: Calibration, index: int |
     return per_mb if calib.pp_p2p_blocking else 0.0
 
 
-def _dp_exposed(step: StepSpec, stage_times: list[BlockTime], calib: Calibration) -> float:
+def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibration) -> float:
+    """The data-parallel gradient sync left exposed after the last backward (the worst stage's)."""
     dp = step.groups.get("dp")
     if step.mode != "train" or dp is None or dp.size == 1 or step.zero_stage == 3:
         return 0.0
@@ -303,7 +308,9 @@ def _dp_exposed(step: StepSpec, stage_times: list[BlockTime], calib: Calibration
     return worst
 
 
-def _optimizer_s(step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration) -> float:
+def optimizer_step_s(
+    step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration
+) -> float:
     """The optimizer step of the stage that takes longest (all stages step at once)."""
     if step.mode != "train":
         return 0.0
@@ -343,7 +350,7 @@ def step_time(
     if step.stage_groups is not None and len(step.stage_groups) != len(step.stages):
         raise ValueError(f"stage_groups has {len(step.stage_groups)} entries for {len(step.stages)} stages")
     times = [stage_time(s, step, r, calib, index=i) for i, (s, r) in enumerate(zip(step.stages, rates))]
-    p2p = [_p2p_time(s, step, calib, i) for i, s in enumerate(step.stages)]
+    p2p = [stage_p2p_s(s, step, calib, i) for i, s in enumerate(step.stages)]
     m, v = step.num_micro_batches, step.virtual_stages
     if step.mode != "train":
         per = [t.fwd_s + t.tp_fwd_s + p for t, p in zip(times, p2p)]
@@ -367,8 +374,8 @@ def step_time(
         "zero_comm_exposed": m * t.zero_exposed_s,
         "pp_p2p": m * p2p[worst],
         "pp_bubble": bubble,
-        "dp_comm_exposed": _dp_exposed(step, times, calib),
-        "optimizer": _optimizer_s(step, device, calib),
+        "dp_comm_exposed": dp_exposed_s(step, times, calib),
+        "optimizer": optimizer_step_s(step, device, calib),
     }
     return StepTime(
         step_time_s=sum(breakdown.values()), breakdown_s=breakdown, stage_times=times, stage_p2p_s=p2p

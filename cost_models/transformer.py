@@ -11,6 +11,8 @@ builder that lets the cost model run with no graph at all.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cost_models.workload import BlockWork, CommWork, OpWork
 
 
@@ -45,11 +47,11 @@ def korthikanti_activation_bytes(
     return sbh * (10.0 + 24.0 / t + score / t)
 
 
-def _gemm(name: str, batch: float, m: float, n: float, k: float, **kw) -> OpWork:
+def _gemm(name: str, batch: float, m: float, n: float, k: float, **kw: Any) -> OpWork:
     return OpWork(name=name, op_class="gemm", gemm=(batch, m, n, k), flops_fwd=2 * batch * m * n * k, **kw)
 
 
-def _mem(name: str, nbytes: float, **kw) -> OpWork:
+def _mem(name: str, nbytes: float, **kw: Any) -> OpWork:
     return OpWork(name=name, op_class="memory", bytes_fwd=nbytes, **kw)
 
 

@@ -8,6 +8,7 @@ local imports included, so an import hidden in a function body to dodge a cycle 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -175,3 +176,31 @@ def test_tests_do_not_edit_sys_path():
     assert not offenders, (
         f"tests import helpers from conftest.py or autopar.testing, not sys.path: {offenders}"
     )
+
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PATH_RE = re.compile(r"(?<![\w/.-])((?:autopar|cost_models|tests|benchmarks|examples|scripts)/[\w/.-]*\w)")
+DOTTED_RE = re.compile(r"(?<![\w/.-])(autopar(?:\.\w+)+)")
+
+
+def _dotted_exists(name: str) -> bool:
+    """``autopar.core.plan.Plan``: every package on the way exists, then a module or a name that
+    the last package's ``__init__`` (or the module) defines or lists."""
+    path = ROOT / "autopar"
+    for i, part in enumerate(name.split(".")[1:]):
+        if (path / part).is_dir():
+            path = path / part
+            continue
+        if (path / f"{part}.py").exists():
+            return True
+        source = (path / "__init__.py").read_text()
+        return i >= 0 and re.search(rf"\b{re.escape(part)}\b", source) is not None
+    return True
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+def test_docs_name_only_paths_that_exist(doc):
+    text = doc.read_text()
+    missing = [p for p in PATH_RE.findall(text) if "*" not in p and not (ROOT / p).exists()]
+    missing += [d for d in DOTTED_RE.findall(text) if not _dotted_exists(d.rstrip("."))]
+    assert not missing, f"{doc.name} names paths or modules that do not exist: {sorted(set(missing))}"

@@ -5,10 +5,10 @@ launcher, and `compile(plan=None)` reading $AUTOPAR_PLAN is checked below)."""
 from __future__ import annotations
 
 import pytest
-from equivalence import gpt_case
 
 import autopar
 from autopar.cli.main import main
+from autopar.testing.equivalence import gpt_case
 
 
 def _plan_file(tmp_path, **kw):

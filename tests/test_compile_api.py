@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from equivalence import assert_equivalent, gpt_case, parallel, reference
 
 import autopar
 from autopar.core.errors import PlanError, RuntimeFailure
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.testing.equivalence import assert_equivalent, gpt_case, parallel, reference
 
 
 def _compile(plan, world=None, **kw):

@@ -1,6 +1,6 @@
 """Compiled runs on real gloo ranks equal one device: the loss of every step, every full gradient
 and every updated parameter (``state_dict()``) after each of 3 AdamW steps, within rtol 1e-5 /
-atol 1e-6 in fp32. Oracle and comparison: ``tests/equivalence.py``. Several plans share one
+atol 1e-6 in fp32. Oracle and comparison: ``autopar/testing/equivalence.py``. Several plans share one
 launch, so process start-up is paid once per world size.
 
 Dropout runs with p=0.1 for the built-in GPT: the reference draws the masks with the same
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run_ranks
-from equivalence import (
+
+import autopar
+from autopar import Plan
+from autopar.models.gpt import GPTConfig
+from autopar.testing.dist import run_ranks
+from autopar.testing.equivalence import (
     build_gpt,
     check_jobs,
     gpt_case,
@@ -22,10 +26,6 @@ from equivalence import (
     run_inference_plans,
     run_jobs,
 )
-
-import autopar
-from autopar import Plan
-from autopar.models.gpt import GPTConfig
 
 pytestmark = pytest.mark.multiproc
 

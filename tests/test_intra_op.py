@@ -14,7 +14,7 @@ from torch import nn
 
 import autopar
 from autopar.sharding import ShardingGraph, megatron_placements
-from autopar.solve.intra_op import CostModel, _Quotient, assignment_s, solve_placements
+from autopar.solve.intra_op import CostModel, Quotient, assignment_s, solve_placements
 from cost_models import GroupSpec, LinkSpec, collective_time_s
 
 
@@ -44,7 +44,7 @@ def _mse(out, target):
 
 
 def _brute_force(sg, graph, costs):
-    q = _Quotient(sg, graph)
+    q = Quotient(sg, graph)
     canon = [n for n in sg.nodes if q.canon[n] is n and sg.strategies(n)]
     best = None
     for combo in itertools.product(*(sg.strategies(v) for v in canon)):
@@ -105,7 +105,7 @@ def test_gpt_ilp_never_worse_than_default_placements():
     sg = ShardingGraph(graph.gm, 2)
     costs = _costs(100e9)
     solution = solve_placements(sg, graph, costs)
-    q = _Quotient(sg, graph)
+    q = Quotient(sg, graph)
     default = megatron_placements(graph.gm, 2)
     choice = {v: _matching_strategy(sg, v, default) for v in sg.nodes if q.canon[v] is v and sg.strategies(v)}
     assert all(s is not None for s in choice.values())

@@ -12,21 +12,26 @@ One launch runs every case (process start dominates on this machine); each case 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import re
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_utils import run_ranks
 from torch import nn
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import NodePlacement, Partial, Plan, Replicate, Shard
 from autopar.lower import ShardSpec, lower_tensor_parallel
+from autopar.lower.collectives import LOWERED, TPContext
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.sharding import ShardingGraph, reshard_kind
+from autopar.sharding.reshard import BACKWARD_OF, COMMUNICATING
 from autopar.sharding.rules import NO_PLACEMENT
+from autopar.testing.dist import run_ranks
 from autopar.tracing import fx_trace
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -127,7 +132,7 @@ def build(case: dict):
         tokens = torch.randint(0, 64, (2, 8), generator=g)
         return model, tokens, torch.randint(0, 64, (2, 8), generator=g), gpt_loss
     if case["model"].startswith("hf-"):
-        from equivalence import build_hf, lm_loss
+        from autopar.testing.equivalence import build_hf, lm_loss
 
         ids = torch.randint(0, 64, (2, 8), generator=g)
         return build_hf(case["model"][3:], 0), ids, ids, lm_loss
@@ -235,6 +240,86 @@ def test_runtime_counter_dropout_gets_its_shard_and_matches_unsharded():
     for rank, (single, sharded, shards) in enumerate(run_ranks(_rank_runtime_dropout, 2)):
         assert sharded == pytest.approx(single, rel=RTOL, abs=ATOL)
         assert (1, rank, 2) in shards, "sequence-parallel dropouts must know their shard"
+
+
+# ------------------------------------------------------------------------------ collective pairs
+# torch.distributed functions -> the collective they run (the lowering calls whichever exists).
+_DIST_COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_single": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+}
+
+
+@contextlib.contextmanager
+def _spy_on_collectives(log: list[str]):
+    """Wrap the real torch.distributed collectives (still calling them): append what each issues.
+
+    Only the outermost call counts (a renamed function that forwards to its old name is one call).
+    """
+    depth = [0]
+    originals = {name: getattr(dist, name) for name in _DIST_COLLECTIVES if hasattr(dist, name)}
+
+    def spy(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if depth[0] == 0:
+                log.append(_DIST_COLLECTIVES[name])
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, spy(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def _rank_collective_pairs() -> dict:
+    """Forward and backward of every LOWERED function on 2 ranks, with the collectives each issued."""
+    rank = dist.get_rank()
+    tp = TPContext(dist.group.WORLD, rank, 2)
+    out = {}
+    for kind, fn in LOWERED.items():
+        torch.manual_seed(rank)
+        x = torch.randn(4, 6, requires_grad=True)
+        forward, backward = [], []
+        with _spy_on_collectives(forward):
+            y = fn(x, tp) if "dim" not in inspect.signature(fn).parameters else fn(x, 1, tp)
+        with _spy_on_collectives(backward):
+            y.backward(torch.ones_like(y))
+        out[kind] = dict(forward=forward, backward=backward, grad_shape=tuple(x.grad.shape))
+    return out
+
+
+@pytest.mark.multiproc
+def test_lowered_collectives_run_the_backward_that_backward_of_names():
+    """The one collective-pair table: each lowered resharding's backward issues exactly the
+    collective :data:`autopar.sharding.reshard.BACKWARD_OF` names (None: no collective), on real
+    gloo ranks, with the real torch.distributed functions spied on."""
+    for rank, results in enumerate(run_ranks(_rank_collective_pairs, 2)):
+        assert set(results) == set(LOWERED)
+        for kind, r in results.items():
+            want_forward = [kind] if kind in COMMUNICATING else []
+            want_backward = [BACKWARD_OF[kind]] if BACKWARD_OF[kind] is not None else []
+            assert r["forward"] == want_forward, f"rank {rank} {kind}: forward issued {r['forward']}"
+            assert r["backward"] == want_backward, f"rank {rank} {kind}: backward issued {r['backward']}"
+            assert r["grad_shape"] == (4, 6), f"rank {rank} {kind}"
 
 
 # ------------------------------------------------------------------------------ dry lowering
@@ -367,14 +452,14 @@ def test_dropout_slices_are_the_single_device_mask(transposed):
     """Oracle: torch's own F.dropout on the full tensor with the same generator state."""
     from autopar.lower.collectives import TPContext
     from autopar.lower.parallel_ops import autopar_dropout
-    from autopar.lower.rewrite import _noncontiguous_layout
+    from autopar.lower.rewrite import noncontiguous_layout
 
     full = torch.randn(4, 6, 8)
     if transposed:
         full = full.transpose(0, 2)  # [8, 6, 4], not contiguous: torch draws in memory order
     torch.manual_seed(5)
     expected = F.dropout(full, 0.3, True)
-    layout = _noncontiguous_layout(full)
+    layout = noncontiguous_layout(full)
     assert (layout is None) is not transposed
     parts = []
     for rank in range(2):

@@ -26,7 +26,7 @@ from autopar.core.progress import Progress
 from autopar.estimator import estimate, workload
 from autopar.models import GPTConfig
 from autopar.solve.inter_op import latency_s
-from autopar.solve.planner import Search, _space_spec, make_plan
+from autopar.solve.planner import Search, make_plan, space_spec
 from autopar.solve.refine import split_lower_bound, stage_problem, stage_totals
 
 _GRAPHS: dict = {}
@@ -240,7 +240,7 @@ def test_every_bound_is_below_what_it_bounds(shape, cluster_name):
     at most the step time of every knob and every split; at several memory sizes, the memory screen
     passes every plan that fits (under its own split)."""
     graph, cluster = gpt_graph(shape), CLUSTERS[cluster_name]()
-    spec = _space_spec(graph, cluster, 32, "train", None, False)
+    spec = space_spec(graph, cluster, 32, "train", None, False)
     search = Search(graph, cluster, spec, time_limit_s=60, progress=Progress(enabled=False))
     firsts: dict = {}
     cands = []
@@ -251,23 +251,23 @@ def test_every_bound_is_below_what_it_bounds(shape, cluster_name):
         pipe = tuple(base.values())
         if pipe not in firsts:
             firsts[pipe] = search.evaluate(dict(base, recompute="none", zero=0))
-            search._learn_block_time(firsts[pipe])
+            search.learn_block_time(firsts[pipe])
         first, knob = firsts[pipe], (plan.recompute, plan.zero_stage)
         cands.append((t, memory, base, first, knob))
         ceiling = t * (1 + 1e-9)
-        assert search._bound(first, knob) <= ceiling, (plan.summary(), plan.layer_stages)
-        assert search._pipeline_bound(base) <= ceiling, (plan.summary(), plan.layer_stages)
+        assert search.knob_bound(first, knob) <= ceiling, (plan.summary(), plan.layer_stages)
+        assert search.pipeline_bound(base) <= ceiling, (plan.summary(), plan.layer_stages)
         if base["schedule"] == "interleaved":
             search.best_s = ceiling
             twin = firsts.get((base["dp"], base["tp"], base["pp"], base["mbs"], "1f1b", 1, base["sp"]))
-            assert not search._skip(base, twin), plan.summary()
+            assert not search.skip(base, twin), plan.summary()
             search.best_s = float("inf")
     assert len(cands) > 500
     for capacity in capacities(cands)[1:-1]:
         search.cluster = with_memory(cluster, capacity)
         for _, memory, base, first, knob in cands:
             if memory <= capacity:
-                assert search._may_fit(first, dict(base, recompute=knob[0], zero=knob[1])), (base, knob)
+                assert search.may_fit(first, dict(base, recompute=knob[0], zero=knob[1])), (base, knob)
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch.distributed as dist
-from dist_utils import LaunchFailure, run_ranks
-from equivalence import gpt_case
 
 import autopar
 from autopar.core.errors import RuntimeFailure
+from autopar.testing.dist import LaunchFailure, run_ranks
+from autopar.testing.equivalence import gpt_case
 
 pytestmark = pytest.mark.multiproc
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import MLPNet, hf_case
 
 from autopar import Plan
 from autopar.core.errors import PlanError
@@ -15,6 +14,7 @@ from autopar.lower.program import build_program
 from autopar.lower.segments import find_blocks, split_segments, stage_of_segments
 from autopar.lower.stages import build_stage
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.testing.equivalence import MLPNet, hf_case
 from autopar.tracing import fx_trace
 
 

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopar.core.ir import OP_KINDS
 from autopar.core.plan import Partial, Replicate, Shard
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
-from autopar.sharding import ShardingGraph, functionalize, megatron_placements, reshard_kind, strategies
+from autopar.sharding import ShardingGraph, functionalize, megatron_placements, ops, reshard_kind, strategies
 from autopar.sharding.view_rules import getitem_dim_map, reshape_dim_map
 from autopar.tracing import fx_trace
+from autopar.tracing.opkinds import FAMILY_KINDS, OPS
 
 R, P = Replicate(), Partial()
 
@@ -221,3 +223,45 @@ def test_tp1_is_all_replicated():
     pl = megatron_placements(gpt_graph(), tp=1)
     assert all(np.output == R for np in pl.values())
     assert all(p == R for p in params_of(pl).values())
+
+
+# ------------------------------------------------------------------------------ the op table
+def test_every_op_the_sharding_rules_know_has_a_consistent_cost_kind():
+    """One table (``autopar.tracing.opkinds.OPS``): every name a sharding rule parses has a cost
+    kind other than "other", and the kind agrees with the rule family (pointwise -> elementwise or
+    view, reduction -> reduction, ...)."""
+    known = {name for name, info in OPS.items() if info.family is not None}
+    derived = set().union(
+        ops.POINTWISE, ops.LINEAR_UNARY, ops.RESHAPE, ops.PERMUTE, ops.SPLIT, ops.REDUCTION,
+        ops.LIKE, ops.RANDOM_LIKE, ops.NEW, ops.SHAPE_METHODS,
+    )  # fmt: skip
+    assert derived <= known
+    bad = []
+    for name in sorted(known):
+        info = OPS[name]
+        if info.kind == "other" or info.kind not in OP_KINDS:
+            bad.append(f"{name}: cost kind {info.kind!r}")
+        elif info.kind not in FAMILY_KINDS[info.family]:
+            bad.append(f"{name}: family {info.family!r} but cost kind {info.kind!r}")
+        if info.transcendental and (info.kind, info.family) != ("elementwise", "pointwise"):
+            bad.append(f"{name}: transcendental but not an elementwise pointwise op")
+        if info.linear_unary and info.family != "pointwise":
+            bad.append(f"{name}: linear_unary but family {info.family!r}")
+    assert not bad, "\n".join(bad)
+    # the former disagreements, decided once
+    for name in ("sign", "square", "isub", "itruediv"):
+        assert (OPS[name].kind, OPS[name].family) == ("elementwise", "pointwise"), name
+    for name in ("max", "min", "norm"):
+        assert (OPS[name].kind, OPS[name].family) == ("reduction", "reduction"), name
+
+
+def test_a_name_without_a_family_gets_no_sharding_rule():
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.baddbmm(x, x, x).sign().square()
+
+    gm = fx_trace(Net(), (torch.randn(2, 3, 3),))
+    sg = ShardingGraph(gm, tp=2)
+    kinds = {call.name: call.kind for call in sg.calls.values()}
+    assert OPS["baddbmm"].family is None and kinds["baddbmm"] == "other"
+    assert kinds["sign"] == kinds["square"] == "pointwise"

@@ -349,3 +349,23 @@ def test_fused_attention_saves_less_and_says_why():
     assert per_layer == pytest.approx(34 * s * h + 4 * a * s, rel=0.01)
     assert any(n.op_kind == "attention" for n in g.nodes)
     assert any("fused attention" in note and "5*a*s^2*b" in note for note in g.notes)
+
+
+def test_ops_the_sharding_rules_know_are_costed_too():
+    """The one op table: ``sign``/``square`` are 1-FLOP elementwise ops, ``max``/``norm``
+    reductions (1 FLOP per input element), not 0-FLOP "other" nodes."""
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return x.square().sign().max() + torch.norm(x)
+
+    g = autopar.trace(Net(), (torch.randn(4, 8),))
+    by_name = {n.target.rsplit(".", 1)[-1]: n for n in g.nodes if n.op_kind not in ("placeholder", "output")}
+    for name, kind in (
+        ("square", "elementwise"),
+        ("sign", "elementwise"),
+        ("max", "reduction"),
+        ("norm", "reduction"),
+    ):
+        node = by_name[name]
+        assert (node.op_kind, node.flops_fwd) == (kind, 32.0), name

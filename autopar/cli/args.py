@@ -16,7 +16,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_workload_args(p) -> None:
+def add_workload_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --cluster, --global-batch and --seq: what every costing command takes."""
     p.add_argument(
         "model", metavar="MODEL", help="gpt:hidden=..,layers=..; a preset (`autopar models`); file.py:factory"

@@ -15,9 +15,21 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+import autopar
+from autopar.cluster import Cluster
+from autopar.core.plan import Plan
+from autopar.core.plan_rules import parse_plan_arg, resolve_plan
+from autopar.core.progress import Progress
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.report import write_report as write
+from autopar.runtime.launch import run_local
+from autopar.tracing import trace
 
 TEXT = (
     "autopar plans how one training step is split over a cluster: data parallel replicas, tensor "
@@ -28,15 +40,11 @@ TEXT = (
 VOCAB = 128  # ASCII
 
 
-def model_config(seq: int):
-    from autopar.models.gpt import GPTConfig
-
+def model_config(seq: int) -> GPTConfig:
     return GPTConfig(hidden=64, layers=4, heads=4, vocab=VOCAB, seq=seq, dropout=0.0)
 
 
-def build_model(seq: int):
-    from autopar.models.gpt import GPT
-
+def build_model(seq: int) -> GPT:
     torch.manual_seed(0)
     return GPT(model_config(seq))
 
@@ -53,17 +61,13 @@ def make_batches(steps: int, batch: int, seq: int) -> list[tuple[torch.Tensor, t
     return out
 
 
-def optimizer(params):
+def optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-3, eps=1e-6)
 
 
-def _train_rank(plan, steps: int, batch: int, seq: int):
+def _train_rank(plan: Plan, steps: int, batch: int, seq: int) -> dict[str, Any]:
     """One rank: compile, train with a progress line on rank 0, return losses and step times."""
     import torch.distributed as dist
-
-    import autopar
-    from autopar.core.progress import Progress
-    from autopar.models.gpt import gpt_loss
 
     rank = dist.get_rank()
     batches = make_batches(steps, batch, seq)
@@ -95,9 +99,6 @@ def _train_rank(plan, steps: int, batch: int, seq: int):
 
 def reference(steps: int, batch: int, seq: int) -> list[float]:
     """The same model, data and optimizer on one process."""
-    from autopar.core.progress import Progress
-    from autopar.models.gpt import gpt_loss
-
     model = build_model(seq)
     opt = optimizer(model.parameters())
     progress = Progress()
@@ -114,11 +115,7 @@ def reference(steps: int, batch: int, seq: int) -> list[float]:
     return losses
 
 
-def choose_plan(args, cluster):
-    import autopar
-    from autopar.core.plan_rules import parse_plan_arg, resolve_plan
-    from autopar.models.gpt import gpt_loss
-
+def choose_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
     cfg = model_config(args.seq)
     if args.plan:
         return resolve_plan(parse_plan_arg(args.plan), cluster, cfg.layers, cfg.heads, args.batch)
@@ -133,11 +130,7 @@ def choose_plan(args, cluster):
     )
 
 
-def write_report(args, plan, cluster, measured: dict) -> None:
-    from autopar.models.gpt import gpt_loss
-    from autopar.report import write_report as write
-    from autopar.tracing import trace
-
+def write_report(args: argparse.Namespace, plan: Plan, cluster: Cluster, measured: dict) -> None:
     graph = trace(
         build_model(args.seq), make_batches(1, plan.micro_batch_size, args.seq)[0], loss_fn=gpt_loss
     )
@@ -156,7 +149,7 @@ def _table(ours: list[float], ref: list[float]) -> tuple[str, float]:
     return "\n".join(lines), worst
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autopar.cli.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
@@ -167,9 +160,6 @@ def main(argv=None) -> int:
     parser.add_argument("--show-code", action="store_true", help="print rank 0's program")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-
-    import autopar
-    from autopar.runtime.launch import run_local
 
     t0 = time.perf_counter()
     cluster = autopar.Cluster.local(ranks=args.ranks)

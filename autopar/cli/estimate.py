@@ -8,10 +8,18 @@ per device against capacity.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from autopar.cli.args import add_workload_args
+from autopar.core.errors import PlanError
+from autopar.core.text import gb_text, seconds_text
+
+if TYPE_CHECKING:
+    from autopar.cluster import Cluster
+    from autopar.core.plan import Plan, PredictedCost
 
 ORDER = 10
 
@@ -29,7 +37,7 @@ JSON_KEYS = (
 )
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "estimate",
         help="predict step time and memory of one plan on a cluster",
@@ -48,7 +56,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
     from autopar.models.spec import graph_layers, load_model
@@ -102,11 +110,10 @@ def run(args) -> int:
     return 0
 
 
-def _plan_file(text: str):
+def _plan_file(text: str) -> Plan | None:
     """``--plan plan.json``: a plan written by ``autopar plan --out`` (None for key=value text)."""
     if not text.strip().lower().endswith(".json"):
         return None
-    from autopar.core.errors import PlanError
     from autopar.core.plan import Plan
 
     try:
@@ -117,17 +124,9 @@ def _plan_file(text: str):
 
 
 # ------------------------------------------------------------------------------- output
-def _gb(value: float) -> str:
-    return f"{value / 1e9:,.2f} GB"
-
-
-def _time(value: float) -> str:
-    if value >= 1:
-        return f"{value:,.3f} s"
-    return f"{value * 1e3:,.2f} ms"
-
-
-def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[str]) -> str:
+def render(
+    cost: PredictedCost, plan: Plan, cluster: Cluster, *, model: str, seq: int | None, defaulted: list[str]
+) -> str:
     """The human-readable report of one estimate."""
     kinds = " + ".join(f"{g.nodes} x {cluster.devices_per_node} {g.device.name}" for g in cluster.node_groups)
     lines = [
@@ -136,26 +135,26 @@ def render(cost, plan, cluster, *, model: str, seq: int | None, defaulted: list[
         f"plan     {plan.summary()}"
         + (f"   (chosen by the planner: {', '.join(defaulted)})" if defaulted else ""),
         "",
-        f"{'step time':<26}{_time(cost.step_time_s):>14}",
+        f"{'step time':<26}{seconds_text(cost.step_time_s, fixed=True):>14}",
     ]
     total = cost.step_time_s or 1.0
     for name, seconds in cost.breakdown_s.items():
-        lines.append(f"  {name:<24}{_time(seconds):>14}  {100 * seconds / total:5.1f}%")
+        lines.append(f"  {name:<24}{seconds_text(seconds, fixed=True):>14}  {100 * seconds / total:5.1f}%")
     lines += [
         f"{'tokens/s':<26}{cost.tokens_per_s:>14,.0f}",
         f"{'MFU':<26}{100 * cost.mfu:>13.1f}%",
         f"{'model FLOPs/step':<26}{cost.model_flops_per_step:>14.3e}",
         f"{'hardware FLOPs/step':<26}{cost.hardware_flops_per_step:>14.3e}",
         "",
-        f"{'memory per device':<26}{_gb(cost.memory_bytes_per_device):>14}  of {_gb(cost.memory_capacity_bytes)}",
+        f"{'memory per device':<26}{gb_text(cost.memory_bytes_per_device, ',.2f'):>14}  of {gb_text(cost.memory_capacity_bytes, ',.2f')}",
     ]
     for name, value in cost.memory_breakdown_bytes.items():
-        lines.append(f"  {name:<24}{_gb(value):>14}")
+        lines.append(f"  {name:<24}{gb_text(value, ',.2f'):>14}")
     if cost.fits:
         lines.append(f"{'fits':<26}{'yes':>14}")
     else:
         over = cost.memory_bytes_per_device - cost.memory_capacity_bytes
         lines.append(
-            f"{'fits':<26}{'NO':>14}  over by {_gb(over)}: try recompute, zero, more pp/tp or a smaller mbs"
+            f"{'fits':<26}{'NO':>14}  over by {gb_text(over, ',.2f')}: try recompute, zero, more pp/tp or a smaller mbs"
         )
     return "\n".join(lines)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
+
+from autopar.core.text import gb_text
+
+if TYPE_CHECKING:
+    from autopar.cluster.hardware import DeviceSpec, Preset
 
 ORDER = 80
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "hardware",
         help="list known device kinds and cluster presets",
@@ -26,29 +33,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _tflops(dev, dtype: str) -> str:
+def _tflops(dev: DeviceSpec, dtype: str) -> str:
     value = dev.peak_flops_per_s.get(dtype)
     if value is None:
         return "-"
     return f"{value / 1e12:.4g}"
 
 
-def device_table(devices) -> str:
+def device_table(devices: dict[str, DeviceSpec]) -> str:
     dtypes = ("fp32", "tf32", "fp16", "bf16", "fp8")
     header = ["device", *(f"{d} TFLOP/s" for d in dtypes), "memory GB", "mem bw GB/s"]
     rows = [
         [
             d.name,
             *(_tflops(d, t) for t in dtypes),
-            f"{d.memory_bytes / 1e9:.4g}",
-            f"{d.hbm_bytes_per_s / 1e9:.4g}",
+            gb_text(d.memory_bytes, ".4g", unit=False),
+            gb_text(d.hbm_bytes_per_s, ".4g", unit=False),
         ]
         for d in devices.values()
     ]
     return _table(header, rows)
 
 
-def preset_table(presets) -> str:
+def preset_table(presets: dict[str, Preset]) -> str:
     header = [
         "preset",
         "device",
@@ -66,9 +73,9 @@ def preset_table(presets) -> str:
                 p.name,
                 p.device.name,
                 str(p.devices_per_node),
-                f"{p.intra_node.bandwidth_bytes_per_s / 1e9:.4g}",
+                gb_text(p.intra_node.bandwidth_bytes_per_s, ".4g", unit=False),
                 f"{p.intra_node.latency_s * 1e6:.3g}",
-                f"{p.inter_node.bandwidth_bytes_per_s / 1e9:.4g}",
+                gb_text(p.inter_node.bandwidth_bytes_per_s, ".4g", unit=False),
                 f"{p.inter_node.latency_s * 1e6:.3g}",
                 p.description,
             ]
@@ -77,7 +84,7 @@ def preset_table(presets) -> str:
     return _table(header, rows)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from autopar.cluster.hardware import DEVICES, PRESETS
 
     if args.json:

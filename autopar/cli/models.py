@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -16,7 +17,7 @@ SPEC_FORMS = (
 )
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models",
         help="list built-in model presets and model spec forms",
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _rows(models) -> list[tuple[str, str]]:
+def _rows(models: dict[str, object] | list[object]) -> list[tuple[str, str]]:
     """Accept what ``list_models()`` returns: a mapping name -> info, or a list of names/dicts."""
     if isinstance(models, dict):
         return [(str(k), _describe(v)) for k, v in models.items()]
@@ -57,7 +58,7 @@ def _table(models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _describe(info) -> str:
+def _describe(info: object) -> str:
     if isinstance(info, str):
         return info
     if isinstance(info, dict):
@@ -68,7 +69,7 @@ def _describe(info) -> str:
     return str(info)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         from autopar.models import list_models
     except ImportError as e:

@@ -9,6 +9,7 @@ plus ``solve_time_s`` and ``alternatives``; ``--out`` writes the plan (``Plan.to
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ from autopar.cli.estimate import JSON_KEYS, render
 ORDER = 20
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan",
         help="find the fastest plan that fits (ILP planner)",
@@ -38,7 +39,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import autopar
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import parse_plan_arg, plan_keys

@@ -8,12 +8,19 @@ also measures gloo all-reduce between 2 local processes.
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from autopar.cli.args import positive_int
+from autopar.core.text import gb_text
+
+if TYPE_CHECKING:
+    from autopar.estimator.profile import Profile
 
 ORDER = 45
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "profile",
         help="measure per-op forward/backward times of a model on this machine",
@@ -40,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     import autopar
@@ -60,7 +67,7 @@ def run(args) -> int:
 
         link = measure_collectives(2)["link"]
         print(
-            f"gloo all_reduce, 2 ranks: {link['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s per link, "
+            f"gloo all_reduce, 2 ranks: {gb_text(link['bandwidth_bytes_per_s'], '.2f')}/s per link, "
             f"{link['latency_s'] * 1e6:.0f} us per hop"
         )
     if args.out:
@@ -69,7 +76,7 @@ def run(args) -> int:
     return 0
 
 
-def render(prof, args) -> str:
+def render(prof: Profile, args: argparse.Namespace) -> str:
     fwd_s, bwd_s = prof.total_s()
     lines = [
         f"model    {args.model}  (batch {args.batch})",

@@ -8,14 +8,17 @@ model and cluster default to those stored with the plan; give them for hand-writ
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 
+from autopar.core.errors import ReportError
+
 ORDER = 30
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
         help="draw the HTML report of a plan file",
@@ -34,8 +37,6 @@ def add_parser(subparsers) -> None:
 
 
 def _read_measured(path: str | None) -> dict | None:
-    from autopar.report import ReportError
-
     if not path:
         return None
     try:
@@ -47,7 +48,7 @@ def _read_measured(path: str | None) -> dict | None:
         raise ReportError(f"measurements file {path!r} is not valid JSON: {e}") from None
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autopar.report import load_plan, report_text, write_report

@@ -16,16 +16,19 @@ initialises the process group from torchrun's environment::
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
 import sys
 
+from autopar.core.errors import PlanError
+
 ORDER = 45
 PLAN_ENV = "AUTOPAR_PLAN"
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run",
         help="run a training script on N local processes under a plan (wraps torchrun)",
@@ -50,8 +53,7 @@ def command(
     return [*cmd, script, *script_args]
 
 
-def run(args) -> int:
-    from autopar.core.errors import PlanError
+def run(args: argparse.Namespace) -> int:
     from autopar.core.plan_file import load_plan
 
     plan = load_plan(args.plan_file)

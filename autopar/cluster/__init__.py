@@ -6,7 +6,10 @@ Public API (what other packages import from here):
   :class:`NodeGroup`;
 * :class:`DeviceSpec`, :class:`Link`, the tables :data:`DEVICES` and :data:`PRESETS`
   (:mod:`autopar.cluster.hardware`, every constant with its source);
-* :mod:`autopar.cluster.schema`: parsing and validating the YAML/JSON/CLI forms, ``describe``.
+* :mod:`autopar.cluster.schema`: parsing and validating the YAML/JSON/CLI forms; ``device_line`` and
+  ``link_line`` (the rows of ``Cluster.describe()``).
+
+Nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -195,8 +195,21 @@ class Cluster:
         return f"Cluster({self.name!r}: {kinds}, {self.num_devices} devices)"
 
     def describe(self) -> str:
-        """A short human-readable table."""
-        return schema.describe(self)
+        """A short human-readable table: the devices of each node group and the links (units by
+        :mod:`autopar.core.text`)."""
+        c = self
+        rows = [
+            f"cluster {c.name}: {c.nodes} node(s) x {c.devices_per_node} devices = {c.num_devices} devices"
+        ]
+        start = 0
+        for g in c.node_groups:
+            span = f"nodes {start}-{start + g.nodes - 1}" if c.is_heterogeneous else "device"
+            rows.append(f"  {span:<11} {schema.device_line(g.device)}")
+            start += g.nodes
+        rows.append(f"  {'intra-node':<11} {schema.link_line(c.intra_node)}")
+        if c.nodes > 1:
+            rows.append(f"  {'inter-node':<11} {schema.link_line(c.inter_node)}")
+        return "\n".join(rows)
 
     def with_overrides(self, **overrides: object) -> Cluster:
         """A copy with CLI-style overrides applied (``nodes=``, ``inter_node_gbps=``, ...)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from autopar.cluster.hardware import DTYPES, DeviceSpec, Link, canonical_dtype, device_kind
 from autopar.core.errors import ClusterError
-from autopar.core.text import did_you_mean
+from autopar.core.text import did_you_mean, seconds_text, si_text
 
 TOP_KEYS = (
     "name",
@@ -331,40 +331,10 @@ def _apply_device_total(out: dict, total: int, label: str, nodes_given: int | No
 
 
 # --------------------------------------------------------------------------------- table
-def fmt_si(value: float, unit: str) -> str:
-    """``3.12e14, 'FLOP/s'`` -> ``'312 TFLOP/s'``."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.4g} {prefix}{unit}"
-    return f"{value:.4g} {unit}"
-
-
-def fmt_seconds(value: float) -> str:
-    if value >= 1:
-        return f"{value:.3g} s"
-    if value >= 1e-3:
-        return f"{value * 1e3:.3g} ms"
-    return f"{value * 1e6:.3g} us"
-
-
 def device_line(dev: DeviceSpec) -> str:
-    peaks = ", ".join(f"{k} {fmt_si(v, 'FLOP/s')}" for k, v in dev.peak_flops_per_s.items())
-    return f"{dev.name}: {peaks}; {fmt_si(dev.memory_bytes, 'B')}, {fmt_si(dev.hbm_bytes_per_s, 'B/s')} memory bw"
+    peaks = ", ".join(f"{k} {si_text(v, 'FLOP/s')}" for k, v in dev.peak_flops_per_s.items())
+    return f"{dev.name}: {peaks}; {si_text(dev.memory_bytes, 'B')}, {si_text(dev.hbm_bytes_per_s, 'B/s')} memory bw"
 
 
 def link_line(link: Link) -> str:
-    return f"{fmt_si(link.bandwidth_bytes_per_s, 'B/s')} per device per direction, {fmt_seconds(link.latency_s)} per hop"
-
-
-def describe(cluster) -> str:
-    c = cluster
-    rows = [f"cluster {c.name}: {c.nodes} node(s) x {c.devices_per_node} devices = {c.num_devices} devices"]
-    start = 0
-    for g in c.node_groups:
-        span = f"nodes {start}-{start + g.nodes - 1}" if c.is_heterogeneous else "device"
-        rows.append(f"  {span:<11} {device_line(g.device)}")
-        start += g.nodes
-    rows.append(f"  {'intra-node':<11} {link_line(c.intra_node)}")
-    if c.nodes > 1:
-        rows.append(f"  {'inter-node':<11} {link_line(c.inter_node)}")
-    return "\n".join(rows)
+    return f"{si_text(link.bandwidth_bytes_per_s, 'B/s')} per device per direction, {seconds_text(link.latency_s, micro='us')} per hop"

@@ -8,6 +8,8 @@
 * :mod:`~autopar.core.plan_rules`: the one set of plan legality rules (CLI keys, the search space
   and the estimator all ask it);
 * :mod:`~autopar.core.explain`: ``Plan.explain()`` text;
-* :mod:`~autopar.core.text`: units formatting and did-you-mean hints;
+* :mod:`~autopar.core.text`: did-you-mean hints and the one formatter of numbers with units (bytes
+  in decimal GB/MB, seconds, SI prefixes, parameter counts) that the CLI, the report and the
+  planner's explanations share;
 * :mod:`~autopar.core.progress`: progress lines for long work.
 """

@@ -11,8 +11,12 @@ Units are in the field names: ``*_bytes`` are bytes, ``flops_*`` are floating-po
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # Op kinds the cost model and the sharding rules understand. Everything else is "other".
 OP_KINDS = (
@@ -114,7 +118,7 @@ class OpGraph:
     def __getitem__(self, name: str) -> OpNode:
         return self._by_name[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[OpNode]:
         return iter(self.nodes)
 
     def __len__(self) -> int:
@@ -158,7 +162,7 @@ class OpGraph:
             t["saved_bytes"] += n.saved_bytes
         return {k: dict(v) for k, v in out.items()}
 
-    def to_networkx(self):
+    def to_networkx(self) -> nx.DiGraph:
         """A ``networkx.DiGraph`` with one vertex per node (attributes = the node's fields)."""
         import networkx as nx
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import PLAN_VERSION, Plan, PredictedCost
@@ -20,7 +21,7 @@ ALTERNATIVE_FIELDS = ("summary", "step_time_s", "why")
 REJECTED_FIELDS = ("config", "fits", "why")
 
 
-def _need(d: dict, key: str, where: str, kind: type | tuple, kind_name: str):
+def _need(d: dict, key: str, where: str, kind: type | tuple, kind_name: str) -> Any:
     if key not in d:
         raise PlanError(f"{where} is missing the field {key!r}")
     value = d[key]
@@ -40,7 +41,7 @@ def _check_mesh(d: dict) -> None:
         _need(axis, "size", f"plan field mesh[{i}]", int, "a positive integer")
 
 
-def _check_predicted(p) -> None:
+def _check_predicted(p: object) -> None:
     if p is None:
         return
     if not isinstance(p, dict):
@@ -55,7 +56,7 @@ def _check_predicted(p) -> None:
             raise PlanError(f"plan field predicted.{key} must be an object, got {type(p[key]).__name__}")
 
 
-def _check_entries(entries, where: str, required: tuple[str, ...]) -> None:
+def _check_entries(entries: object, where: str, required: tuple[str, ...]) -> None:
     if not isinstance(entries, list):
         raise PlanError(f"plan field {where} must be a list, got {type(entries).__name__}")
     for i, e in enumerate(entries):
@@ -66,7 +67,7 @@ def _check_entries(entries, where: str, required: tuple[str, ...]) -> None:
                 raise PlanError(f"plan field {where}[{i}] is missing the field {key!r}")
 
 
-def _check_search(s) -> None:
+def _check_search(s: object) -> None:
     if s is None:
         return
     if not isinstance(s, dict):
@@ -79,7 +80,7 @@ def _check_search(s) -> None:
         raise PlanError(f"plan field search.stats must be an object, got {type(s['stats']).__name__}")
 
 
-def check_plan_dict(d) -> None:
+def check_plan_dict(d: object) -> None:
     """Raise PlanError naming the first missing or ill-typed field a report needs."""
     if not isinstance(d, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(d).__name__}")

@@ -1,4 +1,11 @@
-"""The short plan keys of the CLI (``--plan tp=8,pp=8,dp=16``) and their resolution into a Plan.
+"""The legality rules of a plan, and the short plan keys of the CLI (``--plan tp=8,pp=8,dp=16``).
+
+This module is the one home of the rules a plan must follow: :func:`divisors`, the predicates
+:func:`tp_divides_heads`, :func:`pp_fits_layers`, :func:`batch_splits`, :func:`interleaving_fits`,
+:func:`sequence_parallel_allowed` and the checkers :func:`check_world_size`,
+:func:`check_tp_splits_heads`, :func:`check_tp_splits_width`. :func:`resolve_plan` (the CLI), the
+planner's search space (:mod:`autopar.solve.space`) and the estimator's validation
+(:mod:`autopar.estimator.stages`) all use them.
 
 Keys: ``dp tp pp`` (mesh degrees), ``mbs`` (micro-batch size), ``vpp`` (virtual pipeline stages),
 ``schedule`` (gpipe | 1f1b | interleaved), ``recompute`` (none | selective | full), ``sp`` (sequence
@@ -22,8 +29,65 @@ _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
 
-def _divisors(n: int) -> list[int]:
+# ------------------------------------------------------------------------------ the rules
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tp_divides_heads(tp: int, heads: int | None, kv_heads: int | None = None) -> bool:
+    """Tensor parallelism splits attention by heads: ``tp`` divides the (key/value) head counts
+    (an unknown count, None or 0, is no constraint)."""
+    return not (heads and heads % tp) and not (kv_heads and kv_heads % tp)
+
+
+def pp_fits_layers(pp: int, num_layers: int, vpp: int = 1) -> bool:
+    """Every one of the ``pp * vpp`` pipeline stages (model chunks) holds at least one layer."""
+    return pp * vpp <= num_layers
+
+
+def batch_splits(global_batch: int, dp: int, mbs: int = 1) -> bool:
+    """The global batch splits evenly over ``dp`` replicas and each replica's into micro-batches."""
+    return global_batch % dp == 0 and (global_batch // dp) % mbs == 0
+
+
+def interleaving_fits(num_micro_batches: int, pp: int) -> bool:
+    """The interleaved schedule needs the micro-batch count to be a multiple of ``pp``."""
+    return num_micro_batches % pp == 0
+
+
+def sequence_parallel_allowed(tp: int) -> bool:
+    """Sequence parallelism splits along the tensor-parallel axis, so it needs ``tp > 1``."""
+    return tp > 1
+
+
+def check_world_size(plan: Plan, num_devices: int, cluster_name: str) -> None:
+    """The product of the plan's degrees is the device count of the cluster ``cluster_name``."""
+    if plan.world_size != num_devices:
+        degrees = " x ".join(f"{a.name}={a.size}" for a in plan.mesh)
+        raise PlanError(
+            f"plan degrees {degrees} = {plan.world_size} devices, but cluster {cluster_name!r} has "
+            f"{num_devices}; the product of the degrees must equal the device count"
+        )
+
+
+def check_tp_splits_heads(tp: int, heads: list[int]) -> None:
+    """``tp`` divides every head count of a traced graph (:func:`tp_divides_heads` per count)."""
+    for h in heads:
+        if not tp_divides_heads(tp, h):
+            raise PlanError(
+                f"tp={tp} does not divide the {h} attention heads; tensor parallelism splits heads "
+                f"evenly: choose tp in {divisors(h)}"
+            )
+
+
+def check_tp_splits_width(tp: int, width: int, where: str) -> None:
+    """``tp`` divides the output features ``width`` of the Linear ``where``."""
+    if width % tp:
+        raise PlanError(
+            f"tp={tp} does not divide the {width} output features of {where}; "
+            "choose a tp that divides every Linear's width (and the vocabulary)"
+        )
 
 
 def _choices(values: list[int], limit: int = 12) -> str:
@@ -110,18 +174,18 @@ def resolve_plan(
     elif devices % (tp * pp):
         raise PlanError(
             f"tp*pp = {tp}*{pp} = {tp * pp} does not divide the {devices} devices of cluster {cluster.name!r}; "
-            f"choose tp*pp in {_choices(_divisors(devices))}"
+            f"choose tp*pp in {_choices(divisors(devices))}"
         )
     else:
         dp = devices // (tp * pp)
-    if heads and heads % tp:
-        ok = [d for d in _divisors(heads) if devices % d == 0]
+    if not tp_divides_heads(tp, heads):
+        ok = [d for d in divisors(heads) if devices % d == 0]
         raise PlanError(
             f"tp={tp} does not divide the model's {heads} attention heads (tensor parallelism splits "
             f"attention by heads); choose tp in {_choices(ok)}"
         )
-    if kv_heads and kv_heads % tp:
-        ok = [d for d in _divisors(kv_heads) if devices % d == 0]
+    if not tp_divides_heads(tp, None, kv_heads):
+        ok = [d for d in divisors(kv_heads) if devices % d == 0]
         raise PlanError(
             f"tp={tp} does not divide the model's {kv_heads} key/value heads (grouped-query attention "
             f"splits key/value heads across tp ranks); choose tp in {_choices(ok)}"
@@ -131,13 +195,13 @@ def resolve_plan(
     _check_pipeline(pp, vpp, schedule, num_layers)
     mbs = _check_batch(global_batch, dp, k.get("mbs", 1))
     micro_batches = global_batch // (dp * mbs)
-    if schedule == "interleaved" and micro_batches % pp:
+    if schedule == "interleaved" and not interleaving_fits(micro_batches, pp):
         raise PlanError(
             f"schedule=interleaved needs the {micro_batches} micro-batches per step (global batch "
             f"{global_batch} / (dp={dp} * mbs={mbs})) to be a multiple of pp={pp}; change mbs or the batch"
         )
     sp = k.get("sp", 0)
-    if sp and tp == 1:
+    if sp and not sequence_parallel_allowed(tp):
         raise PlanError("sp=1 needs tp > 1: sequence parallelism splits along the tensor-parallel axis")
     return Plan.manual(
         dp=dp,
@@ -162,7 +226,7 @@ def _check_pipeline(pp: int, vpp: int, schedule: str, num_layers: int) -> None:
         )
     if schedule == "interleaved" and pp < 2:
         raise PlanError("schedule=interleaved needs pp >= 2; use 1f1b without pipelining")
-    if pp * vpp > num_layers:
+    if not pp_fits_layers(pp, num_layers, vpp):
         raise PlanError(
             f"pp*vpp = {pp}*{vpp} = {pp * vpp} stages exceed the model's {num_layers} layers; "
             f"choose pp*vpp <= {num_layers}"
@@ -172,17 +236,17 @@ def _check_pipeline(pp: int, vpp: int, schedule: str, num_layers: int) -> None:
 def _check_batch(global_batch: int, dp: int, mbs: int) -> int:
     if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise PlanError(f"global batch {global_batch!r}: must be a whole number >= 1")
-    if global_batch % dp:
-        ok = [d for d in _divisors(global_batch) if d <= dp]
+    if not batch_splits(global_batch, dp):
+        ok = [d for d in divisors(global_batch) if d <= dp]
         raise PlanError(
             f"global batch {global_batch} does not split over dp={dp} data-parallel replicas; choose a "
             f"global batch divisible by {dp} (or a dp in {_choices(ok)})"
         )
     per_replica = global_batch // dp
-    if per_replica % mbs:
+    if not batch_splits(global_batch, dp, mbs):
         raise PlanError(
             f"mbs={mbs} does not divide the per-replica batch {global_batch}/dp={dp} = {per_replica}; "
-            f"choose mbs in {_choices(_divisors(per_replica))}"
+            f"choose mbs in {_choices(divisors(per_replica))}"
         )
     return mbs
 

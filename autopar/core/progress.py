@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 
 class Progress:
-    def __init__(self, *, enabled: bool = True, stream=None, every_s: float = 2.0):
+    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None, every_s: float = 2.0):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.every_s = every_s

@@ -34,6 +34,22 @@ Steps (each a small function below):
    its own ranks' device kind (the slowest one if they mix kinds), has its own memory capacity and
    its own tp/dp groups; the plan fits when every stage fits; MFU is against the sum of all
    devices' peaks.
+
+Public API (``from autopar.estimator import ...``):
+
+* :func:`estimate`: graph + cluster + plan -> :class:`~autopar.core.plan.PredictedCost`; it is
+  exactly :func:`workload` then :func:`predicted_cost` (:class:`Workload` holds what the first
+  derives, reusable across calibrations and memory knobs).
+* :func:`validate_plan`: the plan rules of :mod:`autopar.core.plan_rules` checked against a traced
+  graph (the degrees use every device, ``tp`` divides the heads and every Linear's width).
+* :func:`attention_heads` / :func:`kv_heads`: the head counts read off a traced graph (the
+  planner's search space uses them).
+* :func:`stage_memory`: the bytes of each pipeline stage by category, for the planner's memory
+  screen (no timing).
+
+The modules are the steps and share their public helpers with each other only:
+:mod:`.tensor_parallel` (step 2), :mod:`.blocks` (steps 3-4), :mod:`.stages` (validation, stages,
+groups, memory, FLOPs), :mod:`.devices` (step 6); :mod:`.profile` is the profiler.
 """
 
 from __future__ import annotations
@@ -41,26 +57,36 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from autopar.cluster import Cluster
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan, PredictedCost
-from autopar.estimator.blocks import _Scale
+from autopar.estimator.blocks import Scale
 from autopar.estimator.devices import StageDevices, check_profiled, stage_devices, stage_groups
 from autopar.estimator.stages import (
-    _compute_dtype,
-    _flops,
-    _group,
-    _heads,  # noqa: F401  (planner API)
-    _kv_bytes,
-    _kv_per_block,
-    _stage_memory,  # noqa: F401  (planner API)
-    _stage_works,
-    _validate,
+    attention_heads,
+    axis_group,
+    compute_dtype,
+    kv_bytes_per_block,
+    kv_heads,
+    stage_kv_bytes,
+    stage_memory,
+    stage_works,
+    step_flops,
+    validate_plan,
 )
-from autopar.estimator.tensor_parallel import _cached, _megatron_tp, _tp_from_placements
+from autopar.estimator.tensor_parallel import cached, megatron_tp, tp_from_placements
 from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
 
-__all__ = ["Workload", "estimate", "predicted_cost", "workload"]
-# Also imported from here by the planner (autopar.solve): _heads, _stage_memory.
+__all__ = [
+    "Workload",
+    "attention_heads",
+    "estimate",
+    "kv_heads",
+    "predicted_cost",
+    "stage_memory",
+    "validate_plan",
+    "workload",
+]
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -90,7 +116,7 @@ class Workload:
 
 def workload(
     graph: OpGraph,
-    cluster,
+    cluster: Cluster,
     plan: Plan,
     *,
     calib: Calibration | None = None,
@@ -103,10 +129,10 @@ def workload(
     if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
         calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)
     check_profiled(cluster, op_times)
-    _validate(graph, cluster, plan)
+    validate_plan(graph, cluster, plan)
     placed = stage_devices(cluster, plan)
-    key, act = _compute_dtype(graph, cluster.device_kinds, dtype)
-    sc = _Scale(
+    key, act = compute_dtype(graph, cluster.device_kinds, dtype)
+    sc = Scale(
         batch=plan.micro_batch_size / max(graph.batch_size, 1),
         tp=plan.tp,
         sp=plan.sequence_parallel and plan.tp > 1,
@@ -117,12 +143,12 @@ def workload(
         # Placements are cached by identity: the planner costs many plans with one placements dict
         # (the cache holds the dict, so its id cannot be reused while the entry lives).
         tp_key = ("placements", id(plan.placements), plan.tp, sc.sp)
-        tp = _cached(graph, tp_key, lambda: (plan.placements, _tp_from_placements(graph, plan)))[1]
+        tp = cached(graph, tp_key, lambda: (plan.placements, tp_from_placements(graph, plan)))[1]
     else:
-        tp = _megatron_tp(graph, plan.tp, sc.sp)
+        tp = megatron_tp(graph, plan.tp, sc.sp)
         tp_key = ("megatron", plan.tp, sc.sp)
-    stages = _stage_works(graph, plan, tp, sc, calib, tp_key, dict(op_times or {}))
-    pp_group = _group(plan, cluster, "pp")
+    stages = stage_works(graph, plan, tp, sc, calib, tp_key, dict(op_times or {}))
+    pp_group = axis_group(plan, cluster, "pp")
     elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0
     spec = StepSpec(
         stages=tuple(stages),
@@ -132,7 +158,7 @@ def workload(
         recompute=plan.recompute,
         mode=plan.mode,
         zero_stage=plan.zero_stage,
-        groups={axis: _group(plan, cluster, axis) for axis in ("tp", "dp")},
+        groups={axis: axis_group(plan, cluster, axis) for axis in ("tp", "dp")},
         pp_link=pp_group.inter if pp_group.spans_nodes else pp_group.intra,
         pp_link_inter_node=pp_group.spans_nodes,
         tp=plan.tp,
@@ -140,8 +166,8 @@ def workload(
         grad_bytes=elem,
         stage_groups=stage_groups(cluster, plan) if cluster.is_heterogeneous else None,
     )
-    kv_block = _kv_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
-    model_flops, hw_flops = _flops(graph, plan, stages)
+    kv_block = kv_bytes_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
+    model_flops, hw_flops = step_flops(graph, plan, stages)
     rates = [s.rates(key) for s in placed]
     if cluster.is_heterogeneous:
         peak_total = sum(s.peak_flops_per_s(key) for s in placed)
@@ -155,7 +181,9 @@ def workload(
         stage_devices=placed,
         peak_flops_per_s_total=peak_total,
         stages=stages,
-        memory_per_stage=_stage_memory(stages, plan, elem, calib, [_kv_bytes(s, kv_block) for s in stages]),
+        memory_per_stage=stage_memory(
+            stages, plan, elem, calib, [stage_kv_bytes(s, kv_block) for s in stages]
+        ),
         model_flops_per_step=model_flops,
         hardware_flops_per_step=hw_flops,
         dtype=key,
@@ -165,7 +193,7 @@ def workload(
 
 def estimate(
     graph: OpGraph,
-    cluster,
+    cluster: Cluster,
     plan: Plan,
     *,
     calib: Calibration | None = None,
@@ -191,7 +219,7 @@ def estimate(
     return predicted_cost(w, plan, cluster, calib)
 
 
-def predicted_cost(w: Workload, plan: Plan, cluster, calib: Calibration) -> PredictedCost:
+def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration) -> PredictedCost:
     """Time a :class:`Workload` under ``calib`` and fill a PredictedCost."""
     t = step_time(w.spec, w.rates, calib)
     totals = [sum(m.values()) for m in w.memory_per_stage]

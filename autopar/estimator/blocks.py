@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from autopar.core.ir import OpGraph, OpNode
-from autopar.estimator.tensor_parallel import _DTYPE_BYTES, _TP, _out_bytes, _Shard, _tensor_bytes
+from autopar.estimator.tensor_parallel import DTYPE_BYTES, NodeShard, TPLayout, out_bytes, tensor_bytes
 from cost_models import BlockWork, Calibration, CommWork, OpWork
 from cost_models.compute import gemm_efficiency
 
@@ -29,7 +29,7 @@ _MEMORY_KINDS = {
 
 # ------------------------------------------------------------------------------ workload
 @dataclass(frozen=True)
-class _Scale:
+class Scale:
     """Graph-measured quantities -> one device's micro-batch."""
 
     batch: float
@@ -40,19 +40,21 @@ class _Scale:
     act: float = 1.0
     """Activation dtype conversion (1.0 unless a fp32 graph is costed in 16-bit mixed precision)."""
 
-    def div(self, s: _Shard) -> float:
+    def div(self, s: NodeShard) -> float:
         """How many ways a node's activations are split: tp when split, or replicated under SP."""
         return self.tp if (s.split or self.sp) else 1
 
-    def bytes(self, nbytes: float, s: _Shard) -> float:
+    def bytes(self, nbytes: float, s: NodeShard) -> float:
+        """``nbytes`` measured on the graph -> one device's micro-batch."""
         return nbytes * self.batch * self.act / self.div(s)
 
-    def saved(self, nbytes: float, s: _Shard) -> float:
+    def saved(self, nbytes: float, s: NodeShard) -> float:
+        """Saved-for-backward ``nbytes`` -> one device's micro-batch (split when what is saved is)."""
         split = s.saves_split or self.sp
         return nbytes * self.batch * self.act / (self.tp if split else 1)
 
 
-def _gemm_dims(n: OpNode, s: _Shard, sc: _Scale) -> tuple[float, float, float, float]:
+def _gemm_dims(n: OpNode, s: NodeShard, sc: Scale) -> tuple[float, float, float, float]:
     b, m, nn_, k = (float(x) for x in n.gemm)
     if sc.batch != 1.0:
         if sc.graph_batch and b % sc.graph_batch == 0:
@@ -81,13 +83,13 @@ def _grads(n: OpNode) -> tuple[bool, bool]:
 
 
 @dataclass
-class _Ctx:
+class BlockContext:
     """One block (or the stem / head) being turned into a BlockWork."""
 
     graph: OpGraph
     nodes: list[OpNode]
-    tp: _TP
-    sc: _Scale
+    tp: TPLayout
+    sc: Scale
     calib: Calibration
     consumers: dict[str, list[OpNode]]
     region: set[str] = field(default_factory=set)
@@ -100,14 +102,14 @@ class _Ctx:
         return {n.name for n in self.nodes}
 
 
-def _readers(ctx: _Ctx, name: str, full_bytes: float, inside: set[str]) -> list[OpNode] | None:
+def _readers(ctx: BlockContext, name: str, full_bytes: float, inside: set[str]) -> list[OpNode] | None:
     """Consumers reading ``name`` in full, looking through zero-byte views; None = read outside."""
     found: list[OpNode] = []
     for c in ctx.consumers.get(name, []):
         if c.name not in inside:
             return None
         if c.op_kind == "view" and c.bytes_read == 0:
-            if _out_bytes(c) < 0.5 * full_bytes:
+            if out_bytes(c) < 0.5 * full_bytes:
                 continue  # a shape-only use, e.g. ones_like(scores[0, 0])
             sub = _readers(ctx, c.name, full_bytes, inside)
             if sub is None:
@@ -118,14 +120,14 @@ def _readers(ctx: _Ctx, name: str, full_bytes: float, inside: set[str]) -> list[
     return found
 
 
-def _fused_away(ctx: _Ctx) -> set[str]:
+def _fused_away(ctx: BlockContext) -> set[str]:
     """Memory-op outputs a fused kernel never writes: one full reader, memory-bound, not saving it."""
     inside = ctx.names
     gone = set()
     for n in ctx.nodes:
         if n.op_kind not in _MEMORY_KINDS or n.op_kind == "softmax" or not (n.bytes_written > 0):
             continue  # softmax saves its output for backward
-        size = _out_bytes(n)
+        size = out_bytes(n)
         rs = _readers(ctx, n.name, size, inside)
         if rs is None or len(rs) != 1:
             continue
@@ -136,7 +138,7 @@ def _fused_away(ctx: _Ctx) -> set[str]:
     return gone
 
 
-def _memory_ops(ctx: _Ctx) -> list[OpWork]:
+def _memory_ops(ctx: BlockContext) -> list[OpWork]:
     """Memory-bound ops; chains fused into one kernel when ``calib.fuse_elementwise``."""
     by_name = {n.name: n for n in ctx.nodes}
     gone = _fused_away(ctx) if ctx.calib.fuse_elementwise else set()
@@ -147,9 +149,9 @@ def _memory_ops(ctx: _Ctx) -> list[OpWork]:
         if n.op_kind not in _MEMORY_KINDS or nbytes <= 0:
             continue
         fused_inputs = [i for i in n.inputs if i in gone]
-        nbytes -= sum(_out_bytes(by_name[i]) for i in fused_inputs)
+        nbytes -= sum(out_bytes(by_name[i]) for i in fused_inputs)
         if n.name in gone:
-            nbytes -= _out_bytes(n)
+            nbytes -= out_bytes(n)
         root = group_of.get(fused_inputs[0], n.name) if fused_inputs else n.name
         group_of[n.name] = root
         traffic[root] += ctx.sc.bytes(max(nbytes, 0.0), ctx.tp.shard[n.name])
@@ -161,13 +163,13 @@ def _memory_ops(ctx: _Ctx) -> list[OpWork]:
 
 def _node_bytes(n: OpNode) -> float:
     if n.op_kind == "embedding":  # a lookup reads the rows it gathers, not the whole table
-        return 2.0 * _out_bytes(n)
+        return 2.0 * out_bytes(n)
     if n.op_kind == "dropout":  # it also writes the mask it saves
         return n.bytes_read + n.bytes_written + n.saved_bytes
     return n.bytes_read + n.bytes_written
 
 
-def _gemm_ops(ctx: _Ctx) -> list[OpWork]:
+def _gemm_ops(ctx: BlockContext) -> list[OpWork]:
     """GEMM-like ops; Linears reading the same tensor with the same k become one GEMM."""
     merged: dict[tuple, list] = {}
     out = []
@@ -198,7 +200,7 @@ def _gemm_ops(ctx: _Ctx) -> list[OpWork]:
         if key in merged:
             merged[key][2] += nn_
             continue
-        elem = _DTYPE_BYTES.get(str(n.output_dtype), 2) * ctx.sc.act
+        elem = DTYPE_BYTES.get(str(n.output_dtype), 2) * ctx.sc.act
         merged[key] = [n, (b, m, k), nn_, ig, wg, elem]
     for n, (b, m, k), nn_, ig, wg, elem in merged.values():
         out.append(
@@ -216,7 +218,7 @@ def _gemm_ops(ctx: _Ctx) -> list[OpWork]:
     return out
 
 
-def _score_region(ctx: _Ctx) -> set[str]:
+def _score_region(ctx: BlockContext) -> set[str]:
     """Nodes from each activation-activation matmul (scores) to the next one it feeds (context)."""
     names = ctx.names
     matmuls = [n for n in ctx.nodes if n.op_kind == "matmul"]
@@ -235,7 +237,7 @@ def _score_region(ctx: _Ctx) -> set[str]:
     return region
 
 
-def _descendants(ctx: _Ctx, start: str, names: set[str]) -> set[str]:
+def _descendants(ctx: BlockContext, start: str, names: set[str]) -> set[str]:
     seen, stack = {start}, [start]
     while stack:
         for c in ctx.consumers.get(stack.pop(), []):
@@ -245,7 +247,7 @@ def _descendants(ctx: _Ctx, start: str, names: set[str]) -> set[str]:
     return seen
 
 
-def _ancestors(ctx: _Ctx, start: str, names: set[str]) -> set[str]:
+def _ancestors(ctx: BlockContext, start: str, names: set[str]) -> set[str]:
     by_name = {n.name: n for n in ctx.nodes}
     seen, stack = {start}, [start]
     while stack:
@@ -256,7 +258,7 @@ def _ancestors(ctx: _Ctx, start: str, names: set[str]) -> set[str]:
     return seen
 
 
-def _saved_bytes(ctx: _Ctx) -> dict[str, float]:
+def saved_activation_bytes(ctx: BlockContext) -> dict[str, float]:
     """Activation bytes kept per micro-batch under each recompute mode (module docstring, step 4)."""
     by_name = {n.name: n for n in ctx.graph.nodes}
     total = dropped = 0.0
@@ -267,7 +269,7 @@ def _saved_bytes(ctx: _Ctx) -> dict[str, float]:
             external = 0.0
             if n.op_kind == "matmul":  # q, k and v are the region's inputs: kept
                 external = sum(
-                    _tensor_bytes(shape, dt)
+                    tensor_bytes(shape, dt)
                     for i, shape, dt in zip(n.inputs, n.input_shapes, n.input_dtypes)
                     if i not in ctx.region
                 )
@@ -275,11 +277,11 @@ def _saved_bytes(ctx: _Ctx) -> dict[str, float]:
             dropped += max(0.0, saved - external)
     names = ctx.names
     inputs = {i for n in ctx.nodes for i in n.inputs if i not in names and i in by_name}
-    layer_input = sum(ctx.sc.bytes(_out_bytes(by_name[i]), _Shard()) for i in inputs)
+    layer_input = sum(ctx.sc.bytes(out_bytes(by_name[i]), NodeShard()) for i in inputs)
     return {"none": total, "selective": total - dropped, "full": min(layer_input, total)}
 
 
-def _comms(ctx: _Ctx) -> list[CommWork]:
+def _comms(ctx: BlockContext) -> list[CommWork]:
     out = []
     for n in ctx.nodes:
         for c in ctx.tp.comms.get(n.name, ()):
@@ -290,7 +292,7 @@ def _comms(ctx: _Ctx) -> list[CommWork]:
     return out
 
 
-def _param_count(ctx: _Ctx) -> float:
+def _param_count(ctx: BlockContext) -> float:
     """Parameters this device holds for the nodes (tied parameters count once per part)."""
     seen: set[str] = set()
     count = 0.0
@@ -303,9 +305,11 @@ def _param_count(ctx: _Ctx) -> float:
     return count
 
 
-def _block_work(ctx: _Ctx, name: str, recomputable: bool) -> BlockWork:
+def block_work(ctx: BlockContext, name: str, recomputable: bool) -> BlockWork:
+    """The :class:`cost_models.BlockWork` of ``ctx``'s nodes (``recomputable``: a repeated block,
+    whose activations the recompute modes may drop)."""
     ctx.region = _score_region(ctx) if recomputable else set()
-    saved = _saved_bytes(ctx)
+    saved = saved_activation_bytes(ctx)
     if not recomputable:
         saved = {"none": saved["none"]}
     return BlockWork(
@@ -318,7 +322,7 @@ def _block_work(ctx: _Ctx, name: str, recomputable: bool) -> BlockWork:
     )
 
 
-def _with_measured(ctx: _Ctx, ops: list[OpWork]) -> list[OpWork]:
+def _with_measured(ctx: BlockContext, ops: list[OpWork]) -> list[OpWork]:
     """Profiled times replace the roofline: scaled to the micro-batch and divided by the shards."""
     if not ctx.measured:
         return ops
@@ -334,7 +338,7 @@ def _with_measured(ctx: _Ctx, ops: list[OpWork]) -> list[OpWork]:
     return out
 
 
-def _measured_fields(ctx: _Ctx, name: str) -> dict[str, float]:
+def _measured_fields(ctx: BlockContext, name: str) -> dict[str, float]:
     fwd, bwd = ctx.measured[name]
     scale = ctx.sc.batch / ctx.sc.div(ctx.tp.shard[name])
     return {"measured_fwd_s": fwd * scale, "measured_bwd_s": bwd * scale}

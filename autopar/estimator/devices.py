@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from autopar.cluster import Cluster, DeviceSpec, Link
 from autopar.core.errors import PlanError
 from autopar.core.plan import MeshAxis, Plan, rank_groups
 from cost_models import DeviceRates, GroupSpec, LinkSpec
@@ -60,7 +62,7 @@ class StageDevices:
         return sum(k.peak_flops(dtype_key) * c for k, c in zip(self.kinds, self.counts))
 
 
-def stage_devices(cluster, plan: Plan) -> list[StageDevices]:
+def stage_devices(cluster: Cluster, plan: Plan) -> list[StageDevices]:
     """Device kinds of each pipeline stage (``plan.pp`` entries)."""
     pp = plan.pp
     if not cluster.is_heterogeneous:
@@ -90,7 +92,7 @@ def _pp_coord(mesh: tuple[MeshAxis, ...]) -> list[int]:
     return [(r // stride) % mesh[k].size for r in range(world)]
 
 
-def common_preferred_dtype(kinds) -> str:
+def common_preferred_dtype(kinds: Sequence[DeviceSpec]) -> str:
     """The 16-bit dtype every kind has a peak for (each kind's preferred one first), else fp32."""
     prefs = [k.preferred_dtype for k in kinds]
     for key in dict.fromkeys([*prefs, "bf16", "fp16"]):
@@ -99,7 +101,8 @@ def common_preferred_dtype(kinds) -> str:
     return "fp32"
 
 
-def check_profiled(cluster, op_times) -> None:
+def check_profiled(cluster: Cluster, op_times: Mapping[str, tuple[float, float]] | None) -> None:
+    """Profiled op times are measured on one device kind: refuse them on a heterogeneous cluster."""
     if op_times and cluster.is_heterogeneous:
         kinds = ", ".join(k.name for k in cluster.device_kinds)
         raise PlanError(
@@ -109,13 +112,14 @@ def check_profiled(cluster, op_times) -> None:
         )
 
 
-def _link(link) -> LinkSpec:
+def link_spec(link: Link) -> LinkSpec:
+    """A cluster :class:`~autopar.cluster.Link` as the cost model's :class:`~cost_models.LinkSpec`."""
     return LinkSpec(bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)
 
 
-def stage_groups(cluster, plan: Plan) -> tuple[dict[str, GroupSpec], ...]:
+def stage_groups(cluster: Cluster, plan: Plan) -> tuple[dict[str, GroupSpec], ...]:
     """Per stage, its ``tp`` and ``dp`` groups: the one spanning the most nodes of each axis."""
-    intra, inter = _link(cluster.intra_node), _link(cluster.inter_node)
+    intra, inter = link_spec(cluster.intra_node), link_spec(cluster.inter_node)
     return _stage_groups(tuple(plan.mesh), cluster.devices_per_node, intra, inter)
 
 

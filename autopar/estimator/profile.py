@@ -36,12 +36,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
 
 from autopar.core.errors import AutoparError, TraceError
+from autopar.core.ir import OpGraph
 from autopar.core.progress import Progress
+from autopar.estimator.profile_comm import measure_collectives
+from autopar.tracing import trace
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +141,8 @@ class Profile:
 
 # ------------------------------------------------------------------------------ entry point
 def profile(
-    model_or_graph,
-    example_inputs=None,
+    model_or_graph: torch.nn.Module | OpGraph,
+    example_inputs: Any = None,
     *,
     loss_fn: Callable | None = None,
     device: str | torch.device = "cpu",
@@ -192,9 +196,9 @@ def profile(
     return prof
 
 
-def _as_graph(model_or_graph, example_inputs, loss_fn):
-    from autopar.core.ir import OpGraph
-
+def _as_graph(
+    model_or_graph: torch.nn.Module | OpGraph, example_inputs: Any, loss_fn: Callable | None
+) -> OpGraph:
     if isinstance(model_or_graph, OpGraph):
         if model_or_graph.gm is None:
             raise TraceError(
@@ -205,16 +209,14 @@ def _as_graph(model_or_graph, example_inputs, loss_fn):
         raise TraceError(f"profile: expected an nn.Module or OpGraph, got {type(model_or_graph).__name__}")
     if example_inputs is None:
         raise TraceError("profile: a model needs example_inputs=(inputs..., targets...)")
-    from autopar.tracing import trace
-
     return trace(model_or_graph, example_inputs, loss_fn=loss_fn)
 
 
-def _as_tuple(x) -> tuple:
+def _as_tuple(x: Any) -> tuple:
     return (x,) if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)) else tuple(x)
 
 
-def _to_device(values, dev: torch.device):
+def _to_device(values: tuple, dev: torch.device) -> tuple:
     return tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in values)
 
 
@@ -267,7 +269,7 @@ def _record_values(gm: torch.fx.GraphModule, inputs: tuple) -> dict[str, object]
     env: dict[str, object] = {}
 
     class _Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
+        def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
             env[n.name] = out
             return out
@@ -286,7 +288,7 @@ def _record_values(gm: torch.fx.GraphModule, inputs: tuple) -> dict[str, object]
     return env
 
 
-def _target_name(gm, node) -> str:
+def _target_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
     if node.op == "call_method":
@@ -295,7 +297,7 @@ def _target_name(gm, node) -> str:
     return getattr(t, "__module__", "") and f"{t.__module__}.{getattr(t, '__name__', t)}" or str(t)
 
 
-def _describe(value) -> object:
+def _describe(value: Any) -> object:
     if isinstance(value, torch.Tensor):
         return ["T", list(value.shape), str(value.dtype).replace("torch.", ""), list(value.stride())]
     if isinstance(value, (list, tuple)):
@@ -305,7 +307,7 @@ def _describe(value) -> object:
     return repr(value)
 
 
-def op_signature(gm, node, env, device: str) -> str:
+def op_signature(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict[str, Any], device: str) -> str:
     """Target + module config + input shapes/dtypes/strides + constants + device key."""
     args = torch.fx.node.map_arg(node.args, lambda a: env[a.name])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a.name])
@@ -319,7 +321,7 @@ def op_signature(gm, node, env, device: str) -> str:
 
 
 # ------------------------------------------------------------------------------ measuring
-def _fresh(value, leaves: list):
+def _fresh(value: Any, leaves: list[torch.Tensor]) -> Any:
     """A copy of a recorded value; float tensors become grad-requiring leaves (listed)."""
     if isinstance(value, torch.Tensor):
         t = value.detach().clone()
@@ -334,7 +336,7 @@ def _fresh(value, leaves: list):
     return value
 
 
-def _callable(gm, node):
+def _callable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Callable[..., Any]:
     if node.op == "call_module":
         return gm.get_submodule(node.target)
     if node.op == "call_method":
@@ -342,7 +344,7 @@ def _callable(gm, node):
     return node.target
 
 
-def _out_tensors(out) -> list[torch.Tensor]:
+def _out_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out] if out.requires_grad else []
     if isinstance(out, (list, tuple)):
@@ -357,7 +359,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _measure(gm, node, env, timer, repeats: int, warmup: int) -> OpRecord:
+def _measure(
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    env: dict[str, Any],
+    timer: Timer,
+    repeats: int,
+    warmup: int,
+) -> OpRecord:
     fn = _callable(gm, node)
     leaves: list[torch.Tensor] = []
     args = torch.fx.node.map_arg(node.args, lambda a: _fresh(env[a.name], leaves))
@@ -375,17 +384,26 @@ def _measure(gm, node, env, timer, repeats: int, warmup: int) -> OpRecord:
         return OpRecord(target=target, fwd_s=fwd, bwd_s=0.0)
 
 
-def _fresh_nograd(value):
+def _fresh_nograd(value: Any) -> Any:
     return _fresh(value, []) if not isinstance(value, torch.Tensor) else value.detach().clone()
 
 
-def _median(fn, timer, repeats: int, warmup: int) -> float:
+def _median(fn: Callable[[], object], timer: Timer, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     return statistics.median(timer(fn) for _ in range(repeats))
 
 
-def _measure_grad(fn, args, kwargs, wrt, timer, repeats, warmup, target) -> OpRecord:
+def _measure_grad(
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    wrt: list[torch.Tensor],
+    timer: Timer,
+    repeats: int,
+    warmup: int,
+    target: str,
+) -> OpRecord:
     with torch.enable_grad():
         fwd = _median(lambda: fn(*args, **kwargs), timer, repeats, warmup)
         saved = _saved_bytes(fn, args, kwargs, wrt)
@@ -402,12 +420,12 @@ def _measure_grad(fn, args, kwargs, wrt, timer, repeats, warmup, target) -> OpRe
     return OpRecord(target=target, fwd_s=fwd, bwd_s=statistics.median(times), saved_bytes=saved)
 
 
-def _saved_bytes(fn, args, kwargs, wrt) -> float:
+def _saved_bytes(fn: Callable[..., Any], args: Any, kwargs: Any, wrt: list[torch.Tensor]) -> float:
     """Bytes autograd keeps for backward in one forward, parameters and duplicates excluded."""
     skip = {t.untyped_storage().data_ptr() for t in wrt if isinstance(t, torch.nn.Parameter)}
     seen: dict[int, int] = {}
 
-    def pack(t):
+    def pack(t: Any) -> Any:
         if isinstance(t, torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
             if ptr not in skip:
@@ -420,7 +438,7 @@ def _saved_bytes(fn, args, kwargs, wrt) -> float:
 
 
 # ------------------------------------------------------------------------------ cache
-def _load_cache(path, device: str) -> dict[str, OpRecord]:
+def _load_cache(path: str | os.PathLike | None, device: str) -> dict[str, OpRecord]:
     if path is None or not Path(path).exists():
         return {}
     try:
@@ -432,12 +450,9 @@ def _load_cache(path, device: str) -> dict[str, OpRecord]:
     return {s: r for s, r in records.items() if s.endswith(device)}
 
 
-def _save_cache(path, device: str, records: dict[str, OpRecord]) -> None:
+def _save_cache(path: str | os.PathLike, device: str, records: dict[str, OpRecord]) -> None:
     Profile(device=device, records=records).save(path)
 
-
-# ------------------------------------------------------------------------------ collectives
-from autopar.estimator.profile_comm import measure_collectives  # noqa: E402,F401  (re-export)
 
 __all__ = [
     "OpRecord",

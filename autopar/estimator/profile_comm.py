@@ -16,7 +16,9 @@ import logging
 import socket
 import statistics
 import time
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from autopar.core.errors import RuntimeFailure
 
@@ -31,7 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, ranks, port, sizes, repeats, timeout_s, queue):  # runs in a spawned process
+def _worker(  # runs in a spawned process
+    rank: int, ranks: int, port: int, sizes: Sequence[int], repeats: int, timeout_s: float, queue: Any
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -66,7 +70,7 @@ def _worker(rank, ranks, port, sizes, repeats, timeout_s, queue):  # runs in a s
         queue.put(("error", f"rank {rank}: {e!r}"))
 
 
-def _fit(sizes, times, ranks):
+def _fit(sizes: Sequence[float], times: Sequence[float], ranks: int) -> tuple[float, float]:
     """Least-squares line t = c0 + c1 * D; returns (latency_s per hop, bandwidth bytes/s)."""
     n = len(sizes)
     mx, my = sum(sizes) / n, sum(times) / n
@@ -81,7 +85,7 @@ def _fit(sizes, times, ranks):
 def measure_collectives(
     ranks: int = 2,
     *,
-    sizes_bytes=DEFAULT_SIZES_BYTES,
+    sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
     repeats: int = 10,
     timeout_s: float = 60.0,
 ) -> dict:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from autopar.cluster import Cluster, DeviceSpec
 from autopar.core.errors import PlanError
 from autopar.core.ir import OpGraph, OpNode
 from autopar.core.plan import Plan
-from autopar.estimator.blocks import _block_work, _Ctx, _saved_bytes, _Scale
-from autopar.estimator.devices import common_preferred_dtype
-from autopar.estimator.tensor_parallel import _TP, _cached, _out_bytes
-from cost_models import BlockWork, Calibration, GroupSpec, LinkSpec, StageWork
+from autopar.core.plan_rules import check_tp_splits_heads, check_tp_splits_width, check_world_size
+from autopar.estimator.blocks import BlockContext, Scale, block_work, saved_activation_bytes
+from autopar.estimator.devices import common_preferred_dtype, link_spec
+from autopar.estimator.tensor_parallel import TPLayout, cached, out_bytes
+from cost_models import BlockWork, Calibration, GroupSpec, StageWork
 from cost_models import memory as mem
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ class _Parts:
 
 
 def _parts(graph: OpGraph) -> _Parts:
-    return _cached(graph, ("parts",), lambda: _derive_parts(graph))
+    return cached(graph, ("parts",), lambda: _derive_parts(graph))
 
 
 def _derive_parts(graph: OpGraph) -> _Parts:
@@ -58,23 +61,25 @@ def _derive_parts(graph: OpGraph) -> _Parts:
     return _Parts(stem=stem, blocks=blocks, after=dict(after))
 
 
-def _stage_works(
+def stage_works(
     graph: OpGraph,
     plan: Plan,
-    tp: _TP,
-    sc: _Scale,
+    tp: TPLayout,
+    sc: Scale,
     calib: Calibration,
     tp_key: tuple | None = None,
     measured: dict | None = None,
 ) -> list[StageWork]:
-    """``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching.
+    """The work of each pipeline stage (one device, one micro-batch) under ``plan``.
+
+    ``tp_key`` identifies a cacheable ``tp`` (the Megatron default); None disables caching.
     ``measured``: profiled (forward, backward) seconds per node name."""
     parts = _parts(graph)
-    consumers = _cached(graph, ("consumers",), lambda: _consumers(graph))
+    consumers = cached(graph, ("consumers",), lambda: _consumers(graph))
 
     def work(nodes: list[OpNode], name: str, recomputable: bool) -> BlockWork:
         def make() -> BlockWork:
-            ctx = _Ctx(
+            ctx = BlockContext(
                 graph=graph,
                 nodes=nodes,
                 tp=tp,
@@ -83,11 +88,11 @@ def _stage_works(
                 consumers=consumers,
                 measured=measured or {},
             )
-            return _block_work(ctx, name, recomputable)
+            return block_work(ctx, name, recomputable)
 
         if tp_key is None or measured:
             return make()
-        return _cached(graph, ("work", nodes[0].name, name, tp_key, sc, calib), make)
+        return cached(graph, ("work", nodes[0].name, name, tp_key, sc, calib), make)
 
     pp = plan.pp
     if not parts.blocks:
@@ -116,7 +121,7 @@ def _stage_works(
     def p2p_make() -> float:
         return _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers)
 
-    p2p = p2p_make() if tp_key is None else _cached(graph, ("p2p", tp_key, sc, calib), p2p_make)
+    p2p = p2p_make() if tp_key is None else cached(graph, ("p2p", tp_key, sc, calib), p2p_make)
     return [
         StageWork(
             blocks=tuple((per_type[k], c) for k, c in counts[r].items()) + tuple((b, 1) for b in extra[r]),
@@ -134,13 +139,20 @@ def _consumers(graph: OpGraph) -> dict[str, list[OpNode]]:
     return consumers
 
 
-def _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers) -> float:
-    return _saved_bytes(
-        _Ctx(
+def _p2p_bytes(
+    graph: OpGraph,
+    first_nodes: list[OpNode],
+    tp: TPLayout,
+    sc: Scale,
+    calib: Calibration,
+    consumers: dict[str, list[OpNode]],
+) -> float:
+    return saved_activation_bytes(
+        BlockContext(
             graph=graph,
             nodes=first_nodes,
             tp=tp,
-            sc=_Scale(sc.batch, 1, False, sc.graph_batch, sc.act),
+            sc=Scale(sc.batch, 1, False, sc.graph_batch, sc.act),
             calib=calib,
             consumers=consumers,
         )
@@ -148,11 +160,7 @@ def _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers) -> float:
 
 
 # ------------------------------------------------------------------------------ topology
-def _link(link) -> LinkSpec:
-    return LinkSpec(bandwidth_bytes_per_s=link.bandwidth_bytes_per_s, latency_s=link.latency_s)
-
-
-def _group(plan: Plan, cluster, axis: str) -> GroupSpec:
+def axis_group(plan: Plan, cluster: Cluster, axis: str) -> GroupSpec:
     """The first ``axis`` group of the row-major mesh, placed on the cluster's nodes."""
     size = plan.degree(axis)
     names = [a.name for a in plan.mesh]
@@ -163,16 +171,16 @@ def _group(plan: Plan, cluster, axis: str) -> GroupSpec:
     return GroupSpec(
         size=size,
         ranks_per_node=per_node,
-        intra=_link(cluster.intra_node),
-        inter=_link(cluster.inter_node) if len(nodes) > 1 else None,
+        intra=link_spec(cluster.intra_node),
+        inter=link_spec(cluster.inter_node) if len(nodes) > 1 else None,
     )
 
 
-def _compute_dtype(graph: OpGraph, kinds, dtype: str | None) -> tuple[str, float]:
+def compute_dtype(graph: OpGraph, kinds: Sequence[DeviceSpec], dtype: str | None) -> tuple[str, float]:
     """(peak key, activation byte factor). A fp32 graph is costed in the 16-bit dtype of the
     device kinds ``kinds`` (on several kinds: the one they all have a peak for); a 16-bit graph on a
     kind without that format (bf16 on a V100) is costed in the 16-bit format the kinds share."""
-    graph_dt, graph_bytes = _cached(graph, ("graph_dtype",), lambda: _graph_dtype(graph))
+    graph_dt, graph_bytes = cached(graph, ("graph_dtype",), lambda: _graph_dtype(graph))
     if dtype is not None:
         key = dtype
     else:
@@ -188,7 +196,7 @@ def _compute_dtype(graph: OpGraph, kinds, dtype: str | None) -> tuple[str, float
     return key, act
 
 
-def _all_have(kinds, key: str) -> bool:
+def _all_have(kinds: Sequence[DeviceSpec], key: str) -> bool:
     return all(key in k.peak_flops_per_s for k in kinds)
 
 
@@ -201,14 +209,30 @@ def _graph_dtype(graph: OpGraph) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------------------ validation
-def _heads(graph: OpGraph) -> list[int]:
+def attention_heads(graph: OpGraph) -> list[int]:
     """Head counts: dim 2 of the 4-D views that column-parallel Linears' outputs go through."""
-    return _cached(graph, ("heads",), lambda: _derive_heads(graph))
+    return cached(graph, ("heads",), lambda: _derive_heads(graph, _linears(graph)))
 
 
-def _derive_heads(graph: OpGraph) -> list[int]:
+def _linears(graph: OpGraph) -> set[str]:
+    return {n.name for n in graph.nodes if n.op_kind == "linear"}
+
+
+def kv_heads(graph: OpGraph) -> int | None:
+    """Key/value head count (grouped-query attention): dim 2 of the 4-D views of the Linears that
+    feed an attention's key or value operand (the smallest, if they differ); None when the graph
+    has no such view (e.g. a fused QKV projection split after the Linear)."""
+    return cached(graph, ("kv_heads",), lambda: _derive_kv_heads(graph))
+
+
+def _derive_kv_heads(graph: OpGraph) -> int | None:
+    by_name = {n.name: n for n in graph.nodes}
+    heads = _derive_heads(graph, _kv_linears(by_name, graph.nodes))
+    return min(heads) if heads else None
+
+
+def _derive_heads(graph: OpGraph, linear: set[str]) -> list[int]:
     out = []
-    linear = {n.name for n in graph.nodes if n.op_kind == "linear"}
     for n in graph.nodes:
         if (
             n.op_kind == "view"
@@ -221,34 +245,25 @@ def _derive_heads(graph: OpGraph) -> list[int]:
     return sorted(set(out))
 
 
-def _validate(graph: OpGraph, cluster, plan: Plan) -> None:
-    if plan.world_size != cluster.num_devices:
-        degrees = " x ".join(f"{a.name}={a.size}" for a in plan.mesh)
-        raise PlanError(
-            f"plan degrees {degrees} = {plan.world_size} devices, but cluster {cluster.name!r} has "
-            f"{cluster.num_devices}; the product of the degrees must equal the device count"
-        )
+def validate_plan(graph: OpGraph, cluster: Cluster, plan: Plan) -> None:
+    """The rules of :mod:`autopar.core.plan_rules` a plan must meet on ``cluster`` for ``graph``:
+    its degrees use every device; ``tp`` divides the head counts and every Linear's width."""
+    check_world_size(plan, cluster.num_devices, cluster.name)
     tp = plan.tp
     if tp == 1 or plan.placements:
         return
-    for h in _heads(graph):
-        if h % tp:
-            raise PlanError(
-                f"tp={tp} does not divide the {h} attention heads; tensor parallelism splits heads "
-                f"evenly: choose tp in {[d for d in range(1, h + 1) if h % d == 0]}"
-            )
+    check_tp_splits_heads(tp, attention_heads(graph))
     for n in graph.nodes:
-        if n.op_kind == "linear" and n.gemm and n.gemm[2] % tp:
-            raise PlanError(
-                f"tp={tp} does not divide the {n.gemm[2]} output features of {n.module_path or n.name}; "
-                "choose a tp that divides every Linear's width (and the vocabulary)"
-            )
+        if n.op_kind == "linear" and n.gemm:
+            check_tp_splits_width(tp, n.gemm[2], n.module_path or n.name)
 
 
 # ------------------------------------------------------------------------------ memory
-def _stage_memory(
-    stages, plan: Plan, elem: float, calib: Calibration, kv: list[float]
+def stage_memory(
+    stages: Sequence[StageWork], plan: Plan, elem: float, calib: Calibration, kv: list[float]
 ) -> list[dict[str, float]]:
+    """Bytes per device of each stage by category (:func:`cost_models.memory.stage_memory_bytes`):
+    ``elem`` bytes per parameter and gradient, ``kv`` the KV-cache bytes of each stage."""
     precision = mem.Precision(param_bytes=elem, grad_bytes=elem, optimizer_bytes=12.0 if elem == 2 else 8.0)
     out = []
     for r, stage in enumerate(stages):
@@ -278,27 +293,33 @@ def _stage_memory(
     return out
 
 
-def _kv_bytes(stage: StageWork, kv_per_block: dict[str, float]) -> float:
+def stage_kv_bytes(stage: StageWork, kv_per_block: dict[str, float]) -> float:
+    """The KV-cache bytes of one stage from its blocks' (:func:`kv_bytes_per_block`)."""
     return sum(kv_per_block.get(b.name, 0.0) * c for b, c in stage.blocks)
 
 
-def _kv_per_block(graph: OpGraph, tp: _TP, sc: _Scale) -> dict[str, float]:
+def kv_bytes_per_block(graph: OpGraph, tp: TPLayout, sc: Scale) -> dict[str, float]:
     """Keys and values a block caches: outputs of the Linears feeding an attention's k / v operand."""
     by_name = {n.name: n for n in graph.nodes}
     out: dict[str, float] = {}
     for key, bt in graph.block_types.items():
-        nodes = [by_name[x] for x in bt.node_names[0]]
-        found: set[str] = set()
-        for n in nodes:
-            operands = (
-                n.inputs[1:3] if n.op_kind == "attention" else n.inputs[1:2] if n.op_kind == "matmul" else []
-            )
-            for src in operands:
-                lin = _producing_linear(by_name, src)
-                if lin is not None:
-                    found.add(lin)
-        out[key] = sum(sc.bytes(_out_bytes(by_name[x]), tp.shard[x]) for x in found)
+        found = _kv_linears(by_name, [by_name[x] for x in bt.node_names[0]])
+        out[key] = sum(sc.bytes(out_bytes(by_name[x]), tp.shard[x]) for x in found)
     return out
+
+
+def _kv_linears(by_name: dict[str, OpNode], nodes: list[OpNode]) -> set[str]:
+    """The Linears among ``by_name`` producing the key / value operands of the attentions in ``nodes``."""
+    found: set[str] = set()
+    for n in nodes:
+        operands = (
+            n.inputs[1:3] if n.op_kind == "attention" else n.inputs[1:2] if n.op_kind == "matmul" else []
+        )
+        for src in operands:
+            lin = _producing_linear(by_name, src)
+            if lin is not None:
+                found.add(lin)
+    return found
 
 
 def _producing_linear(by_name: dict[str, OpNode], name: str) -> str | None:
@@ -315,10 +336,10 @@ def _producing_linear(by_name: dict[str, OpNode], name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ flops
-def _flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, float]:
+def step_flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one step over all devices."""
     scale = plan.global_batch / max(graph.batch_size, 1)
-    fwd, bwd = _cached(graph, ("flops",), lambda: (graph.flops_fwd, graph.flops_bwd))
+    fwd, bwd = cached(graph, ("flops",), lambda: (graph.flops_fwd, graph.flops_bwd))
     if plan.mode != "train":
         return fwd * scale, fwd * scale
     model = (fwd + bwd) * scale
@@ -326,7 +347,7 @@ def _flops(graph: OpGraph, plan: Plan, stages: list[StageWork]) -> tuple[float, 
     if plan.recompute != "none":
         by_name = graph._by_name
         if plan.recompute == "full":
-            rec = _cached(graph, ("block_flops_fwd",), lambda: _block_flops_fwd(graph))
+            rec = cached(graph, ("block_flops_fwd",), lambda: _block_flops_fwd(graph))
         if plan.recompute == "selective":
             per_block = {b.name: b for s in stages for b, _ in s.blocks if b.recomputable}
             for key, bt in graph.block_types.items():

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from autopar.core.ir import OpGraph, OpNode
 from autopar.core.plan import Partial, Plan, Shard
+from autopar.sharding.reshard import BACKWARD_OF
 from cost_models import CommWork
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "bool": 1, "int64": 8, "int32": 4}
+T = TypeVar("T")
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "bool": 1, "int64": 8, "int32": 4}
+"""Bytes per element of the dtypes a traced graph records (others count as 4)."""
 
 
 # ------------------------------------------------------------------------------ sharding
 @dataclass
-class _Shard:
+class NodeShard:
     """Tensor-parallel facts of one node."""
 
     split: bool = False
@@ -34,23 +40,27 @@ class _Shard:
 
 
 @dataclass
-class _TP:
-    shard: dict[str, _Shard] = field(default_factory=dict)
+class TPLayout:
+    """The tensor-parallel layout of a whole graph: per node its :class:`NodeShard` and collectives."""
+
+    shard: dict[str, NodeShard] = field(default_factory=dict)
     comms: dict[str, list[CommWork]] = field(default_factory=lambda: defaultdict(list))
     """Per node name: the collectives issued right after it (forward) or for it (backward)."""
 
 
-def _tensor_bytes(shape, dtype) -> float:
+def tensor_bytes(shape: Sequence[int] | None, dtype: object) -> float:
+    """Bytes of a tensor of ``shape`` and ``dtype`` (0 for an unknown shape)."""
     if shape is None:
         return 0.0
-    return float(math.prod(shape) * _DTYPE_BYTES.get(str(dtype), 4))
+    return float(math.prod(shape) * DTYPE_BYTES.get(str(dtype), 4))
 
 
-def _out_bytes(n: OpNode) -> float:
-    return _tensor_bytes(n.output_shape, n.output_dtype)
+def out_bytes(n: OpNode) -> float:
+    """Bytes of ``n``'s output at the graph's batch size."""
+    return tensor_bytes(n.output_shape, n.output_dtype)
 
 
-def _cached(graph: OpGraph, key: tuple, make):
+def cached(graph: OpGraph, key: tuple, make: Callable[[], T]) -> T:
     """Memoise a graph-derived value on the graph itself. The planner costs thousands of plans of
     one graph; everything that depends only on (graph, tp, sp, micro-batch) is derived once."""
     cache = graph.__dict__.setdefault("_estimator_cache", {})
@@ -59,42 +69,42 @@ def _cached(graph: OpGraph, key: tuple, make):
     return cache[key]
 
 
-def _megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
+def megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
     """The Megatron placement derived from the graph (see the module docstring, step 2)."""
-    return _cached(graph, ("megatron_tp", tp, sp), lambda: _derive_megatron_tp(graph, tp, sp))
+    return cached(graph, ("megatron_tp", tp, sp), lambda: _derive_megatron_tp(graph, tp, sp))
 
 
-def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
-    out = _TP()
+def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
+    out = TPLayout()
     split: dict[str, bool] = {}
     column_inputs_seen: set[str] = set()
     pair = ("all_gather", "reduce_scatter") if sp else ("all_reduce", "all_reduce")
     for n in graph.nodes:
         ins = [split.get(i, False) for i in n.inputs]
-        s = _Shard()
+        s = NodeShard()
         if n.op_kind == "linear":
             if any(ins):
-                s = _Shard(split=True, role="row", param_div=tp)
+                s = NodeShard(split=True, role="row", param_div=tp)
                 split[n.name] = False
                 out.comms[n.name].append(
-                    CommWork(name=f"{n.name}:{pair[1]}", collective=pair[1], nbytes=_out_bytes(n))
+                    CommWork(name=f"{n.name}:{pair[1]}", collective=pair[1], nbytes=out_bytes(n))
                 )
                 if sp:  # backward: all-gather the output gradient
                     out.comms[n.name].append(
                         CommWork(
                             name=f"{n.name}:ag_bwd",
                             collective="all_gather",
-                            nbytes=_out_bytes(n),
+                            nbytes=out_bytes(n),
                             phase="bwd",
                         )
                     )
             else:
-                s = _Shard(split=True, role="column", param_div=tp, saved_split=False)
+                s = NodeShard(split=True, role="column", param_div=tp, saved_split=False)
                 split[n.name] = True
                 src = n.inputs[0] if n.inputs else n.name
                 if src not in column_inputs_seen:
                     column_inputs_seen.add(src)
-                    nbytes = _tensor_bytes(n.input_shapes[0], n.input_dtypes[0]) if n.input_shapes else 0.0
+                    nbytes = tensor_bytes(n.input_shapes[0], n.input_dtypes[0]) if n.input_shapes else 0.0
                     if sp:
                         out.comms[n.name].append(
                             CommWork(name=f"{n.name}:ag", collective="all_gather", nbytes=nbytes)
@@ -105,39 +115,39 @@ def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> _TP:
                         )
                     )
         elif n.op_kind == "embedding" and any(i in graph.inputs for i in n.inputs):
-            s = _Shard(split=False, role="vocab_embedding", param_div=tp)
+            s = NodeShard(split=False, role="vocab_embedding", param_div=tp)
             split[n.name] = False
             coll = "reduce_scatter" if sp else "all_reduce"
-            out.comms[n.name].append(CommWork(name=f"{n.name}:{coll}", collective=coll, nbytes=_out_bytes(n)))
+            out.comms[n.name].append(CommWork(name=f"{n.name}:{coll}", collective=coll, nbytes=out_bytes(n)))
         elif n.op_kind == "loss" and any(ins):
-            s = _Shard(split=True, role="vocab_loss")
+            s = NodeShard(split=True, role="vocab_loss")
             split[n.name] = False
             tokens = math.prod(n.input_shapes[0][:-1]) if n.input_shapes else 0
             out.comms[n.name].append(
                 CommWork(name=f"{n.name}:stats", collective="all_reduce", nbytes=4.0 * tokens, count=3)
             )
         else:
-            s = _Shard(split=any(ins))
+            s = NodeShard(split=any(ins))
             split[n.name] = any(ins)
         out.shard[n.name] = s
     return out
 
 
-def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
+def tp_from_placements(graph: OpGraph, plan: Plan) -> TPLayout:
     """Sharding read from ``plan.placements`` (nodes not listed are replicated)."""
-    out = _TP()
+    out = TPLayout()
     tp = plan.tp
     for n in graph.nodes:
         pl = plan.placements.get(n.name)
         if pl is None:
-            out.shard[n.name] = _Shard()
+            out.shard[n.name] = NodeShard()
             continue
         split = isinstance(pl.output, (Shard, Partial)) or any(
             isinstance(p, Shard) for p in pl.params.values()
         )
         sharded_params = any(isinstance(p, Shard) for p in pl.params.values())
         role = _linear_role(graph, n, pl.params) if n.op_kind == "linear" else ""
-        out.shard[n.name] = _Shard(
+        out.shard[n.name] = NodeShard(
             split=split,
             role=role,
             param_div=tp if sharded_params else 1.0,
@@ -147,12 +157,12 @@ def _tp_from_placements(graph: OpGraph, plan: Plan) -> _TP:
             out.comms[n.name].extend(_planned_comms(n.name, pl.comms))
         elif pl.collective:
             out.comms[n.name].append(
-                CommWork(name=f"{n.name}:{pl.collective}", collective=pl.collective, nbytes=_out_bytes(n))
+                CommWork(name=f"{n.name}:{pl.collective}", collective=pl.collective, nbytes=out_bytes(n))
             )
-            back = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}.get(pl.collective)
+            back = BACKWARD_OF.get(pl.collective)
             if back:
                 out.comms[n.name].append(
-                    CommWork(name=f"{n.name}:{back}_bwd", collective=back, nbytes=_out_bytes(n), phase="bwd")
+                    CommWork(name=f"{n.name}:{back}_bwd", collective=back, nbytes=out_bytes(n), phase="bwd")
                 )
     return out
 

@@ -1,7 +1,24 @@
 """Lowering: from a plan to per-rank fx programs with collectives as graph nodes.
 
-* :func:`lower_tensor_parallel` (tensor parallelism; this package),
-* the pipeline split and data-parallel wrapping live in :mod:`autopar.runtime` / the compiler.
+Public API (everything else in the package is internal to the lowering):
+
+* :func:`lower_tensor_parallel` -> :class:`LoweredModule` (the rank's graph module, its
+  :class:`ShardSpec` per parameter, the generated code); :func:`chosen_strategies` (which strategy
+  each node runs, :mod:`autopar.lower.choose`).
+* :func:`autopar.lower.program.build_program` -> :class:`~autopar.lower.program.RankProgram`: one
+  rank's whole program (tensor-parallel lowering, pipeline segments and stages,
+  :class:`~autopar.lower.stages.StageModule`), what ``autopar.compile`` runs and ``rank_code`` shows.
+* :mod:`autopar.lower.collectives`: the autograd-aware collectives the graphs call, with
+  :class:`TPContext`; :data:`~autopar.lower.collectives.LOWERED` (resharding kind -> function, whose
+  backward is :data:`autopar.sharding.reshard.BACKWARD_OF`'s) and
+  :data:`~autopar.lower.collectives.COLLECTIVES` (name -> function);
+  :func:`autopar.lower.choose.conversion_calls` (the calls that perform one resharding).
+* :mod:`autopar.lower.parallel_ops`: the sharded ops (vocabulary-parallel embedding and cross
+  entropy, sharded dropout, shape helpers); :func:`autopar.lower.rewrite.noncontiguous_layout`.
+* :mod:`autopar.lower.rng` (counter-based deterministic dropout) and
+  :func:`autopar.lower.passes.replace_dropout` (puts it into a traced graph).
+
+The pipeline schedules and data-parallel wrapping live in :mod:`autopar.runtime`.
 """
 
 from autopar.lower.collectives import TPContext

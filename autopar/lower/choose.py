@@ -22,8 +22,9 @@ import torch.fx
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import NodePlacement, Placement, Replicate, Shard
+from autopar.lower.collectives import LOWERED, autopar_copy_to_tp, autopar_gather
 from autopar.sharding.graph import ShardingGraph
-from autopar.sharding.ops import describe, numel_bytes, shape
+from autopar.sharding.ops import OpCall, describe, numel_bytes, shape
 from autopar.sharding.reshard import reshard_bytes, reshard_kind
 from autopar.sharding.rules import NO_PLACEMENT, Strategy
 
@@ -66,7 +67,13 @@ def param_placements(sg: ShardingGraph, placements: dict[str, NodePlacement]) ->
     return out
 
 
-def _input_cost(sg, placed, params, call, s: Strategy) -> int | None:
+def _input_cost(
+    sg: ShardingGraph,
+    placed: dict[Node, Placement],
+    params: dict[str, Placement],
+    call: OpCall,
+    s: Strategy,
+) -> int | None:
     cost = 0
     for inp, req in zip(call.inputs, s.inputs):
         if req is None:
@@ -133,26 +140,35 @@ def choose(
     return choices, params
 
 
+_DIM_OF: dict[str, str | None] = {
+    "split": "dst",
+    "all_reduce": None,
+    "reduce_scatter": "dst",
+    "all_gather": "src",
+}
+"""Resharding kind -> whose placement's dim its collective takes (``src``, ``dst``, or no dim)."""
+
+
 def conversion_calls(kind: str | None, partial_grad: bool) -> tuple[tuple[str, str | None], ...]:
     """The collective calls (name, which placement's dim they take) that perform one resharding.
 
     ``partial_grad``: the converted tensor feeds sharded work, so its gradient arrives as a
-    partial sum and must be summed in backward (``copy_to_tp``, or the reduce-scatter backward of
-    ``all_gather`` instead of the slice of ``gather``).
+    partial sum and must be summed in backward. The function is then the resharding kind's
+    :data:`~autopar.lower.collectives.LOWERED` one (whose backward is the one
+    :data:`~autopar.sharding.reshard.BACKWARD_OF` names), plus ``copy_to_tp`` after an all-reduce
+    (whose backward is the identity). Otherwise a gather keeps only its slice of the gradient
+    (``gather``); ``all_to_all`` is a gather then a split.
     """
+    copy_to_tp = ((autopar_copy_to_tp.__name__, None),)
     if kind is None:
-        return (("autopar_copy_to_tp", None),) if partial_grad else ()
-    table = {
-        "split": (("autopar_split", "dst"),),
-        "all_reduce": (("autopar_all_reduce", None),)
-        + ((("autopar_copy_to_tp", None),) if partial_grad else ()),
-        "reduce_scatter": (("autopar_reduce_scatter", "dst"),),
-        "all_gather": ((("autopar_all_gather" if partial_grad else "autopar_gather"), "src"),),
-        "all_to_all": (("autopar_gather", "src"), ("autopar_split", "dst")),
-    }
-    if kind not in table:
+        return copy_to_tp if partial_grad else ()
+    if kind == "all_to_all":
+        return ((autopar_gather.__name__, "src"), (LOWERED["split"].__name__, "dst"))
+    if kind not in LOWERED:
         raise PlanError(f"no collective converts between these placements ({kind})")
-    return table[kind]
+    fn = autopar_gather if kind == "all_gather" and not partial_grad else LOWERED[kind]
+    calls = ((fn.__name__, _DIM_OF[kind]),)
+    return calls + copy_to_tp if kind == "all_reduce" and partial_grad else calls
 
 
 FUSED_COLLECTIVE_OPS = {"cross_entropy": "autopar_vocab_parallel_cross_entropy"}
@@ -166,7 +182,7 @@ def predict_collectives(
     counts: Counter = Counter()
     seen: set = set()
 
-    def add(src_node, src, dst, partial):
+    def add(src_node: Node, src: Placement, dst: Placement, partial: bool) -> None:
         key = (src_node, str(dst), partial)
         if key not in seen:
             seen.add(key)

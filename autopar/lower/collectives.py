@@ -26,23 +26,33 @@ lowered graph module holds as its attribute ``autopar_tp`` and reads with a ``ge
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from autopar.core.errors import RuntimeFailure
 
-# torch 2.13 renamed the tensor forms (the old names warn); torch < 2.13 has only the old ones.
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    # torch 2.13 renamed the tensor forms (the old names warn); torch < 2.13 has only the old ones.
+    # Looked up per call, not bound at import: a wrapper put on torch.distributed sees every call.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x, group=group)
+
+
+def _reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x, group=group)
 
 
 class TPContext:
     """This rank's tensor-parallel group: ``group`` (None for a dry lowering), ``rank``, ``world_size``."""
 
-    def __init__(self, group, rank: int, world_size: int):
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int):
         self.group, self.rank, self.world_size = group, rank, world_size
 
-    def require_group(self, what: str):
+    def require_group(self, what: str) -> dist.ProcessGroup | None:
         if self.group is None and self.world_size > 1:
             raise RuntimeFailure(
                 f"{what} needs a process group, but this module was lowered dry (tp_group=None, "
@@ -51,17 +61,17 @@ class TPContext:
         return self.group
 
     # A process group cannot be copied or pickled; the context is a handle, shared by copies.
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict) -> TPContext:
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[TPContext], tuple[None, int, int]]:
         return (TPContext, (None, self.rank, self.world_size))
 
     def __repr__(self) -> str:
         return f"TPContext(rank={self.rank}, world_size={self.world_size}, dry={self.group is None})"
 
 
-def _all_reduce(x: torch.Tensor, tp: TPContext, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, tp: TPContext, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     out = x.contiguous().clone()
     if tp.world_size > 1:
         dist.all_reduce(out, op=op, group=tp.require_group("all_reduce"))
@@ -73,7 +83,7 @@ def _all_gather(x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((tp.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _ALL_GATHER(out, x, group=tp.require_group("all_gather"))
+    _all_gather_into(out, x, tp.require_group("all_gather"))
     return out if dim == 0 else torch.cat(out.chunk(tp.world_size, dim=0), dim=dim)
 
 
@@ -84,7 +94,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
     chunks = x.chunk(tp.world_size, dim=dim)
     stacked = torch.cat(chunks, dim=0).contiguous() if dim != 0 else x.contiguous()
     out = torch.empty(chunks[0].shape, dtype=x.dtype, device=x.device)
-    _REDUCE_SCATTER(out, stacked, group=tp.require_group("reduce_scatter"))
+    _reduce_scatter_into(out, stacked, tp.require_group("reduce_scatter"))
     return out
 
 
@@ -95,33 +105,33 @@ def _split(x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, tp):
+    def forward(ctx: Any, x: torch.Tensor, tp: TPContext) -> torch.Tensor:
         return _all_reduce(x, tp)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, tp):
+    def forward(ctx: Any, x: torch.Tensor, tp: TPContext) -> torch.Tensor:
         ctx.tp = tp
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _all_reduce(grad, ctx.tp), None
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, tp, grad_reduce):
+    def forward(ctx: Any, x: torch.Tensor, dim: int, tp: TPContext, grad_reduce: bool) -> torch.Tensor:
         ctx.dim, ctx.tp, ctx.grad_reduce = dim, tp, grad_reduce
         return _all_gather(x, dim, tp)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.grad_reduce:
             return _reduce_scatter(grad, ctx.dim, ctx.tp), None, None, None
         return _split(grad, ctx.dim, ctx.tp), None, None, None
@@ -129,23 +139,23 @@ class _AllGather(torch.autograd.Function):
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, tp):
+    def forward(ctx: Any, x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
         ctx.dim, ctx.tp = dim, tp
         return _reduce_scatter(x, dim, tp)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return _all_gather(grad, ctx.dim, ctx.tp), None, None
 
 
 class _Split(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, tp):
+    def forward(ctx: Any, x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
         ctx.dim, ctx.tp = dim, tp
         return _split(x, dim, tp)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return _all_gather(grad, ctx.dim, ctx.tp), None, None
 
 
@@ -185,6 +195,7 @@ def all_reduce_max(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
 
 
 def all_reduce_sum_no_grad(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    """Sum over the tp group, no gradient (the softmax denominator of the vocabulary-parallel loss)."""
     return _all_reduce(x.detach(), tp)
 
 
@@ -197,3 +208,13 @@ COLLECTIVES = {
     "autopar_split": autopar_split,
 }
 """Name -> function of every collective the lowering inserts (as it appears in generated code)."""
+
+LOWERED = {
+    "all_reduce": autopar_all_reduce,
+    "split": autopar_split,
+    "all_gather": autopar_all_gather,
+    "reduce_scatter": autopar_reduce_scatter,
+}
+"""Resharding kind (:func:`autopar.sharding.reshard_kind`) -> the function the lowering inserts for it
+when the result feeds sharded work. Each one's backward is the collective
+:data:`autopar.sharding.reshard.BACKWARD_OF` names (checked on real process groups in the tests)."""

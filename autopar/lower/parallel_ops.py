@@ -18,13 +18,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from autopar.lower.collectives import TPContext, all_reduce_max, all_reduce_sum_no_grad
 
 
-def autopar_vocab_embedding(idx, weight, vocab_start: int, vocab_end: int, padding_idx=None):
+def autopar_vocab_embedding(
+    idx: torch.Tensor, weight: torch.Tensor, vocab_start: int, vocab_end: int, padding_idx: int | None = None
+) -> torch.Tensor:
     outside = (idx < vocab_start) | (idx >= vocab_end)
     local = (idx - vocab_start).masked_fill(outside, 0)
     pad = (
@@ -38,7 +43,15 @@ def autopar_vocab_embedding(idx, weight, vocab_start: int, vocab_end: int, paddi
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, vocab_start, ignore_index, reduction, tp):
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        vocab_start: int,
+        ignore_index: int,
+        reduction: str,
+        tp: TPContext,
+    ) -> torch.Tensor:
         n, v_local = logits.shape
         row_max = all_reduce_max(logits.max(dim=1).values, tp)
         shifted = logits - row_max.unsqueeze(1)
@@ -62,7 +75,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         softmax, local_target, outside, valid, count = ctx.saved_tensors
         if ctx.reduction == "mean":
             per_row = (grad / count).expand(valid.shape)
@@ -78,27 +91,39 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def autopar_vocab_parallel_cross_entropy(
-    logits, target, vocab_start: int, ignore_index: int, reduction: str, tp
-):
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int,
+    ignore_index: int,
+    reduction: str,
+    tp: TPContext,
+) -> torch.Tensor:
     """Cross entropy of ``[N, V/tp]`` logits (this rank's vocabulary slice) against ``[N]`` targets."""
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, ignore_index, reduction, tp)
 
 
 class _PartialBias(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, b, tp_rank):
+    def forward(ctx: Any, b: torch.Tensor, tp_rank: int) -> torch.Tensor:
         return b.clone() if tp_rank == 0 else torch.zeros_like(b)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
-def autopar_partial_bias(b, tp_rank: int):
+def autopar_partial_bias(b: torch.Tensor, tp_rank: int) -> torch.Tensor:
     return _PartialBias.apply(b, tp_rank)
 
 
-def autopar_dropout(x, p: float, training: bool, dim, tp: TPContext, layout=None):
+def autopar_dropout(
+    x: torch.Tensor,
+    p: float,
+    training: bool,
+    dim: int | None,
+    tp: TPContext,
+    layout: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> torch.Tensor:
     """``F.dropout(x, p, training)`` of the full tensor, restricted to this rank's slice along ``dim``
     (``dim=None``: ``x`` is replicated or a partial sum, every rank uses the whole mask).
 
@@ -123,19 +148,21 @@ def autopar_dropout(x, p: float, training: bool, dim, tp: TPContext, layout=None
     return x * noise
 
 
-def autopar_global_shape(x, dim: int, num_shards: int) -> torch.Size:
+def autopar_global_shape(x: torch.Tensor, dim: int, num_shards: int) -> torch.Size:
     s = list(x.shape)
     s[dim] *= num_shards
     return torch.Size(s)
 
 
-def autopar_global_size(x, dim: int, num_shards: int, query_dim=None):
+def autopar_global_size(
+    x: torch.Tensor, dim: int, num_shards: int, query_dim: int | None = None
+) -> torch.Size | int:
     if query_dim is None:
         return autopar_global_shape(x, dim, num_shards)
     return x.size(query_dim) * (num_shards if query_dim % x.dim() == dim else 1)
 
 
-def autopar_local_shape(shape, dim: int, num_shards: int) -> list:
+def autopar_local_shape(shape: Sequence[Any], dim: int, num_shards: int) -> list:
     """A (global) shape argument with entry ``dim`` divided by ``num_shards`` (``-1`` kept)."""
     s = list(shape)
     if s[dim] != -1:

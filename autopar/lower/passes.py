@@ -22,7 +22,7 @@ SAMPLE_IDS = "sample_ids"
 _FUNCTIONAL = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
-def _aten_dropouts():
+def _aten_dropouts() -> set[torch._ops.OpOverload]:
     ops = set()
     for name in ("dropout", "native_dropout"):
         packet = getattr(torch.ops.aten, name, None)
@@ -97,7 +97,7 @@ def replace_dropout(gm: torch.fx.GraphModule, *, train: bool, seed: int = 0) -> 
     return sample_ids is not None
 
 
-def _replace_with(node: torch.fx.Node, value) -> None:
+def _replace_with(node: torch.fx.Node, value: torch.fx.Node) -> None:
     # aten.native_dropout returns (output, mask): route getitem(., 0) users to the value.
     for user in list(node.users):
         if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:

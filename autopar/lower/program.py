@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
 from autopar.lower.segments import Blocks, find_blocks, split_segments, stage_of_segments
 from autopar.lower.stages import StageModule, build_stage
+from autopar.lower.tensor_parallel import lower_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +92,11 @@ class RankProgram:
         return sorted(n for n, c in seen.items() if c > 1)
 
 
-def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group) -> LoweredGraph:
+def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group: ProcessGroup | None) -> LoweredGraph:
     """Tensor-parallel lowering of a copy of ``gm`` for tp rank ``tp_index``."""
     gm = copy.deepcopy(gm)
     if plan.tp == 1:
         return LoweredGraph(gm=gm, shards={}, code=gm.code)
-    try:
-        from autopar.lower import lower_tensor_parallel
-    except ImportError as exc:
-        raise PlanError(
-            f"tp={plan.tp} needs the tensor-parallel lowering (autopar.lower), which is not available: {exc}"
-        ) from exc
     out = lower_tensor_parallel(gm, plan, tp_index, tp_group)
     shards = {
         name: Shard(dim=spec.dim, num_shards=spec.num_shards, index=spec.index)
@@ -112,7 +109,11 @@ def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group) -> Lowe
 
 
 def build_program(
-    gm: torch.fx.GraphModule, plan: Plan, rank: int, model_input_names, tp_group=None
+    gm: torch.fx.GraphModule,
+    plan: Plan,
+    rank: int,
+    model_input_names: Sequence[str],
+    tp_group: ProcessGroup | None = None,
 ) -> RankProgram:
     coords = plan.coords(rank)
     lowered = lower(gm, plan, coords.get("tp", 0), tp_group)

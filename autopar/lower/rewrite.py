@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -57,7 +59,7 @@ class Rewriter:
             self.ctx_node = self.graph.get_attr(CTX_ATTR)
         return self.ctx_node
 
-    def call(self, fn, args, like: Node, name: str | None = None) -> Node:
+    def call(self, fn: Callable, args: Iterable[Any], like: Node, name: str | None = None) -> Node:
         node = self.graph.call_function(fn, tuple(args))
         if name:
             node.name = self.graph._graph_namespace.create_name(name, node)
@@ -160,11 +162,11 @@ class Rewriter:
 
 
 # -------------------------------------------------------------------------- emitters
-def _emit_copy(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_copy(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     return rw.copy_node(node, mapped)
 
 
-def _local_dim(rw: Rewriter, item, like: Node):
+def _local_dim(rw: Rewriter, item: Any, like: Node) -> Any:
     if isinstance(item, int):
         return item if item == -1 else item // rw.tp
     if isinstance(item, Node):
@@ -172,7 +174,7 @@ def _local_dim(rw: Rewriter, item, like: Node):
     raise PlanError(f"{describe(like)}: cannot localise the shape argument {item!r} of a sharded dim")
 
 
-def _emit_reshape(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_reshape(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     out = choice.strategy.output
     items = call.args.get("shape")
     if not isinstance(out, Shard) or items is None:
@@ -203,7 +205,9 @@ def _emit_reshape(rw: Rewriter, node, call, choice, mapped) -> Node:
     return new
 
 
-def _emit_biased_matmul(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_biased_matmul(
+    rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]
+) -> Node:
     """linear / addmm: a partial-sum result gets its bias on tp rank 0 only."""
     b = call.args.get("b")
     if not isinstance(choice.strategy.output, Partial) or not isinstance(b, Node):
@@ -212,7 +216,7 @@ def _emit_biased_matmul(rw: Rewriter, node, call, choice, mapped) -> Node:
     return rw.copy_node(node, {**mapped, b: bias})
 
 
-def _emit_embedding(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_embedding(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     if choice.strategy.name != "vocab_parallel":
         return rw.copy_node(node, mapped)
     vocab = shape(call.args["w"])[0] // rw.tp
@@ -227,7 +231,9 @@ def _emit_embedding(rw: Rewriter, node, call, choice, mapped) -> Node:
     return rw.call(O.autopar_vocab_embedding, args, node, node.name)
 
 
-def _emit_cross_entropy(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_cross_entropy(
+    rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]
+) -> Node:
     if choice.strategy.name != "vocab_parallel":
         return _emit_mean_fix(rw, node, call, choice, mapped)
     a = call.args
@@ -236,7 +242,7 @@ def _emit_cross_entropy(rw: Rewriter, node, call, choice, mapped) -> Node:
     return rw.call(O.autopar_vocab_parallel_cross_entropy, args, node, node.name)
 
 
-def _emit_mean_fix(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_mean_fix(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     """A mean over a sharded dim: local mean / tp is this rank's share of the global mean."""
     new = rw.copy_node(node, mapped)
     s = choice.strategy
@@ -254,7 +260,10 @@ def _dropout_args(node: Node) -> tuple:
     return p, training
 
 
-def _noncontiguous_layout(tm) -> tuple | None:
+def noncontiguous_layout(tm: Any) -> tuple[list[int], list[int]] | None:
+    """``(shape, stride)`` of a tensor (``TensorMetadata`` or a fake tensor) laid out non-contiguously,
+    None for a contiguous one (or one without strides): the runtime dropout draws its mask in this
+    layout so that a transposed activation gets the single-device mask."""
     stride = getattr(tm, "stride", None)
     stride = stride() if callable(stride) else stride  # TensorMetadata field or FakeTensor method
     if stride is None:
@@ -264,17 +273,19 @@ def _noncontiguous_layout(tm) -> tuple | None:
     return None if tuple(stride) == tuple(contiguous) else (shape, [int(s) for s in stride])
 
 
-def _emit_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_dropout(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     out = choice.strategy.output
     p, training = _dropout_args(node)
     training = rw.env[training] if isinstance(training, Node) else training
     dim = out.dim if isinstance(out, Shard) else None
     tm = tensor_meta(node)
-    args = (mapped[call.args["x"]], p, training, dim, rw.ctx(), _noncontiguous_layout(tm))
+    args = (mapped[call.args["x"]], p, training, dim, rw.ctx(), noncontiguous_layout(tm))
     return rw.call(O.autopar_dropout, args, node, node.name)
 
 
-def _emit_rng_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_rng_dropout(
+    rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]
+) -> Node:
     new = rw.copy_node(node, mapped)
     out = choice.strategy.output
     if isinstance(out, Shard):
@@ -282,7 +293,7 @@ def _emit_rng_dropout(rw: Rewriter, node, call, choice, mapped) -> Node:
     return new
 
 
-def _emit_sdpa(rw: Rewriter, node, call, choice, mapped) -> Node:
+def _emit_sdpa(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
     dropout_p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     if isinstance(choice.strategy.output, Shard) and (isinstance(dropout_p, Node) or dropout_p):
         rw.notes.append(

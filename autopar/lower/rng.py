@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import math
 import zlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +48,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _element_index(local_rest: tuple[int, ...], sample_shape: tuple[int, ...], shard, device) -> torch.Tensor:
+def _element_index(
+    local_rest: tuple[int, ...],
+    sample_shape: tuple[int, ...],
+    shard: tuple[int, int, int] | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
     """Global flat index within a sample of every local element (shape ``local_rest``)."""
     offsets = [0] * len(sample_shape)
     if shard is not None:
@@ -71,7 +77,16 @@ def _element_index(local_rest: tuple[int, ...], sample_shape: tuple[int, ...], s
     return idx
 
 
-def keep_mask(sample_ids, local_shape, *, p, site, sample_shape, shard=None, seed=0) -> torch.Tensor:
+def keep_mask(
+    sample_ids: torch.Tensor,
+    local_shape: Sequence[int],
+    *,
+    p: float,
+    site: int,
+    sample_shape: Sequence[int],
+    shard: tuple[int, int, int] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """Boolean keep-mask of shape ``local_shape`` (dim 0 = samples, ids in ``sample_ids``)."""
     local_shape, sample_shape = tuple(local_shape), tuple(sample_shape)
     if local_shape[0] != sample_ids.numel():
@@ -85,7 +100,16 @@ def keep_mask(sample_ids, local_shape, *, p, site, sample_shape, shard=None, see
     return uniform >= p
 
 
-def dropout(x, sample_ids, *, p: float, site: int, sample_shape, shard=None, seed: int = 0):
+def dropout(
+    x: torch.Tensor,
+    sample_ids: torch.Tensor,
+    *,
+    p: float,
+    site: int,
+    sample_shape: Sequence[int],
+    shard: tuple[int, int, int] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """``x * mask / (1 - p)`` with the deterministic mask (see the module docstring)."""
     if p <= 0.0:
         return x
@@ -98,7 +122,7 @@ def dropout(x, sample_ids, *, p: float, site: int, sample_shape, shard=None, see
 
 # ------------------------------------------------------------------ the eager single-device reference
 @contextlib.contextmanager
-def sample_ids(ids: torch.Tensor):
+def sample_ids(ids: torch.Tensor) -> Iterator[None]:
     """Sample ids seen by :class:`DeterministicDropout` modules inside the block."""
     token = _sample_ids.set(ids)
     try:
@@ -133,7 +157,9 @@ def make_deterministic(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def sample_ids_for_step(step: int, global_batch: int, device=None) -> torch.Tensor:
+def sample_ids_for_step(
+    step: int, global_batch: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Ids of the samples of a global batch at optimizer step ``step``."""
     start = step * global_batch
     return torch.arange(start, start + global_batch, dtype=torch.int64, device=device)

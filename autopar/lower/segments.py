@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -37,7 +39,7 @@ class Blocks:
     count: int
 
 
-def _clean(path) -> str:
+def _clean(path: object) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", str(path)).replace("L['self'].", "")
 
 
@@ -100,14 +102,14 @@ def assign_segments(gm: torch.fx.GraphModule, blocks: Blocks | None) -> dict[tor
     return seg
 
 
-def _previous_block(nodes, seg, i) -> int:
+def _previous_block(nodes: list[torch.fx.Node], seg: Mapping[torch.fx.Node, int | None], i: int) -> int:
     for j in range(i - 1, -1, -1):
         if seg[nodes[j]] is not None:
             return seg[nodes[j]]
     return 0
 
 
-def _fix_order(gm, seg) -> None:
+def _fix_order(gm: torch.fx.GraphModule, seg: dict[torch.fx.Node, int]) -> None:
     """Make every node's segment >= its inputs' (a hoisted or shared node must not create a cycle)."""
     for node in gm.graph.nodes:
         if node not in seg:
@@ -146,12 +148,12 @@ _RANDOM_OPS = {
 }  # fmt: skip
 
 
-def _is_random(target) -> bool:
+def _is_random(target: object) -> bool:
     name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
     return name.rstrip("_").lower() in _RANDOM_OPS
 
 
-def _get_attr(gm, target: str):
+def _get_attr(gm: torch.nn.Module, target: str) -> Any:
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -188,7 +190,7 @@ def rematerialise_inputs(gm: torch.fx.GraphModule, seg: dict[torch.fx.Node, int]
     gm.recompile()
 
 
-def _order(gm):
+def _order(gm: torch.fx.GraphModule) -> Callable[[torch.fx.Node], int]:
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     return lambda n: index[n]
 

@@ -15,11 +15,12 @@ on stage ``a`` and read on stage ``b > a + 1`` is passed through the stages in b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopar.core.errors import PlanError
 
@@ -54,7 +55,7 @@ class StageSpec:
 class StageModule(nn.Module):
     """Runs one stage: positional activations plus the graph inputs it needs by keyword."""
 
-    def __init__(self, gm: torch.fx.GraphModule, spec: StageSpec, out_spec=None):
+    def __init__(self, gm: torch.fx.GraphModule, spec: StageSpec, out_spec: TreeSpec | None = None):
         super().__init__()
         self.gm = gm
         self.spec = spec
@@ -64,7 +65,7 @@ class StageModule(nn.Module):
         """Return the last stage's output as a flat tuple of tensors (for a pipeline schedule, which
         merges micro-batch outputs tensor by tensor); :meth:`unflatten` restores the structure."""
 
-    def forward(self, *args, **side):
+    def forward(self, *args: Any, **side: Any) -> Any:
         side = {k.removeprefix(SIDE_PREFIX): v for k, v in side.items()}
         missing = [k for k in self.spec.side_names if k not in side]
         if missing:
@@ -76,7 +77,7 @@ class StageModule(nn.Module):
             out = tree_unflatten(list(out), self.out_spec)
         return out
 
-    def unflatten(self, flat: tuple):
+    def unflatten(self, flat: tuple) -> Any:
         """The output structure of a flat output (see ``flat_output``)."""
         if self.out_spec is not None:
             return tree_unflatten(list(flat), self.out_spec)

@@ -20,10 +20,12 @@ import copy
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import NodePlacement, Placement, Plan, Shard
@@ -118,7 +120,7 @@ class LoweredModule:
         return counts
 
 
-def _set_attr(root: nn.Module, target: str, value) -> None:
+def _set_attr(root: nn.Module, target: str, value: Any) -> None:
     *path, last = target.split(".")
     mod = root
     for atom in path:
@@ -133,8 +135,13 @@ def _set_attr(root: nn.Module, target: str, value) -> None:
 
 
 def _build_module(
-    sg: ShardingGraph, graph: torch.fx.Graph, params: dict[str, Placement], tp: int, rank: int, ctx
-):
+    sg: ShardingGraph,
+    graph: torch.fx.Graph,
+    params: dict[str, Placement],
+    tp: int,
+    rank: int,
+    ctx: C.TPContext,
+) -> LoweredModule:
     sg.gm.autopar_tp = ctx  # _copy_attr below copies it onto the new module
     gm = torch.fx.GraphModule(sg.gm, graph, type(sg.source).__name__)
     del sg.gm.autopar_tp
@@ -177,7 +184,9 @@ def _unchanged(gm: torch.fx.GraphModule) -> LoweredModule:
     return LoweredModule(gm=gm, shards=shards, code=gm.code, aliases=aliases)
 
 
-def lower_tensor_parallel(gm: torch.fx.GraphModule, plan: Plan, tp_rank: int, tp_group) -> LoweredModule:
+def lower_tensor_parallel(
+    gm: torch.fx.GraphModule, plan: Plan, tp_rank: int, tp_group: ProcessGroup | None
+) -> LoweredModule:
     """Rank ``tp_rank``'s program for ``plan``'s tensor-parallel placements (see module docstring).
 
     ``gm`` is the traced model-with-loss graph (``autopar.tracing.fx_trace``). With ``plan.tp == 1``

@@ -101,7 +101,7 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, device=None):
+    def __init__(self, dim: int, eps: float = 1e-6, device: torch.device | str | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device))
@@ -110,7 +110,7 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _norm(cfg: GPTConfig, device) -> nn.Module:
+def _norm(cfg: GPTConfig, device: torch.device | str | None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.hidden, device=device)
     return nn.LayerNorm(cfg.hidden, device=device)
@@ -122,7 +122,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, device=None):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         h, hd = cfg.hidden, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads_resolved, hd
@@ -172,7 +172,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig, device=None):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         h, f = cfg.hidden, cfg.ffn_resolved
         self.swiglu = cfg.act == "swiglu"
@@ -190,7 +190,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One transformer layer (pre-norm): the repeated block the planner solves once."""
 
-    def __init__(self, cfg: GPTConfig, device=None):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         self.ln_1 = _norm(cfg, device)
         self.attn = Attention(cfg, device)
@@ -211,7 +211,7 @@ class GPT(nn.Module):
     ``autopar.trace`` / ``autopar.compile`` get it through their ``loss_fn`` argument.
     """
 
-    def __init__(self, cfg: GPTConfig, device=None):
+    def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab, cfg.hidden, device=device)

@@ -8,6 +8,7 @@ formulas assume).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +32,7 @@ _GPT_STYLE = {"vocab": 51200, "seq": 2048, "dropout": 0.1}
 PRESETS: dict[str, Preset] = {}
 
 
-def _add(name: str, description: str, source: str, **config) -> None:
+def _add(name: str, description: str, source: str, **config: Any) -> None:
     PRESETS[name] = Preset(name=name, description=description, source=source, config=config)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from autopar.core.errors import ModelSpecError
+from autopar.core.ir import OpGraph
+from autopar.tracing import trace
 
 
 @dataclass(kw_only=True)
@@ -32,10 +34,8 @@ class LoadedModel:
     seq: int | None
     """Sequence length of the example inputs, when the model has one."""
 
-    def trace(self, batch: int):
+    def trace(self, batch: int) -> OpGraph:
         """The analysed graph at ``batch`` samples per micro-batch."""
-        from autopar.tracing import trace
-
         return trace(self.model, self.make_inputs(batch), loss_fn=self.loss_fn)
 
 

@@ -17,8 +17,9 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -58,11 +59,11 @@ class BuiltModel:
     config: GPTConfig | None = None
     """The GPT shape for built-in specs; None for user factories."""
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.example_inputs, self.loss_fn))
 
 
-def resolve_dtype(dtype, device: str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
     """None -> bfloat16 on meta (a model at training scale), float32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if torch.device(device).type == "meta" else torch.float32
@@ -80,7 +81,7 @@ def _config_fields() -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(GPTConfig)}
 
 
-def _convert(key: str, raw: str, spec: str):
+def _convert(key: str, raw: str, spec: str) -> bool | float | int | str:
     kind = _config_fields()[key]
     try:
         if "bool" in str(kind):
@@ -153,7 +154,9 @@ def _is_file_spec(spec: str) -> bool:
 # -- building ------------------------------------------------------------------------------------
 
 
-def token_inputs(cfg: GPTConfig, seq: int, device, seed: int = 0) -> Callable[[int], tuple]:
+def token_inputs(
+    cfg: GPTConfig, seq: int, device: torch.device | str, seed: int = 0
+) -> Callable[[int], tuple]:
     """``batch -> (tokens, targets)``: random ids on real devices, zeros on meta."""
 
     def make(batch: int) -> tuple:
@@ -167,7 +170,9 @@ def token_inputs(cfg: GPTConfig, seq: int, device, seed: int = 0) -> Callable[[i
     return make
 
 
-def build_gpt(cfg: GPTConfig, *, device="meta", dtype=None) -> GPT:
+def build_gpt(
+    cfg: GPTConfig, *, device: torch.device | str = "meta", dtype: torch.dtype | str | None = None
+) -> GPT:
     """A :class:`GPT` on ``device``; on meta it is built under ``torch.device("meta")`` (no memory)."""
     dt = resolve_dtype(dtype, device)
     with torch.device(device):
@@ -184,7 +189,13 @@ def _check_batch_seq(batch: int, seq: int | None, cfg: GPTConfig | None, spec: s
 
 
 def build_model(
-    spec, *, device="meta", batch: int = 1, seq: int | None = None, dtype=None, **overrides
+    spec: str | GPTConfig,
+    *,
+    device: torch.device | str = "meta",
+    batch: int = 1,
+    seq: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    **overrides: Any,
 ) -> BuiltModel:
     """Build a model from a spec string (module docstring) or a :class:`GPTConfig`.
 
@@ -229,7 +240,7 @@ def build_model(
 # -- user factories ------------------------------------------------------------------------------
 
 
-def _import_file(path: str):
+def _import_file(path: str) -> ModuleType:
     if not os.path.isfile(path):
         raise ModelSpecError(
             f"model file {path!r} does not exist (cwd {os.getcwd()}); spec form path/to/file.py:factory"
@@ -248,14 +259,14 @@ def _import_file(path: str):
     return module
 
 
-def _resize_batch(t, batch: int):
+def _resize_batch(t: Any, batch: int) -> Any:
     if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == batch:
         return t
     idx = torch.arange(batch, device=t.device) % t.shape[0]
     return t.index_select(0, idx)
 
 
-def load_factory(spec: str, *, device="meta", batch: int = 1) -> BuiltModel:
+def load_factory(spec: str, *, device: torch.device | str = "meta", batch: int = 1) -> BuiltModel:
     """Call ``factory`` in ``file.py``; it returns a model, ``(model, example_inputs[, loss_fn])``,
     a dict with those keys, or a :class:`BuiltModel`. It receives ``device=`` and ``batch=`` when its
     signature has them. Without ``loss_fn`` the model is expected to return its loss."""
@@ -278,7 +289,7 @@ def load_factory(spec: str, *, device="meta", batch: int = 1) -> BuiltModel:
     return _as_built(spec, result, batch)
 
 
-def _as_built(spec: str, result, batch: int) -> BuiltModel:
+def _as_built(spec: str, result: Any, batch: int) -> BuiltModel:
     if isinstance(result, BuiltModel):
         return result
     loss_fn, example, make = None, None, None

@@ -8,16 +8,33 @@ against capacity, (4) the step-time breakdown, (5) the tensor-parallel sharding 
 (6) the runner-up plans and why other meshes lost, (7) the inputs (model, cluster, planner).
 Measurements of a run (``measured=``, see :mod:`autopar.report.measured`) are overlaid on the
 predictions. :func:`report_text` is the same content for terminals. matplotlib is imported only
-when a report is drawn.
+when a report is drawn, torch only when a model must be traced.
+
+Public API: :func:`write_report`, :func:`build_html`, :func:`report_text`; :func:`attach_inputs`
+(store what a later ``autopar report plan.json`` needs in the plan); :class:`ReportData` (what a
+report shows, from :func:`autopar.report.context.gather`); :func:`load_plan` and
+:class:`ReportError` re-exported for the CLI. The modules inside: ``context`` gathers,
+``tables``/``table``/``sharding_table`` make rows, ``bars``/``gantt``/``devmap``/``figures`` draw,
+``html``/``terminal`` render, ``timeline`` simulates the schedule, ``measured`` checks a run's
+measurements. Numbers are written by :mod:`autopar.core.text`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from autopar.cluster import Cluster
 from autopar.core.errors import ReportError
+from autopar.core.ir import OpGraph
+from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
 from autopar.report.context import ReportData, attach_inputs, gather
+from autopar.report.html import page
+from autopar.report.terminal import render
+
+if TYPE_CHECKING:
+    from autopar.models.spec import LoadedModel
 
 __all__ = [
     "ReportData",
@@ -30,21 +47,27 @@ __all__ = [
 ]
 
 
-def build_html(plan, *, cluster=None, model=None, graph=None, seq=None, measured=None) -> str:
+def build_html(
+    plan: Plan,
+    *,
+    cluster: Cluster | str | None = None,
+    model: str | LoadedModel | OpGraph | None = None,
+    graph: OpGraph | None = None,
+    seq: int | None = None,
+    measured: dict | None = None,
+) -> str:
     """The report page as a string. Arguments as for :func:`write_report`."""
-    from autopar.report.html import page
-
     data = gather(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured)
     return page(data)
 
 
 def write_report(
-    plan,
-    path,
+    plan: Plan,
+    path: str | Path,
     *,
-    cluster=None,
-    model=None,
-    graph=None,
+    cluster: Cluster | str | None = None,
+    model: str | LoadedModel | OpGraph | None = None,
+    graph: OpGraph | None = None,
     seq: int | None = None,
     measured: dict | None = None,
 ) -> Path:
@@ -65,8 +88,14 @@ def write_report(
     return path
 
 
-def report_text(plan, *, cluster=None, model=None, graph=None, seq=None, measured=None) -> str:
+def report_text(
+    plan: Plan,
+    *,
+    cluster: Cluster | str | None = None,
+    model: str | LoadedModel | OpGraph | None = None,
+    graph: OpGraph | None = None,
+    seq: int | None = None,
+    measured: dict | None = None,
+) -> str:
     """The report's tables for a terminal (no figures)."""
-    from autopar.report.terminal import render
-
     return render(gather(plan, cluster=cluster, model=model, graph=graph, seq=seq, measured=measured))

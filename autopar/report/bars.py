@@ -3,8 +3,16 @@ stage), the step-time breakdown, and the best step time of every mesh the planne
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from autopar.core.explain import BREAKDOWN_LABELS
+from autopar.core.text import byte_unit, gb_text, time_unit
 from autopar.report import figures as F
+from autopar.report.context import ReportData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MEMORY_KINDS = {
     "params": ("parameters", "#4e79a7"),
@@ -29,7 +37,7 @@ BREAKDOWN_COLORS = {
 
 
 # ----------------------------------------------------------------------------------- memory
-def _memory_per_stage(data) -> tuple[list[dict[str, float]], str]:
+def memory_per_stage(data: ReportData) -> tuple[list[dict[str, float]], str]:
     """Per stage a breakdown dict, and where it comes from."""
     if data.stages:
         return [s.memory_bytes for s in data.stages], "estimator"
@@ -42,7 +50,7 @@ def _memory_per_stage(data) -> tuple[list[dict[str, float]], str]:
     return out, "plan"
 
 
-def _measured_per_stage(data) -> list[float] | None:
+def _measured_per_stage(data: ReportData) -> list[float] | None:
     mem = (data.measured or {}).get("memory_bytes_per_rank")
     if not mem:
         return None
@@ -54,19 +62,12 @@ def _measured_per_stage(data) -> list[float] | None:
     return out
 
 
-def _byte_unit(n: float) -> tuple[float, str]:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return size, unit
-    return 1.0, "B"
-
-
 OFF_SCALE = 20.0
 """Capacity more than this many times the largest bar is written in the title, not drawn (the
 bars would be invisible)."""
 
 
-def stage_capacities(data) -> list[float]:
+def stage_capacities(data: ReportData) -> list[float]:
     """Memory capacity of each stage's devices (each stage its own on a heterogeneous cluster)."""
     n = data.plan.pp
     if data.stage_capacity_bytes and len(data.stage_capacity_bytes) == n:
@@ -86,7 +87,7 @@ def _capacity_runs(caps: list[float], kinds: list[str]) -> list[tuple[int, int, 
     return runs
 
 
-def _draw_capacity(ax, caps: list[float], kinds: list[str], size: float, unit: str) -> None:
+def _draw_capacity(ax: Axes, caps: list[float], kinds: list[str], size: float, unit: str) -> None:
     """One dashed line for a single capacity; otherwise a dashed segment over each run of stages
     on the same device kind, labelled with the kind, so every bar meets its own capacity."""
     runs = _capacity_runs(caps, kinds)
@@ -102,8 +103,8 @@ def _draw_capacity(ax, caps: list[float], kinds: list[str], size: float, unit: s
         ax.text(first - 0.45, y, label, color=F.CAPACITY, ha="left", va="bottom", fontsize=8)
 
 
-def memory(data):
-    stages, _ = _memory_per_stage(data)
+def memory(data: ReportData) -> Figure:
+    stages, _ = memory_per_stage(data)
     caps = stage_capacities(data)
     measured = _measured_per_stage(data) or []
     n = len(stages)
@@ -112,7 +113,7 @@ def memory(data):
     caps = caps if len(caps) == n else []
     used = max([sum(s.values()) for s in stages] + measured)
     draw_capacity = bool(caps) and max(caps) <= OFF_SCALE * used
-    size, unit = _byte_unit(max(used, max(caps) if draw_capacity else 0.0))
+    size, unit = byte_unit(max(used, max(caps) if draw_capacity else 0.0))
     fig = F.new_figure(F.WIDTH_IN if n > 8 else 9.0, 4.2)
     ax = fig.add_subplot()
     parts = [k for k in MEMORY_KINDS if any(s.get(k, 0) > 0 for s in stages)]
@@ -133,7 +134,7 @@ def memory(data):
         _draw_capacity(ax, caps, kinds, size, unit)
     elif caps:
         off = sorted({(k, c) for k, c in zip(kinds, caps)}, key=lambda kc: -kc[1])
-        text = ", ".join(f"{k + ' ' if k else ''}{c / 1e9:.3g} GB" for k, c in off)
+        text = ", ".join(f"{k + ' ' if k else ''}{gb_text(c)}" for k, c in off)
         title += f" (capacity {text}, off this scale)"
     if measured:
         ax.plot(range(n), [m / size for m in measured], "D", color="black", label="measured (max over ranks)")
@@ -154,10 +155,10 @@ def memory(data):
 
 
 # -------------------------------------------------------------------------------- breakdown
-def breakdown(data):
+def breakdown(data: ReportData) -> Figure:
     p = data.predicted
     parts = [(k, v) for k, v in p.breakdown_s.items() if v > 0]
-    scale, unit = F.time_unit(p.step_time_s)
+    scale, unit = time_unit(p.step_time_s)
     rows = [*parts, ("total", p.step_time_s)]
     measured = (data.measured or {}).get("step_time_s")
     if measured:
@@ -188,7 +189,7 @@ def breakdown(data):
 MAX_MESHES = 20
 
 
-def mesh_entries(data) -> list[tuple[str, float, str]]:
+def mesh_entries(data: ReportData) -> list[tuple[str, float, str]]:
     """(label, step time, status) for the chosen plan and every costed mesh: ``chosen``, ``fits``
     or ``overflow`` (the mesh's smallest overflow; its time is shown for scale)."""
     plan, search = data.plan, data.plan.search or {}
@@ -202,7 +203,7 @@ def mesh_entries(data) -> list[tuple[str, float, str]]:
     return out
 
 
-def meshes(data):
+def meshes(data: ReportData) -> Figure:
     everything = mesh_entries(data)
     if len(everything) < 2:
         return None
@@ -212,7 +213,7 @@ def meshes(data):
         if len(everything) > MAX_MESHES
         else ""
     )
-    scale, unit = F.time_unit(max(e[1] for e in entries))
+    scale, unit = time_unit(max(e[1] for e in entries))
     colors = {"chosen": "#59a14f", "fits": "#4e79a7", "overflow": "#d3d3d3"}
     fig = F.new_figure(9.0, 0.9 + 0.3 * len(entries))
     ax = fig.add_subplot()

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from autopar.cluster import Cluster
 from autopar.core.errors import AutoparError, PlanError
-from autopar.core.plan import Plan
+from autopar.core.ir import OpGraph
+from autopar.core.plan import Plan, PredictedCost
+from autopar.core.text import gb_text
 from autopar.report import timeline as tl
 from autopar.report.measured import check_measured
+from autopar.report.sharding_table import sharding_table
+from autopar.report.table import Table
+
+if TYPE_CHECKING:
+    from autopar.models.spec import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +47,10 @@ class StageDetail:
 @dataclass(kw_only=True)
 class ReportData:
     plan: Plan
-    predicted: Any = None
+    predicted: PredictedCost | None = None
     """The plan's stored prediction; for a plan without one, the cost model's (when it can run)."""
-    cluster: Any = None
-    graph: Any = None
+    cluster: Cluster | None = None
+    graph: OpGraph | None = None
     """The traced OpGraph when the model was given (or re-traced); None when read from storage."""
     facts: dict | None = None
     """Model facts (parameters, blocks, FLOPs per sample...): from the graph or stored."""
@@ -51,7 +59,7 @@ class ReportData:
     measured: dict | None = None
     stages: list[StageDetail] | None = None
     """From the estimator (graph and homogeneous cluster known) or stored; None otherwise."""
-    sharding: Any = None
+    sharding: Table | None = None
     """The per-layer sharding :class:`~autopar.report.tables.Table`."""
     timing: str = "unit"
     """Where the schedule's durations come from: ``estimator``, ``plan`` (per-stage totals split
@@ -70,7 +78,7 @@ class ReportData:
         self.notes.setdefault(section, []).append(text)
 
 
-def graph_facts(graph) -> dict:
+def graph_facts(graph: OpGraph) -> dict:
     """What the report shows about the model, from the traced graph (JSON-able)."""
     per_sample = (graph.flops_fwd + graph.flops_bwd) / graph.batch_size if graph.batch_size else 0.0
     first = graph[graph.inputs[0]] if graph.inputs else None
@@ -90,11 +98,11 @@ def graph_facts(graph) -> dict:
 def attach_inputs(
     plan: Plan,
     *,
-    cluster=None,
+    cluster: Cluster | None = None,
     model: str = "",
     seq: int | None = None,
     settings: dict | None = None,
-    graph=None,
+    graph: OpGraph | None = None,
 ) -> None:
     """Store what ``autopar report plan.json`` needs in ``plan.search["report_inputs"]``: the model
     spec, sequence length, cluster and planner settings, and with ``graph`` the model facts, the
@@ -110,8 +118,6 @@ def attach_inputs(
         "settings": dict(settings or {}),
     }
     if graph is not None:
-        from autopar.report.sharding_table import sharding_table
-
         stored["facts"] = graph_facts(graph)
         stored["sharding"] = sharding_table(plan, graph).to_dict()
         if cluster is not None:
@@ -127,10 +133,8 @@ def stored_inputs(plan: Plan) -> dict:
     return dict((plan.search or {}).get(INPUTS_KEY) or {})
 
 
-def resolve_cluster(plan: Plan, cluster=None):
+def resolve_cluster(plan: Plan, cluster: Cluster | str | None = None) -> Cluster | None:
     """The cluster given, else the one stored with the plan, else the planner's cluster label."""
-    from autopar.cluster import Cluster
-
     if cluster is not None:
         return cluster if isinstance(cluster, Cluster) else Cluster.parse(str(cluster))
     stored = stored_inputs(plan).get("cluster")
@@ -145,11 +149,14 @@ def resolve_cluster(plan: Plan, cluster=None):
     return None
 
 
-def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
+def resolve_graph(
+    plan: Plan,
+    model: str | LoadedModel | OpGraph | None = None,
+    graph: OpGraph | None = None,
+    seq: int | None = None,
+) -> tuple[OpGraph | None, str, int | None]:
     """(graph, model label, seq) from ``graph``, a model spec or a LoadedModel given now. The
     stored spec is traced only when nothing was stored from the graph at planning time."""
-    from autopar.core.ir import OpGraph
-
     if isinstance(model, OpGraph):
         model, graph = "", model
     stored = stored_inputs(plan)
@@ -170,7 +177,9 @@ def resolve_graph(plan: Plan, model=None, graph=None, seq: int | None = None):
 
 
 # ------------------------------------------------------------------------------- detail
-def _estimator_detail(graph, cluster, plan: Plan):
+def _estimator_detail(
+    graph: OpGraph, cluster: Cluster, plan: Plan
+) -> tuple[list[StageDetail], PredictedCost]:
     """Per-stage detail and today's PredictedCost (the stored prediction may be older)."""
     from autopar.estimator import predicted_cost, workload
     from cost_models import DEFAULT, step_time
@@ -215,9 +224,6 @@ def _detail(data: ReportData) -> None:
 
 def _model(data: ReportData) -> None:
     """Model facts and the sharding table: live from the graph, else as stored with the plan."""
-    from autopar.report.sharding_table import sharding_table
-    from autopar.report.tables import Table
-
     stored = stored_inputs(data.plan)
     if data.graph is not None:
         data.facts = graph_facts(data.graph)
@@ -273,9 +279,7 @@ def _compare_stored(data: ReportData, now_s: float) -> None:
     if _differs(now_s, stored.step_time_s):
         diffs.append(f"step time {stored.step_time_s:.4g} s stored, {now_s:.4g} s now")
     if _differs(now_mem, stored.memory_bytes_per_device):
-        diffs.append(
-            f"memory {stored.memory_bytes_per_device / 1e9:.3g} GB stored, {now_mem / 1e9:.3g} GB now"
-        )
+        diffs.append(f"memory {gb_text(stored.memory_bytes_per_device)} stored, {gb_text(now_mem)} now")
     if diffs:
         data.note(
             "costs",
@@ -332,9 +336,9 @@ def _timeline(data: ReportData) -> None:
 def gather(
     plan: Plan,
     *,
-    cluster=None,
-    model=None,
-    graph=None,
+    cluster: Cluster | str | None = None,
+    model: str | LoadedModel | OpGraph | None = None,
+    graph: OpGraph | None = None,
     seq: int | None = None,
     measured: dict | None = None,
 ) -> ReportData:

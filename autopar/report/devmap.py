@@ -9,8 +9,15 @@ node (colour only) above a labelled close-up of the first nodes, enough to show 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from autopar.report import figures as F
+from autopar.report.context import ReportData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.typing import ColorType
 
 FULL_NODES = 16
 DETAIL_NODES = 8
@@ -18,7 +25,7 @@ ROW_IN = 0.62
 """Height of one node row in the labelled map (inches)."""
 
 
-def _layout(data) -> tuple[int, int, list[str]]:
+def _layout(data: ReportData) -> tuple[int, int, list[str]]:
     """(nodes, devices per node, device kind per node); a pseudo-layout without a cluster."""
     c = data.cluster
     if c is not None:
@@ -29,7 +36,7 @@ def _layout(data) -> tuple[int, int, list[str]]:
     return nodes, per, ["?"] * nodes
 
 
-def _cell(data, rank: int) -> tuple[int | None, str]:
+def _cell(data: ReportData, rank: int) -> tuple[int | None, str]:
     """(stage, label) of the device holding ``rank``; (None, 'idle') past the plan's ranks."""
     plan = data.plan
     if rank >= plan.world_size:
@@ -38,7 +45,15 @@ def _cell(data, rank: int) -> tuple[int | None, str]:
     return coords.get("pp", 0), f"r{rank}\n(" + ",".join(str(v) for v in coords.values()) + ")"
 
 
-def _draw_labelled(ax, data, first_node: int, nodes: int, per: int, kinds: list[str], colors) -> None:
+def _draw_labelled(
+    ax: Axes,
+    data: ReportData,
+    first_node: int,
+    nodes: int,
+    per: int,
+    kinds: list[str],
+    colors: list[ColorType],
+) -> None:
     from matplotlib.patches import Rectangle
 
     font = 8 if per <= 8 else max(5, 8 - (per - 8) // 4)
@@ -69,7 +84,7 @@ def _draw_labelled(ax, data, first_node: int, nodes: int, per: int, kinds: list[
                 ax.axhline(nodes - i, color="black", linewidth=2.0)
 
 
-def _draw_overview(ax, data, nodes: int, per: int, colors) -> None:
+def _draw_overview(ax: Axes, data: ReportData, nodes: int, per: int, colors: list[ColorType]) -> None:
     import numpy as np
     from matplotlib.colors import ListedColormap
 
@@ -85,7 +100,7 @@ def _draw_overview(ax, data, nodes: int, per: int, colors) -> None:
     ax.set_title(f"all {nodes} nodes (colour = pipeline stage)", fontsize=10, loc="left")
 
 
-def _legend(fig, colors, pp: int) -> None:
+def _legend(fig: Figure, colors: list[ColorType], pp: int) -> None:
     from matplotlib.patches import Patch
 
     if pp > 24:
@@ -94,14 +109,14 @@ def _legend(fig, colors, pp: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(pp, 12), fontsize=8, frameon=False)
 
 
-def _title(data) -> str:
+def _title(data: ReportData) -> str:
     names = ", ".join(a.name for a in data.plan.mesh)
     c = data.cluster
     where = f"{c.name}: {c.nodes} node(s) x {c.devices_per_node}" if c is not None else "cluster unknown"
     return f"Device map — {where}; labels: rank, ({names})"
 
 
-def device_map(data):
+def device_map(data: ReportData) -> Figure:
     """The figure (a matplotlib Figure)."""
     nodes, per, kinds = _layout(data)
     pp = data.plan.pp

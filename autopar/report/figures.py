@@ -7,6 +7,11 @@ switch), so writing a report never changes the backend of the program that asked
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.typing import ColorType
 
 DPI = 110
 WIDTH_IN = 12.0
@@ -19,13 +24,13 @@ CAPACITY = "#d62728"
 IDLE = "#eeeeee"
 
 
-def new_figure(width_in: float, height_in: float, **kwargs):
+def new_figure(width_in: float, height_in: float, **kwargs: Any) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained", **kwargs)
 
 
-def png_bytes(fig) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     # No Software/URL metadata: the report must not contain any external address.
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -46,7 +51,7 @@ def stage_colors(n: int) -> list:
     return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
 
 
-def lighten(color, amount: float):
+def lighten(color: ColorType, amount: float) -> tuple[float, float, float]:
     """Blend ``color`` towards white by ``amount`` (0 = unchanged, 1 = white)."""
     from matplotlib.colors import to_rgb
 
@@ -54,18 +59,9 @@ def lighten(color, amount: float):
     return (r + (1 - r) * amount, g + (1 - g) * amount, b + (1 - b) * amount)
 
 
-def text_color(color) -> str:
+def text_color(color: ColorType) -> str:
     """Black or white, whichever reads better on ``color``."""
     from matplotlib.colors import to_rgb
 
     r, g, b = to_rgb(color)
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
-
-
-def time_unit(seconds: float) -> tuple[float, str]:
-    """(scale, label) so that ``seconds * scale`` reads well."""
-    if seconds >= 1.0:
-        return 1.0, "s"
-    if seconds >= 1e-3:
-        return 1e3, "ms"
-    return 1e6, "µs"

@@ -7,7 +7,15 @@ thin hatched bars under the predicted ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from autopar.core.text import time_unit
 from autopar.report import figures as F
+from autopar.report.context import ReportData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 ZOOM_ACTIONS = 40
 """Rows with more actions than this get a second panel zoomed on the warm-up."""
@@ -15,7 +23,7 @@ LABEL_PX = 14
 """A bar gets its micro-batch number when it is at least this wide (pixels)."""
 
 
-def _tail(data) -> list[tuple[str, float, str]]:
+def _tail(data: ReportData) -> list[tuple[str, float, str]]:
     """(label, seconds, colour) drawn after the pipeline: exposed DP sync and the optimizer."""
     p = data.predicted
     if p is None or data.timing == "unit":
@@ -29,7 +37,7 @@ def _tail(data) -> list[tuple[str, float, str]]:
     return out
 
 
-def _row_label(data, stage: int) -> str:
+def _row_label(data: ReportData, stage: int) -> str:
     plan = data.plan
     rank = plan.groups("pp")[0][stage]
     tp = next(g for g in plan.groups("tp") if rank in g)
@@ -39,7 +47,7 @@ def _row_label(data, stage: int) -> str:
     return f"stage {stage}\n{ranks}{kind}"
 
 
-def _bars(ax, data, scale: float, x_max: float, px_per_unit: float) -> None:
+def _bars(ax: Axes, data: ReportData, scale: float, x_max: float, px_per_unit: float) -> None:
     """One ``broken_barh`` per (stage, direction, chunk): thousands of bars stay fast."""
     tl, v = data.timeline, data.plan.virtual_stages
     p = tl.num_stages
@@ -74,7 +82,7 @@ def _bars(ax, data, scale: float, x_max: float, px_per_unit: float) -> None:
         ax.broken_barh(spans, (p - 1 - stage + 0.55, 0.4), facecolors=F.P2P)
 
 
-def _measured(ax, data, scale: float, *, overlay: bool) -> None:
+def _measured(ax: Axes, data: ReportData, scale: float, *, overlay: bool) -> None:
     """Measured events: thin hatched bars under the predicted ones (``overlay``), or full bars in a
     panel of their own; the measured step time as a dashed line."""
     events = (data.measured or {}).get("events") or []
@@ -100,20 +108,20 @@ def _group_events(events: list[dict], scale: float) -> dict[tuple[int, str], lis
     return out
 
 
-def _measured_span(data) -> float:
+def _measured_span(data: ReportData) -> float:
     m = data.measured or {}
     return max([e["end_s"] for e in m.get("events") or []] + [m.get("step_time_s") or 0.0])
 
 
-def _overlay_ok(data, predicted_s: float) -> bool:
+def _overlay_ok(data: ReportData, predicted_s: float) -> bool:
     """Measured times share the predicted axis only when they are on a comparable scale."""
     span = _measured_span(data)
     return data.timing != "unit" and span > 0 and 0.5 <= span / max(predicted_s, 1e-12) <= 2.0
 
 
-def _measured_panel(ax, data) -> None:
+def _measured_panel(ax: Axes, data: ReportData) -> None:
     span = _measured_span(data)
-    scale, unit = F.time_unit(span)
+    scale, unit = time_unit(span)
     p = data.plan.pp
     _measured(ax, data, scale, overlay=False)
     ax.set_ylim(0.5, p)
@@ -128,7 +136,15 @@ def _measured_panel(ax, data) -> None:
 
 
 def _panel(
-    ax, data, scale: float, unit: str, x_max: float, width_px: float, tail: list, *, overlay: bool
+    ax: Axes,
+    data: ReportData,
+    scale: float,
+    unit: str,
+    x_max: float,
+    width_px: float,
+    tail: list,
+    *,
+    overlay: bool,
 ) -> None:
     tl = data.timeline
     p = tl.num_stages
@@ -150,7 +166,7 @@ def _panel(
     ax.set_axisbelow(True)
 
 
-def _legend(fig, data, tail: list, *, overlay: bool) -> None:
+def _legend(fig: Figure, data: ReportData, tail: list, *, overlay: bool) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=F.FORWARD, label="forward"), Patch(facecolor=F.BACKWARD, label="backward")]
@@ -169,7 +185,7 @@ def _legend(fig, data, tail: list, *, overlay: bool) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
 
 
-def _zoom_end(data) -> float | None:
+def _zoom_end(data: ReportData) -> float | None:
     tl = data.timeline
     per_row = len(tl.events) / max(tl.num_stages, 1)
     if per_row <= ZOOM_ACTIONS:
@@ -179,14 +195,14 @@ def _zoom_end(data) -> float | None:
     return end if end < 0.6 * tl.makespan_s else None
 
 
-def gantt(data):
+def gantt(data: ReportData) -> Figure:
     tl = data.timeline
     tail = _tail(data)
     total = tl.makespan_s + sum(s for _, s, _ in tail)
     overlay = _overlay_ok(data, total)
     separate = bool((data.measured or {}).get("events")) and not overlay
     right = max(total, _measured_span(data)) if overlay else total
-    scale, unit = F.time_unit(right) if data.timing != "unit" else (1.0, "units")
+    scale, unit = time_unit(right) if data.timing != "unit" else (1.0, "units")
     row_in = 0.42 if tl.num_stages <= 16 else 0.26
     panel_in = 0.9 + row_in * tl.num_stages
     zoom = _zoom_end(data)
@@ -205,7 +221,7 @@ def gantt(data):
     return fig
 
 
-def _title(data) -> str:
+def _title(data: ReportData) -> str:
     plan, tl = data.plan, data.timeline
     vpp = f", {plan.virtual_stages} chunks per stage" if plan.virtual_stages > 1 else ""
     idle = sum(tl.idle_fraction(s) for s in range(tl.num_stages)) / max(tl.num_stages, 1)

@@ -6,10 +6,16 @@ import base64
 import html
 import logging
 import time
+from typing import TYPE_CHECKING
 
+from autopar.core.text import bytes_text, gb_text, seconds_text
 from autopar.report import bars, devmap, gantt
 from autopar.report import figures as F
 from autopar.report import tables as T
+from autopar.report.context import ReportData
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +53,18 @@ SECTIONS = [
 ]
 
 
-def esc(text) -> str:
+def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def img(fig, alt: str) -> str:
+def img(fig: Figure, alt: str) -> str:
     t0 = time.perf_counter()
     data = base64.b64encode(F.png_bytes(fig)).decode("ascii")
     log.debug("figure %r rendered in %.2f s", alt, time.perf_counter() - t0)
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def notes(data, section: str) -> str:
+def notes(data: ReportData, section: str) -> str:
     return "".join(f'<p class="note">{esc(n)}</p>' for n in data.notes.get(section, []))
 
 
@@ -77,13 +83,13 @@ def table(t: T.Table, *, kv: bool = False, title: bool = True) -> str:
     return "".join(out)
 
 
-def kv_table(rows) -> str:
+def kv_table(rows: list[tuple[str, str]]) -> str:
     body = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in rows)
     return f'<table class="kv">{body}</table>'
 
 
 # ------------------------------------------------------------------------------- sections
-def section_device_map(data) -> str:
+def section_device_map(data: ReportData) -> str:
     return (
         img(devmap.device_map(data), "device map")
         + '<p class="caption">Each box is one device: its rank and its coordinates on the mesh axes; the '
@@ -94,7 +100,7 @@ def section_device_map(data) -> str:
     )
 
 
-def section_schedule(data) -> str:
+def section_schedule(data: ReportData) -> str:
     if data.timeline is None:
         return notes(data, "schedule") or '<p class="note">no schedule</p>'
     tl = data.timeline
@@ -110,8 +116,8 @@ def section_schedule(data) -> str:
     if p is not None and data.timing != "unit":
         tail = p.breakdown_s.get("dp_comm_exposed", 0.0) + p.breakdown_s.get("optimizer", 0.0)
         cap += (
-            f" The drawn step ends at {T.fmt_s(tl.makespan_s + tail)}; the cost model's step time is "
-            f"{T.fmt_s(p.step_time_s)}."
+            f" The drawn step ends at {seconds_text(tl.makespan_s + tail)}; the cost model's step time is "
+            f"{seconds_text(p.step_time_s)}."
         )
     if data.plan.mode != "train":
         cap += " Inference: forwards only."
@@ -122,31 +128,31 @@ def section_schedule(data) -> str:
     )
 
 
-def _memory_table(data) -> str:
+def _memory_table(data: ReportData) -> str:
     mem = (data.measured or {}).get("memory_bytes_per_rank")
     if not mem:
         return ""
-    stages, _ = bars._memory_per_stage(data)
+    stages, _ = bars.memory_per_stage(data)
     t = T.Table("Predicted vs measured memory per rank", ["rank", "stage", "predicted", "measured", "error"])
     for rank, m in enumerate(mem):
         s = data.plan.coords(rank).get("pp", 0)
         pred = sum(stages[s].values())
         err = f"{100 * (pred / m - 1):+.1f}%" if m else "-"
-        t.rows.append([str(rank), str(s), T.fmt_bytes(pred), T.fmt_bytes(m), err])
+        t.rows.append([str(rank), str(s), bytes_text(pred, 2), bytes_text(m, 2), err])
     return table(t)
 
 
-def section_memory(data) -> str:
+def section_memory(data: ReportData) -> str:
     if data.predicted is None:
         return NO_COSTS
-    _, source = bars._memory_per_stage(data)
+    _, source = bars.memory_per_stage(data)
     cap = (
         "Predicted memory of one device of each pipeline stage (all devices of a stage hold the same), "
         "stacked by kind; the dashed line is the device capacity."
     )
     kinds, caps = data.stage_kinds or [], bars.stage_capacities(data)
     if len(set(kinds)) > 1 and len(caps) == len(kinds):
-        per_kind = ", ".join(f"{k} {c / 1e9:.3g} GB" for k, c in dict(zip(kinds, caps)).items())
+        per_kind = ", ".join(f"{k} {gb_text(c)}" for k, c in dict(zip(kinds, caps)).items())
         cap = cap.replace(
             "the dashed line is the device capacity.",
             f"each stage's dashed line is the capacity of its own devices ({per_kind}).",
@@ -160,7 +166,7 @@ def section_memory(data) -> str:
     )
 
 
-def section_time(data) -> str:
+def section_time(data: ReportData) -> str:
     if data.predicted is None:
         return NO_COSTS
     return (
@@ -172,7 +178,7 @@ def section_time(data) -> str:
     )
 
 
-def section_sharding(data) -> str:
+def section_sharding(data: ReportData) -> str:
     t = data.sharding
     intro = (
         '<p class="caption">Placements along the tensor-parallel axis in DTensor\'s words: R replicated, '
@@ -181,7 +187,7 @@ def section_sharding(data) -> str:
     return intro + table(t, title=False)
 
 
-def section_alternatives(data) -> str:
+def section_alternatives(data: ReportData) -> str:
     out = [table(T.alternatives_table(data))]
     fig = bars.meshes(data)
     if fig is not None:
@@ -192,7 +198,7 @@ def section_alternatives(data) -> str:
     return "".join(out)
 
 
-def section_inputs(data) -> str:
+def section_inputs(data: ReportData) -> str:
     tables = [T.model_table(data), T.cluster_table(data), T.planner_table(data)]
     cells = "".join(f"<div>{table(t, kv=True)}</div>" for t in tables)
     explain = esc(data.plan.explain())
@@ -201,13 +207,13 @@ def section_inputs(data) -> str:
     )
 
 
-def _heading(data) -> str:
+def _heading(data: ReportData) -> str:
     model = f" of {data.model}" if data.model else ""
     where = f" on {data.cluster.name}" if data.cluster is not None else ""
     return f"Plan{model}{where}"
 
 
-def page(data) -> str:
+def page(data: ReportData) -> str:
     t0 = time.perf_counter()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 
 from autopar.core.errors import ReportError
+from autopar.core.plan import Plan
 
 KEYS = ("step_time_s", "memory_bytes_per_rank", "events", "source")
 EVENT_KEYS = ("stage", "kind", "micro_batch", "start_s", "end_s")
 
 
-def _number(value, where: str) -> float:
+def _number(value: object, where: str) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -36,7 +37,7 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def _event(e, i: int, plan) -> dict:
+def _event(e: object, i: int, plan: Plan) -> dict:
     where = f"events[{i}]"
     if not isinstance(e, dict):
         raise ReportError(f"measured {where}: must be an object with {', '.join(EVENT_KEYS)}")
@@ -58,7 +59,7 @@ def _event(e, i: int, plan) -> dict:
     return {**e, "start_s": start, "end_s": end, "chunk": int(e.get("chunk", 0))}
 
 
-def check_measured(measured: dict | None, plan) -> dict | None:
+def check_measured(measured: dict | None, plan: Plan) -> dict | None:
     """A validated copy of ``measured`` (None stays None)."""
     if measured is None:
         return None

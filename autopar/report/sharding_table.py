@@ -9,9 +9,14 @@ block type and the head.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from autopar.core.plan import Partial, Plan, Shard
-from autopar.report.tables import Table
+from autopar.core.ir import OpGraph, OpNode
+from autopar.core.plan import NodePlacement, Partial, Plan, Shard
+from autopar.report.table import Table
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,9 @@ HEADER = [
 ]
 
 
-def placements_for(plan: Plan, graph):
+def placements_for(
+    plan: Plan, graph: OpGraph | None
+) -> tuple[dict[str, NodePlacement], str, GraphModule | None]:
     """(placements, source, graph module): the plan's own placements, else the Megatron default
     derived by the sharding rules, on the collapsed graph."""
     if plan.tp == 1:
@@ -49,7 +56,7 @@ def placements_for(plan: Plan, graph):
     return megatron_placements(gm, plan.tp, plan.sequence_parallel), "the Megatron default (derived)", gm
 
 
-def collectives(gm, tp: int, placements: dict) -> tuple[dict[str, list[tuple]], dict[str, str]]:
+def collectives(gm: GraphModule, tp: int, placements: dict) -> tuple[dict[str, list[tuple]], dict[str, str]]:
     """Per node name: the collectives on its inputs (``before``: ``(kind, producer, shared_with)``)
     and on its result (``after``), as the lowering inserts them. The lowering converts a producer
     to a placement once for all its consumers, so later consumers name the first (``shared_with``)."""
@@ -78,7 +85,7 @@ def collectives(gm, tp: int, placements: dict) -> tuple[dict[str, list[tuple]], 
     return before, after
 
 
-def _before_text(graph, items: list[tuple]) -> str:
+def _before_text(graph: OpGraph | None, items: list[tuple]) -> str:
     out = []
     for kind, producer, shared in items:
         if shared is None:
@@ -88,7 +95,7 @@ def _before_text(graph, items: list[tuple]) -> str:
     return "; ".join(out)
 
 
-def _role(node, pl, sequence_parallel: bool, inputs: list) -> str:
+def _role(node: OpNode, pl: NodePlacement, sequence_parallel: bool, inputs: list) -> str:
     weights = {k: v for k, v in pl.params.items() if k.endswith("weight") or len(pl.params) == 1}
     w = next(iter(weights.values()), None)
     if node.op_kind == "embedding" and isinstance(w, Shard):
@@ -109,11 +116,11 @@ def _role(node, pl, sequence_parallel: bool, inputs: list) -> str:
     return "replicated"
 
 
-def _params_text(pl) -> str:
+def _params_text(pl: NodePlacement) -> str:
     return ", ".join(f"{name.rsplit('.', 1)[-1]} {p}" for name, p in pl.params.items()) or "-"
 
 
-def _regions(graph) -> list[tuple[str, list]]:
+def _regions(graph: OpGraph | None) -> list[tuple[str, list]]:
     """(label, nodes): the stem, the first instance of each block type, the head."""
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     start = min((index[n.name] for n in graph.nodes if n.block is not None), default=len(graph.nodes))
@@ -131,7 +138,7 @@ def _regions(graph) -> list[tuple[str, list]]:
     return [(label, nodes) for label, nodes in out if nodes]
 
 
-def _short(graph, name: str) -> str:
+def _short(graph: OpGraph | None, name: str) -> str:
     """A node's module path, for naming producers in the collective columns."""
     try:
         return graph[name].module_path or name
@@ -139,7 +146,7 @@ def _short(graph, name: str) -> str:
         return name
 
 
-def sharding_table(plan: Plan, graph) -> Table:
+def sharding_table(plan: Plan, graph: OpGraph | None) -> Table:
     """The table (rows of strings); a note instead of rows when it cannot be derived."""
     table = Table("Tensor-parallel sharding per layer", list(HEADER))
     if graph is None:

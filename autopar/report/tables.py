@@ -5,66 +5,13 @@ terminal rendering read these."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
+from autopar.cluster import Link
 from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
-
-
-# ------------------------------------------------------------------------------- formatting
-def fmt_bytes(n: float | None) -> str:
-    """Decimal units, as device datasheets use (80 GB = 80e9 bytes)."""
-    if n is None:
-        return "-"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_s(t: float | None) -> str:
-    if t is None:
-        return "-"
-    if t >= 1.0:
-        return f"{t:.3g} s"
-    if t >= 1e-3:
-        return f"{t * 1e3:.3g} ms"
-    return f"{t * 1e6:.3g} µs"
-
-
-def fmt_count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def fmt_flops(n: float) -> str:
-    return f"{n:.3g}" if n else "-"
-
-
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return {"title": self.title, "header": self.header, "rows": self.rows, "note": self.note}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Table:
-        if not isinstance(d, dict) or not isinstance(d.get("rows", []), list):
-            from autopar.core.errors import ReportError
-
-            raise ReportError("plan field search.report_inputs.sharding must be an object with rows")
-        return cls(
-            str(d.get("title", "")),
-            list(d.get("header", [])),
-            [list(map(str, r)) for r in d.get("rows", [])],
-            str(d.get("note", "")),
-        )
+from autopar.core.text import bytes_text, count_text, gb_text, seconds_text
+from autopar.report.context import ReportData
+from autopar.report.table import Table
 
 
 # ---------------------------------------------------------------------------- layers/stages
@@ -144,7 +91,7 @@ def _ranks_text(plan: Plan, rank: int) -> str:
 
 
 # --------------------------------------------------------------------------- alternatives
-def alternatives_table(data) -> Table:
+def alternatives_table(data: ReportData) -> Table:
     header = ["#", "plan", "step time", "vs chosen", "memory / device", "why it lost"]
     table = Table("Runner-up plans", header)
     plan, predicted = data.plan, data.predicted
@@ -155,9 +102,9 @@ def alternatives_table(data) -> Table:
             [
                 "1",
                 plan.summary(),
-                fmt_s(best),
+                seconds_text(best),
                 "chosen",
-                fmt_bytes(predicted.memory_bytes_per_device),
+                bytes_text(predicted.memory_bytes_per_device, 2),
                 "-",
             ]
         )
@@ -168,9 +115,9 @@ def alternatives_table(data) -> Table:
             [
                 str(i),
                 a.get("summary", ""),
-                fmt_s(t),
+                seconds_text(t),
                 delta,
-                fmt_bytes(a.get("memory_bytes_per_device")),
+                bytes_text(a.get("memory_bytes_per_device"), 2),
                 a.get("why", ""),
             ]
         )
@@ -187,7 +134,7 @@ def rejected_table(plan: Plan) -> Table:
             [
                 r.get("config", ""),
                 "yes" if r.get("fits") else "no",
-                fmt_s(r.get("step_time_s")),
+                seconds_text(r.get("step_time_s")),
                 r.get("why", ""),
             ]
         )
@@ -195,14 +142,14 @@ def rejected_table(plan: Plan) -> Table:
 
 
 # -------------------------------------------------------------------------------- inputs
-def model_table(data) -> Table:
+def model_table(data: ReportData) -> Table:
     table = Table("Model", ["", ""])
     f, plan = data.facts or {}, data.plan
     p = data.predicted
     rows = [["model", data.model or ("(a traced graph; no spec given)" if f else "(not given)")]]
     if f:
         rows += [
-            ["parameters", f"{fmt_count(f['num_params'])} ({fmt_bytes(f['param_bytes'])} as traced)"],
+            ["parameters", f"{count_text(f['num_params'])} ({bytes_text(f['param_bytes'], 2)} as traced)"],
             ["repeated blocks", str(f["num_blocks"])],
             ["sequence length", str(data.seq or f.get("seq") or "-")],
             ["graph nodes", f"{f['num_nodes']} ({f['tracer']})"],
@@ -218,7 +165,7 @@ def model_table(data) -> Table:
     return table
 
 
-def cluster_table(data) -> Table:
+def cluster_table(data: ReportData) -> Table:
     table = Table("Cluster", ["", ""])
     c = data.cluster
     if c is None:
@@ -236,7 +183,7 @@ def cluster_table(data) -> Table:
         rows.append(
             [
                 span,
-                f"{d.name}: {fmt_bytes(d.memory_bytes)}, {peak / 1e12:.4g} TFLOP/s peak, {fmt_bytes(d.hbm_bytes_per_s)}/s memory",
+                f"{d.name}: {bytes_text(d.memory_bytes, 2)}, {peak / 1e12:.4g} TFLOP/s peak, {bytes_text(d.hbm_bytes_per_s, 2)}/s memory",
             ]
         )
         start += grp.nodes
@@ -247,11 +194,11 @@ def cluster_table(data) -> Table:
     return table
 
 
-def _link(link) -> str:
-    return f"{fmt_bytes(link.bandwidth_bytes_per_s)}/s per device, {link.latency_s * 1e6:.3g} µs"
+def _link(link: Link) -> str:
+    return f"{bytes_text(link.bandwidth_bytes_per_s, 2)}/s per device, {link.latency_s * 1e6:.3g} µs"
 
 
-def planner_table(data) -> Table:
+def planner_table(data: ReportData) -> Table:
     plan = data.plan
     table = Table("Planner", ["", ""])
     rows = [["plan", plan.summary()]]
@@ -263,7 +210,7 @@ def planner_table(data) -> Table:
                 "costed / pruned / invalid",
                 f"{stats.get('evaluated', '-')} / {stats.get('pruned', '-')} / {stats.get('invalid', '-')}",
             ],
-            ["solve time", f"{fmt_s(stats.get('solve_time_s'))} ({stats.get('status', '-')})"],
+            ["solve time", f"{seconds_text(stats.get('solve_time_s'))} ({stats.get('status', '-')})"],
         ]
     else:
         rows.append(["search", "none (hand-written plan)"])
@@ -276,11 +223,11 @@ def planner_table(data) -> Table:
 MAX_STAGES_LISTED = 8
 
 
-def _memory_text(data) -> str:
+def _memory_text(data: ReportData) -> str:
     """Used of capacity; on several device kinds, the binding stage and every stage's numbers."""
     p, kinds = data.predicted, data.stage_kinds
     fits = "fits" if p.fits else "DOES NOT FIT"
-    head = f"{fmt_bytes(p.memory_bytes_per_device)} of {fmt_bytes(p.memory_capacity_bytes)}"
+    head = f"{bytes_text(p.memory_bytes_per_device, 2)} of {bytes_text(p.memory_capacity_bytes, 2)}"
     if not _mixed(kinds, data.plan.pp):
         return f"{head} ({fits})"
     extra = p.extra or {}
@@ -288,12 +235,12 @@ def _memory_text(data) -> str:
     head += f" on stage {worst} ({kinds[worst]}, the least headroom)"
     used, caps = extra.get("memory_bytes_per_stage"), data.stage_capacity_bytes
     if used and caps and len(used) == len(caps) <= MAX_STAGES_LISTED:
-        per = ", ".join(f"{u / 1e9:.3g} of {c / 1e9:.3g}" for u, c in zip(used, caps))
+        per = ", ".join(f"{gb_text(u, unit=False)} of {gb_text(c, unit=False)}" for u, c in zip(used, caps))
         head += f"; per stage GB: {per}"
     return f"{head} ({fits})"
 
 
-def summary_rows(data) -> list[tuple[str, str]]:
+def summary_rows(data: ReportData) -> list[tuple[str, str]]:
     """The headline numbers of the chosen plan."""
     plan, p = data.plan, data.predicted
     rows = [
@@ -307,7 +254,7 @@ def summary_rows(data) -> list[tuple[str, str]]:
         rows.append(("predicted", "not available (see the note below)"))
         return rows
     rows += [
-        ("step time", fmt_s(p.step_time_s)),
+        ("step time", seconds_text(p.step_time_s)),
         ("throughput", f"{p.tokens_per_s:,.0f} tokens/s" if p.tokens_per_s else "-"),
         ("MFU", f"{100 * p.mfu:.1f}%"),
         ("memory / device", _memory_text(data)),
@@ -315,5 +262,5 @@ def summary_rows(data) -> list[tuple[str, str]]:
     m = data.measured or {}
     if "step_time_s" in m:
         err = 100 * (p.step_time_s / m["step_time_s"] - 1) if m["step_time_s"] else math.nan
-        rows.append(("measured step time", f"{fmt_s(m['step_time_s'])} (prediction {err:+.1f}%)"))
+        rows.append(("measured step time", f"{seconds_text(m['step_time_s'])} (prediction {err:+.1f}%)"))
     return rows

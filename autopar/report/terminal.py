@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from autopar.report import tables as T
+from autopar.report.context import ReportData
 
 MAX_MAP_NODES = 8
 MAX_GRID_STEPS = 48
@@ -24,7 +25,7 @@ def _table(t: T.Table) -> list[str]:
     return lines
 
 
-def _device_map(data) -> list[str]:
+def _device_map(data: ReportData) -> list[str]:
     plan, c = data.plan, data.cluster
     per = c.devices_per_node if c is not None else min(8, plan.world_size)
     nodes = c.nodes if c is not None else -(-plan.world_size // per)
@@ -43,7 +44,7 @@ def _device_map(data) -> list[str]:
     return lines
 
 
-def _schedule(data) -> list[str]:
+def _schedule(data: ReportData) -> list[str]:
     tl = data.timeline
     if tl is None:
         return []
@@ -64,7 +65,7 @@ def _schedule(data) -> list[str]:
     return lines
 
 
-def render(data) -> str:
+def render(data: ReportData) -> str:
     lines = [f"{k:<20} {v}" for k, v in T.summary_rows(data)]
     for section in data.notes.values():
         lines += [f"note: {n}" for n in section]

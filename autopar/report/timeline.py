@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.errors import PlanError
+from autopar.runtime import schedule as rs
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ class Timeline:
 
 # ------------------------------------------------------------------------------- orders
 def _runtime_orders(schedule: str, p: int, m: int) -> list[list[Action]]:
-    from autopar.runtime import schedule as rs
-
     sched = rs.gpipe(p, m) if schedule == "gpipe" else rs.one_f_one_b(p, m)
     return [[Action(a.stage, 0, a.kind, a.micro_batch) for a in order] for order in sched.orders]
 
@@ -123,7 +122,9 @@ def orders(
     return out, note
 
 
-def _orders(schedule: str, num_stages: int, num_micro_batches: int, virtual_stages: int):
+def _orders(
+    schedule: str, num_stages: int, num_micro_batches: int, virtual_stages: int
+) -> tuple[list[list[Action]], str]:
     p, m, v = num_stages, num_micro_batches, virtual_stages
     if schedule == "interleaved" and v > 1:
         if m % p == 0:

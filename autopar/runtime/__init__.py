@@ -1,2 +1,24 @@
 """The runtime: process groups per mesh axis, the local launcher, micro-batches, pipeline stages and
-schedules, data-parallel wrappers, deterministic dropout. ``autopar.api`` assembles them."""
+schedules, data-parallel wrappers, deterministic dropout. ``autopar.api`` assembles them.
+
+Public API, by module (the package ``__init__`` re-exports nothing, so importing one piece stays
+cheap):
+
+* :mod:`autopar.runtime.launch`: :func:`~autopar.runtime.launch.run_local` (a function on N local
+  gloo ranks, never hangs) and :class:`~autopar.runtime.launch.LaunchFailure`.
+* :mod:`autopar.runtime.groups`: :func:`~autopar.runtime.groups.build_process_groups` ->
+  :class:`~autopar.runtime.groups.ProcessGroups` (one group per mesh axis, plus tied parameters),
+  :func:`~autopar.runtime.groups.init_from_env`, :func:`~autopar.runtime.groups.describe_groups`.
+* :mod:`autopar.runtime.failure`: :class:`~autopar.runtime.failure.FailureReporter` and
+  :func:`~autopar.runtime.failure.guard` (the first failing rank is named on every rank).
+* :mod:`autopar.runtime.microbatch`: data-parallel shares, micro-batch split and merge.
+* :mod:`autopar.runtime.pipeline`: :class:`~autopar.runtime.pipeline.Pipeline` (torch pipelining
+  stages and schedule), :func:`~autopar.runtime.pipeline.run_accumulation` (pp == 1),
+  :class:`~autopar.runtime.pipeline.Events` (the measured timeline).
+* :mod:`autopar.runtime.schedule`: the schedules as action lists
+  (:func:`~autopar.runtime.schedule.for_plan`).
+* :mod:`autopar.runtime.engines`: recompute, DDP and FSDP wrappers.
+* :mod:`autopar.runtime.state`: full (unsharded) state dicts and gradients, gathered and scattered.
+* :mod:`autopar.runtime.rank_code`: :func:`~autopar.runtime.rank_code.render`, a rank's program as
+  readable Python.
+"""

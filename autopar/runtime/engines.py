@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -27,7 +29,7 @@ class Checkpointed(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.inner(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(self.inner, *args, use_reentrant=False, **kwargs)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 
 import torch.distributed as dist
 
@@ -34,7 +35,7 @@ _COLLECTIVE_MARKERS = (
 )
 
 
-def _default_store():
+def _default_store() -> dist.Store | None:
     try:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - no store: failures are still raised, just not shared
@@ -68,7 +69,7 @@ def root_cause(exc: BaseException) -> BaseException:
 class FailureReporter:
     """Shares the first failure of a job through the c10d store."""
 
-    def __init__(self, rank: int, store=None):
+    def __init__(self, rank: int, store: dist.Store | None = None):
         self.rank = rank
         self.store = store if store is not None else _default_store()
 
@@ -100,7 +101,7 @@ class FailureReporter:
 
 
 @contextlib.contextmanager
-def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None = None):
+def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None = None) -> Iterator[None]:
     """Turn any exception inside into a :class:`RuntimeFailure` that names the rank that failed first."""
     try:
         yield

@@ -24,6 +24,8 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -80,7 +82,16 @@ def _no_tqdm_process_lock() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def _worker(fn, args, rank, world, port, timeout_s, threads, results) -> None:
+def _worker(
+    fn: Callable,
+    args: tuple,
+    rank: int,
+    world: int,
+    port: int,
+    timeout_s: float,
+    threads: int,
+    results: mp_connection.Connection,
+) -> None:
     torch.set_num_threads(threads)
     _no_tqdm_process_lock()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,7 +116,7 @@ def _worker(fn, args, rank, world, port, timeout_s, threads, results) -> None:
     os._exit(0 if status == "ok" else 1)
 
 
-def _context(start_method: str):
+def _context(start_method: str) -> BaseContext:
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(_PRELOAD)
@@ -162,14 +173,19 @@ def run_local(
     return [_loads(done[r][1]) for r in range(nprocs)]
 
 
-def _receive(reader):
+def _receive(reader: mp_connection.Connection) -> Any:
     try:
         return reader.recv()
     except (EOFError, OSError):
         return None
 
 
-def _collect(procs, readers, wait_after_failure_s, deadline_s) -> dict[int, tuple[bool, Any]]:
+def _collect(
+    procs: list[BaseProcess],
+    readers: list[mp_connection.Connection],
+    wait_after_failure_s: float,
+    deadline_s: float | None,
+) -> dict[int, tuple[bool, Any]]:
     n = len(procs)
     done: dict[int, tuple[bool, Any]] = {}
     start = time.monotonic()

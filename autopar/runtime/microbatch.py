@@ -13,6 +13,7 @@ single-device full-batch gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def split_micro_batches(batch: Sequence, num_micro_batches: int) -> list[tuple]:
     ]
 
 
-def merge_micro_batches(outputs: Sequence):
+def merge_micro_batches(outputs: Sequence) -> Any:
     """Concatenate per-micro-batch outputs along the sample dim (tuples/dicts element-wise)."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,11 +37,11 @@ from autopar.runtime.schedule import runs_as
 log = logging.getLogger(__name__)
 
 
-def _identity_loss(output, _target):
+def _identity_loss(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _no_sync(module: nn.Module, last: bool):
+def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP: skip the all-reduce except on the last micro-batch. FSDP2: the same via its flag."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
@@ -64,7 +66,7 @@ class Events:
         self.events, self.t0 = [], time.perf_counter()
 
     @contextlib.contextmanager
-    def record(self, kind: str, micro_batch: int, stage: int | None = None):
+    def record(self, kind: str, micro_batch: int, stage: int | None = None) -> Iterator[None]:
         start = time.perf_counter() - self.t0
         yield
         end = time.perf_counter() - self.t0
@@ -73,10 +75,10 @@ class Events:
             {"stage": stage, "kind": kind, "micro_batch": micro_batch, "start_s": start, "end_s": end}
         )
 
-    def wrap(self, fn, kind: str, stage: int | None = None):
+    def wrap(self, fn: Callable, kind: str, stage: int | None = None) -> Callable:
         """``fn(chunk_id, ...)`` recorded as ``kind`` of micro-batch ``chunk_id`` on ``stage``."""
 
-        def timed(chunk_id, *args, **kwargs):
+        def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
             with self.record(kind, chunk_id, stage):
                 return fn(chunk_id, *args, **kwargs)
 
@@ -91,7 +93,7 @@ def run_accumulation(
     m: int,
     train: bool,
     events: Events | None = None,
-):
+) -> list:
     """pp == 1: forward (and backward) of ``m`` micro-batches; returns per-micro-batch outputs."""
     events = events or Events(spec.index)
     names = list(side)
@@ -121,7 +123,7 @@ class Pipeline:
         modules: list[nn.Module],
         specs: list[StageSpec],
         groups: ProcessGroups,
-        device,
+        device: torch.device,
         schedule: str,
         m: int,
     ):
@@ -143,7 +145,9 @@ class Pipeline:
     def _rank_of(self, stage: int) -> int:
         return self.pp_ranks[stage % len(self.pp_ranks)]
 
-    def _infer_shapes(self, module, spec: StageSpec, inputs: tuple, side: dict) -> tuple[tuple, tuple]:
+    def _infer_shapes(
+        self, module: nn.Module, spec: StageSpec, inputs: tuple, side: dict
+    ) -> tuple[tuple, tuple]:
         group = self.groups.group("pp")
         mb = split_micro_batches(tuple(inputs) + tuple(side.values()), self.m)[0]
         mb_side = dict(zip(side, mb[len(inputs) :]))
@@ -180,7 +184,7 @@ class Pipeline:
             stages.append(stage)
         return stages
 
-    def _schedule(self, train: bool, inputs: tuple, side: dict):
+    def _schedule(self, train: bool, inputs: tuple, side: dict) -> Any:
         if train in self._schedules:
             return self._schedules[train]
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -199,7 +203,7 @@ class Pipeline:
         self._schedules[train] = sched
         return sched
 
-    def run(self, inputs: tuple, side: dict, train: bool):
+    def run(self, inputs: tuple, side: dict, train: bool) -> Any:
         """One step; returns the per-micro-batch losses (train) or the merged output (inference) on
         the rank of the last stage, None elsewhere."""
         side = {SIDE_PREFIX + k: v for k, v in side.items()}

@@ -13,6 +13,7 @@ import textwrap
 
 from autopar.core.plan import Plan
 from autopar.lower.program import RankProgram
+from autopar.lower.stages import StageSpec
 from autopar.runtime.groups import describe_groups
 from autopar.runtime.schedule import for_plan
 
@@ -31,7 +32,7 @@ def _segment_label(prog: RankProgram, seg: int) -> str:
     return "head + loss"
 
 
-def _stage_label(prog: RankProgram, plan: Plan, spec) -> str:
+def _stage_label(prog: RankProgram, plan: Plan, spec: StageSpec) -> str:
     where = ", ".join(_segment_label(prog, s) for s in spec.segments)
     if plan.virtual_stages > 1:
         return f"# virtual stage {spec.index} of {spec.num_stages} (chunk {spec.index // plan.pp}): {where}"
@@ -110,10 +111,10 @@ def _pipeline_lines(prog: RankProgram, plan: Plan, train: bool) -> list[str]:
 
 
 class _A:
-    def __init__(self, stage, kind, mb):
+    def __init__(self, stage: int, kind: str, mb: int):
         self.stage, self.kind, self.micro_batch = stage, kind, mb
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.micro_batch}"
 
 

@@ -15,7 +15,7 @@ from autopar.lower.program import ParamSlot
 from autopar.runtime.groups import ProcessGroups
 
 
-def _is_dtensor(t) -> bool:
+def _is_dtensor(t: object) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)

@@ -1,10 +1,19 @@
 """Tensor-parallel placement rules, strategies and the default (Megatron-like) placements.
 
+Public API:
+
 * :func:`strategies` / :class:`ShardingGraph.strategies`: the legal strategies of a node — required
   input placements, output placement, parameter placements, collective bytes (what the planner
   enumerates).
 * :func:`megatron_placements`: the default plan's placements, derived from the same rules.
-* :func:`reshard_kind` / :func:`reshard_bytes`: the collective between two placements.
+* :func:`reshard_kind` / :func:`reshard_bytes`: the collective between two placements;
+  :data:`autopar.sharding.reshard.BACKWARD_OF`: THE forward collective -> backward collective table.
+* :func:`functionalize` -> :class:`Normalized`: the graph with leaf modules in functional form.
+* :mod:`autopar.sharding.ops`: the canonical view of a node (:class:`~autopar.sharding.ops.OpCall`,
+  :func:`~autopar.sharding.ops.parse`) and the rule families' name sets, derived from the one op
+  table :data:`autopar.tracing.opkinds.OPS`.
+* :mod:`autopar.sharding.view_rules`: :func:`~autopar.sharding.view_rules.reshape_dim_map` and
+  :func:`~autopar.sharding.view_rules.getitem_dim_map` (which dims carry a shard through a view).
 
 How a planner enumerates (node names are those of the traced graph; ``call_module`` nodes appear
 in functional form with their parameters as inputs)::

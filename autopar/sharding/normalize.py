@@ -20,7 +20,9 @@ Megatron placements and the lowering all see the same node names.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -52,14 +54,16 @@ def canonical_names(gm: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
     return first, aliases
 
 
-def _resolve(gm: nn.Module, target: str):
+def _resolve(gm: nn.Module, target: str) -> Any:
     obj = gm
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
 
 
-def _functional_call(mod: nn.Module, x, p, training):
+def _functional_call(
+    mod: nn.Module, x: torch.fx.Node, p: Callable[[str], Any], training: Callable[[], bool]
+) -> tuple[Callable, tuple, dict] | None:
     """(function, args, kwargs) of the functional form of a leaf module, or None to keep it."""
     if isinstance(mod, nn.Linear):
         return F.linear, (x, p("weight"), p("bias")), {}
@@ -85,7 +89,7 @@ def _functional_call(mod: nn.Module, x, p, training):
     return None
 
 
-def _loss_call(mod: nn.Module, args):
+def _loss_call(mod: nn.Module, args: Sequence[Any]) -> tuple[Callable, tuple, dict] | None:
     if type(mod) is nn.CrossEntropyLoss and mod.weight is None:
         kwargs = {"ignore_index": mod.ignore_index, "reduction": mod.reduction}
         kwargs["label_smoothing"] = mod.label_smoothing
@@ -152,7 +156,7 @@ class _Builder:
         if type(mod) is nn.Identity and len(args) == 1 and not node.kwargs:
             return args[0]
 
-        def param(attr: str):
+        def param(attr: str) -> torch.fx.Node | None:
             value = getattr(mod, attr, None)
             if value is None:
                 return None

@@ -4,11 +4,14 @@
 4, 8])`` (export) all become ``OpCall(kind="reshape", args={"x": x, "shape": [...]})``. A rule reads
 only ``OpCall``; the lowering reads ``OpCall.args`` to rewrite shape arguments.
 
-``kind`` is the rule family (see :mod:`autopar.sharding.rules`); ``name`` the base op name.
+``kind`` is the rule family (see :mod:`autopar.sharding.rules`); ``name`` the base op name. Which
+family a base name belongs to is registered once, next to its cost kind, in the one op table
+:data:`autopar.tracing.opkinds.OPS`; the name sets below are derived from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,149 +19,24 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from autopar.tracing.opkinds import base_name
+from autopar.tracing.opkinds import OPS, base_name, names_of_family
 
 Node = torch.fx.Node
 
 # ------------------------------------------------------------------------------------ tables
-POINTWISE = set(
-    [
-        "add",
-        "sub",
-        "mul",
-        "div",
-        "truediv",
-        "floordiv",
-        "neg",
-        "pos",
-        "pow",
-        "rsqrt",
-        "sqrt",
-        "exp",
-        "log",
-        "log1p",
-        "tanh",
-        "sigmoid",
-        "relu",
-        "gelu",
-        "silu",
-        "erf",
-        "reciprocal",
-        "masked_fill",
-        "where",
-        "clamp",
-        "clamp_min",
-        "clamp_max",
-        "abs",
-        "cos",
-        "sin",
-        "float",
-        "half",
-        "bfloat16",
-        "double",
-        "to",
-        "type_as",
-        "clone",
-        "copy",
-        "_to_copy",
-        "contiguous",
-        "detach",
-        "alias",
-        "rsub",
-        "radd",
-        "iadd",
-        "imul",
-        "isub",
-        "itruediv",
-        "eq",
-        "ne",
-        "lt",
-        "gt",
-        "le",
-        "ge",
-        "logical_not",
-        "logical_and",
-        "logical_or",
-        "bitwise_not",
-        "invert",
-        "and_",
-        "or_",
-        "xor",
-        "mod",
-        "remainder",
-        "maximum",
-        "minimum",
-        "lerp",
-        "hardtanh",
-        "leaky_relu",
-        "softplus",
-        "mish",
-        "elu",
-        "selu",
-        "celu",
-        "sign",
-        "square",
-    ]
-)
+# Derived from the one op table (:data:`autopar.tracing.opkinds.OPS`): a name's sharding family is
+# registered there, next to its cost kind.
+POINTWISE = set(names_of_family("pointwise"))
 # Ops that are linear in their (single) partial-sum operand: P in -> P out.
-LINEAR_UNARY = set(
-    [
-        "neg",
-        "pos",
-        "clone",
-        "copy",
-        "contiguous",
-        "detach",
-        "alias",
-        "float",
-        "half",
-        "bfloat16",
-        "double",
-        "to",
-        "_to_copy",
-        "type_as",
-    ]
-)
-RESHAPE = set(
-    [
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "flatten",
-        "unflatten",
-        "squeeze",
-        "unsqueeze",
-        "view_as",
-        "reshape_as",
-    ]
-)
-PERMUTE = set(["transpose", "swapaxes", "t", "permute"])
-SPLIT = set(["chunk", "split", "split_with_sizes", "unbind"])
-REDUCTION = set(
-    [
-        "sum",
-        "mean",
-        "amax",
-        "amin",
-        "max",
-        "min",
-        "var",
-        "std",
-        "logsumexp",
-        "prod",
-        "argmax",
-        "argmin",
-        "all",
-        "any",
-        "norm",
-    ]
-)
-LIKE = set(["ones_like", "zeros_like", "empty_like", "full_like"])
-RANDOM_LIKE = set(["rand_like", "randn_like", "randint_like", "bernoulli"])
-NEW = set(["new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"])
-SHAPE_METHODS = set(
-    ["size", "dim", "numel", "sym_size", "sym_numel", "sym_stride", "stride", "_assert_tensor_metadata"]
-)
+LINEAR_UNARY = {name for name, info in OPS.items() if info.linear_unary}
+RESHAPE = set(names_of_family("reshape"))
+PERMUTE = set(names_of_family("permute"))
+SPLIT = set(names_of_family("split"))
+REDUCTION = set(names_of_family("reduction"))
+LIKE = set(names_of_family("like"))
+RANDOM_LIKE = set(names_of_family("random_like"))
+NEW = set(names_of_family("new"))
+SHAPE_METHODS = set(names_of_family("shape"))
 SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
 
 
@@ -173,7 +51,7 @@ def is_rng_dropout(node: Node) -> bool:
 
 
 # ------------------------------------------------------------------------------------ meta
-def tensor_meta(node: Node):
+def tensor_meta(node: Node) -> Any:
     """TensorMetadata-like (``.shape``, ``.dtype``, ``.stride``) or a tuple of them, or None."""
     tm = node.meta.get("tensor_meta")
     if tm is not None:
@@ -186,7 +64,7 @@ def tensor_meta(node: Node):
     return None
 
 
-def is_multi(tm) -> bool:
+def is_multi(tm: Any) -> bool:
     """Whether a ``tensor_meta`` value describes several tensors (TensorMetadata is a NamedTuple)."""
     return isinstance(tm, (tuple, list)) and not isinstance(tm, TensorMetadata)
 
@@ -262,7 +140,7 @@ class OpCall:
         return len(self.out_shape)
 
 
-def _arg(node: Node, i: int, name: str, default=None):
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -278,7 +156,7 @@ def _shape_list(node: Node, start: int) -> list:
     return rest
 
 
-def _dims(value) -> list[int] | None:
+def _dims(value: int | Sequence[int] | None) -> list[int] | None:
     if value is None:
         return None
     if isinstance(value, int):
@@ -294,50 +172,52 @@ def _is_aten(node: Node) -> bool:
 
 
 def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one table
+    """(rule family, canonical args) of a call, by the family :data:`OPS` registers for ``name``."""
+    info = OPS.get(name)
+    family = info.family if info is not None else None
     a0 = _arg(node, 0, "input")
-    if name in ("view", "reshape", "_unsafe_view", "expand"):
-        return ("expand" if name == "expand" else "reshape"), {"x": a0, "shape": _shape_list(node, 1)}
-    if name in RESHAPE:
+    if family == "reshape":
+        if name in ("view", "reshape", "_unsafe_view"):
+            return "reshape", {"x": a0, "shape": _shape_list(node, 1)}
         return "reshape", {"x": a0}
-    if name in ("transpose", "swapaxes"):
+    if family == "expand":
+        return "expand", {"x": a0, "shape": _shape_list(node, 1) if name == "expand" else None}
+    if family == "permute":
+        if name == "t":
+            return "permute", {"x": a0, "swap": (0, 1)}
+        if name == "permute":
+            return "permute", {"x": a0, "dims": _shape_list(node, 1)}
         return "permute", {"x": a0, "swap": (_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))}
-    if name == "t":
-        return "permute", {"x": a0, "swap": (0, 1)}
-    if name == "permute":
-        return "permute", {"x": a0, "dims": _shape_list(node, 1)}
-    if name == "expand_as":
-        return "expand", {"x": a0, "shape": None}
-    if name == "getitem":
+    if family == "getitem":
         return "getitem", {"x": a0, "index": node.args[1]}
-    if name == "select":
+    if family == "select":
         return "select", {"x": a0, "dim": _arg(node, 1, "dim"), "index": _arg(node, 2, "index")}
-    if name in ("slice", "narrow"):
+    if family == "slice":
         return "slice", {"x": a0, "dim": _arg(node, 1, "dim", 0)}
-    if name in SPLIT:
-        default_dim = 0
-        dim = _arg(node, 2, "dim", default_dim) if name != "unbind" else _arg(node, 1, "dim", 0)
+    if family == "split":
+        dim = _arg(node, 2, "dim", 0) if name != "unbind" else _arg(node, 1, "dim", 0)
         return "split", {"x": a0, "dim": dim, "unbind": name == "unbind"}
-    if name in ("cat", "concat", "concatenate", "stack"):
+    if family == "cat":
         return "cat", {
             "xs": list(_arg(node, 0, "tensors")),
             "dim": _arg(node, 1, "dim", 0),
             "stack": name == "stack",
         }
-    if name == "repeat_interleave":
+    if family == "repeat_interleave":
         return "repeat_interleave", {
             "x": a0,
             "repeats": _arg(node, 1, "repeats"),
             "dim": _arg(node, 2, "dim"),
         }
-    if name in ("triu", "tril"):
+    if family == "triu":
         return "triu", {"x": a0}
-    if name == "linear":
+    if family == "linear":
         return "linear", {"x": a0, "w": _arg(node, 1, "weight"), "b": _arg(node, 2, "bias")}
-    if name == "addmm":
+    if family == "addmm":
         return "addmm", {"b": a0, "x": _arg(node, 1, "mat1"), "w": _arg(node, 2, "mat2")}
-    if name in ("matmul", "mm", "bmm"):
+    if family == "matmul":
         return "matmul", {"a": a0, "b": _arg(node, 1, "other", _arg(node, 1, "mat2"))}
-    if name == "embedding":
+    if family == "embedding":
         if _is_aten(node):  # aten.embedding(weight, indices, padding_idx)
             pad = _arg(node, 2, "padding_idx", -1)
             return "embedding", {
@@ -350,40 +230,40 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
             "w": _arg(node, 1, "weight"),
             "padding_idx": _arg(node, 2, "padding_idx"),
         }
-    if name in ("layer_norm", "rms_norm"):
+    if family == "norm":
         ns = _arg(node, 1, "normalized_shape")
         return "norm", {"x": a0, "normalized": len(ns) if isinstance(ns, (list, tuple, torch.Size)) else 1}
-    if name in ("softmax", "log_softmax", "_softmax", "_log_softmax"):
+    if family == "softmax":
         return "softmax", {"x": a0, "dim": _arg(node, 1, "dim")}
-    if name == "dropout":
+    if family == "dropout":
         return "dropout", {"x": a0}
-    if name == "scaled_dot_product_attention":
+    if family == "sdpa":
         return "sdpa", {
             "q": a0,
             "k": _arg(node, 1, "key"),
             "v": _arg(node, 2, "value"),
             "mask": _arg(node, 3, "attn_mask"),
         }
-    if name in REDUCTION:
+    if family == "reduction":
         dims = _arg(node, 1, "dim")
         if isinstance(dims, Node):
             return "other", {}
         keepdim = _arg(node, 2, "keepdim", False)
         return "reduction", {"x": a0, "dims": _dims(dims), "keepdim": bool(keepdim)}
-    if name in ("cross_entropy", "cross_entropy_loss"):
+    if family == "cross_entropy":
         return "cross_entropy", _cross_entropy_args(node)
-    if name in ("mse_loss", "l1_loss"):
+    if family == "pointwise_loss":
         if _is_aten(node):  # aten.mse_loss(input, target, reduction: int)
             red = _REDUCTION_CODES[_arg(node, 2, "reduction", 1)]
         else:  # F.mse_loss(input, target, size_average, reduce, reduction)
             red = _arg(node, 4, "reduction", "mean")
         return "pointwise_loss", {"x": a0, "target": _arg(node, 1, "target"), "reduction": red}
-    if name in LIKE or name in RANDOM_LIKE:
-        return "like", {"x": a0, "random": name in RANDOM_LIKE}
-    if name in NEW:
+    if family in ("like", "random_like"):
+        return "like", {"x": a0, "random": family == "random_like"}
+    if family == "new":
         return "new", {"x": a0}
-    if name in POINTWISE:
-        return "pointwise", {"linear_unary": name in LINEAR_UNARY, "dtype_donor": name == "type_as"}
+    if family == "pointwise":
+        return "pointwise", {"linear_unary": info.linear_unary, "dtype_donor": name == "type_as"}
     return "other", {}
 
 

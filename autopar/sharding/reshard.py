@@ -21,6 +21,18 @@ from autopar.core.plan import Partial, Placement, Replicate, Shard
 
 COMMUNICATING = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
+BACKWARD_OF: dict[str, str | None] = {
+    "all_reduce": None,
+    "split": "all_gather",
+    "all_gather": "reduce_scatter",
+    "reduce_scatter": "all_gather",
+    "all_to_all": "all_to_all",
+}
+"""The one table of forward collective -> the collective its backward runs (Megatron's conjugate
+pairs; None: the backward is the identity). The planner's intra-op costs, the estimator and the
+lowering's autograd functions (:data:`autopar.lower.collectives.LOWERED`) all follow it; a test
+checks the lowering against it on real process groups."""
+
 
 def reshard_kind(src: Placement, dst: Placement) -> str | None:
     """The collective that turns ``src`` into ``dst`` (None when equal, ``"invalid"`` if none does)."""

@@ -167,7 +167,7 @@ def _embedding(c: Ctx) -> None:
 
 
 # --------------------------------------------------------------------------------- the rest
-def _keep_dims(c: Ctx, x, excluded: set[int], name: str = "shard") -> None:
+def _keep_dims(c: Ctx, x: torch.fx.Node, excluded: set[int], name: str = "shard") -> None:
     """S(d) -> S(d) for every dim ``d`` of ``x`` not in ``excluded``; other inputs replicated."""
     s = shape(x)
     for d in range(len(s)):

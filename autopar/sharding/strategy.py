@@ -7,7 +7,9 @@ inside. The per-op rules live in :mod:`autopar.sharding.rules` (and ``view_rules
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx
 
@@ -73,7 +75,16 @@ class Ctx:
     def divisible(self, size: int) -> bool:
         return size >= self.tp and size % self.tp == 0
 
-    def add(self, name: str, req: dict, output: Placement, *, comm=(), exact_grad=(), frac=None) -> None:
+    def add(
+        self,
+        name: str,
+        req: dict,
+        output: Placement,
+        *,
+        comm: Iterable[Comm] = (),
+        exact_grad: Iterable[torch.fx.Node] = (),
+        frac: float | None = None,
+    ) -> None:
         inputs = tuple(req.get(n, R) if n in req else R for n in self.call.inputs)
         for n in req:
             if n is not None and n not in self.call.inputs and isinstance(n, torch.fx.Node) and is_tensor(n):
@@ -94,7 +105,7 @@ class Ctx:
             self.out.append(s)
 
 
-def tensor_nodes(*values) -> list[torch.fx.Node]:
+def tensor_nodes(*values: Any) -> list[torch.fx.Node]:
     return [v for v in values if isinstance(v, torch.fx.Node) and is_tensor(v)]
 
 

@@ -6,14 +6,17 @@ are the same contiguous block: see :func:`reshape_dim_map` and :func:`getitem_di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch.fx
 
-from autopar.core.plan import Shard
+from autopar.core.plan import Placement, Shard
 from autopar.sharding.ops import OpCall, shape
 from autopar.sharding.strategy import Ctx, P, R, norm_dim, replicate, tensor_nodes
 
 
-def reshape_dim_map(in_shape, out_shape) -> dict[int, int]:
+def reshape_dim_map(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, int]:
     """Input dim -> output dim for dims that may carry a shard through a row-major reshape.
 
     Dims are grouped into runs with equal products; within a group only the outermost non-1 dim
@@ -46,7 +49,7 @@ def reshape_dim_map(in_shape, out_shape) -> dict[int, int]:
     return mapping
 
 
-def _donors(c: Ctx, x, out) -> dict:
+def _donors(c: Ctx, x: torch.fx.Node | None, out: Placement) -> dict:
     """``view_as(x, other)`` / ``expand_as``: the result takes ``other``'s *local* shape, so
     ``other`` must be placed like the result (a partial sum has the full shape: like ``R``)."""
     return {n: (R if out == P else out) for n in c.call.inputs if n is not x}
@@ -94,7 +97,7 @@ def permute(c: Ctx) -> None:
     c.add("partial", {x: P}, P)
 
 
-def getitem_dim_map(in_shape, index) -> tuple[dict[int, int], set[int]] | None:
+def getitem_dim_map(in_shape: Sequence[int], index: Any) -> tuple[dict[int, int], set[int]] | None:
     """(input dim -> output dim for fully kept dims, input dims indexed by an int), or None."""
     idx = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, torch.fx.Node) or hasattr(i, "shape") or isinstance(i, (list, bool)) for i in idx):

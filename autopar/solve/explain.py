@@ -6,12 +6,15 @@ report can draw it); :func:`autopar.core.explain.explain_text` renders it for te
 
 from __future__ import annotations
 
+from autopar.cluster import Cluster
 from autopar.core.explain import BREAKDOWN_LABELS
+from autopar.core.plan import Plan
 from autopar.core.plan_rules import mesh_label, plan_keys
 from autopar.core.text import bytes_text
+from autopar.solve.candidate import Candidate, SearchView
 
 
-def _why_slower(best, other) -> str:
+def _why_slower(best: Candidate, other: Candidate) -> str:
     """The breakdown term that grew most from the best plan to ``other``."""
     b, o = best.cost.breakdown_s, other.cost.breakdown_s
     diffs = {k: o.get(k, 0.0) - b.get(k, 0.0) for k in set(b) | set(o)}
@@ -23,7 +26,7 @@ def _why_slower(best, other) -> str:
     return f"+{pct:.1f}% step time, mostly {BREAKDOWN_LABELS.get(key, key)} (+{diffs[key]:.3g} s)"
 
 
-def _entry(c, why: str) -> dict:
+def _entry(c: Candidate, why: str) -> dict:
     return {
         "plan": plan_keys(c.plan),
         "summary": c.plan.summary(),
@@ -35,7 +38,7 @@ def _entry(c, why: str) -> dict:
     }
 
 
-def _fix_hint(c) -> str:
+def _fix_hint(c: Candidate) -> str:
     keys = c.keys
     hints = []
     if keys["recompute"] != "full":
@@ -50,14 +53,14 @@ def _fix_hint(c) -> str:
     return ", ".join(hints)
 
 
-def _overflow_text(c) -> str:
+def _overflow_text(c: Candidate) -> str:
     return (
         f"needs {bytes_text(c.cost.memory_bytes_per_device)} per device, "
         f"{bytes_text(c.overflow_bytes)} over the {bytes_text(c.cost.memory_capacity_bytes)} capacity"
     )
 
 
-def _rejected(ranked, search) -> list[dict]:
+def _rejected(ranked: list[Candidate], search: SearchView) -> list[dict]:
     """Per mesh not among the alternatives: its best fitting plan (why it lost) or its smallest
     overflow (why it did not fit), and invalid meshes with the rule they break."""
     best = ranked[0]
@@ -83,7 +86,11 @@ def _rejected(ranked, search) -> list[dict]:
     return out
 
 
-def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
+def attach_search(
+    plan: Plan, ranked: list[Candidate], search: SearchView, *, top_k: int, cluster: Cluster
+) -> None:
+    """Store the runner-ups (``ranked``, best first), the rejected configurations and the search's
+    statistics on ``plan.search``."""
     best = ranked[0]
     alternatives = [_entry(c, _why_slower(best, c)) for c in ranked[1:top_k]]
     st = search.stats
@@ -108,7 +115,8 @@ def attach_search(plan, ranked, search, *, top_k: int, cluster) -> None:
     }
 
 
-def infeasible_message(search) -> tuple[str, dict]:
+def infeasible_message(search: SearchView) -> tuple[str, dict]:
+    """The message and details of the error raised when no plan fits (or none is valid)."""
     st = search.stats
     if not search.overflowing:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(st.invalid_reasons.items())[:3])

@@ -32,25 +32,27 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pulp
+import torch.fx
 
+from autopar.core.ir import OpGraph
 from autopar.core.plan import NodePlacement, Replicate
-from autopar.sharding import ShardingGraph, reshard_kind
+from autopar.sharding import ShardingGraph, Strategy, reshard_kind
+from autopar.sharding.reshard import BACKWARD_OF
 from autopar.solve.ilp import SolveResult, solve
 
 log = logging.getLogger(__name__)
 
-# Backward partner of each forward collective (Megatron's conjugate pairs).
-BACKWARD_OF = {
-    "all_reduce": None,
-    "split": "all_gather",
-    "all_gather": "reduce_scatter",
-    "reduce_scatter": "all_gather",
-    "all_to_all": "all_to_all",
-}
 GEMM_KINDS = ("linear", "matmul", "attention")
+
+Node = torch.fx.Node
+Choice = dict[Node, Strategy]
+"""Canonical node -> its chosen strategy."""
+Variables = dict[Node, list[pulp.LpVariable]]
+"""Canonical node -> its strategy indicator variables ``s[v, k]``."""
 
 
 @dataclass(kw_only=True)
@@ -59,7 +61,7 @@ class CostModel:
 
     peak_flops_per_s: float
     hbm_bytes_per_s: float
-    collective_s: object
+    collective_s: Callable[[str, float], float]
     """``(kind, nbytes) -> seconds`` on the tp group."""
     gemm_efficiency: float = 0.7
 
@@ -95,8 +97,8 @@ class IntraOpSolution:
     num_strategies: int
 
 
-class _Quotient:
-    """Canonical nodes (first block instance), their weights and the weighted canonical edges.
+class Quotient:
+    """The graph quotiented by block repetition: canonical nodes (first block instance), their weights and the weighted canonical edges.
 
     ``sg`` may be built on the whole graph or on the collapsed graph (stem, first instance of each
     block type, head: :func:`autopar.tracing.collapse.first_blocks_module`, 10x faster to parse on
@@ -104,7 +106,7 @@ class _Quotient:
     edges from one instance to the next (absent there) are read off the analysed graph.
     """
 
-    def __init__(self, sg: ShardingGraph, graph):
+    def __init__(self, sg: ShardingGraph, graph: OpGraph) -> None:
         self.sg = sg
         self.canon: dict = {}
         inst0: dict[str, str] = {}
@@ -133,7 +135,7 @@ class _Quotient:
             self._add_chain_edges(graph, inst0, by_name)
 
     @staticmethod
-    def _copies(node, count: dict, copies: dict, graph) -> int:
+    def _copies(node: Node, count: dict[str, int], copies: dict[Node, int], graph: OpGraph) -> int:
         """How many instances a node of the collapsed graph stands for: its block type's count
         (1 outside blocks); for nodes the analysed graph does not list (parameters, attribute
         reads), their users'."""
@@ -143,7 +145,7 @@ class _Quotient:
             return 1
         return max((copies.get(u, 1) for u in node.users), default=1)
 
-    def _canonical(self, node, inst0, by_name):
+    def _canonical(self, node: Node, inst0: dict[str, str], by_name: dict[str, Node]) -> Node:
         if node.name in inst0:
             return by_name[inst0[node.name]]
         for user in node.users:
@@ -155,7 +157,7 @@ class _Quotient:
                 return self.sg.calls[cu].inputs[inputs.index(node)]
         return node
 
-    def _add_chain_edges(self, graph, inst0, by_name) -> None:
+    def _add_chain_edges(self, graph: OpGraph, inst0: dict[str, str], by_name: dict[str, Node]) -> None:
         """Edges from block instance i to i+1, weighted by the number of such steps (count - 1).
         Instance 1's input at OpGraph position j comes from instance 0; the canonical consumer's
         input at the same position (fed by the stem in the collapsed graph) says which argument."""
@@ -179,14 +181,14 @@ class _Quotient:
 
 def solve_placements(
     sg: ShardingGraph,
-    graph,
+    graph: OpGraph,
     costs: CostModel,
     *,
     param_budget_bytes: float | None = None,
     time_limit_s: float = 30.0,
 ) -> IntraOpSolution | None:
     """Placements of every node of ``sg`` (names as in ``graph``) minimising the objective above."""
-    q = _Quotient(sg, graph)
+    q = Quotient(sg, graph)
     canon = [n for n in sg.nodes if q.canon[n] is n and sg.strategies(n)]
     prob = pulp.LpProblem("intra_op_placements", pulp.LpMinimize)
     s = {
@@ -222,7 +224,7 @@ def solve_placements(
     )
 
 
-def _node_s(sg, graph, costs: CostModel, v, strat) -> float:
+def _node_s(sg: ShardingGraph, graph: OpGraph, costs: CostModel, v: Node, strat: Strategy) -> float:
     try:
         op = graph[v.name]
     except KeyError:
@@ -234,7 +236,7 @@ def _node_s(sg, graph, costs: CostModel, v, strat) -> float:
     return t
 
 
-def _grad_reduced(sg, q, choice) -> set:
+def _grad_reduced(sg: ShardingGraph, q: Quotient, choice: Choice) -> set[Node]:
     """Canonical producers whose gradient is a partial sum: a replicated tensor read by sharded
     work. Its consumers' gradients add up locally first, so it costs one all-reduce, not one per
     consumer (q, k and v reading one LayerNorm output)."""
@@ -245,11 +247,11 @@ def _grad_reduced(sg, q, choice) -> set:
     return out
 
 
-def _grad_s(sg, costs: CostModel, u) -> float:
+def _grad_s(sg: ShardingGraph, costs: CostModel, u: Node) -> float:
     return costs.collective_s("all_reduce", sg.tensor_bytes(u))
 
 
-def _edge_s(sg, costs: CostModel, u, a, b, i) -> float | None:
+def _edge_s(sg: ShardingGraph, costs: CostModel, u: Node, a: Strategy, b: Strategy, i: int) -> float | None:
     """Resharding seconds on edge ``u -> v`` (input ``i``) for strategies ``a`` of u and ``b`` of v;
     None when the pair is not allowed."""
     need = b.inputs[i]
@@ -259,9 +261,9 @@ def _edge_s(sg, costs: CostModel, u, a, b, i) -> float | None:
     return costs.pair_s(kind, sg.tensor_bytes(u))
 
 
-def assignment_s(sg: ShardingGraph, graph, costs: CostModel, choice: dict) -> float | None:
+def assignment_s(sg: ShardingGraph, graph: OpGraph, costs: CostModel, choice: Choice) -> float | None:
     """The ILP objective of a full assignment ``{canonical node: Strategy}`` (None if illegal)."""
-    q = _Quotient(sg, graph)
+    q = Quotient(sg, graph)
     total = sum(q.weight[v] * _node_s(sg, graph, costs, v, strat) for v, strat in choice.items())
     for (u, v, i), w in q.edges.items():
         if u in choice and v in choice:
@@ -273,7 +275,16 @@ def assignment_s(sg: ShardingGraph, graph, costs: CostModel, choice: dict) -> fl
     return total
 
 
-def _edge(prob, sg, costs: CostModel, s, u, v, i, weight) -> list:
+def _edge(
+    prob: pulp.LpProblem,
+    sg: ShardingGraph,
+    costs: CostModel,
+    s: Variables,
+    u: Node,
+    v: Node,
+    i: int,
+    weight: int,
+) -> list:
     su, sv = sg.strategies(u), sg.strategies(v)
     e, terms = {}, []
     for k, a in enumerate(su):
@@ -293,7 +304,7 @@ def _edge(prob, sg, costs: CostModel, s, u, v, i, weight) -> list:
     return terms
 
 
-def _grad_terms(prob, sg, q, costs: CostModel, s) -> list:
+def _grad_terms(prob: pulp.LpProblem, sg: ShardingGraph, q: Quotient, costs: CostModel, s: Variables) -> list:
     """g[u] >= s[v,k] for every consumer strategy k of v that leaves u's gradient partial."""
     g, terms = {}, []
     for (u, v, i), _ in q.edges.items():
@@ -309,7 +320,7 @@ def _grad_terms(prob, sg, q, costs: CostModel, s) -> list:
     return terms
 
 
-def _param_memory(sg, q, s) -> list:
+def _param_memory(sg: ShardingGraph, q: Quotient, s: Variables) -> list:
     terms = []
     for v, vars_ in s.items():
         if not sg.is_param(v):
@@ -321,7 +332,7 @@ def _param_memory(sg, q, s) -> list:
     return terms
 
 
-def _placements(sg, q, choice) -> dict[str, NodePlacement]:
+def _placements(sg: ShardingGraph, q: Quotient, choice: Choice) -> dict[str, NodePlacement]:
     out = {}
     reduced = _grad_reduced(sg, q, choice)
     for node in sg.nodes:
@@ -337,7 +348,7 @@ def _placements(sg, q, choice) -> dict[str, NodePlacement]:
     return out
 
 
-def expand_placements(placements: dict[str, NodePlacement], graph) -> dict[str, NodePlacement]:
+def expand_placements(placements: dict[str, NodePlacement], graph: OpGraph) -> dict[str, NodePlacement]:
     """Copy the first instance's placements to every instance of its block type (solving on the
     collapsed graph yields only the first). Parameter names move to the instance's module path."""
     out = dict(placements)
@@ -374,7 +385,9 @@ def _rename(param: str, old: str, new: str) -> str:
     return param.replace(f"{old}.", f"{new}.", 1)
 
 
-def _node_comms(sg, q, choice, node, strat, reduced: set) -> list[dict]:
+def _node_comms(
+    sg: ShardingGraph, q: Quotient, choice: Choice, node: Node, strat: Strategy, reduced: set[Node]
+) -> list[dict]:
     """The collectives the objective charged to ``node``: its inputs' resharding (forward and
     backward partner), its internal collectives, gradient all-reduces of replicated inputs."""
     comms = [{"kind": c.kind, "bytes": c.bytes, "phase": "fwd"} for c in strat.comm]
@@ -395,7 +408,7 @@ def _node_comms(sg, q, choice, node, strat, reduced: set) -> list[dict]:
     return comms
 
 
-def _instance_param(sg, node, canon_node, name: str) -> str:
+def _instance_param(sg: ShardingGraph, node: Node, canon_node: Node, name: str) -> str:
     """The parameter of ``node`` at the position where ``canon_node`` reads ``name``."""
     if node is canon_node:
         return name

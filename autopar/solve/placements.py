@@ -11,11 +11,21 @@ decides). Sequence parallelism is a variant of the default layout: ``sp=1`` plan
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
+from autopar.cluster import Cluster
 from autopar.core.errors import AutoparError
+from autopar.core.ir import OpGraph
+from autopar.core.plan import NodePlacement, Plan, PredictedCost
+from autopar.estimator import estimate, workload
+from autopar.sharding import ShardingGraph
+from autopar.solve.candidate import Candidate
+from autopar.solve.intra_op import CostModel, expand_placements, solve_placements
+from autopar.tracing.collapse import first_blocks_module
+from cost_models import collective_time_s
 
 log = logging.getLogger(__name__)
 MIN_GAIN = 1e-3
@@ -25,6 +35,8 @@ whose accounting the cost model was validated with)."""
 
 @dataclass(kw_only=True)
 class TpChoice:
+    """What the intra-op ILP gave at one tp: its placements when adopted, and both step times."""
+
     tp: int
     placements: dict | None
     """The ILP's placements when adopted, else None (the default layout)."""
@@ -33,12 +45,8 @@ class TpChoice:
     solve_time_s: float = 0.0
     note: str = ""
 
-    def better_than(self, graph, cluster, cand):
+    def better_than(self, graph: OpGraph, cluster: Cluster, cand: Candidate) -> Candidate | None:
         """``cand`` re-costed with the ILP's placements, if that fits and is faster; else None."""
-        import dataclasses
-
-        from autopar.estimator import estimate
-
         if self.placements is None:
             return None
         plan = dataclasses.replace(cand.plan, placements=self.placements, predicted=None)
@@ -61,14 +69,10 @@ class TpChoice:
         }
 
 
-def solve_for_tp(graph, cluster, plan) -> tuple[dict | None, float]:
+def solve_for_tp(
+    graph: OpGraph, cluster: Cluster, plan: Plan
+) -> tuple[dict[str, NodePlacement] | None, float]:
     """The intra-op ILP's placements for ``plan.tp`` (expanded to every block), and its solve time."""
-    from autopar.estimator import workload
-    from autopar.sharding import ShardingGraph
-    from autopar.solve.intra_op import CostModel, expand_placements, solve_placements
-    from autopar.tracing.collapse import first_blocks_module
-    from cost_models import collective_time_s
-
     t0 = time.perf_counter()
     w = workload(graph, cluster, plan)
     rates = w.stage_rates[0] if getattr(w, "stage_rates", None) else w.rates
@@ -91,13 +95,9 @@ def solve_for_tp(graph, cluster, plan) -> tuple[dict | None, float]:
     return expand_placements(solution.placements, graph), time.perf_counter() - t0
 
 
-def choose(graph, cluster, plan, default_cost) -> TpChoice:
+def choose(graph: OpGraph, cluster: Cluster, plan: Plan, default_cost: PredictedCost) -> TpChoice:
     """Solve the ILP at ``plan.tp``; keep its placements (for :meth:`TpChoice.better_than`) if the
     estimator prefers them on ``plan``, the best plan at this tp."""
-    import dataclasses
-
-    from autopar.estimator import estimate
-
     placements, solve_s = solve_for_tp(graph, cluster, plan)
     choice = TpChoice(tp=plan.tp, placements=None, default_s=default_cost.step_time_s, solve_time_s=solve_s)
     if placements is None:

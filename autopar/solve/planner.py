@@ -9,15 +9,16 @@
 
    * B1, per pipeline (mesh, micro-batch, schedule, sp), before costing any of it: with ``t`` one
      block's time at this (tp, sp, micro-batch), every knob and split costs at least
-     ``(m - 1/v) L t / pp + L t / v`` (:meth:`Search._pipeline_bound`).
+     ``(m - 1/v) L t / pp + L t / v`` (:func:`~autopar.solve.bounds.pipeline_bound`).
    * B2, an interleaved pipeline from its 1F1B twin: the same blocks per device, at least the same
-     stage times, at best ``1/v`` of the bubble: ``T_1f1b - sync - optimizer - bubble (1 - 1/v)``.
+     stage times, at best ``1/v`` of the bubble: ``T_1f1b - sync - optimizer - bubble (1 - 1/v)``
+     (:func:`~autopar.solve.bounds.interleaved_bound`).
    * B3, the memory knobs from ``first`` (the least recompute and ZeRO allowed, costed first):
      recompute and ZeRO-3 only lengthen stages and a longer backward hides at most as much gradient
      all-reduce as it adds, so at ``first``'s ZeRO stage nothing beats ``first``; another ZeRO stage
-     saves at most ``first``'s data-parallel sync and optimizer step (:meth:`Search._bound`).
+     saves at most ``first``'s data-parallel sync and optimizer step (:func:`~autopar.solve.bounds.knob_bound`).
    * B4, any split of a 1F1B pipeline: ``(m - 1) Σ/S + Σ`` with ``Σ`` the split-invariant sum of
-     the stage times (:func:`~autopar.solve.refine.split_lower_bound`); replaces B3 there.
+     the stage times (:func:`~autopar.solve.bounds.split_lower_bound`); replaces B3 there.
    * M1, memory: a knob's per-stage memory comes from ``first``'s workload without timing it; it is
      costed only if it fits under the even split or, for 1F1B, under some split.
 3. **Inter-op ILP** (:mod:`autopar.solve.inter_op`, :mod:`autopar.solve.refine`): every candidate
@@ -34,72 +35,40 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from autopar.cluster import Cluster
 from autopar.core.errors import InfeasibleError, PlanError
-from autopar.core.plan import Plan, PredictedCost
-from autopar.core.plan_rules import mesh_label
+from autopar.core.ir import OpGraph
+from autopar.core.plan import Plan
+from autopar.core.plan_rules import check_keys, mesh_label
 from autopar.core.progress import Progress
-from autopar.solve import space
+from autopar.estimator import attention_heads, kv_heads, predicted_cost, workload
+from autopar.solve import bounds, space
+from autopar.solve.bounds import splittable
+from autopar.solve.candidate import DEFAULT_ORDER, Candidate, SearchStats, make_plan
+from autopar.solve.explain import attach_search, infeasible_message
+from autopar.solve.placements import choose
 from autopar.solve.refine import (
     block_time_s,
     refine_splits,
     split_can_fit,
-    split_lower_bound,
-    splittable,
     stage_capacities,
     stage_totals,
 )
+from autopar.tracing import trace
+from cost_models import DEFAULT
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(kw_only=True)
-class Candidate:
-    keys: dict
-    plan: Plan
-    cost: PredictedCost
-    work: Any = field(default=None, repr=False, compare=False)
-    """The estimator's workload (its stages serve every memory knob of the same pipeline)."""
-
-    @property
-    def time_s(self) -> float:
-        return self.cost.step_time_s
-
-    @property
-    def overflow_bytes(self) -> float:
-        return self.cost.memory_bytes_per_device - self.cost.memory_capacity_bytes
+__all__ = ["Candidate", "Search", "SearchStats", "axis_orders", "make_plan", "plan", "space_spec"]
 
 
-@dataclass(kw_only=True)
-class SearchStats:
-    space_size: int = 0
-    evaluated: int = 0
-    pruned: int = 0
-    """Skipped because a lower bound on their step time was not below the incumbent's."""
-    screened: int = 0
-    """Skipped because their memory (computed without timing them) fits under no split."""
-    invalid: int = 0
-    intra_op: dict = field(default_factory=dict)
-    """tp -> what the intra-op ILP gave at that tp (adopted or not, both step times, solve time)."""
-    ilp_solves: int = 0
-    """Inter-op ILPs solved (uneven splits)."""
-    refined: int = 0
-    """Candidates an uneven split made faster (or made fit)."""
-    solve_time_s: float = 0.0
-    status: str = "optimal"
-    """``optimal``: the whole space was covered (pruning is exact); ``time_limit``: incumbent."""
-    gap: float = 0.0
-    """Relative optimality gap bound ``1 - lower/incumbent``: 0 when optimal; after a time limit the
-    incumbent's ``1 - MFU`` (no plan beats all devices computing at peak), a loose but valid bound."""
-    invalid_reasons: dict[str, str] = field(default_factory=dict)
-
-
-DEFAULT_ORDER = ("dp", "pp", "tp")
-
-
-def axis_orders(cluster) -> list[tuple[str, ...]]:
+def axis_orders(cluster: Cluster) -> list[tuple[str, ...]]:
     """Mesh axis orders to search, outermost first (tp innermost: inside a node). With several
     device kinds, ``pp`` outermost gives each pipeline stage its own nodes (one kind) so stages can
     be sized to their devices; ``dp`` outermost mixes kinds inside a stage. Both are searched there
@@ -107,37 +76,19 @@ def axis_orders(cluster) -> list[tuple[str, ...]]:
     return [("pp", "dp", "tp"), DEFAULT_ORDER] if cluster.is_heterogeneous else [DEFAULT_ORDER]
 
 
-def make_plan(keys: dict, global_batch: int, mode: str, placements: dict | None = None) -> Plan:
-    return Plan.manual(
-        axis_order=keys.get("order", DEFAULT_ORDER),
-        placements=placements or {},
-        dp=keys["dp"],
-        tp=keys["tp"],
-        pp=keys["pp"],
-        global_batch=global_batch,
-        micro_batch_size=keys["mbs"],
-        schedule=keys["schedule"],
-        virtual_stages=keys["vpp"],
-        recompute=keys["recompute"],
-        sequence_parallel=bool(keys["sp"]),
-        zero_stage=keys["zero"],
-        mode=mode,
-    )
-
-
 class Search:
     """One run of the outer search; :func:`plan` drives it."""
 
     def __init__(
         self,
-        graph,
-        cluster,
+        graph: OpGraph,
+        cluster: Cluster,
         spec: space.SpaceSpec,
         *,
         time_limit_s: float,
         progress: Progress,
         intra_op: bool = True,
-    ):
+    ) -> None:
         self.graph, self.cluster, self.spec = graph, cluster, spec
         self.num_blocks = len(graph.block_order)
         self.deadline = time.perf_counter() + time_limit_s
@@ -155,15 +106,13 @@ class Search:
         """Per mesh, the smallest overflow among screened knobs: (bytes over, keys)."""
 
     def time_left_s(self) -> float:
+        """Seconds left before the deadline."""
         return self.deadline - time.perf_counter()
 
     # -- evaluation
     def evaluate(self, keys: dict) -> Candidate | None:
         """Cost ``keys`` with the estimator (``estimate`` is exactly ``workload`` then
         ``predicted_cost``; the workload is kept to screen the pipeline's other memory knobs)."""
-        from autopar.estimator import predicted_cost, workload
-        from cost_models import DEFAULT
-
         self.stats.evaluated += 1
         try:
             plan = make_plan(keys, self.spec.global_batch, self.spec.mode)
@@ -187,8 +136,6 @@ class Search:
         with tensor parallelism (and no sequence parallelism, a variant of the default), cost them
         again under the intra-op ILP's placements for their tp and keep the faster ones that fit.
         The result is never worse than the exact optimum over the default placements."""
-        from autopar.solve.placements import choose
-
         ranked = sorted(self.fitting, key=lambda c: c.time_s)[:top]
         for cand in ranked:
             if not self.intra_op or cand.plan.tp == 1 or cand.plan.sequence_parallel:
@@ -230,7 +177,7 @@ class Search:
                     base = dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp, sp=sp)
                     if order != DEFAULT_ORDER:
                         base["order"] = order
-                    if self._skip(base, twins.get((mbs, sp))):
+                    if self.skip(base, twins.get((mbs, sp))):
                         self.stats.pruned += self._num_knobs(base)
                         continue
                     first = self._knobs(base)
@@ -248,31 +195,29 @@ class Search:
     def _num_knobs(self, base: dict) -> int:
         return sum(1 for k in space.knobs(self.spec, base["tp"], base["dp"]) if k[0] == base["sp"])
 
-    def _skip(self, base: dict, twin: Candidate | None) -> bool:
-        """Whether no knob of this pipeline can beat the incumbent, before costing any of it."""
-        if self._pipeline_bound(base) >= self.best_s:
+    def skip(self, base: dict, twin: Candidate | None) -> bool:
+        """Whether no knob of this pipeline (``base``: its keys but recompute and ZeRO) can beat the
+        incumbent, before costing any of it: B1, and B2 from its 1F1B ``twin``."""
+        if self.pipeline_bound(base) >= self.best_s:
             return True
         if base["schedule"] != "interleaved" or twin is None:
             return False
-        # Same blocks per device as its 1F1B twin, at least its stage times and v times the p2p;
-        # only the bubble shrinks, at best to 1/v of the twin's.
-        b = twin.cost.breakdown_s
-        floor_s = twin.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
-        return floor_s - b.get("pp_bubble", 0.0) * (1 - 1 / base["vpp"]) >= self.best_s
+        return bounds.interleaved_bound(twin.cost, base["vpp"]) >= self.best_s
 
-    def _pipeline_bound(self, base: dict) -> float:
-        """A lower bound on every knob and split of a pipeline from one number: the time ``t`` of
-        one block for one micro-batch at this (tp, sp, micro-batch), which does not depend on dp
-        or pp. Any split has a stage of at least ``L / pp`` blocks and stages summing to at least
-        ``L`` blocks, so ``T >= (m - 1/v) L t / pp + L t / v`` (the classic bubble formula)."""
-        t = self.block_s.get((base["tp"], base["sp"], base["mbs"]))
-        if t is None or self.cluster.is_heterogeneous:  # stages on other devices: other block times
-            return 0.0
-        m = self.spec.global_batch // (base["dp"] * base["mbs"])
-        v, L = base["vpp"], self.num_blocks
-        return ((m - 1 / v) * L * t / base["pp"] + L * t / v) * (1 - 1e-9)
+    def pipeline_bound(self, base: dict) -> float:
+        """B1 (:func:`~autopar.solve.bounds.pipeline_bound`) for the pipeline ``base`` from the
+        block time learnt at its (tp, sp, micro-batch); 0 before one is known."""
+        return bounds.pipeline_bound(
+            self.block_s.get((base["tp"], base["sp"], base["mbs"])),
+            num_micro_batches=self.spec.global_batch // (base["dp"] * base["mbs"]),
+            pp=base["pp"],
+            vpp=base["vpp"],
+            num_blocks=self.num_blocks,
+            heterogeneous=self.cluster.is_heterogeneous,
+        )
 
-    def _learn_block_time(self, first: Candidate) -> None:
+    def learn_block_time(self, first: Candidate) -> None:
+        """Remember one block's time at ``first``'s (tp, sp, micro-batch), for :meth:`pipeline_bound`."""
         key = (first.keys["tp"], first.keys["sp"], first.keys["mbs"])
         if key not in self.block_s and first.work is not None:
             t = block_time_s(first.work, first.plan.mode)
@@ -283,7 +228,7 @@ class Search:
         """Memory knobs for one (mesh, pipeline, sp), cheapest first; returns the first candidate.
 
         ``first`` (the least recompute and ZeRO allowed) is costed and bounds the others
-        (:meth:`_bound`); a knob that passes the bound is screened for memory with ``first``'s
+        (:meth:`knob_bound`); a knob that passes the bound is screened for memory with ``first``'s
         workload (its stages do not depend on recompute or ZeRO) and costed only if it fits under
         some split of the blocks."""
         knobs = [(rc, z) for sp, rc, z in space.knobs(self.spec, base["tp"], base["dp"]) if sp == base["sp"]]
@@ -293,13 +238,13 @@ class Search:
         if first is None:  # the mesh breaks a rule (e.g. tp does not divide a width): all knobs do
             self.stats.invalid += len(knobs) - 1
             return None
-        self._learn_block_time(first)
+        self.learn_block_time(first)
         for rc, z in knobs[1:]:
-            if self._bound(first, (rc, z)) >= self.best_s:
+            if self.knob_bound(first, (rc, z)) >= self.best_s:
                 self.stats.pruned += 1
                 continue
             keys = dict(base, recompute=rc, zero=z)
-            if not self._may_fit(first, keys):
+            if not self.may_fit(first, keys):
                 self.stats.screened += 1
                 continue
             cand = self.evaluate(keys)
@@ -308,7 +253,7 @@ class Search:
         first.work = None  # done with it: keep the candidate lists light
         return first
 
-    def _may_fit(self, first: Candidate, keys: dict) -> bool:
+    def may_fit(self, first: Candidate, keys: dict) -> bool:
         """Whether ``keys`` (same pipeline as ``first``) fits memory under the even split or, when
         the blocks may be split unevenly, under some split. Overflows are remembered per mesh so
         the closest miss can still be explained (:meth:`cost_closest_misses`)."""
@@ -334,30 +279,20 @@ class Search:
             if mesh not in fitting and overflow < closest.get(mesh, float("inf")):
                 self.evaluate(keys)
 
-    def _bound(self, first: Candidate, knob: tuple[str, int]) -> float:
-        """A lower bound on the step time of ``knob`` at ``first``'s mesh and pipeline.
-
-        Recompute and ZeRO-3 only lengthen every stage; a longer backward can hide more of the
-        gradient all-reduce, but never more than it adds. So at ``first``'s ZeRO stage the step is
-        at least ``first``'s; at another ZeRO stage at least ``first``'s minus its data-parallel
-        sync and optimizer step. When the blocks may be split unevenly, any split of any knob
-        costs at least :func:`split_lower_bound` of ``first``."""
-        if splittable(first.plan, self.num_blocks):
-            return split_lower_bound(first.cost, first.plan, self.cluster)
-        if knob[1] == first.keys["zero"]:
-            return first.time_s
-        b = first.cost.breakdown_s
-        return first.time_s - b.get("optimizer", 0.0) - b.get("dp_comm_exposed", 0.0)
+    def knob_bound(self, first: Candidate, knob: tuple[str, int]) -> float:
+        """B3 / B4 (:func:`~autopar.solve.bounds.knob_bound`): a lower bound on the step time of the
+        memory knob ``(recompute, zero)`` at ``first``'s mesh and pipeline."""
+        return bounds.knob_bound(first, knob[1], self.num_blocks, self.cluster)
 
 
 def plan(
-    model_or_graph,
-    cluster,
+    model_or_graph: OpGraph | torch.nn.Module,
+    cluster: Cluster,
     *,
     global_batch: int,
     mode: str = "train",
     example_inputs: tuple | None = None,
-    loss_fn=None,
+    loss_fn: Callable | None = None,
     time_limit_s: float = 60.0,
     top_k: int = 5,
     fixed: dict | None = None,
@@ -371,11 +306,9 @@ def plan(
     ``example_inputs`` (and ``loss_fn``). ``fixed``: plan keys the user chose (``{"tp": 8}``); the
     planner searches the rest. Raises :class:`~autopar.core.errors.InfeasibleError` when nothing fits.
     """
-    from autopar.solve.explain import attach_search
-
     t0 = time.perf_counter()
     graph = _as_graph(model_or_graph, example_inputs, loss_fn)
-    spec = _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
+    spec = space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
     search = Search(
         graph,
         cluster,
@@ -401,29 +334,33 @@ def plan(
     return best.plan
 
 
-def _as_graph(model_or_graph, example_inputs, loss_fn):
-    from autopar.core.ir import OpGraph
-
+def _as_graph(
+    model_or_graph: OpGraph | torch.nn.Module, example_inputs: tuple | None, loss_fn: Callable | None
+) -> OpGraph:
     if isinstance(model_or_graph, OpGraph):
         return model_or_graph
     if example_inputs is None:
         raise PlanError("autopar.plan needs example_inputs when given a model (or pass autopar.trace(...))")
-    from autopar.tracing import trace
-
     return trace(model_or_graph, example_inputs, loss_fn=loss_fn)
 
 
-def _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp) -> space.SpaceSpec:
-    from autopar.core.plan_rules import check_keys
-    from autopar.estimator import _heads
-
-    heads = _heads(graph)
+def space_spec(
+    graph: OpGraph,
+    cluster: Cluster,
+    global_batch: int,
+    mode: str,
+    fixed: dict | None,
+    allow_cross_node_tp: bool,
+) -> space.SpaceSpec:
+    """The search space of ``graph`` on ``cluster``: its layers, the head counts read off the graph
+    (the smallest, and the key/value heads, both must be divisible by tp) and the user's keys."""
+    heads = attention_heads(graph)
     return space.SpaceSpec(
         num_devices=cluster.num_devices,
         devices_per_node=cluster.devices_per_node,
         num_layers=max(len(graph.block_order), 1),
         heads=min(heads) if heads else None,
-        kv_heads=None,
+        kv_heads=kv_heads(graph),
         global_batch=global_batch,
         mode=mode,
         allow_cross_node_tp=allow_cross_node_tp,
@@ -432,7 +369,5 @@ def _space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp) 
 
 
 def _infeasible(search: Search) -> InfeasibleError:
-    from autopar.solve.explain import infeasible_message
-
     message, details = infeasible_message(search)
     return InfeasibleError(message, details)

@@ -7,7 +7,7 @@ faster, use less memory on stage 0 (which holds the most micro-batches in flight
 **Which candidates.** Every stage runs the same block on the same kind of device, so the sum of
 the per-micro-batch stage times ``Σ = sum_s T_s`` does not depend on the split, and the pipeline
 part of any split costs at least ``(m - 1) Σ / S + Σ`` (the slowest stage is at least the mean).
-:func:`split_lower_bound` reads ``Σ`` off a candidate's even-split breakdown; only candidates whose
+:func:`~autopar.solve.bounds.split_lower_bound` reads ``Σ`` off a candidate's even-split breakdown; only candidates whose
 bound is below the incumbent are re-split, best bound first, so the optimum over all splits is
 never missed.
 
@@ -24,8 +24,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 
+from autopar.cluster import Cluster
 from autopar.core.errors import PlanError
+from autopar.core.ir import OpGraph
+from autopar.core.plan import Plan
+from autopar.estimator import Workload, estimate, stage_memory, workload
+from autopar.solve.bounds import split_lower_bound, splittable
+from autopar.solve.candidate import Candidate, SearchView
 from autopar.solve.inter_op import (
     NO_SOLVER,
     StageProblem,
@@ -35,43 +42,28 @@ from autopar.solve.inter_op import (
     latency_s,
     solve_stages,
 )
+from cost_models import (
+    DEFAULT,
+    BlockTime,
+    BlockWork,
+    DeviceRates,
+    StageWork,
+    StepSpec,
+    block_time,
+    dp_exposed_s,
+    optimizer_step_s,
+    stage_p2p_s,
+    stage_time,
+)
 
 log = logging.getLogger(__name__)
 
 
-def splittable(plan, num_blocks: int) -> bool:
-    """An uneven split applies: a pipeline without virtual stages and blocks to move."""
-    return plan.pp > 1 and plan.virtual_stages == 1 and num_blocks > plan.pp
-
-
-def pipeline_sum_s(cost, m: int) -> float:
-    """``sum_s T_s`` of a ``v = 1`` candidate from its breakdown: step = m max + (Σ - max) + sync."""
-    b = cost.breakdown_s
-    pipe = cost.step_time_s - b.get("dp_comm_exposed", 0.0) - b.get("optimizer", 0.0)
-    bubble = b.get("pp_bubble", 0.0)
-    return bubble + (pipe - bubble) / m
-
-
-def split_lower_bound(cost, plan, cluster) -> float:
-    """A lower bound on the step time of ``plan``'s keys under any split of the blocks (and, since
-    recompute and ZeRO-3 only lengthen stages, under any recompute / ZeRO setting). It relies on
-    every stage running a block in the same time, so it is 0 on a heterogeneous cluster."""
-    if cluster.is_heterogeneous:
-        return 0.0
-    m, S = plan.num_micro_batches, plan.pp
-    total = pipeline_sum_s(cost, m)
-    return (m - 1) * total / S + total
-
-
 # ------------------------------------------------------------------------------ the problem
-def stage_problem(graph, cluster, plan) -> StageProblem | None:
+def stage_problem(graph: OpGraph, cluster: Cluster, plan: Plan) -> StageProblem | None:
     """The ILP's data for ``plan``'s keys (any split), or None when stages mix block types."""
-    from autopar import estimator
-    from cost_models import DEFAULT
-    from cost_models.step import _optimizer_s, _p2p_time, stage_time
-
     even = dataclasses.replace(plan, layer_stages=None, predicted=None, search=None)
-    w = estimator.workload(graph, cluster, even)
+    w = workload(graph, cluster, even)
     repeated = [_repeated(stage) for stage in w.stages]
     if any(r is None for r in repeated):
         return None
@@ -97,12 +89,12 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
         t1 = stage_time(_with(stage, block, 1), w.spec, rates, DEFAULT, index=s)
         per0, per1 = _per_micro_batch(t0, train), _per_micro_batch(t1, train)
         p.block_time_s.append(per1 - per0)
-        p.fixed_time_s.append(per0 + _p2p_time(stage, w.spec, DEFAULT, s))
+        p.fixed_time_s.append(per0 + stage_p2p_s(stage, w.spec, DEFAULT, s))
         p.block_bytes.append(mem_n1[s] - mem_n[s])
         p.fixed_bytes.append(mem_n[s] - count * (mem_n1[s] - mem_n[s]))
         if train:
             one = [_one_stage(w.spec, s, _with(stage, block, k)) for k in (0, 1)]
-            o0, o1 = (_optimizer_s(spec, rates, DEFAULT) for spec in one)
+            o0, o1 = (optimizer_step_s(spec, rates, DEFAULT) for spec in one)
             p.optimizer_block_s.append(o1 - o0)
             p.optimizer_fixed_s.append(o0)
             syncs.append((stage, block, t0, t1 + t0.scaled(-1.0)))
@@ -111,12 +103,9 @@ def stage_problem(graph, cluster, plan) -> StageProblem | None:
     return p
 
 
-def block_time_s(w, mode: str) -> float | None:
+def block_time_s(w: Workload, mode: str) -> float | None:
     """One repeated block's time per micro-batch (no recompute, no ZeRO) on ``w``'s devices and
     tensor-parallel group; None when the stages hold more than one block type."""
-    from cost_models import DEFAULT
-    from cost_models.step import block_time
-
     blocks = {id(b): b for stage in w.stages for b, c in stage.blocks if b.recomputable and c > 0}
     if len(blocks) != 1 or isinstance(w.rates, (tuple, list)):
         return None
@@ -133,15 +122,14 @@ def block_time_s(w, mode: str) -> float | None:
     return _per_micro_batch(t, mode == "train")
 
 
-def _sync(spec, index: int, stage, block, t0, block_t, k: int) -> float:
+def _sync(
+    spec: StepSpec, index: int, stage: StageWork, block: BlockWork, t0: BlockTime, block_t: BlockTime, k: int
+) -> float:
     """``D_s(k)``: the exposed data-parallel sync of stage ``index`` holding ``k`` blocks."""
-    from cost_models import DEFAULT
-    from cost_models.step import _dp_exposed
-
-    return _dp_exposed(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], DEFAULT)
+    return dp_exposed_s(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], DEFAULT)
 
 
-def _one_stage(spec, index: int, stage):
+def _one_stage(spec: StepSpec, index: int, stage: StageWork) -> StepSpec:
     """``spec`` reduced to its stage ``index`` (for the per-stage sync and optimizer terms)."""
     groups = getattr(spec, "stage_groups", None)
     if groups is None:
@@ -149,52 +137,51 @@ def _one_stage(spec, index: int, stage):
     return dataclasses.replace(spec, stages=(stage,), stage_groups=(groups[index],))
 
 
-def _rates(w, index: int):
+def _rates(w: Workload, index: int) -> DeviceRates:
     """Stage ``index``'s device rates (one DeviceRates for all stages on a homogeneous cluster)."""
     return w.rates[index] if isinstance(w.rates, (tuple, list)) else w.rates
 
 
-def stage_capacities(w, cluster) -> list[float]:
+def stage_capacities(w: Workload, cluster: Cluster) -> list[float]:
     """Per stage, the memory of its devices."""
     caps = getattr(w, "stage_capacity_bytes", None)
     return list(caps) if caps is not None else [cluster.device.memory_bytes] * len(w.stages)
 
 
-def _per_micro_batch(t, train: bool) -> float:
+def _per_micro_batch(t: BlockTime, train: bool) -> float:
     """A stage's time per micro-batch as ``cost_models.step`` counts it (p2p apart)."""
     return t.total_s if train else t.fwd_s + t.tp_fwd_s
 
 
-def _repeated(stage):
+def _repeated(stage: StageWork) -> tuple[BlockWork, int] | None:
     blocks = [(b, c) for b, c in stage.blocks if b.recomputable]
     return blocks[0] if len(blocks) == 1 else None
 
 
-def _with(stage, block, count: int):
+def _with(stage: StageWork, block: BlockWork, count: int) -> StageWork:
     blocks = tuple((b, count if b is block else c) for b, c in stage.blocks)
     return dataclasses.replace(stage, blocks=blocks)
 
 
-def stage_totals(w, plan, stages=None) -> list[float]:
+def stage_totals(w: Workload, plan: Plan, stages: Sequence[StageWork] | None = None) -> list[float]:
     """Bytes per stage of ``plan`` on ``w``'s stages (default: all of them, as they are), as the
     estimator counts them. The stages do not depend on recompute or ZeRO, so one workload serves
     every memory knob of a pipeline."""
-    from autopar import estimator
-    from cost_models import DEFAULT
-
     stages = w.stages if stages is None else stages
-    memory = estimator._stage_memory(stages, plan, w.spec.param_bytes, DEFAULT, [0.0] * len(stages))
+    memory = stage_memory(stages, plan, w.spec.param_bytes, DEFAULT, [0.0] * len(stages))
     return [sum(m.values()) for m in memory]
 
 
-def _memory_points(w, plan, repeated) -> tuple[list[float], list[float]]:
+def _memory_points(
+    w: Workload, plan: Plan, repeated: list[tuple[BlockWork, int]]
+) -> tuple[list[float], list[float]]:
     """Bytes per stage with its current block count and with one block more (memory is linear in
     the count, so these two points give every count)."""
     more = [_with(st, b, c + 1) for st, (b, c) in zip(w.stages, repeated)]
     return stage_totals(w, plan), stage_totals(w, plan, more)
 
 
-def split_can_fit(w, plan, capacity_bytes: list[float]) -> bool:
+def split_can_fit(w: Workload, plan: Plan, capacity_bytes: list[float]) -> bool:
     """Whether some split of ``plan``'s blocks fits memory (``w``: a workload of its pipeline,
     ``capacity_bytes``: per stage)."""
     repeated = [_repeated(stage) for stage in w.stages]
@@ -216,11 +203,12 @@ def split_can_fit(w, plan, capacity_bytes: list[float]) -> bool:
 
 
 def layer_stages(counts: list[int]) -> list[int]:
+    """The stage of each block, for ``counts[s]`` consecutive blocks on stage ``s``."""
     return [s for s, n in enumerate(counts) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------ the phase
-def refine_splits(search) -> None:
+def refine_splits(search: SearchView) -> None:
     """Re-split every candidate that might beat the incumbent under some split (module docstring);
     better splits join ``search.fitting`` (replacing their even-split twin)."""
     num_blocks = len(search.graph.block_order)
@@ -240,9 +228,7 @@ def refine_splits(search) -> None:
             search.add_split(cand, better)
 
 
-def _refine(search, cand):
-    from autopar.estimator import estimate
-
+def _refine(search: SearchView, cand: Candidate) -> Candidate | None:
     problem = stage_problem(search.graph, search.cluster, cand.plan)
     if problem is None:
         return None

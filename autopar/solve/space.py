@@ -14,12 +14,27 @@ over:
 * ``sp``: 0, and 1 when ``tp > 1``;
 * ``recompute`` × ``zero``: the memory knobs, ordered cheapest first (see :data:`MEMORY_KNOBS`);
   ``zero`` only when ``dp > 1``.
+
+The legality rules are :mod:`autopar.core.plan_rules`' (the ones ``autopar estimate --plan``
+applies); the rest (tp inside a node, an even split of the blocks per virtual stage, the caps) are
+the search's own choices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from autopar.core.plan_rules import (
+    batch_splits,
+    divisors,
+    interleaving_fits,
+    pp_fits_layers,
+    sequence_parallel_allowed,
+    tp_divides_heads,
+)
+
+__all__ = ["MEMORY_KNOBS", "RECOMPUTE_ORDER", "SpaceSpec", "divisors", "knobs", "meshes", "pipelines", "size"]
 
 # Memory knobs in the order the planner tries them: each later entry saves memory and (under the
 # cost model) never runs faster than the ones before it at the same mesh, so the first that fits
@@ -43,12 +58,11 @@ MEMORY_KNOBS = (
 )
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @dataclass(kw_only=True)
 class SpaceSpec:
+    """What the search space depends on: the cluster's size, the model's layers and head counts,
+    the batch, the mode, the caps and the keys the user fixed."""
+
     num_devices: int
     devices_per_node: int
     num_layers: int
@@ -69,9 +83,7 @@ def _tp_options(s: SpaceSpec) -> list[int]:
     for tp in divisors(s.num_devices):
         if not s.allow_cross_node_tp and tp > s.devices_per_node:
             continue
-        if s.heads and s.heads % tp:
-            continue
-        if s.kv_heads and s.kv_heads % tp:
+        if not tp_divides_heads(tp, s.heads, s.kv_heads):
             continue
         out.append(tp)
     return out
@@ -84,10 +96,10 @@ def meshes(s: SpaceSpec) -> Iterator[tuple[int, int, int]]:
         if "tp" in fixed and fixed["tp"] != tp:
             continue
         for pp in divisors(s.num_devices // tp):
-            if pp > s.num_layers or ("pp" in fixed and fixed["pp"] != pp):
+            if not pp_fits_layers(pp, s.num_layers) or ("pp" in fixed and fixed["pp"] != pp):
                 continue
             dp = s.num_devices // (tp * pp)
-            if s.global_batch % dp or ("dp" in fixed and fixed["dp"] != dp):
+            if not batch_splits(s.global_batch, dp) or ("dp" in fixed and fixed["dp"] != dp):
                 continue
             yield dp, tp, pp
 
@@ -116,7 +128,7 @@ def _schedules(s: SpaceSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
         if schedule != "interleaved":
             yield schedule, 1
             continue
-        if m % pp:
+        if not interleaving_fits(m, pp):
             continue
         for vpp in range(2, s.max_virtual_stages + 1):
             if s.num_layers % (pp * vpp) == 0:
@@ -129,7 +141,7 @@ def knobs(s: SpaceSpec, tp: int, dp: int) -> Iterator[tuple[int, str, int]]:
     With ``dp = 1`` every ZeRO stage is ZeRO-0 (nothing to shard over), so only ``zero=0`` is
     listed unless the user fixed another stage."""
     fixed = s.fixed or {}
-    sps = [0, 1] if tp > 1 else [0]
+    sps = [0, 1] if sequence_parallel_allowed(tp) else [0]
     memory = MEMORY_KNOBS if s.mode == "train" else (("none", 0),)
     if dp == 1 and "zero" not in fixed:
         memory = tuple(k for k in memory if k[1] == 0)

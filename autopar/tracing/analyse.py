@@ -15,7 +15,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -25,17 +26,17 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from autopar.core.ir import BlockType, OpGraph, OpNode
 from autopar.tracing import opkinds
 from autopar.tracing.blocks import node_module_path, strip_prefix
-from autopar.tracing.fx import _is_user_file, fx_trace
+from autopar.tracing.fx import fx_trace, is_user_file
 from autopar.tracing.wrap import MODEL_PREFIX
 
 log = logging.getLogger(__name__)
 
 
-def _dtype_str(dtype) -> str:
+def _dtype_str(dtype: torch.dtype | str | None) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _first_meta(meta):
+def _first_meta(meta: Any) -> Any:
     if isinstance(meta, TensorMetadata):
         return meta
     if isinstance(meta, (tuple, list)):
@@ -47,7 +48,7 @@ def _first_meta(meta):
     return meta
 
 
-def _nbytes(meta) -> float:
+def _nbytes(meta: Any) -> float:
     if meta is None:
         return 0.0
     if isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata):
@@ -88,7 +89,7 @@ def source_of(stack_trace: str | None) -> str:
         if not line.startswith('File "'):
             continue
         filename, _, rest = line[6:].partition('", line ')
-        if _is_user_file(filename):
+        if is_user_file(filename):
             lineno = rest.split(",", 1)[0]
             found = f"{_short_path(filename)}:{lineno}"
     return found
@@ -228,7 +229,9 @@ def _analyse_node(node: torch.fx.Node, gm: torch.fx.GraphModule, index: _ParamIn
     )
 
 
-def _backward_flops(kind, fwd, bwd, tensor_in, out_meta, reads_params: bool) -> float:
+def _backward_flops(
+    kind: str, fwd: float, bwd: float, tensor_in: list[tuple[Any, Any]], out_meta: Any, reads_params: bool
+) -> float:
     """Zero when nothing upstream needs a gradient; a GEMM pays one GEMM per input needing one."""
     needs = [bool(getattr(m, "requires_grad", False)) for _, m in tensor_in]
     if kind in ("linear", "matmul") and fwd:
@@ -241,7 +244,7 @@ def _backward_flops(kind, fwd, bwd, tensor_in, out_meta, reads_params: bool) -> 
     return bwd
 
 
-def _op_meta(node: torch.fx.Node, module, name: str) -> dict:
+def _op_meta(node: torch.fx.Node, module: nn.Module | None, name: str) -> dict:
     meta: dict = {"op": node.op, "base": name}
     if module is not None:
         for attr in ("p", "eps", "in_features", "out_features", "num_embeddings", "embedding_dim"):
@@ -255,7 +258,7 @@ def _op_meta(node: torch.fx.Node, module, name: str) -> dict:
     return meta
 
 
-def _block_tables(blocks: list[dict]):
+def _block_tables(blocks: list[dict]) -> tuple[dict[str, BlockType], list[tuple[str, int]]]:
     block_types: dict[str, BlockType] = {}
     block_order: list[tuple[str, int]] = []
     for order, inst in enumerate(blocks):
@@ -323,7 +326,7 @@ def analyse(gm: torch.fx.GraphModule, model: nn.Module) -> OpGraph:
 
 def trace(
     model: nn.Module,
-    example_inputs,
+    example_inputs: Sequence[Any],
     *,
     loss_fn: Callable | None = None,
     num_targets: int | None = None,

@@ -15,6 +15,7 @@ the analysis run one instance and replicate it (see :mod:`autopar.tracing.propag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -94,7 +95,7 @@ def _target_repr(node: torch.fx.Node, prefix: str, gm: torch.fx.GraphModule) -> 
     return (getattr(target, "__qualname__", None) or str(target),)
 
 
-def _fetch(gm: torch.nn.Module, qualname: str):
+def _fetch(gm: torch.nn.Module, qualname: str) -> Any:
     obj = gm
     for part in qualname.split("."):
         obj = getattr(obj, part)
@@ -105,7 +106,7 @@ def _signature(inst: BlockInstance, gm: torch.fx.GraphModule) -> tuple:
     pos = {n: i for i, n in enumerate(inst.nodes)}
     external: dict[torch.fx.Node, int] = {}
 
-    def arg_sig(a):
+    def arg_sig(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
             if a in pos:
                 return ("n", pos[a])

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import logging
 
+import torch.fx
+
+from autopar.core.ir import OpGraph
+
 log = logging.getLogger(__name__)
 
 
-def _redirects(graph) -> tuple[dict[str, str], set[str]]:
+def _redirects(graph: OpGraph) -> tuple[dict[str, str], set[str]]:
     """(later-instance node -> first-instance node, names dropped)."""
     redirect: dict[str, str] = {}
     dropped: set[str] = set()
@@ -32,11 +36,9 @@ def _redirects(graph) -> tuple[dict[str, str], set[str]]:
     return redirect, dropped
 
 
-def first_blocks_module(graph):
+def first_blocks_module(graph: OpGraph) -> torch.fx.GraphModule | None:
     """A ``GraphModule`` with later block instances removed, or ``graph.gm`` when that is not
     possible (no repeated blocks, or instances that differ)."""
-    import torch.fx
-
     gm = graph.gm
     redirect, dropped = _redirects(graph)
     if gm is None or not dropped:

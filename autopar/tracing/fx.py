@@ -23,7 +23,9 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, NoReturn
 
 import torch
 import torch.fx
@@ -41,7 +43,9 @@ _TRACING_DIR = os.path.dirname(__file__)
 _SKIP_PREFIXES = (_TORCH_DIR, _TRACING_DIR, "<autopar.", "<eval_with_key")
 
 
-def _is_user_file(filename: str) -> bool:
+def is_user_file(filename: str) -> bool:
+    """Whether ``filename`` is the user's code (a model or loss), not torch's or autopar's tracing
+    machinery: the frames a node's source location and an error's "at" line are taken from."""
     return not filename.startswith(_SKIP_PREFIXES) and "/torch/" not in filename
 
 
@@ -55,17 +59,17 @@ def user_frame_from_stack() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if _is_user_file(filename):
+        if is_user_file(filename):
             return _format_frame(filename, frame.f_lineno, frame.f_code.co_name)
         frame = frame.f_back
     return ""
 
 
-def user_frame_from_traceback(tb) -> tuple[str, int, str] | None:
+def user_frame_from_traceback(tb: TracebackType | None) -> tuple[str, int, str] | None:
     """(file, line, code) of the innermost user frame of an exception traceback."""
     found = None
     for fs in traceback.extract_tb(tb):
-        if _is_user_file(fs.filename):
+        if is_user_file(fs.filename):
             found = (fs.filename, fs.lineno or 0, (fs.line or "").strip())
     return found
 
@@ -90,7 +94,7 @@ class AutoparTracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
-    def create_node(self, *args, **kwargs):
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
         if not node.stack_trace and node.op not in ("placeholder", "output", "get_attr"):
             node.stack_trace = user_frame_from_stack()
@@ -134,7 +138,7 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{mod}at {loc}: {type(exc).__name__}: {first_line}"
 
 
-def _strip(qualname) -> str:
+def _strip(qualname: object) -> str:
     qualname = str(qualname or "")
     return qualname[len(MODEL_PREFIX) :] if qualname.startswith(MODEL_PREFIX) else qualname
 
@@ -163,7 +167,7 @@ def _headline(model: nn.Module, failures: list[tuple[str, BaseException]]) -> st
     return head
 
 
-def _raise_untraceable(model: nn.Module, failures: list[tuple[str, BaseException]]):
+def _raise_untraceable(model: nn.Module, failures: list[tuple[str, BaseException]]) -> NoReturn:
     lines = [_headline(model, failures) + "; tracers tried:"]
     lines += [f"  {name}: {_describe_failure(exc)}" for name, exc in failures]
     lines.append(_FIX)
@@ -172,7 +176,7 @@ def _raise_untraceable(model: nn.Module, failures: list[tuple[str, BaseException
 
 def fx_trace(
     model: nn.Module,
-    example_inputs,
+    example_inputs: Sequence[Any],
     *,
     loss_fn: Callable | None = None,
     num_targets: int | None = None,

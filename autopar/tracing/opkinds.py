@@ -1,9 +1,17 @@
-"""Op kind, FLOPs and gemm dims of one fx node, for both tracers' vocabularies.
+"""THE op table: every base op name once, with its cost kind, its sharding family and its FLOPs rule.
 
 ``symbolic_trace`` graphs hold ``call_module`` (``nn.Linear``), Python functions
 (``torch.softmax``, ``operator.add``) and methods (``view``); ``export`` graphs hold ATen
 overloads (``aten.linear.default``). Both reduce to a base name (``linear``, ``softmax``, ``add``)
-that the tables below map to an :data:`autopar.core.ir.OP_KINDS` entry.
+that :data:`OPS` maps to an :class:`OpInfo`:
+
+* ``kind``: an :data:`autopar.core.ir.OP_KINDS` entry, what the cost model reads (a name not in
+  the table is ``"other"``: no FLOPs, bytes as measured);
+* ``family``: the sharding rule family (:attr:`autopar.sharding.ops.OpCall.kind`, see
+  :mod:`autopar.sharding.rules`), None when no sharding rule knows the op (it runs replicated);
+  :mod:`autopar.sharding.ops` derives its name sets (``POINTWISE``, ``REDUCTION``, ...) from here;
+* ``transcendental``: an elementwise op costing 8 FLOPs per element instead of 1;
+* ``linear_unary``: a pointwise op linear in its single operand (a partial sum stays partial).
 
 FLOPs (a multiply-add counts 2):
 
@@ -14,80 +22,183 @@ FLOPs (a multiply-add counts 2):
   softmax 5, norm 8, loss 6 per input element; reduction 1 per input element. Backward = 2 x forward.
 * embedding, dropout, views: no FLOPs in forward (dropout: 1 per element); embedding backward
   accumulates one add per output element.
+
+Decisions where the cost and sharding tables used to disagree (before they became this one table):
+
+* ``sign``, ``square``, ``isub``, ``itruediv``: elementwise (1 FLOP per element, not
+  transcendental), pointwise sharding; the cost side used to count them as ``other`` (0 FLOPs).
+* ``max``, ``min``, ``norm`` (``torch.norm``): reductions, 1 FLOP per input element. The binary
+  ``torch.max(a, b)`` form costs the same (1 per element); its sharding stays ``other``
+  (:func:`autopar.sharding.ops.parse` sees a tensor where the dim should be).
+* ``cat``/``concat``/``concatenate``/``stack``/``repeat_interleave``: view-like (data movement, no
+  arithmetic); their bytes are measured (they never alias their input), so the cost is unchanged.
+* ``reshape_as``, ``swapaxes``: views; ``stride``, ``sym_size``, ``sym_numel``, ``sym_stride``:
+  shape queries, views like ``size``.
+* ``rand_like``/``randn_like``/``randint_like``/``bernoulli`` and ``new_zeros``/``new_ones``/
+  ``new_empty``/``new_full``/``new_tensor``: elementwise (1 FLOP per element), as ``ones_like``.
+* Cost-only names (``baddbmm``, ``native_layer_norm``, ``nll_loss``, the fused attention kernels,
+  ``native_dropout``, ...) keep ``family=None``: the sharding rules do not know them.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_KIND_BY_NAME: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One base op name's entry in :data:`OPS` (see the module docstring)."""
+
+    name: str
+    kind: str
+    """Cost kind, an :data:`autopar.core.ir.OP_KINDS` entry."""
+    family: str | None
+    """Sharding rule family (an :attr:`autopar.sharding.ops.OpCall.kind`); None: no rule."""
+    transcendental: bool = False
+    linear_unary: bool = False
 
 
-def _register(kind: str, names: str) -> None:
+OPS: dict[str, OpInfo] = {}
+"""Base op name -> its one entry: cost kind, sharding family, transcendental and linear flags."""
+
+# Sharding families whose cost kind is fixed (checked by the tests): the family implies the kind.
+FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    "pointwise": ("elementwise", "view"),
+    "like": ("elementwise",),
+    "random_like": ("elementwise",),
+    "new": ("elementwise",),
+    "triu": ("elementwise",),
+    "reshape": ("view",),
+    "expand": ("view",),
+    "permute": ("view",),
+    "split": ("view",),
+    "getitem": ("view",),
+    "select": ("view",),
+    "slice": ("view",),
+    "cat": ("view",),
+    "repeat_interleave": ("view",),
+    "shape": ("view",),
+    "reduction": ("reduction",),
+    "linear": ("linear",),
+    "addmm": ("linear",),
+    "matmul": ("matmul",),
+    "sdpa": ("attention",),
+    "embedding": ("embedding",),
+    "norm": ("norm",),
+    "softmax": ("softmax",),
+    "dropout": ("dropout",),
+    "cross_entropy": ("loss",),
+    "pointwise_loss": ("loss",),
+}
+"""Sharding family -> the cost kinds its ops may have."""
+
+
+def _register(
+    kind: str,
+    family: str | None,
+    names: str,
+    *,
+    transcendental: bool = False,
+    linear_unary: bool = False,
+) -> None:
     for name in names.split():
-        _KIND_BY_NAME[name] = kind
+        if name in OPS:
+            raise ValueError(f"op {name!r} is registered twice")
+        OPS[name] = OpInfo(name, kind, family, transcendental, linear_unary)
 
 
-_register("linear", "linear addmm")
-_register("matmul", "matmul bmm mm baddbmm")
+# GEMMs and attention
+_register("linear", "linear", "linear")
+_register("linear", "addmm", "addmm")
+_register("matmul", "matmul", "matmul bmm mm")
+_register("matmul", None, "baddbmm")
+_register("attention", "sdpa", "scaled_dot_product_attention")
 _register(
     "attention",
-    "scaled_dot_product_attention _scaled_dot_product_flash_attention "
-    "_scaled_dot_product_efficient_attention _scaled_dot_product_flash_attention_for_cpu "
-    "_scaled_dot_product_cudnn_attention",
+    None,
+    "_scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention "
+    "_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_cudnn_attention",
 )
-_register("embedding", "embedding")
-_register("norm", "layer_norm native_layer_norm rms_norm _fused_rms_norm group_norm batch_norm")
-_register("softmax", "softmax log_softmax _softmax _log_softmax")
-_register("dropout", "dropout native_dropout feature_dropout alpha_dropout")
+# lookups, norms, softmax, dropout, losses
+_register("embedding", "embedding", "embedding")
+_register("norm", "norm", "layer_norm rms_norm")
+_register("norm", None, "native_layer_norm _fused_rms_norm group_norm batch_norm")
+_register("softmax", "softmax", "softmax log_softmax _softmax _log_softmax")
+_register("dropout", "dropout", "dropout")
+_register("dropout", None, "native_dropout feature_dropout alpha_dropout")
+_register("loss", "cross_entropy", "cross_entropy cross_entropy_loss")
+_register("loss", "pointwise_loss", "mse_loss l1_loss")
 _register(
     "loss",
-    "cross_entropy cross_entropy_loss nll_loss nll_loss_nd nll_loss2d mse_loss l1_loss "
-    "smooth_l1_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div",
+    None,
+    "nll_loss nll_loss_nd nll_loss2d smooth_l1_loss binary_cross_entropy "
+    "binary_cross_entropy_with_logits kl_div",
 )
+# views and data movement (no arithmetic)
+_register(
+    "view", "reshape", "view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as reshape_as"
+)
+_register("view", "expand", "expand expand_as")
+_register("view", "permute", "transpose swapaxes t permute")
+_register("view", "split", "split split_with_sizes chunk unbind")
+_register("view", "getitem", "getitem")
+_register("view", "select", "select")
+_register("view", "slice", "slice narrow")
+_register("view", "cat", "cat concat concatenate stack")
+_register("view", "repeat_interleave", "repeat_interleave")
+_register("view", "pointwise", "contiguous detach alias", linear_unary=True)
 _register(
     "view",
-    "view reshape transpose permute split split_with_sizes chunk getitem contiguous expand "
-    "expand_as unsqueeze squeeze flatten unflatten t _unsafe_view slice select narrow unbind "
-    "view_as alias detach getattr size dim numel _assert_tensor_metadata",
+    "shape",
+    "size dim numel stride sym_size sym_numel sym_stride _assert_tensor_metadata",
 )
-_register("reduction", "sum mean amax amin var std var_mean logsumexp prod argmax argmin all any")
+_register("view", None, "getattr")
+# reductions
+_register(
+    "reduction",
+    "reduction",
+    "sum mean amax amin max min var std logsumexp prod argmax argmin all any norm",
+)
+_register("reduction", None, "var_mean")
+# elementwise
+_register("elementwise", "pointwise", "neg pos", linear_unary=True)
 _register(
     "elementwise",
-    "add sub mul div truediv floordiv neg pos pow rsqrt sqrt exp log log1p tanh sigmoid relu gelu "
-    "silu erf reciprocal masked_fill where clamp clamp_min clamp_max abs cos sin float half "
-    "bfloat16 double to type_as clone copy _to_copy triu tril ones_like zeros_like full_like "
-    "empty_like rsub radd iadd imul fill eq ne lt gt le ge logical_not logical_and logical_or "
-    "bitwise_not invert and_ or_ xor mod remainder maximum minimum lerp hardtanh leaky_relu "
-    "softplus mish elu selu celu",
+    "pointwise",
+    "float half bfloat16 double to type_as clone copy _to_copy",
+    linear_unary=True,
 )
+_register(
+    "elementwise",
+    "pointwise",
+    "add sub mul div truediv floordiv reciprocal masked_fill where clamp clamp_min clamp_max abs "
+    "rsub radd iadd imul isub itruediv eq ne lt gt le ge logical_not logical_and logical_or "
+    "bitwise_not invert and_ or_ xor mod remainder maximum minimum lerp hardtanh leaky_relu relu "
+    "sign square",
+)
+_register(
+    "elementwise",
+    "pointwise",
+    "pow rsqrt sqrt exp log log1p tanh sigmoid gelu silu erf cos sin softplus mish elu selu celu",
+    transcendental=True,
+)
+_register("elementwise", "triu", "triu tril")
+_register("elementwise", "like", "ones_like zeros_like full_like empty_like")
+_register("elementwise", "random_like", "rand_like randn_like randint_like bernoulli")
+_register("elementwise", "new", "new_zeros new_ones new_empty new_full new_tensor")
+_register("elementwise", None, "fill")
 
-_TRANSCENDENTAL = set(
-    [
-        "exp",
-        "log",
-        "log1p",
-        "tanh",
-        "sigmoid",
-        "gelu",
-        "silu",
-        "erf",
-        "rsqrt",
-        "sqrt",
-        "pow",
-        "cos",
-        "sin",
-        "softplus",
-        "mish",
-        "elu",
-        "selu",
-        "celu",
-    ]
-)
+
+def names_of_family(family: str) -> frozenset[str]:
+    """Every base name whose sharding family is ``family``."""
+    return frozenset(name for name, info in OPS.items() if info.family == family)
+
 
 _MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.Linear, "linear"),
@@ -157,14 +268,20 @@ def op_kind(node: torch.fx.Node, module: nn.Module | None = None) -> str:
             if isinstance(module, cls):
                 return kind
         return "other"
-    return _KIND_BY_NAME.get(base_name(node), "other")
+    info = OPS.get(base_name(node))
+    return info.kind if info is not None else "other"
 
 
-def _numel(shape) -> int:
+def _numel(shape: Sequence[int] | None) -> int:
     return math.prod(shape) if shape is not None else 0
 
 
-def gemm_dims(kind: str, in_shapes: list, out_shape, weight_shape=None) -> tuple[int, int, int, int] | None:
+def gemm_dims(
+    kind: str,
+    in_shapes: list,
+    out_shape: Sequence[int] | None,
+    weight_shape: Sequence[int] | None = None,
+) -> tuple[int, int, int, int] | None:
     """(batch, m, n, k) of a matmul-like op."""
     if kind == "linear" and in_shapes and weight_shape is not None and len(weight_shape) == 2:
         n, k = weight_shape
@@ -183,7 +300,14 @@ def gemm_dims(kind: str, in_shapes: list, out_shape, weight_shape=None) -> tuple
     return None
 
 
-def flops(kind: str, name: str, in_shapes: list, out_shape, gemm, extra: dict) -> tuple[float, float]:
+def flops(
+    kind: str,
+    name: str,
+    in_shapes: list,
+    out_shape: Sequence[int] | None,
+    gemm: tuple[int, int, int, int] | None,
+    extra: dict,
+) -> tuple[float, float]:
     """(forward, backward) FLOPs; see the module docstring for the rules."""
     out_n = _numel(out_shape)
     in_n = _numel(in_shapes[0]) if in_shapes else 0
@@ -203,6 +327,7 @@ def flops(kind: str, name: str, in_shapes: list, out_shape, gemm, extra: dict) -
     if kind == "embedding":
         return 0.0, float(out_n)
     if kind == "elementwise":
-        fwd = float(out_n * (8 if name in _TRANSCENDENTAL else 1))
+        info = OPS.get(name)
+        fwd = float(out_n * (8 if info is not None and info.transcendental else 1))
         return fwd, 2.0 * fwd
     return 0.0, 0.0

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.fx
@@ -47,7 +48,7 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return (st._cdata, st.nbytes())
 
 
-def _tensor_meta(value):
+def _tensor_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return _extract_tensor_metadata(value)
     if isinstance(value, (tuple, list)):
@@ -66,7 +67,7 @@ class _SavedTensorRecorder:
         self.current_bytes = 0
         self.current_count = 0
 
-    def pack(self, t: torch.Tensor):
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         key, nbytes = _storage_key(t)
         if key not in self.skip_keys and key not in self.seen:
             self.seen.add(key)
@@ -77,7 +78,7 @@ class _SavedTensorRecorder:
         return t
 
     @staticmethod
-    def unpack(t):
+    def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
     def start_node(self) -> None:
@@ -88,7 +89,7 @@ class _SavedTensorRecorder:
 _DROPOUT_FUNCTIONS = (F.dropout, torch.dropout, torch.ops.aten.dropout.default)
 
 
-def _dropout_args(n: torch.fx.Node, args: tuple, kwargs: dict, module) -> tuple | None:
+def _dropout_args(n: torch.fx.Node, args: tuple, kwargs: dict, module: nn.Module | None) -> tuple | None:
     """(input, p) when ``n`` is an active dropout, else None."""
     if n.op == "call_module" and type(module) is nn.Dropout:
         return (args[0], module.p) if module.training and module.p > 0 and not module.inplace else None
@@ -104,7 +105,7 @@ def _dropout_args(n: torch.fx.Node, args: tuple, kwargs: dict, module) -> tuple 
     return bound["input"], p
 
 
-def _fresh_like(value):
+def _fresh_like(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
         return t.requires_grad_(value.requires_grad)
@@ -166,7 +167,7 @@ _SDPA_FUNCTIONS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_pro
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _fused_attention(n: torch.fx.Node, args: tuple, kwargs: dict):
+def _fused_attention(n: torch.fx.Node, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The CUDA fused-attention kernel's result for an SDPA node, or None to run it as traced."""
     if n.op != "call_function" or n.target not in _SDPA_FUNCTIONS:
         return None
@@ -184,14 +185,20 @@ def _fused_attention(n: torch.fx.Node, args: tuple, kwargs: dict):
 
 
 class _Propagator(torch.fx.Interpreter):
-    def __init__(self, gm, recorder: _SavedTensorRecorder, keep_val: bool, templates: dict | None):
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        recorder: _SavedTensorRecorder,
+        keep_val: bool,
+        templates: dict | None,
+    ):
         super().__init__(gm, garbage_collect_values=True)
         self.recorder = recorder
         self.keep_val = keep_val
         self.replicator = _Replicator(templates)
         self.template_values: dict[torch.fx.Node, object] = {}
 
-    def run_node(self, n: torch.fx.Node):
+    def run_node(self, n: torch.fx.Node) -> Any:
         t = self.replicator.template(n)
         if t is not None:
             result = _fresh_like(self.template_values[t])
@@ -207,7 +214,7 @@ class _Propagator(torch.fx.Interpreter):
             self.template_values[n] = result
         return result
 
-    def _run_and_record(self, n: torch.fx.Node):
+    def _run_and_record(self, n: torch.fx.Node) -> Any:
         self.recorder.start_node()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.recorder.pack, self.recorder.unpack):
@@ -228,7 +235,7 @@ class _Propagator(torch.fx.Interpreter):
         n.meta["saved_tensors"] = self.recorder.current_count
         return result
 
-    def _run(self, n: torch.fx.Node):
+    def _run(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_module", "call_function"):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             module = self.fetch_attr(n.target) if n.op == "call_module" else None
@@ -255,14 +262,14 @@ def _all_meta(gm: torch.nn.Module) -> bool:
     return bool(tensors) and all(t.device.type == "meta" for t in tensors)
 
 
-def _to_meta(x):
+def _to_meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().to("meta").requires_grad_(x.requires_grad)
     return x
 
 
 @contextlib.contextmanager
-def _execution_mode(gm: torch.nn.Module, args: tuple):
+def _execution_mode(gm: torch.nn.Module, args: tuple) -> Iterator[tuple[tuple, list[torch.Tensor]]]:
     """Yields (converted args, tensors to skip as non-activations) inside meta or fake mode."""
     state = [*gm.parameters(), *gm.buffers()]
     if _all_meta(gm):
@@ -279,7 +286,9 @@ def _execution_mode(gm: torch.nn.Module, args: tuple):
         yield fake_args, [*fake_state, *state]
 
 
-def propagate(gm: torch.fx.GraphModule, args: tuple, *, keep_val: bool = False, templates=None):
+def propagate(
+    gm: torch.fx.GraphModule, args: tuple, *, keep_val: bool = False, templates: dict | None = None
+) -> Any:
     """Annotate every node of ``gm`` with tensor_meta, val and saved_bytes; return the output value.
 
     ``templates``: :func:`autopar.tracing.blocks.replication_templates` of ``gm`` (optional).

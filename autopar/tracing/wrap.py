@@ -15,23 +15,26 @@ from __future__ import annotations
 
 import inspect
 import keyword
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from autopar.core.errors import TraceError
 
 MODEL_PREFIX = "model."
 """Prefix of the original model's parameter and module names inside the traced graph module."""
 
 
-def split_inputs(example_inputs, loss_fn: Callable | None, num_targets: int | None) -> tuple[tuple, tuple]:
+def split_inputs(
+    example_inputs: Any, loss_fn: Callable | None, num_targets: int | None
+) -> tuple[tuple, tuple]:
     """Split ``example_inputs`` into (model inputs, loss targets).
 
     With a ``loss_fn`` the last ``num_targets`` inputs (default 1) are the targets; without one,
     every input goes to the model.
     """
-    from autopar.core.errors import TraceError
-
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, Sequence):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -77,7 +80,9 @@ def _unique_identifiers(wanted: list[str], fallback: str, count: int, taken: set
     return out
 
 
-def argument_names(model: nn.Module, loss_fn: Callable | None, n_inputs: int, n_targets: int):
+def argument_names(
+    model: nn.Module, loss_fn: Callable | None, n_inputs: int, n_targets: int
+) -> tuple[list[str], list[str]]:
     """Placeholder names: the model's forward parameter names, then the loss_fn's (after the output)."""
     taken: set[str] = set()
     inputs = _unique_identifiers(_param_names(model.forward, 0), "input", n_inputs, taken)
@@ -87,7 +92,7 @@ def argument_names(model: nn.Module, loss_fn: Callable | None, n_inputs: int, n_
     return inputs, targets
 
 
-def _loss_from_output(out):
+def _loss_from_output(out: Any) -> Any:
     # HuggingFace models return a ModelOutput (a dict) with "loss" when given labels.
     if isinstance(out, dict) and "loss" in out and out["loss"] is not None:
         return out["loss"]
@@ -97,7 +102,13 @@ def _loss_from_output(out):
 class ModelWithLoss(nn.Module):
     """``forward(*inputs, *targets)`` -> loss (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable | None, input_names, target_names):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable | None,
+        input_names: Iterable[str],
+        target_names: Iterable[str],
+    ):
         super().__init__()
         self.model = model
         if isinstance(loss_fn, nn.Module):
@@ -108,7 +119,7 @@ class ModelWithLoss(nn.Module):
         self.target_names = list(target_names)
         self.__class__ = _specialised_class(self.input_names, self.target_names)
 
-    def compute(self, inputs: tuple, targets: tuple):
+    def compute(self, inputs: tuple, targets: tuple) -> Any:
         out = self.model(*inputs)
         loss_fn = self._modules.get("loss_fn") or self.__dict__.get("_loss_callable")
         if loss_fn is None:
@@ -136,7 +147,9 @@ def _specialised_class(input_names: list[str], target_names: list[str]) -> type:
     return cls
 
 
-def wrap(model: nn.Module, example_inputs, loss_fn: Callable | None, num_targets: int | None):
+def wrap(
+    model: nn.Module, example_inputs: Any, loss_fn: Callable | None, num_targets: int | None
+) -> tuple[ModelWithLoss, tuple]:
     """(wrapper, flat example args) for ``model`` with its loss."""
     inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
     in_names, tg_names = argument_names(model, loss_fn, len(inputs), len(targets))

@@ -11,6 +11,9 @@ same samples (see ``autopar/lower/rng.py``); dropout-free models run the untouch
 
 Usage (everything must be picklable: module-level builders, ``functools.partial``)::
 
+    from autopar.testing.dist import run_ranks
+    from autopar.testing.equivalence import assert_equivalent, gpt_case, reference, run_plans
+
     case = gpt_case(layers=2)
     trajs = run_ranks(run_plans, 2, args=(case, [Plan.manual(dp=2, global_batch=8)]))
     assert_equivalent(reference(case), trajs[0][0], "dp=2")
@@ -22,6 +25,7 @@ import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +82,17 @@ def token_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 1) -
     return out
 
 
-def gpt_case(*, layers=2, hidden=16, heads=4, vocab=64, seq=8, batch=8, dropout=0.0, **cfg) -> Case:
+def gpt_case(
+    *,
+    layers: int = 2,
+    hidden: int = 16,
+    heads: int = 4,
+    vocab: int = 64,
+    seq: int = 8,
+    batch: int = 8,
+    dropout: float = 0.0,
+    **cfg: Any,
+) -> Case:
     config = GPTConfig(
         hidden=hidden, layers=layers, heads=heads, vocab=vocab, seq=seq, dropout=dropout, **cfg
     )
@@ -97,7 +111,7 @@ class MLPBlock(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
@@ -110,7 +124,7 @@ class MLPNet(nn.Module):
         self.layers = nn.ModuleList(MLPBlock(width, hidden) for _ in range(layers))
         self.out = nn.Linear(width, outputs)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
         for layer in self.layers:
             x = layer(x)
@@ -122,7 +136,7 @@ def build_mlp(seed: int) -> nn.Module:
     return MLPNet()
 
 
-def mse_loss(output, target):
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(output, target)
 
 
@@ -141,7 +155,7 @@ def mlp_case(batch: int = 8) -> Case:
     )
 
 
-def lm_loss(out, labels):
+def lm_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy on a HuggingFace ``CausalLMOutput``."""
     logits = out.logits
     return torch.nn.functional.cross_entropy(
@@ -264,7 +278,7 @@ def reference_output(case: Case) -> torch.Tensor:
         return model(*batch[: len(batch) - case.num_targets])
 
 
-def parallel_output(case: Case, plan: autopar.Plan):
+def parallel_output(case: Case, plan: autopar.Plan) -> Any:
     model = case.build()
     batch = case.make_batches(1)[0]
     inputs = batch[: len(batch) - case.num_targets]
@@ -315,7 +329,9 @@ def compare(ref: Trajectory, par: Trajectory, rtol: float = RTOL, atol: float = 
     return problems
 
 
-def assert_equivalent(ref: Trajectory, par: Trajectory, label: str, rtol: float = RTOL, atol: float = ATOL):
+def assert_equivalent(
+    ref: Trajectory, par: Trajectory, label: str, rtol: float = RTOL, atol: float = ATOL
+) -> None:
     problems = compare(ref, par, rtol, atol)
     if problems:
         shown = "\n  ".join(problems[:12])
@@ -331,5 +347,5 @@ def assert_same_on_all_ranks(per_rank: list, label: str) -> None:
         assert losses == first, f"{label}: rank {r} losses {losses} differ from rank 0 {first}"
 
 
-def clone_case(case: Case, **changes) -> Case:
+def clone_case(case: Case, **changes: Any) -> Case:
     return copy.replace(case, **changes) if hasattr(copy, "replace") else Case(**{**case.__dict__, **changes})

@@ -97,11 +97,16 @@ def test_megatron_collectives_per_layer():
     assert all(c.nbytes == sbh for c in comms)
     sp_plan = Plan.manual(dp=2, tp=4, global_batch=2 * B, micro_batch_size=B, sequence_parallel=True)
     comms = layer_block(workload(gpt_graph(), dgx(), sp_plan)).comms
-    kinds = sorted((c.phase, c.collective) for c in comms)
+    activations = [c for c in comms if c.nbytes == sbh]
+    kinds = sorted((c.phase, c.collective) for c in activations)
     assert kinds == sorted(
         [("fwd", "all_gather"), ("fwd", "reduce_scatter")] * 2
         + [("bwd", "reduce_scatter"), ("bwd", "all_gather")] * 2
     )
+    # Under SP each rank's norm sees its sequence shard only: the two LayerNorms' weight and bias
+    # gradients are partial sums, all-reduced over tp in backward (as the lowering runs them).
+    norms = [c for c in comms if c.nbytes != sbh]
+    assert sorted((c.phase, c.collective, c.nbytes) for c in norms) == [("bwd", "all_reduce", H * 2)] * 4
 
 
 def test_qkv_projections_run_as_one_gemm_split_by_tp():
@@ -220,18 +225,22 @@ def test_bad_plans_name_the_value_and_the_rule():
 
 
 def test_explicit_placements_are_costed_as_written():
-    """A plan that shards only the MLP (fc1 by rows of W, fc2 by columns, one all-reduce) has the
-    MLP GEMMs split, attention replicated, and exactly that one collective forward."""
+    """A plan that shards only the MLP (fc1 by rows of W, fc2 by columns) has the MLP GEMMs split,
+    attention replicated, and exactly the collectives the lowering runs for it: the all-reduce of
+    fc2's partial sums forward, and the all-reduce of fc1's input gradient (a partial sum, since
+    each rank's fc1 sees only its rows of W) backward."""
     from autopar.core.plan import NodePlacement, Replicate, Shard
 
     graph = gpt_graph(layers=1)
     fc1 = next(n for n in graph.nodes if n.module_path.endswith("mlp.fc1"))
     fc2 = next(n for n in graph.nodes if n.module_path.endswith("mlp.fc2"))
-    w1 = next(p for p in fc1.param_names if p.endswith("weight"))
-    w2 = next(p for p in fc2.param_names if p.endswith("weight"))
+    w1, b1 = (next(p for p in fc1.param_names if p.endswith(end)) for end in ("weight", "bias"))
+    w2, b2 = (next(p for p in fc2.param_names if p.endswith(end)) for end in ("weight", "bias"))
     placements = {
-        fc1.name: NodePlacement(output=Shard(2), params={w1: Shard(0)}),
-        fc2.name: NodePlacement(output=Replicate(), params={w2: Shard(1)}, collective="all_reduce"),
+        fc1.name: NodePlacement(output=Shard(2), params={w1: Shard(0), b1: Shard(0)}),
+        fc2.name: NodePlacement(
+            output=Replicate(), params={w2: Shard(1), b2: Replicate()}, collective="all_reduce"
+        ),
     }
     plan = Plan.manual(dp=4, tp=2, global_batch=4 * B, micro_batch_size=B)
     plan.placements = placements
@@ -240,7 +249,10 @@ def test_explicit_placements_are_costed_as_written():
     assert gemms[fc1.name] == (1, S * B, 4 * H / 2, H)
     assert gemms[fc2.name] == (1, S * B, H, 4 * H / 2)
     assert any(g == (1, S * B, 3 * H, H) for g in gemms.values())  # q, k, v replicated
-    assert [(c.collective, c.phase) for c in block.comms] == [("all_reduce", "fwd")]
+    assert sorted((c.collective, c.phase) for c in block.comms) == [
+        ("all_reduce", "bwd"),
+        ("all_reduce", "fwd"),
+    ]
 
 
 def test_profiled_op_times_replace_the_roofline():

@@ -3,6 +3,7 @@ plan's own placements (see :mod:`autopar.estimator`, step 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from autopar.core.ir import OpGraph, OpNode
-from autopar.core.plan import Partial, Plan, Shard
+from autopar.core.plan import NodePlacement, Partial, Plan, Shard
+from autopar.sharding import ShardingGraph, megatron_placements
+from autopar.sharding.layout import choose, planned_collectives
 from autopar.sharding.reshard import BACKWARD_OF
+from autopar.tracing.collapse import first_blocks_module
 from cost_models import CommWork
 
 T = TypeVar("T")
@@ -69,9 +73,49 @@ def cached(graph: OpGraph, key: tuple, make: Callable[[], T]) -> T:
     return cache[key]
 
 
+def layout_comms(graph: OpGraph, tp: int, sp: bool) -> dict[str, list[CommWork]] | None:
+    """Per node name, the collectives of the layout the lowering runs by default: the sharding rules'
+    placements (:func:`~autopar.sharding.megatron_placements`) and the reshardings they imply
+    (:func:`~autopar.sharding.layout.planned_collectives`), derived once on the stem, the first
+    instance of each block type and the head, then copied to every later instance. None when the
+    graph has no fx module (a hand-built OpGraph): the walk's own accounting is used then."""
+    return cached(graph, ("layout_comms", tp, sp), lambda: _derive_layout_comms(graph, tp, sp))
+
+
+def _derive_layout_comms(
+    graph: OpGraph, tp: int, sp: bool, placements: dict[str, NodePlacement] | None = None
+) -> dict[str, list[CommWork]] | None:
+    gm = first_blocks_module(graph) if placements is None else graph.gm
+    if gm is None:
+        return None
+    sg = ShardingGraph(gm, tp)
+    choices, params = choose(sg, placements or megatron_placements(sg, tp, sp))
+    out: dict[str, list[CommWork]] = defaultdict(list)
+    for j, c in enumerate(planned_collectives(sg, choices, params)):
+        name = f"{c.at}:{c.kind}:{c.phase}:{j}"
+        out[c.at].append(CommWork(name=name, collective=c.kind, nbytes=float(c.nbytes), phase=c.phase))
+    for bt in graph.block_types.values():
+        first = bt.node_names[0] if bt.node_names else []
+        for names in bt.node_names[1:]:
+            for name, twin in zip(names, first):
+                if twin in out and name not in out:
+                    out[name] = [
+                        dataclasses.replace(w, name=w.name.replace(twin, name, 1)) for w in out[twin]
+                    ]
+    return out
+
+
 def megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
     """The Megatron placement derived from the graph (see the module docstring, step 2)."""
-    return cached(graph, ("megatron_tp", tp, sp), lambda: _derive_megatron_tp(graph, tp, sp))
+
+    def derive() -> TPLayout:
+        layout = _derive_megatron_tp(graph, tp, sp)
+        comms = layout_comms(graph, tp, sp)
+        if comms is not None:
+            layout.comms = comms
+        return layout
+
+    return cached(graph, ("megatron_tp", tp, sp), derive)
 
 
 def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
@@ -134,9 +178,14 @@ def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
 
 
 def tp_from_placements(graph: OpGraph, plan: Plan) -> TPLayout:
-    """Sharding read from ``plan.placements`` (nodes not listed are replicated)."""
+    """Sharding read from ``plan.placements`` (nodes not listed are replicated). The collectives are
+    the layout's (:func:`~autopar.sharding.layout.planned_collectives` of these placements, what the
+    lowering runs); a graph without an fx module falls back to the placements' own accounting."""
     out = TPLayout()
     tp = plan.tp
+    layout = _derive_layout_comms(graph, tp, plan.sequence_parallel, plan.placements)
+    if layout is not None:
+        out.comms = layout
     for n in graph.nodes:
         pl = plan.placements.get(n.name)
         if pl is None:
@@ -153,6 +202,8 @@ def tp_from_placements(graph: OpGraph, plan: Plan) -> TPLayout:
             param_div=tp if sharded_params else 1.0,
             saved_split=False if role == "column" else None,
         )
+        if layout is not None:
+            continue
         if pl.comms:
             out.comms[n.name].extend(_planned_comms(n.name, pl.comms))
         elif pl.collective:

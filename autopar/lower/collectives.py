@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from autopar.core.errors import RuntimeFailure
+from autopar.sharding.reshard import BACKWARD_OF
 
 
 def _all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None) -> None:
@@ -218,3 +219,13 @@ LOWERED = {
 """Resharding kind (:func:`autopar.sharding.reshard_kind`) -> the function the lowering inserts for it
 when the result feeds sharded work. Each one's backward is the collective
 :data:`autopar.sharding.reshard.BACKWARD_OF` names (checked on real process groups in the tests)."""
+
+ISSUES: dict[str, tuple[str | None, str | None]] = {
+    **{fn.__name__: (None if kind == "split" else kind, BACKWARD_OF[kind]) for kind, fn in LOWERED.items()},
+    autopar_copy_to_tp.__name__: (None, "all_reduce"),
+    autopar_gather.__name__: ("all_gather", None),
+}
+"""Collective function -> (the collective its forward issues, the one its backward issues); None:
+local work only. Read from :data:`LOWERED` and :data:`~autopar.sharding.reshard.BACKWARD_OF`, plus
+the two calls that are not a resharding's own: ``copy_to_tp`` (identity forward, all-reduce of the
+partial gradient backward) and ``gather`` (all-gather forward, keep the own slice backward)."""

@@ -32,6 +32,8 @@ from autopar.core.plan import NodePlacement, Placement, Plan, Shard
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
+from autopar.sharding.layout import collective_volume as _volume
+from autopar.sharding.layout import planned_collectives
 from autopar.lower.rewrite import Rewriter
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.megatron import megatron_placements
@@ -227,6 +229,18 @@ def lower_tensor_parallel(
         notes=rw.notes,
         predicted_collectives=predict_collectives(sg, choices, params),
     )
+
+
+def collective_volume(gm: torch.fx.GraphModule, plan: Plan) -> Counter:
+    """Bytes per ``(collective, phase)`` that ``plan``'s tensor-parallel program moves per micro-batch
+    (:func:`~autopar.sharding.layout.planned_collectives`; no rewrite). What the estimator's
+    tensor-parallel accounting must equal (``tests/test_layout_agreement.py``)."""
+    if plan.tp == 1:
+        return Counter()
+    sg = ShardingGraph(gm, plan.tp)
+    placements = plan.placements or megatron_placements(sg, plan.tp, plan.sequence_parallel)
+    choices, params = choose(sg, placements)
+    return _volume(planned_collectives(sg, choices, params))
 
 
 def chosen_strategies(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, Choice]:

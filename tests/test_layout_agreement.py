@@ -1,0 +1,112 @@
+"""The tensor-parallel layout the estimator costs is the one the lowering runs.
+
+Oracle: the lowered program. For each model and tp plan, (1) the program the lowering emits calls
+exactly the collectives its layout predicts (per function, counted in the rewritten graph), and
+(2) the estimator's tensor-parallel collectives — kind, phase and bytes per micro-batch, summed
+over the graph — equal the lowering's (``autopar.lower.tensor_parallel.collective_volume``). Both
+come from :mod:`autopar.sharding.layout`; the test checks that each side really uses it (block
+instances included: 3 layers, so the estimator's copy from the first instance is exercised).
+Also: the collectives each resharding issues (:func:`autopar.sharding.layout.issued`) are the
+forward and backward collectives of the functions the lowering emits for it
+(:data:`autopar.lower.collectives.ISSUES`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from autopar.core.plan import Plan
+from autopar.estimator.tensor_parallel import megatron_tp
+from autopar.lower import lower_tensor_parallel
+from autopar.lower.choose import conversion_calls
+from autopar.lower.collectives import ISSUES
+from autopar.lower.tensor_parallel import collective_volume
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.sharding.layout import issued
+from autopar.tracing import fx_trace, trace
+
+
+def _gpt() -> tuple:
+    return GPT(GPTConfig(hidden=64, layers=3, heads=4, vocab=128, seq=16)), gpt_loss, 128, 16
+
+
+def _llama() -> tuple:
+    cfg = GPTConfig(
+        hidden=64, layers=3, heads=4, kv_heads=2, vocab=128, seq=16, norm="rmsnorm", act="swiglu",
+        bias=False, tie_embeddings=False,
+    )  # fmt: skip
+    return GPT(cfg), gpt_loss, 128, 16
+
+
+def _hf(kind: str) -> tuple:
+    pytest.importorskip("transformers")
+    from autopar.testing.equivalence import build_hf, lm_loss
+
+    return build_hf(kind, 0), lm_loss, 64, 8
+
+
+MODELS = {"gpt": _gpt, "llama": _llama, "hf-gpt2": lambda: _hf("gpt2"), "hf-llama": lambda: _hf("llama")}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def traced(request):
+    torch.manual_seed(0)
+    model, loss_fn, vocab, seq = MODELS[request.param]()
+    x = torch.randint(0, vocab, (2, seq))
+    return fx_trace(model, (x, x), loss_fn=loss_fn), trace(model, (x, x), loss_fn=loss_fn)
+
+
+def _estimator_volume(graph, tp: int, sp: bool) -> Counter:
+    volume: Counter = Counter()
+    for works in megatron_tp(graph, tp, sp).comms.values():
+        for w in works:
+            volume[(w.collective, w.phase)] += w.nbytes * w.count
+    return volume
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_estimator_costs_the_collectives_the_lowering_emits(traced, sp):
+    gm, graph = traced
+    plan = Plan.manual(tp=2, global_batch=2, sequence_parallel=sp)
+    lowered = lower_tensor_parallel(gm, plan, 0, None)
+    assert lowered.collectives() == lowered.predicted_collectives
+    assert sum(lowered.collectives().values()) > 0
+    lowering = collective_volume(gm, plan)
+    estimator = _estimator_volume(graph, 2, sp)
+    assert set(estimator) == set(lowering)
+    for key in lowering:
+        assert estimator[key] == pytest.approx(lowering[key], rel=1e-12), key
+
+
+@pytest.mark.parametrize(
+    "kind,partial",
+    list(
+        itertools.product(
+            [None, "split", "all_reduce", "reduce_scatter", "all_gather", "all_to_all"], [False, True]
+        )
+    ),
+)
+def test_each_resharding_issues_what_its_lowered_functions_issue(kind, partial):
+    emitted = tuple(ISSUES[name] for name, _ in conversion_calls(kind, partial))
+    assert emitted == issued(kind, partial)
+
+
+def test_plans_with_their_own_placements_are_costed_as_lowered(traced):
+    """A plan carrying per-node placements (the intra-op ILP's, or a user's) is costed with the
+    collectives the lowering emits for those placements."""
+    from autopar.estimator.tensor_parallel import tp_from_placements
+    from autopar.sharding import megatron_placements
+
+    gm, graph = traced
+    plan = Plan.manual(tp=2, global_batch=2)
+    plan.placements = megatron_placements(gm, 2)
+    volume: Counter = Counter()
+    for works in tp_from_placements(graph, plan).comms.values():
+        for w in works:
+            volume[(w.collective, w.phase)] += w.nbytes * w.count
+    assert volume == collective_volume(gm, plan)
+    assert volume == _estimator_volume(graph, 2, False)

@@ -54,9 +54,7 @@ FUSED_COLLECTIVE_OPS = {"cross_entropy": "autopar_vocab_parallel_cross_entropy"}
 """Ops whose sharded strategy communicates inside one emitted call (``Strategy.comm``)."""
 
 
-def _calls(
-    sg: ShardingGraph, choices: dict[Node, Choice], params: dict[str, Placement]
-) -> Iterator[str]:
+def _calls(sg: ShardingGraph, choices: dict[Node, Choice], params: dict[str, Placement]) -> Iterator[str]:
     """The name of every collective call the rewrite emits for the layout's reshardings."""
     for at, _, kind, partial, fused in reshardings(sg, choices, params):
         if fused:

@@ -32,10 +32,10 @@ from autopar.core.plan import NodePlacement, Placement, Plan, Shard
 from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
-from autopar.sharding.layout import collective_volume as _volume
-from autopar.sharding.layout import planned_collectives
 from autopar.lower.rewrite import Rewriter
 from autopar.sharding.graph import ShardingGraph
+from autopar.sharding.layout import collective_volume as _volume
+from autopar.sharding.layout import planned_collectives
 from autopar.sharding.megatron import megatron_placements
 from autopar.sharding.normalize import canonical_names
 

@@ -27,10 +27,10 @@ import torch.fx
 from autopar.core.errors import PlanError
 from autopar.core.plan import NodePlacement, Placement, Replicate, Shard
 from autopar.sharding.graph import ShardingGraph
-from autopar.tracing.wrap import MODEL_PREFIX
 from autopar.sharding.ops import OpCall, describe, numel_bytes, shape
 from autopar.sharding.reshard import BACKWARD_OF, reshard_bytes, reshard_kind
 from autopar.sharding.rules import NO_PLACEMENT, Strategy
+from autopar.tracing.wrap import MODEL_PREFIX
 
 Node = torch.fx.Node
 R = Replicate()

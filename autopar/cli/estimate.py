@@ -59,9 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
+
+    cluster = Cluster.parse(args.cluster)  # before torch is imported: a bad cluster fails fast
     from autopar.models.spec import graph_layers, load_model
 
-    cluster = Cluster.parse(args.cluster)
     loaded = load_model(args.model, seq=args.seq)
     plan, keys = _plan_file(args.plan), {}
     if plan is None:

@@ -43,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
     import autopar
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import parse_plan_arg, plan_keys
-    from autopar.models.spec import load_model
 
     t0 = time.perf_counter()
-    cluster = Cluster.parse(args.cluster)
+    cluster = Cluster.parse(args.cluster)  # before torch is imported: bad input fails fast
     fixed = parse_plan_arg(args.plan)
+    from autopar.models.spec import load_model
+
     loaded = load_model(args.model, seq=args.seq)
     graph = loaded.trace(batch=1)
     plan = autopar.plan(

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from autopar.core.ir import OpGraph, OpNode
 from autopar.core.plan import NodePlacement, Partial, Plan, Shard
-from autopar.sharding import ShardingGraph, megatron_placements
+from autopar.sharding import Normalized, ShardingGraph, functionalize, megatron_placements
 from autopar.sharding.layout import choose, planned_collectives
 from autopar.sharding.reshard import BACKWARD_OF
 from autopar.tracing.collapse import first_blocks_module
@@ -82,27 +82,66 @@ def layout_comms(graph: OpGraph, tp: int, sp: bool) -> dict[str, list[CommWork]]
     return cached(graph, ("layout_comms", tp, sp), lambda: _derive_layout_comms(graph, tp, sp))
 
 
+def _normalized(graph: OpGraph, *, collapsed: bool) -> Normalized | None:
+    """The functionalised fx module the layout is derived on (tp-independent, so derived once per
+    graph): the collapsed one (stem, first block instances, head) for the default placements, the
+    whole graph for a plan's own placements (which may differ between instances)."""
+
+    def make() -> Normalized | None:
+        gm = first_blocks_module(graph) if collapsed else graph.gm
+        return None if gm is None else functionalize(gm)
+
+    return cached(graph, ("normalized", collapsed), make)
+
+
+def _block_uniform(graph: OpGraph, placements: dict[str, NodePlacement]) -> bool:
+    """Whether every later instance of a block is placed like the first (what the planner's
+    placements are, by :func:`autopar.solve.intra_op.expand_placements`)."""
+
+    def key(p: NodePlacement | None) -> tuple | None:
+        return None if p is None else (p.output, p.collective, list(p.params.values()))
+
+    for bt in graph.block_types.values():
+        first = bt.node_names[0] if bt.node_names else []
+        for names in bt.node_names[1:]:
+            if any(key(placements.get(n)) != key(placements.get(t)) for n, t in zip(names, first)):
+                return False
+    return True
+
+
 def _derive_layout_comms(
     graph: OpGraph, tp: int, sp: bool, placements: dict[str, NodePlacement] | None = None
 ) -> dict[str, list[CommWork]] | None:
-    gm = first_blocks_module(graph) if placements is None else graph.gm
-    if gm is None:
+    collapsed = placements is None or _block_uniform(graph, placements)
+    norm = _normalized(graph, collapsed=collapsed)
+    if norm is None:
         return None
-    sg = ShardingGraph(gm, tp)
-    choices, params = choose(sg, placements or megatron_placements(sg, tp, sp))
+    sg = ShardingGraph(norm.gm, tp, normalized=norm)
+    if placements is None:
+        placements = megatron_placements(sg, tp, sp)
+    elif collapsed:  # the first instances stand for the rest: their placements are the same
+        kept = {n.name for n in sg.nodes}
+        placements = {k: v for k, v in placements.items() if k in kept}
+    choices, params = choose(sg, placements)
     out: dict[str, list[CommWork]] = defaultdict(list)
     for j, c in enumerate(planned_collectives(sg, choices, params)):
         name = f"{c.at}:{c.kind}:{c.phase}:{j}"
         out[c.at].append(CommWork(name=name, collective=c.kind, nbytes=float(c.nbytes), phase=c.phase))
+    if collapsed:
+        _copy_to_instances(graph, out)
+    return out
+
+
+def _copy_to_instances(graph: OpGraph, comms: dict[str, list[CommWork]]) -> None:
+    """Later block instances get the collectives of their twin in the first instance."""
     for bt in graph.block_types.values():
         first = bt.node_names[0] if bt.node_names else []
         for names in bt.node_names[1:]:
             for name, twin in zip(names, first):
-                if twin in out and name not in out:
-                    out[name] = [
-                        dataclasses.replace(w, name=w.name.replace(twin, name, 1)) for w in out[twin]
+                if twin in comms and name not in comms:
+                    comms[name] = [
+                        dataclasses.replace(w, name=w.name.replace(twin, name, 1)) for w in comms[twin]
                     ]
-    return out
 
 
 def megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:

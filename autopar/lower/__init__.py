@@ -4,7 +4,9 @@ Public API (everything else in the package is internal to the lowering):
 
 * :func:`lower_tensor_parallel` -> :class:`LoweredModule` (the rank's graph module, its
   :class:`ShardSpec` per parameter, the generated code); :func:`chosen_strategies` (which strategy
-  each node runs, :mod:`autopar.lower.choose`).
+  each node runs, decided by :mod:`autopar.sharding.layout`);
+  :func:`autopar.lower.tensor_parallel.collective_volume` (the bytes per collective and phase the
+  program moves, what the estimator must cost).
 * :func:`autopar.lower.program.build_program` -> :class:`~autopar.lower.program.RankProgram`: one
   rank's whole program (tensor-parallel lowering, pipeline segments and stages,
   :class:`~autopar.lower.stages.StageModule`), what ``autopar.compile`` runs and ``rank_code`` shows.

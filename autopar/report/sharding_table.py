@@ -1,7 +1,7 @@
 """The per-layer sharding table: which op is split how along ``tp`` and which collectives the
 lowering inserts before it (resharding an input) and after it (resolving its result).
 
-The strategies are the lowering's own (:func:`autopar.lower.choose.choose`), run on the graph with
+The strategies are the lowering's own (:func:`autopar.sharding.layout.choose`), run on the graph with
 later block instances removed (:mod:`autopar.tracing.collapse`): the stem, one instance of each
 block type and the head.
 """
@@ -60,7 +60,7 @@ def collectives(gm: GraphModule, tp: int, placements: dict) -> tuple[dict[str, l
     """Per node name: the collectives on its inputs (``before``: ``(kind, producer, shared_with)``)
     and on its result (``after``), as the lowering inserts them. The lowering converts a producer
     to a placement once for all its consumers, so later consumers name the first (``shared_with``)."""
-    from autopar.lower.choose import choose
+    from autopar.sharding.layout import choose
     from autopar.sharding import ShardingGraph
     from autopar.sharding.reshard import reshard_kind
 

@@ -8,6 +8,11 @@ Public API:
 * :func:`megatron_placements`: the default plan's placements, derived from the same rules.
 * :func:`reshard_kind` / :func:`reshard_bytes`: the collective between two placements;
   :data:`autopar.sharding.reshard.BACKWARD_OF`: THE forward collective -> backward collective table.
+* :mod:`autopar.sharding.layout`: the one tensor-parallel layout of a plan —
+  :func:`~autopar.sharding.layout.choose` (the strategy each node runs given the placements),
+  :func:`~autopar.sharding.layout.planned_collectives` (every collective that implies, forward and
+  backward, with bytes) and :func:`~autopar.sharding.layout.issued`; the lowering emits it, the
+  estimator costs it.
 * :func:`functionalize` -> :class:`Normalized`: the graph with leaf modules in functional form.
 * :mod:`autopar.sharding.ops`: the canonical view of a node (:class:`~autopar.sharding.ops.OpCall`,
   :func:`~autopar.sharding.ops.parse`) and the rule families' name sets, derived from the one op

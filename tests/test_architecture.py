@@ -8,6 +8,7 @@ local imports included, so an import hidden in a function body to dodge a cycle 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -69,10 +70,16 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+@functools.cache
+def _tree(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+@functools.cache
 def imports(module: str, path: Path) -> list[tuple[str, str, int]]:
     """(imported module, imported name or '', line) for every import in the file, at any depth."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             out += [(a.name, "", node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -154,7 +161,7 @@ def test_no_private_name_crosses_a_module(folder):
     bad = []
     for path in sorted((ROOT / folder).rglob("*.py")):
         module = _module_name(path) if folder in ("autopar", "cost_models") else ""
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = _tree(path)
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue

@@ -26,10 +26,10 @@ from torch import nn
 from autopar.core.errors import PlanError
 from autopar.core.plan import NodePlacement, Partial, Plan, Replicate, Shard
 from autopar.lower import ShardSpec, lower_tensor_parallel
-from autopar.lower.collectives import LOWERED, TPContext
+from autopar.lower.collectives import COLLECTIVES, ISSUES, LOWERED, TPContext
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.sharding import ShardingGraph, reshard_kind
-from autopar.sharding.reshard import BACKWARD_OF, COMMUNICATING
+from autopar.sharding.reshard import BACKWARD_OF
 from autopar.sharding.rules import NO_PLACEMENT
 from autopar.testing.dist import run_ranks
 from autopar.tracing import fx_trace
@@ -236,8 +236,8 @@ def _rank_runtime_dropout() -> tuple:
 
 
 @pytest.mark.multiproc
-def test_runtime_counter_dropout_gets_its_shard_and_matches_unsharded():
-    for rank, (single, sharded, shards) in enumerate(run_ranks(_rank_runtime_dropout, 2)):
+def test_runtime_counter_dropout_gets_its_shard_and_matches_unsharded(dropout_and_pairs):
+    for rank, ((single, sharded, shards), _) in enumerate(dropout_and_pairs):
         assert sharded == pytest.approx(single, rel=RTOL, abs=ATOL)
         assert (1, rank, 2) in shards, "sequence-parallel dropouts must know their shard"
 
@@ -291,11 +291,13 @@ def _spy_on_collectives(log: list[str]):
 
 
 def _rank_collective_pairs() -> dict:
-    """Forward and backward of every LOWERED function on 2 ranks, with the collectives each issued."""
+    """Forward and backward of every collective function the lowering emits, on 2 ranks, with the
+    collectives each issued."""
     rank = dist.get_rank()
     tp = TPContext(dist.group.WORLD, rank, 2)
     out = {}
-    for kind, fn in LOWERED.items():
+    for name in ISSUES:
+        fn = COLLECTIVES[name]
         torch.manual_seed(rank)
         x = torch.randn(4, 6, requires_grad=True)
         forward, backward = [], []
@@ -303,23 +305,40 @@ def _rank_collective_pairs() -> dict:
             y = fn(x, tp) if "dim" not in inspect.signature(fn).parameters else fn(x, 1, tp)
         with _spy_on_collectives(backward):
             y.backward(torch.ones_like(y))
-        out[kind] = dict(forward=forward, backward=backward, grad_shape=tuple(x.grad.shape))
+        out[name] = dict(forward=forward, backward=backward, grad_shape=tuple(x.grad.shape))
     return out
 
 
+def _rank_dropout_and_pairs() -> tuple:
+    return _rank_runtime_dropout(), _rank_collective_pairs()
+
+
+@pytest.fixture(scope="module")
+def dropout_and_pairs():
+    """One launch for both tests below (process start dominates on this machine)."""
+    return run_ranks(_rank_dropout_and_pairs, 2)
+
+
 @pytest.mark.multiproc
-def test_lowered_collectives_run_the_backward_that_backward_of_names():
-    """The one collective-pair table: each lowered resharding's backward issues exactly the
-    collective :data:`autopar.sharding.reshard.BACKWARD_OF` names (None: no collective), on real
-    gloo ranks, with the real torch.distributed functions spied on."""
-    for rank, results in enumerate(run_ranks(_rank_collective_pairs, 2)):
-        assert set(results) == set(LOWERED)
-        for kind, r in results.items():
-            want_forward = [kind] if kind in COMMUNICATING else []
-            want_backward = [BACKWARD_OF[kind]] if BACKWARD_OF[kind] is not None else []
-            assert r["forward"] == want_forward, f"rank {rank} {kind}: forward issued {r['forward']}"
-            assert r["backward"] == want_backward, f"rank {rank} {kind}: backward issued {r['backward']}"
-            assert r["grad_shape"] == (4, 6), f"rank {rank} {kind}"
+def test_lowered_collectives_run_the_backward_that_backward_of_names(dropout_and_pairs):
+    """The one collective-pair table: each function the lowering emits issues, forward and
+    backward, exactly the collectives :data:`autopar.lower.collectives.ISSUES` names (read from
+    :data:`autopar.sharding.reshard.BACKWARD_OF`; None: no collective), on real gloo ranks, with the
+    real torch.distributed functions spied on."""
+    assert {ISSUES[fn.__name__] for fn in LOWERED.values()} == {
+        (None if kind == "split" else kind, BACKWARD_OF[kind]) for kind in LOWERED
+    }
+    for rank, (_, results) in enumerate(dropout_and_pairs):
+        assert set(results) == set(ISSUES)
+        for name, r in results.items():
+            fwd, bwd = ISSUES[name]
+            assert r["forward"] == ([fwd] if fwd else []), (
+                f"rank {rank} {name}: forward issued {r['forward']}"
+            )
+            assert r["backward"] == ([bwd] if bwd else []), (
+                f"rank {rank} {name}: backward issued {r['backward']}"
+            )
+            assert r["grad_shape"] == (4, 6), f"rank {rank} {name}"
 
 
 # ------------------------------------------------------------------------------ dry lowering

@@ -60,8 +60,8 @@ def collectives(gm: GraphModule, tp: int, placements: dict) -> tuple[dict[str, l
     """Per node name: the collectives on its inputs (``before``: ``(kind, producer, shared_with)``)
     and on its result (``after``), as the lowering inserts them. The lowering converts a producer
     to a placement once for all its consumers, so later consumers name the first (``shared_with``)."""
-    from autopar.sharding.layout import choose
     from autopar.sharding import ShardingGraph
+    from autopar.sharding.layout import choose
     from autopar.sharding.reshard import reshard_kind
 
     sg = ShardingGraph(gm, tp)

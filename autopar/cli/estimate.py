@@ -60,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
 
-    cluster = Cluster.parse(args.cluster)  # before torch is imported: a bad cluster fails fast
-    from autopar.models.spec import graph_layers, load_model
-
-    loaded = load_model(args.model, seq=args.seq)
+    # Before torch is imported and the model built: a bad cluster or plan key fails fast.
+    cluster = Cluster.parse(args.cluster)
     plan, keys = _plan_file(args.plan), {}
     if plan is None:
         keys = parse_plan_arg(args.plan)
+    from autopar.models.spec import graph_layers, load_model
+
+    loaded = load_model(args.model, seq=args.seq)
     chosen = [] if plan is not None else [k for k in PLAN_KEYS if k not in keys]
     graph = None
     if loaded.num_layers is None:  # a user model without a config: count its blocks in the graph

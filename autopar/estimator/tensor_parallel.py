@@ -16,6 +16,7 @@ from autopar.sharding import Normalized, ShardingGraph, functionalize, megatron_
 from autopar.sharding.layout import choose, planned_collectives
 from autopar.sharding.reshard import BACKWARD_OF
 from autopar.tracing.collapse import first_blocks_module
+from autopar.tracing.wrap import MODEL_PREFIX
 from cost_models import CommWork
 
 T = TypeVar("T")
@@ -275,7 +276,8 @@ def _linear_role(graph: OpGraph, n: OpNode, params: dict) -> str:
     """``column`` when the weight is split by output features (dim 0), ``row`` by input features."""
     for name in n.param_names:
         shape = graph.params.get(name, {}).get("shape", [])
-        p = params.get(name)
+        # Placements name parameters as the model does or as the traced wrapper does (``model.``).
+        p = params.get(name, params.get(MODEL_PREFIX + name))
         if len(shape) == 2 and isinstance(p, Shard):
             return "column" if p.dim in (0, -2) else "row"
     return ""

@@ -22,6 +22,7 @@ import autopar
 from autopar import Cluster
 from autopar.core.errors import InfeasibleError, PlanError
 from autopar.core.plan import Plan
+from autopar.core.plan_rules import plan_keys
 from autopar.core.progress import Progress
 from autopar.estimator import estimate, workload
 from autopar.models import GPTConfig
@@ -174,18 +175,8 @@ def check_against_oracle(shape, cluster_name, global_batch, mode="train", fixed=
         assert with_ilp.predicted.step_time_s <= best_s * (1 + 1e-9), where
 
 
-def _key(plan: Plan, key: str):
-    return {
-        "dp": plan.dp,
-        "tp": plan.tp,
-        "pp": plan.pp,
-        "mbs": plan.micro_batch_size,
-        "vpp": plan.virtual_stages,
-        "schedule": plan.schedule,
-        "recompute": plan.recompute,
-        "sp": int(plan.sequence_parallel),
-        "zero": plan.zero_stage,
-    }[key]
+def _key(plan: Plan, key: str) -> object:
+    return plan_keys(plan)[key]
 
 
 # ------------------------------------------------------------------------------ optimality

@@ -31,10 +31,11 @@ from autopar.cluster import Cluster
 from autopar.core.errors import PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
+from autopar.lower import batchnorm as batchnorm_module
 from autopar.lower import rng
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
-from autopar.runtime.engines import apply_ddp, apply_fsdp, apply_recompute
+from autopar.runtime.engines import apply_data_parallel, apply_recompute, build_optimizer
 from autopar.runtime.failure import FailureReporter, guard
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
@@ -75,6 +76,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
     num_targets: int | None = None,
     seed: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    batchnorm: str = "sync",
 ) -> ParallelModule:
     """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
 
@@ -82,7 +84,10 @@ def compile(  # noqa: A001 - the public name autopar.compile
 
     ``optimizer``: ``callable(params) -> torch.optim.Optimizer`` (default AdamW, lr 1e-3), applied
     to this rank's parameters. ``seed`` seeds dropout masks (:mod:`autopar.lower.rng`).
-    ``timeout_s`` is the timeout of every process group.
+    ``timeout_s`` is the timeout of every process group. ``batchnorm``: ``"sync"`` (train-mode
+    BatchNorm normalises with the whole global batch's statistics, as on one device; needs one
+    micro-batch per data-parallel replica) or ``"local"`` (per replica and micro-batch, with a
+    warning); see :mod:`autopar.lower.batchnorm`.
     """
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
@@ -116,6 +121,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
         num_targets=num_targets,
         seed=seed,
         timeout_s=timeout_s,
+        batchnorm=batchnorm,
     )
 
 
@@ -148,6 +154,7 @@ def _plan(
             mode=mode,
             example_inputs=args,
             loss_fn=loss_fn if mode == "train" else None,
+            num_targets=len(targets) if mode == "train" else None,
             progress=False,
         )
         box[0] = chosen.to_json()
@@ -173,6 +180,7 @@ class ParallelModule:
         num_targets: int | None,
         seed: int,
         timeout_s: float,
+        batchnorm: str = "sync",
     ) -> None:
         self.plan = plan
         self.cluster = cluster
@@ -199,6 +207,8 @@ class ParallelModule:
         self.input_names: list[str] = list(info["input_names"])
         self.target_names: list[str] = list(info["target_names"]) if self._train else []
         self._has_sample_ids = replace_dropout(self._gm, train=self._train, seed=seed)
+        self.batchnorm = batchnorm
+        batchnorm_module.check_plan(self._gm, plan, batchnorm)
         self._key_to_traced = self._map_state_keys()
         self._optimizer_fn = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self._step = 0
@@ -212,12 +222,15 @@ class ParallelModule:
 
     # ------------------------------------------------------------------------------ building
     def _map_state_keys(self) -> dict[str, str]:
-        """Original state-dict key of every parameter -> its name in the traced graph."""
+        """Original state-dict key of every parameter and buffer -> its name in the traced graph."""
         by_id = {id(p): n for n, p in self._gm.named_parameters()}
-        names = set(by_id.values())
+        buffers = {id(b): n for n, b in self._gm.named_buffers()}
+        names = set(by_id.values()) | set(buffers.values())
         out = {}
         for key, value in self._model.state_dict(keep_vars=True).items():
             if not isinstance(value, nn.Parameter):
+                if id(value) in buffers or MODEL_PREFIX + key in names:  # BatchNorm statistics
+                    out[key] = buffers.get(id(value), MODEL_PREFIX + key)
                 continue
             if id(value) in by_id:
                 out[key] = by_id[id(value)]
@@ -236,14 +249,19 @@ class ParallelModule:
     def _build(self, rank: int) -> None:
         tp_group = self._groups.group("tp") if self._groups else None
         prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=tp_group)
+        self._sync_batch_norm(prog, self._groups.group("dp") if self._groups else None)
+        self._buffer_slots = batchnorm_module.buffer_slots(prog)
         self._check_ties(prog)
         self.device = _device()
-        if self.plan.recompute == "selective" and self._train:
-            log.warning("recompute=selective runs as full recompute (whole blocks are checkpointed)")
         modules = [self._wrap(stage.to(self.device), prog) for stage in prog.stages]
         self._program, self._module = prog, modules[0]
         params = list({id(p): p for mod in modules for p in mod.parameters()}.values())
-        self._optimizer = self._optimizer_fn(params) if self._train else None
+        dp_group = self._groups.group("dp") if self._groups and self.plan.dp > 1 else None
+        self._optimizer = (
+            build_optimizer(self._optimizer_fn, params, self.plan.zero_stage, dp_group)
+            if self._train
+            else None
+        )
         self._pipeline = None
         self._events = Events(prog.stage.spec.index)
         if self.plan.pp > 1:
@@ -254,27 +272,34 @@ class ParallelModule:
                 modules, specs, self._groups, self.device, self.plan.schedule, self.plan.num_micro_batches
             )
 
+    def _sync_batch_norm(self, prog: RankProgram, dp_group: dist.ProcessGroup | None) -> None:
+        """Train-mode BatchNorm over the dp group (``batchnorm="sync"``), see lower/batchnorm.py."""
+        size = self.plan.dp if self.batchnorm == "sync" else 1
+        stats = batchnorm_module.DPStats(dp_group, size)
+        batchnorm_module.apply(prog.stages, stats, always=self._train and self.plan.recompute != "none")
+
     def _wrap(self, stage: nn.Module, prog: RankProgram) -> nn.Module:
-        """Recompute, then DDP or FSDP on the dp group (training only)."""
+        """Recompute, then the dp engine of the ZeRO stage (training only; see runtime/engines.py)."""
         if not self._train:
             return stage
-        if self.plan.recompute != "none":
-            apply_recompute(stage, prog.block_segments)
+        apply_recompute(stage, prog.block_segments, self.plan.recompute)
         if self.plan.dp == 1:
             return stage
         dp_group = self._groups.group("dp")
-        if self.plan.zero_stage > 0:
-            return apply_fsdp(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
-        return apply_ddp(stage, dp_group, self.device)
+        return apply_data_parallel(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
 
     def _check_ties(self, prog: RankProgram) -> None:
-        last = len(prog.params_by_stage) - 1
+        """Weights held by several pipeline stages (tied embeddings; T5's shared embedding, read by
+        the encoder, the decoder and the head) get their gradients summed in
+        :meth:`_sync_tied_grads`; under ZeRO only the first and last stage may share one."""
+        last = self.plan.pp - 1
         for name in prog.tied_names():
-            holders = [s for s, names in enumerate(prog.params_by_stage) if name in names]
-            if holders != [0, last]:
+            holders = prog.tie_ranks(name)
+            if self.plan.zero_stage > 0 and len(holders) > 1 and holders != [0, last]:
                 raise PlanError(
-                    f"parameter {name} is shared by pipeline stages {holders}; only the first and the "
-                    "last stage may share a parameter (tied embeddings). Move the blocks with layer_stages"
+                    f"parameter {name} is shared by pipeline ranks {holders}; with ZeRO (zero_stage="
+                    f"{self.plan.zero_stage}) only the first and the last stage may share a parameter "
+                    "(tied embeddings). Move the blocks with layer_stages, or use zero_stage=0"
                 )
 
     # ------------------------------------------------------------------------------ running
@@ -326,15 +351,33 @@ class ParallelModule:
         return self._global_loss(losses)
 
     def _sync_tied_grads(self) -> None:
-        tied = self._program.tied_names()
+        """Sum the gradients of weights held by several pipeline ranks. The usual pair (first and
+        last rank: embedding and head) sums over the tie group; a middle rank holds neither and
+        does nothing (its ``group("tie")`` is None, which would mean the whole world). Any other
+        set of holders sums over the whole pipeline group, the ranks without the weight adding
+        zeros of its shape."""
+        prog = self._program
+        tied = prog.tied_names()
         if not tied or self._groups is None:
             return
-        group = self._groups.group("tie")
-        by_name = {s.full_name: s for s in self._program.slots}
-        for name in tied:
-            g = by_name[name].tensor().grad
-            local = g.to_local() if hasattr(g, "to_local") else g
-            dist.all_reduce(local, group=group)
+        last, me = self.plan.pp - 1, prog.coords.get("pp", 0)
+        by_name = {s.full_name: s for s in prog.slots}
+        for name in tied:  # the same order and the same choices on every rank
+            holders = prog.tie_ranks(name)
+            if len(holders) < 2:
+                continue  # virtual stages of one rank share one tensor
+            pair = holders == [0, last]  # decided from the plan alone: alike on every rank
+            if pair and me not in holders:
+                continue
+            if name in by_name:
+                param = by_name[name].tensor()
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                g = param.grad
+                buf = g.to_local() if hasattr(g, "to_local") else g
+            else:
+                buf = torch.zeros_like(prog.local_param(name), device=self.device)
+            dist.all_reduce(buf, group=self._groups.group("tie" if pair else "pp"))
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         value = torch.stack(losses).mean() if losses else torch.zeros(())
@@ -384,7 +427,8 @@ class ParallelModule:
     def _full(self, grads: bool) -> dict[str, torch.Tensor]:
         self._require_runtime()
         with guard(self._reporter, "gathering the full state", self.timeout_s):
-            traced = gather_full(self._program.slots, self._groups, grads=grads)
+            slots = self._program.slots if grads else self._program.slots + self._buffer_slots
+            traced = gather_full(slots, self._groups, grads=grads)
         return {key: traced[name] for key, name in self._key_to_traced.items() if name in traced}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -407,6 +451,7 @@ class ParallelModule:
                 traced.setdefault(name, state[key])
         with guard(self._reporter, "load_state_dict", self.timeout_s):
             scatter_full(self._program.slots, traced)
+            scatter_full([s for s in self._buffer_slots if s.full_name in traced], traced)
 
     # ------------------------------------------------------------------------------ measurements
     def measured(self) -> dict:
@@ -455,6 +500,7 @@ class ParallelModule:
         if not 0 <= rank < self.plan.world_size:
             raise PlanError(f"rank {rank} is outside 0..{self.plan.world_size - 1}")
         prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=None)
+        self._sync_batch_norm(prog, None)
         return render(prog, self.plan, train=self._train, has_sample_ids=self._has_sample_ids)
 
     @property

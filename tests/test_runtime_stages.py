@@ -11,7 +11,7 @@ import torch
 from autopar import Plan
 from autopar.core.errors import PlanError
 from autopar.lower.program import build_program
-from autopar.lower.segments import find_blocks, split_segments, stage_of_segments
+from autopar.lower.segments import find_units, split_segments, stage_of_segments
 from autopar.lower.stages import build_stage
 from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.testing.equivalence import MLPNet, hf_case
@@ -26,14 +26,14 @@ def _gpt(layers=3):
     return model, fx_trace(model, (tokens, targets), loss_fn=gpt_loss), tokens, targets
 
 
-def test_blocks_are_the_longest_indexed_module_list():
+def test_units_are_the_indexed_module_instances_or_the_children():
     _, gm, *_ = _gpt(layers=3)
-    blocks = find_blocks(gm)
-    assert (blocks.prefix, blocks.count) == ("model.layers", 3)
+    assert find_units(gm).prefixes == ("layers.0", "layers.1", "layers.2")
     x = torch.randn(2, 8)
-    assert find_blocks(fx_trace(MLPNet(), (x,))).count == 2
-    # Indexed children of different types are not repeated blocks.
-    assert find_blocks(fx_trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), (x,))) is None
+    assert find_units(fx_trace(MLPNet(), (x,))).count == 2
+    # Indexed children of different types are units too (a Sequential's layers).
+    seq = fx_trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), (x,))
+    assert find_units(seq).prefixes == ("0", "1")
 
 
 def test_stages_run_in_sequence_equal_the_whole_graph():
@@ -43,7 +43,7 @@ def test_stages_run_in_sequence_equal_the_whole_graph():
     expected_grads = {n: p.grad.clone() for n, p in gm.named_parameters()}
     for p in gm.parameters():
         p.grad = None
-    blocks = find_blocks(gm)
+    blocks = find_units(gm)
     split, n_segments = split_segments(gm, blocks)
     assert n_segments == 5  # stem, 3 blocks, head
     seg_stage = stage_of_segments(n_segments, blocks, [0, 1, 2])
@@ -84,8 +84,6 @@ def test_bad_stage_layouts_raise_plan_errors():
     with pytest.raises(PlanError, match="non-decreasing"):
         build_program(gm, Plan.manual(pp=2, global_batch=4, layer_stages=[1, 0]), 0, ["tokens"])
     x = torch.randn(4, 8)
-    flat = fx_trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), (x,))
-    with pytest.raises(PlanError, match="no repeated blocks"):
-        build_program(
-            flat, Plan.manual(pp=2, global_batch=4, micro_batch_size=1, layer_stages=[0, 1]), 0, ["input"]
-        )
+    one = fx_trace(torch.nn.Sequential(torch.nn.Linear(8, 8)), (x,))
+    with pytest.raises(PlanError, match="at least 2 pipeline units and this model has 1: 0"):
+        build_program(one, Plan.manual(pp=2, global_batch=4, micro_batch_size=1), 0, ["input"])

@@ -36,6 +36,12 @@ def explain_text(plan) -> str:
         lines.append("(hand-written plan: no search to explain)")
         return "\n".join(lines)
     st = plan.search["stats"]
+    tensor_parallel = plan.search.get("tensor_parallel")
+    if tensor_parallel:
+        lines.append(
+            f"tensor parallelism shards {100 * tensor_parallel['param_share']:.1f}% of the parameter elements"
+        )
+        lines += [f"  replicated (no sharding rule): {line}" for line in tensor_parallel["replicated"]]
     lines.append(
         f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
         f"by bounds, {st.get('screened', 0)} out of memory, {st['invalid']} invalid; "

@@ -315,18 +315,21 @@ class Plan:
         return rank_groups(self.mesh, axis)
 
     def stage_of_layers(self, num_layers: int) -> list[int]:
-        """Stage (virtual stage) of each block; the even split when ``layer_stages`` is None."""
+        """Stage (virtual stage) of each pipeline unit (a repeated block or, in a model without
+        indexed modules, a child module: :mod:`autopar.tracing.blocks`); the even split when
+        ``layer_stages`` is None."""
         if self.layer_stages is not None:
             if len(self.layer_stages) != num_layers:
                 raise PlanError(
                     f"layer_stages has {len(self.layer_stages)} entries but the model has "
-                    f"{num_layers} repeated blocks; give one stage per block"
+                    f"{num_layers} pipeline units (repeated blocks, or child modules); give one stage per unit"
                 )
             return list(self.layer_stages)
         n_stages = self.pp * self.virtual_stages
         if num_layers < n_stages:
             raise PlanError(
-                f"{num_layers} layers cannot fill pp*vpp={n_stages} stages; choose pp*vpp <= {num_layers}"
+                f"{num_layers} pipeline units (layers) cannot fill pp*vpp={n_stages} stages; "
+                f"choose pp*vpp <= {num_layers}"
             )
         base, extra = divmod(num_layers, n_stages)
         out = []

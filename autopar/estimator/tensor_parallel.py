@@ -13,6 +13,7 @@ from typing import TypeVar
 from autopar.core.ir import OpGraph, OpNode
 from autopar.core.plan import NodePlacement, Partial, Plan, Shard
 from autopar.sharding import Normalized, ShardingGraph, functionalize, megatron_placements
+from autopar.sharding.fallback import replicated_ops, sharded_param_share
 from autopar.sharding.layout import choose, planned_collectives
 from autopar.sharding.reshard import BACKWARD_OF
 from autopar.tracing.collapse import first_blocks_module
@@ -81,6 +82,34 @@ def layout_comms(graph: OpGraph, tp: int, sp: bool) -> dict[str, list[CommWork]]
     instance of each block type and the head, then copied to every later instance. None when the
     graph has no fx module (a hand-built OpGraph): the walk's own accounting is used then."""
     return cached(graph, ("layout_comms", tp, sp), lambda: _derive_layout_comms(graph, tp, sp))
+
+
+@dataclass(frozen=True)
+class TPCoverage:
+    """What the default layout at one ``tp`` shards, and what it leaves replicated for lack of a rule."""
+
+    param_share: float
+    """Share of the parameter elements sharded: 0.0 means tp buys nothing (the lowering refuses it)."""
+    replicated: tuple[str, ...]
+    """One line per op run replicated for lack of a rule (:class:`~autopar.sharding.fallback.ReplicatedOp`)."""
+
+
+def tp_coverage(graph: OpGraph, tp: int) -> TPCoverage | None:
+    """The default layout's coverage at ``tp`` (what the lowering will run), so the planner offers
+    only a ``tp`` that shards something and says what stays replicated. Derived on the stem, the
+    first instance of each block type and the head (later instances are placed like the first).
+    None when the graph has no fx module (a hand-built OpGraph)."""
+
+    def derive() -> TPCoverage | None:
+        norm = _normalized(graph, collapsed=True)
+        if norm is None:
+            return None
+        sg = ShardingGraph(norm.gm, tp, normalized=norm)
+        _, params = choose(sg, megatron_placements(sg, tp, False))
+        ops = replicated_ops(sg, params)
+        return TPCoverage(sharded_param_share(sg, params), tuple(str(o) for o in ops))
+
+    return cached(graph, ("tp_coverage", tp), derive)
 
 
 def _normalized(graph: OpGraph, *, collapsed: bool) -> Normalized | None:

@@ -21,7 +21,8 @@ from torch.distributed import ProcessGroup
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
-from autopar.lower.segments import Blocks, find_blocks, split_segments, stage_of_segments
+from autopar.lower.invariants import check_enabled, check_program, mutation_counts
+from autopar.lower.segments import Units, find_units, split_segments, stage_of_segments
 from autopar.lower.stages import StageModule, build_stage
 from autopar.lower.tensor_parallel import lower_tensor_parallel
 
@@ -66,7 +67,8 @@ class RankProgram:
     coords: dict[str, int]
     lowered: LoweredGraph
     split: torch.fx.GraphModule
-    blocks: Blocks | None
+    blocks: Units | None
+    """The pipeline units (the tracer's, :func:`autopar.lower.segments.find_units`); None: no cut."""
     stage_of_segment: list[int]
     stages: list[StageModule]
     """This rank's stages, in order: one, or ``vpp`` virtual stages ``pp_index + k*pp`` (interleaved)."""
@@ -83,6 +85,19 @@ class RankProgram:
     def block_segments(self) -> set[int]:
         return set(range(1, self.blocks.count + 1)) if self.blocks else set()
 
+    def tie_ranks(self, name: str) -> list[int]:
+        """The pipeline ranks whose stages hold parameter ``name`` (virtual stage ``v`` runs on
+        pipeline rank ``v % pp``), sorted."""
+        pp = len(self.params_by_stage) // len(self.stages)
+        return sorted({v % pp for v, names in enumerate(self.params_by_stage) if name in names})
+
+    def local_param(self, name: str) -> torch.Tensor:
+        """This rank's (tensor-parallel) shard of parameter ``name``, held by its stages or not:
+        its shape is what a rank without the weight contributes to a sum over the pipeline."""
+        full = self.lowered.gm.meta.get("autopar_full_names", {})
+        local = {full.get(n, n): p for n, p in self.lowered.gm.named_parameters()}
+        return local[name]
+
     def tied_names(self) -> list[str]:
         """Parameters held by more than one stage (tied embeddings): their gradients are summed."""
         seen: dict[str, int] = {}
@@ -98,14 +113,31 @@ def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group: Process
     if plan.tp == 1:
         return LoweredGraph(gm=gm, shards={}, code=gm.code)
     out = lower_tensor_parallel(gm, plan, tp_index, tp_group)
+    specs = {**out.shards, **out.buffer_shards}  # buffers split with their channels (BatchNorm)
     shards = {
         name: Shard(dim=spec.dim, num_shards=spec.num_shards, index=spec.index)
-        for name, spec in getattr(out, "shards", {}).items()
+        for name, spec in specs.items()
     }
-    full = {name: spec.full_name for name, spec in getattr(out, "shards", {}).items()}
+    full = {name: spec.full_name for name, spec in specs.items()}
     gm_out = out.gm
     gm_out.meta.setdefault("autopar_full_names", {}).update(full)
     return LoweredGraph(gm=gm_out, shards=shards, code=getattr(out, "code", gm_out.code))
+
+
+def _check_units(units: Units | None, plan: Plan, num_stages: int) -> None:
+    if num_stages == 1:
+        return
+    if units is None:
+        raise PlanError(
+            f"pp={plan.pp}: the traced graph has no modules to cut between (no indexed module list, "
+            "no child modules); use pp=1"
+        )
+    if units.count < num_stages:
+        raise PlanError(
+            f"pp*vpp={num_stages} stages need at least {num_stages} pipeline units and this model has "
+            f"{units.count}: {units.describe()} (a unit is never cut inside: a leaf module such as "
+            f"nn.LSTM is one); choose pp*vpp <= {units.count}"
+        )
 
 
 def build_program(
@@ -116,17 +148,14 @@ def build_program(
     tp_group: ProcessGroup | None = None,
 ) -> RankProgram:
     coords = plan.coords(rank)
+    mutations = mutation_counts(gm) if check_enabled() else None
     lowered = lower(gm, plan, coords.get("tp", 0), tp_group)
     full_names = lowered.gm.meta.get("autopar_full_names", {})
     local_params = dict(lowered.gm.named_parameters())
-    blocks = find_blocks(lowered.gm)
-    split, num_segments = split_segments(lowered.gm, blocks)
-    if plan.pp > 1 and blocks is None:
-        raise PlanError(
-            f"pp={plan.pp}: no repeated blocks (a ModuleList like `layers.<i>`) were found to cut the "
-            "graph at; use pp=1"
-        )
+    blocks = find_units(lowered.gm)
     num_stages = plan.pp * plan.virtual_stages
+    _check_units(blocks, plan, num_stages)
+    split, num_segments = split_segments(lowered.gm, blocks)
     layer_stages = plan.stage_of_layers(blocks.count) if blocks else []
     if layer_stages and max(layer_stages) >= num_stages:
         raise PlanError(f"layer_stages={layer_stages} names stages beyond pp*vpp={num_stages}")
@@ -134,6 +163,8 @@ def build_program(
     stages = [
         build_stage(split, stage_of_segment, num_stages, v, model_input_names) for v in range(num_stages)
     ]
+    if mutations is not None:
+        check_program(mutations, split, stages)
     by_id = {id(p): name for name, p in local_params.items()}
 
     def full(local: str) -> str:

@@ -304,11 +304,37 @@ def _emit_sdpa(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: d
     return rw.copy_node(node, mapped)
 
 
+def _set_arg(node: Node, at: int | str, value: Any) -> None:
+    if isinstance(at, int):
+        node.args = (*node.args[:at], value, *node.args[at + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, at: value}
+
+
+def _emit_conv(rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]) -> Node:
+    """Row-parallel / partial: the bias on rank 0 only; whole groups split: ``groups / tp`` each."""
+    new = _emit_biased_matmul(rw, node, call, choice, mapped)
+    if choice.strategy.name == "grouped":
+        _set_arg(new, call.args["groups_at"], call.args["groups"] // rw.tp)
+    return new
+
+
+def _emit_group_norm(
+    rw: Rewriter, node: Node, call: OpCall, choice: Choice, mapped: dict[Node, Node]
+) -> Node:
+    new = rw.copy_node(node, mapped)
+    if choice.strategy.name == "channel":
+        _set_arg(new, 1 if len(node.args) > 1 else "num_groups", call.args["groups"] // rw.tp)
+    return new
+
+
 _EMITTERS = {
     "reshape": _emit_reshape,
     "expand": _emit_reshape,
     "linear": _emit_biased_matmul,
     "addmm": _emit_biased_matmul,
+    "conv": _emit_conv,
+    "group_norm": _emit_group_norm,
     "embedding": _emit_embedding,
     "cross_entropy": _emit_cross_entropy,
     "reduction": _emit_mean_fix,

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _MASK32 = 0xFFFFFFFF
 _sample_ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sample_ids", default=None)
@@ -147,13 +151,140 @@ class DeterministicDropout(nn.Module):
         return dropout(x, ids, p=self.p, site=self.site, sample_shape=x.shape[1:], seed=self.seed)
 
 
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sample_ids: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    p: float,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    site: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` in training with ``dropout_p=p``, as explicit ops whose
+    dropout is :func:`dropout`: the fused kernel draws its mask from the process generator, per
+    local head and micro-batch. The compiler writes the same ops into the graph
+    (:func:`autopar.lower.passes.replace_dropout`); this is the one-device reference's form."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+    scores = query @ key.transpose(-2, -1)
+    scores = scores * attention_scale(query.size(-1), scale)
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    probs = dropout(probs, sample_ids, p=p, site=site, sample_shape=probs.shape[1:], seed=seed)
+    return probs @ value
+
+
+def attention_scale(head_dim: int, scale: float | None) -> float:
+    """SDPA's default scale ``1/sqrt(head_dim)``, one expression for the graph and the reference."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+"""``F.scaled_dot_product_attention``'s arguments in order."""
+
+
+def site_path(path: str, kind: str, index: int, in_dropout_module: bool) -> str:
+    """The site name of a dropout drawn at module ``path``: the path itself inside an
+    ``nn.Dropout``, else ``<path>:<kind><index>`` (``kind`` ``dropout`` for a functional dropout,
+    ``attention`` for SDPA's; ``index`` counts that kind's draws in the module, in call order)."""
+    return path if in_dropout_module else f"{path}:{kind}{index}"
+
+
+class _Sites:
+    """Eager side of the site names: the innermost running module and the draws made in it."""
+
+    def __init__(self, model: nn.Module, seed: int):
+        self.model, self.seed = model, seed
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.counts: dict[tuple[str, str], int] = {}
+        self.mode: _DeterministicMode | None = None
+
+    def enter(self, path: str, module: nn.Module, *_: Any) -> None:
+        if not self.stack:
+            self.counts.clear()
+            if self.model.training:
+                self.mode = _DeterministicMode(self)
+                self.mode.__enter__()
+        self.stack.append((path, module))
+
+    def exit(self, path: str, *_: Any) -> None:
+        if self.stack and self.stack[-1][0] == path:
+            self.stack.pop()
+        if not self.stack and self.mode is not None:
+            mode, self.mode = self.mode, None
+            mode.__exit__(None, None, None)
+
+    def next_site(self, kind: str) -> int:
+        path, module = self.stack[-1] if self.stack else ("", None)
+        n = self.counts.get((path, kind), 0)
+        self.counts[(path, kind)] = n + 1
+        return site_id(site_path(path, kind, n, isinstance(module, nn.Dropout)))
+
+
+def _require_ids() -> torch.Tensor:
+    ids = _sample_ids.get()
+    if ids is None:
+        raise RuntimeError("deterministic dropout needs sample ids: run inside rng.sample_ids(ids)")
+    return ids
+
+
+class _DeterministicMode(TorchFunctionMode):
+    """Functional dropouts and SDPA's ``dropout_p`` of a deterministic model, drawn by
+    :func:`dropout` (``nn.Dropout`` modules are replaced outright)."""
+
+    def __init__(self, sites: _Sites):
+        super().__init__()
+        self.sites = sites
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            bound = {**dict(zip(SDPA_ARGS, args)), **kwargs}
+            p = float(bound.pop("dropout_p", 0.0) or 0.0)
+            if p > 0.0:
+                q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+                site = self.sites.next_site("attention")
+                return attention(q, k, v, _require_ids(), p=p, site=site, seed=self.sites.seed, **bound)
+        elif func is F.dropout or func is torch.dropout:
+            names = ("input", "p", "training", "inplace") if func is F.dropout else ("input", "p", "train")
+            bound = {**dict(zip(names, args)), **kwargs}
+            p = float(bound.get("p", 0.5))
+            if bound.get("training", bound.get("train", True)) and p > 0.0 and not bound.get("inplace"):
+                x = bound["input"]
+                site = self.sites.next_site("dropout")
+                return dropout(
+                    x, _require_ids(), p=p, site=site, sample_shape=x.shape[1:], seed=self.sites.seed
+                )
+        return func(*args, **kwargs)
+
+
 def make_deterministic(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replace every ``nn.Dropout`` of ``model`` (in place) by :class:`DeterministicDropout`."""
+    """Make ``model`` (in place) draw the compiled graph's dropout masks: every ``nn.Dropout``
+    becomes :class:`DeterministicDropout`; functional dropouts and SDPA's ``dropout_p`` (as
+    :func:`attention`) draw from :func:`dropout` too while the model runs in training, named by the
+    innermost running module as the compiler names them (:func:`site_path`)."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Dropout:
                 path = f"{name}.{child_name}" if name else child_name
                 setattr(module, child_name, DeterministicDropout(child.p, site_id(path), seed))
+    sites = _Sites(model, seed)
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(functools.partial(sites.enter, name, module))
+        module.register_forward_hook(functools.partial(sites.exit, name), always_call=True)
     return model
 
 

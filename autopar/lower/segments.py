@@ -1,21 +1,28 @@
-"""Cut a model-with-loss fx graph into segments: the stem, one segment per repeated block, the head.
+"""Cut a model-with-loss fx graph into segments: the stem, one segment per pipeline unit, the head.
 
-Blocks are the repeated modules ``<prefix>.<i>`` (``model.layers.3``, ``model.transformer.h.3``),
-found from ``node.meta["nn_module_stack"]``: the indexed module list with the most entries. Segment
-ids: ``0`` = stem (everything before the first block), ``1..L`` = block ``i-1``, ``L+1`` = head
-(everything after the last block, the loss included). Pipeline stages are contiguous runs of
-segments (:mod:`autopar.lower.stages`), the stem with the first block's stage and the head with
-the last one, as ``Plan.stage_of_layers`` says.
+The units are the tracer's (:mod:`autopar.tracing.blocks`, stored on ``gm.meta["autopar"]["blocks"]``
+and on every node as ``node.meta["autopar_block"]``): the repeated blocks of any indexed module
+list in execution order (``layers.3``; ResNet's ``layer1.0 .. layer2.1``; T5's encoder blocks then
+its decoder blocks) or, without any, the model's top-level children (``fc1 .. fc5``; ``emb, lstm,
+head``). The planner counts and costs the same list (``OpGraph.block_order``), so a plan that names
+``L`` layers cuts here into ``L`` units. Segment ids: ``0`` = stem (everything before the first
+unit), ``1..L`` = unit ``i-1`` and the glue after it, ``L+1`` = head (everything after the last
+unit, the loss included). Pipeline stages are contiguous runs of segments
+(:mod:`autopar.lower.stages`), the stem with the first unit's stage and the head with the last
+one, as ``Plan.stage_of_layers`` says.
 
 Nodes that depend only on graph inputs (position ids, masks, rotary tables; no parameters, no
-randomness) are *rematerialised*: copied into every segment that reads them, so pipeline stages
-exchange only activations and every stage receives the graph inputs themselves.
+randomness, no mutation) are *rematerialised*: copied into every segment that reads them, so
+pipeline stages exchange only activations and every stage receives the graph inputs themselves.
+In-place ops and what they write (HF T5/BART build their decoder inputs with ``new_zeros``,
+``copy_`` into a slice, ``masked_fill_``) are never copied nor dropped: a copy would miss the write.
 
 The cut uses ``torch.fx.passes.split_module`` with the segment map as its callback (policy as data).
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -27,16 +34,24 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from autopar.core.errors import PlanError
-
-_INDEXED = re.compile(r"(?P<prefix>.+)\.(?P<index>\d+)")
+from autopar.tracing.blocks import find_blocks
+from autopar.tracing.wrap import MODEL_PREFIX
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """The repeated blocks of a graph: ``<prefix>.0`` .. ``<prefix>.<count-1>``."""
+class Units:
+    """The pipeline units of a graph, in execution order (module paths without the wrapper prefix)."""
 
-    prefix: str
-    count: int
+    prefixes: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.prefixes)
+
+    def describe(self) -> str:
+        """``emb, lstm, head`` (the first and last few when there are many)."""
+        names = list(self.prefixes)
+        return ", ".join(names if len(names) <= 8 else [*names[:3], "...", *names[-3:]])
 
 
 def _clean(path: object) -> str:
@@ -49,80 +64,144 @@ def module_paths(node: torch.fx.Node) -> list[str]:
     return [_clean(value[0] if isinstance(value, tuple) else value) for value in stack.values()]
 
 
-def find_blocks(gm: torch.fx.GraphModule) -> Blocks | None:
-    """The module list with the most indexed children of one module type seen in the graph, or None."""
-    seen: dict[str, dict[int, set]] = {}
-    for node in gm.graph.nodes:
-        for value in (node.meta.get("nn_module_stack") or {}).values():
-            path, kind = (value[0], value[1]) if isinstance(value, tuple) else (value, None)
-            m = _INDEXED.fullmatch(_clean(path))
-            if m:
-                seen.setdefault(m["prefix"], {}).setdefault(int(m["index"]), set()).add(str(kind))
-    candidates = []
-    for prefix, by_index in seen.items():
-        kinds = set().union(*by_index.values())
-        if set(by_index) == set(range(len(by_index))) and len(kinds) == 1:
-            candidates.append((len(by_index), -len(prefix), prefix))
-    if not candidates:
-        return None
-    count, _, prefix = max(candidates)
-    return Blocks(prefix=prefix, count=count)
+def find_units(gm: torch.fx.GraphModule) -> Units | None:
+    """The units the tracer stored on ``gm`` (derived the tracer's way for a graph that was not
+    made by :func:`autopar.tracing.fx_trace`); None when the graph has none."""
+    info = gm.meta.get("autopar")
+    if info is not None and "blocks" in info:
+        prefixes = tuple(b["prefix"] for b in info["blocks"])
+    else:
+        prefixes = tuple(b.prefix for b in find_blocks(gm))
+    return Units(prefixes) if prefixes else None
 
 
-def _block_index(node: torch.fx.Node, blocks: Blocks) -> int | None:
-    lead = blocks.prefix + "."
+def _unit_of(node: torch.fx.Node, units: Units, by_path: Mapping[str, int]) -> int | None:
+    block = node.meta.get("autopar_block")
+    if block is not None and 0 <= block[1] < units.count:
+        return int(block[1])
+    # Nodes a lowering pass added without the tracer's tag: by module path.
     for path in module_paths(node):
-        if path.startswith(lead):
-            head = path[len(lead) :].split(".", 1)[0]
-            if head.isdigit():
-                return int(head)
+        for cand in (path, path.removeprefix(MODEL_PREFIX)):
+            if cand in by_path:
+                return by_path[cand]
     return None
 
 
-def assign_segments(gm: torch.fx.GraphModule, blocks: Blocks | None) -> dict[torch.fx.Node, int]:
+def assign_segments(gm: torch.fx.GraphModule, units: Units | None) -> dict[torch.fx.Node, int]:
     """Segment of every non-placeholder node (see the module docstring)."""
     nodes = [n for n in gm.graph.nodes if n.op.startswith("call_")]
-    if blocks is None:
+    if units is None:
         return dict.fromkeys(nodes, 0)
-    seg: dict[torch.fx.Node, int] = {}
-    current = 0
+    by_path = {p: i for i, p in enumerate(units.prefixes)}
+    seg: dict[torch.fx.Node, int | None] = {}
     for node in nodes:
-        b = _block_index(node, blocks)
-        if b is not None:
-            current = b + 1
-            seg[node] = current
-        else:
-            seg[node] = current if current == 0 else None  # decided below
-    last_block_node = max((i for i, n in enumerate(nodes) if seg[n] not in (None, 0)), default=-1)
+        u = _unit_of(node, units, by_path)
+        seg[node] = None if u is None else u + 1
+    last_unit_node = max((i for i, n in enumerate(nodes) if seg[n] is not None), default=-1)
     for i, node in enumerate(nodes):
         if seg[node] is None:
-            # Between blocks: with the block before; after the last block: the head.
-            seg[node] = blocks.count + 1 if i > last_block_node else _previous_block(nodes, seg, i)
+            # Between units: with the unit before; before the first: the stem; after the last: the head.
+            seg[node] = units.count + 1 if i > last_unit_node else _previous_unit(nodes, seg, i)
     _fix_order(gm, seg)
     return seg
 
 
-def _previous_block(nodes: list[torch.fx.Node], seg: Mapping[torch.fx.Node, int | None], i: int) -> int:
+def _previous_unit(nodes: list[torch.fx.Node], seg: Mapping[torch.fx.Node, int | None], i: int) -> int:
     for j in range(i - 1, -1, -1):
         if seg[nodes[j]] is not None:
             return seg[nodes[j]]
     return 0
 
 
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.imatmul,
+}  # fmt: skip
+
+
+def is_mutation(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs: ``operator.setitem`` and the in-place
+    operators, methods and ops named ``..._`` (``masked_fill_``, ``copy_``), ATen ops whose schema
+    is mutable (``aten.index_put_``)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    if target in _INPLACE_OPERATORS:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = str(name).split(".")[0]
+    return name.endswith("_") and not name.startswith("_") and not name.endswith("__")
+
+
+_VIEW_NAMES = {
+    "view", "view_as", "reshape", "reshape_as", "getitem", "__getitem__", "slice", "select", "narrow",
+    "transpose", "permute", "t", "expand", "expand_as", "unsqueeze", "squeeze", "flatten",
+    "unflatten", "as_strided", "split", "chunk", "unbind", "diagonal", "movedim", "swapaxes",
+    "detach", "contiguous", "alias", "unfold", "split_with_sizes", "_unsafe_view",
+}  # fmt: skip
+
+
+def _aliases_first_input(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s output may share storage with its first input (a view, or an in-place
+    op returning what it wrote)."""
+    if is_mutation(node):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.returns) and schema.returns[0].alias_info is not None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return str(name) in _VIEW_NAMES
+
+
+def mutated_values(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """What mutation ``node`` writes: its first argument and, through views of views, the value
+    that argument views (a slice of a ``new_zeros`` writes the ``new_zeros``)."""
+    out = []
+    cur = node.args[0] if node.args else None
+    while isinstance(cur, torch.fx.Node):
+        out.append(cur)
+        if not (cur.op.startswith("call_") and cur.args and _aliases_first_input(cur)):
+            break
+        cur = cur.args[0]
+    return out
+
+
 def _fix_order(gm: torch.fx.GraphModule, seg: dict[torch.fx.Node, int]) -> None:
-    """Make every node's segment >= its inputs' (a hoisted or shared node must not create a cycle)."""
+    """Make every node's segment >= its inputs' (a hoisted or shared node must not create a cycle),
+    and a node that reads a mutated value after the write >= the write's segment (it must see it)."""
+    written: dict[torch.fx.Node, int] = {}
     for node in gm.graph.nodes:
         if node not in seg:
             continue
         inputs = [seg[a] for a in node.all_input_nodes if a in seg]
+        inputs += [written[a] for a in node.all_input_nodes if a in written]
         if inputs and max(inputs) > seg[node]:
             seg[node] = max(inputs)
+        if is_mutation(node):
+            for value in mutated_values(node):
+                written[value] = max(written.get(value, 0), seg[node])
 
 
-def _is_input_only(node: torch.fx.Node, gm: torch.fx.GraphModule, cache: dict) -> bool:
+def protected_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Mutations and the values they write: never rematerialised, never erased."""
+    out: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if is_mutation(node):
+            out.add(node)
+            out.update(mutated_values(node))
+    return out
+
+
+def _is_input_only(node: torch.fx.Node, gm: torch.fx.GraphModule, cache: dict, protected: set) -> bool:
     if node in cache:
         return cache[node]
-    if node.op == "placeholder":
+    if node in protected and node.op != "placeholder":
+        result = False
+    elif node.op == "placeholder":
         result = True
     elif node.op == "get_attr":
         attr = _get_attr(gm, node.target)
@@ -130,10 +209,10 @@ def _is_input_only(node: torch.fx.Node, gm: torch.fx.GraphModule, cache: dict) -
     elif node.op == "call_module":
         mod = gm.get_submodule(node.target)
         result = not any(True for _ in mod.parameters()) and "dropout" not in type(mod).__name__.lower()
-        result = result and all(_is_input_only(a, gm, cache) for a in node.all_input_nodes)
+        result = result and all(_is_input_only(a, gm, cache, protected) for a in node.all_input_nodes)
     elif node.op in ("call_function", "call_method"):
         result = not _is_random(node.target) and all(
-            _is_input_only(a, gm, cache) for a in node.all_input_nodes
+            _is_input_only(a, gm, cache, protected) for a in node.all_input_nodes
         )
     else:
         result = False
@@ -163,9 +242,10 @@ def _get_attr(gm: torch.nn.Module, target: str) -> Any:
 def rematerialise_inputs(gm: torch.fx.GraphModule, seg: dict[torch.fx.Node, int]) -> None:
     """Copy input-only nodes into each segment that reads them (in place, updates ``seg``)."""
     cache: dict = {}
+    protected = protected_nodes(gm)
     # Users before producers: a clone's inputs are then cloned into its segment in turn.
     for node in reversed(list(gm.graph.nodes)):
-        if node not in seg or node.op == "get_attr" or not _is_input_only(node, gm, cache):
+        if node not in seg or node.op == "get_attr" or not _is_input_only(node, gm, cache, protected):
             continue
         by_segment: dict[int, list[torch.fx.Node]] = {}
         for user in node.users:
@@ -195,10 +275,30 @@ def _order(gm: torch.fx.GraphModule) -> Callable[[torch.fx.Node], int]:
     return lambda n: index[n]
 
 
-def split_segments(gm: torch.fx.GraphModule, blocks: Blocks | None) -> tuple[torch.fx.GraphModule, int]:
+def copy_mutated_inputs(gm: torch.fx.GraphModule) -> list[str]:
+    """Graph inputs the model writes into (``labels.masked_fill_(...)``) are read through a copy
+    made once: every pipeline stage receives the graph inputs as they came, so a stage after the
+    write would read the unwritten input; the copy is an activation, sent with the write in it.
+    Returns the inputs copied."""
+    targets = {v for n in gm.graph.nodes if is_mutation(n) for v in mutated_values(n)}
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n in targets]
+    if not inputs:
+        return []
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in inputs:
+        with gm.graph.inserting_after(last):
+            copy = gm.graph.call_method("clone", (node,))
+        copy.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
+    gm.recompile()
+    return [str(n.target) for n in inputs]
+
+
+def split_segments(gm: torch.fx.GraphModule, units: Units | None) -> tuple[torch.fx.GraphModule, int]:
     """``split_module`` of ``gm`` into segment submodules ``submod_<segment>``; returns it and the
     number of segments."""
-    seg = assign_segments(gm, blocks)
+    copy_mutated_inputs(gm)
+    seg = assign_segments(gm, units)
     rematerialise_inputs(gm, seg)
     counts = Counter(seg.values())
     split = split_module(gm, gm, lambda n: seg[n], keep_original_order=True)
@@ -209,13 +309,13 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Blocks | None) -> tuple[tor
     return split, (max(counts) + 1 if counts else 1)
 
 
-def stage_of_segments(num_segments: int, blocks: Blocks | None, layer_stages: list[int]) -> list[int]:
-    """Stage of each segment: stem with the first block, head with the last."""
-    if blocks is None:
+def stage_of_segments(num_segments: int, units: Units | None, layer_stages: list[int]) -> list[int]:
+    """Stage of each segment: stem with the first unit, head with the last."""
+    if units is None:
         if max(layer_stages, default=0) > 0:
             raise PlanError(
-                "pipeline parallelism needs repeated blocks (a ModuleList like `layers.<i>`) to cut "
-                "at, and none was found in the traced graph; use pp=1"
+                "pipeline parallelism cuts between modules, and the traced graph has none to cut "
+                "between (no indexed module list, no child modules); use pp=1"
             )
         return [0] * num_segments
     if any(b < a for a, b in zip(layer_stages, layer_stages[1:])):

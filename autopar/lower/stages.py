@@ -7,9 +7,14 @@ segment submodules (``submod_<segment>``) in order, with the signature the pipel
     stage s:      forward(*activations, **side)   -> activations for stage s+1
     last stage:   forward(*activations, **side)   -> the graph output (the loss)
 
-``side`` holds every graph input (tokens, targets, sample ids); each stage takes the ones it reads,
-so targets go straight to the last stage and nothing but activations crosses stages. A value made
-on stage ``a`` and read on stage ``b > a + 1`` is passed through the stages in between.
+``side`` holds every graph input (tokens, targets, sample ids) by the model's argument name (the
+placeholder's ``target``: fx renames a placeholder ``input`` to ``input_1``, the argument stays
+``input``); each stage takes the ones it reads, so targets go straight to the last stage and
+nothing but activations crosses stages. A value made on stage ``a`` and read on stage ``b > a + 1``
+is passed through the stages in between (an encoder's output to every decoder stage).
+
+Every tensor crossing stages is contiguous: p2p sends need it (a permuted attention bias would
+fail in gloo), forward (the outputs) and backward (the gradients of the received inputs).
 """
 
 from __future__ import annotations
@@ -52,6 +57,32 @@ class StageSpec:
         return self.index == self.num_stages - 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (it is sent to the previous stage)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _received(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return _ContiguousGrad.apply(x)
+    return x
+
+
+def _to_send(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    if isinstance(out, tuple):
+        return tuple(_to_send(x) for x in out)
+    return out
+
+
 class StageModule(nn.Module):
     """Runs one stage: positional activations plus the graph inputs it needs by keyword."""
 
@@ -70,8 +101,12 @@ class StageModule(nn.Module):
         missing = [k for k in self.spec.side_names if k not in side]
         if missing:
             raise TypeError(f"stage {self.spec.index} needs the graph inputs {missing}")
+        if not self.spec.is_first:
+            args = tuple(_received(a) for a in args)
         out = self.gm(*args, **{k: side[k] for k in self.spec.side_names})
-        if self.flat_output and self.spec.is_last:
+        if not self.spec.is_last:
+            return _to_send(out)
+        if self.flat_output:
             return tuple(tree_flatten(out)[0]) if self.out_spec is None else tuple(out)
         if self.out_spec is not None:
             out = tree_unflatten(list(out), self.out_spec)
@@ -131,7 +166,7 @@ def build_stage(
     mine = [n for n in nodes if stage.get(n) == index]
     reads = {a for n in mine for a in n.all_input_nodes}
     if index == 0:
-        inputs = [p for p in placeholders if p.name in model_input_names]
+        inputs = [p for p in placeholders if str(p.target) in model_input_names]
     else:
         inputs = crossing(index)
     side = [p for p in placeholders if p in reads and p not in inputs]
@@ -141,7 +176,7 @@ def build_stage(
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in inputs + side:
         # Activations from the previous stage read as what they are: recv_<producer>.
-        env[n] = g.placeholder(f"recv_{n.name}" if index > 0 and n in inputs else n.name)
+        env[n] = g.placeholder(f"recv_{n.name}" if index > 0 and n in inputs else str(n.target))
         env[n].meta = dict(n.meta)
     for n in nodes:
         if (
@@ -167,7 +202,7 @@ def build_stage(
         num_stages=num_stages,
         segments=segments,
         input_names=[env[n].name for n in inputs],
-        side_names=[n.name for n in side],
+        side_names=[str(n.target) for n in side],
         output_names=[n.name for n in outputs],
     )
     out_spec = split.meta.get("out_spec") if spec.is_last else None

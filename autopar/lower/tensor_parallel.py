@@ -33,6 +33,13 @@ from autopar.lower import collectives as C
 from autopar.lower import parallel_ops as O
 from autopar.lower.choose import Choice, choose, predict_collectives
 from autopar.lower.rewrite import Rewriter
+from autopar.sharding.fallback import (
+    ReplicatedOp,
+    cannot_parallelise,
+    replicated_ops,
+    sharded_param_share,
+    total_param_elements,
+)
 from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.layout import collective_volume as _volume
 from autopar.sharding.layout import planned_collectives
@@ -111,6 +118,12 @@ class LoweredModule:
     notes: list[str] = field(default_factory=list)
     predicted_collectives: Counter = field(default_factory=Counter)
     """Collective calls per name that the placements imply (before any code is generated)."""
+    buffer_shards: dict[str, ShardSpec] = field(default_factory=dict)
+    """Buffers placed like parameters (BatchNorm running statistics): local name -> origin."""
+    replicated_ops: list[ReplicatedOp] = field(default_factory=list)
+    """Ops run replicated for lack of a sharding rule (:func:`autopar.sharding.fallback.replicated_ops`)."""
+    sharded_param_share: float = 1.0
+    """Share of the model's parameter elements this layout shards."""
 
     def collectives(self) -> Counter:
         """How many times each communicating function is called in the program."""
@@ -143,11 +156,12 @@ def _build_module(
     tp: int,
     rank: int,
     ctx: C.TPContext,
-) -> LoweredModule:
+) -> tuple[torch.fx.GraphModule, dict[str, ShardSpec], dict[str, ShardSpec]]:
     sg.gm.autopar_tp = ctx  # _copy_attr below copies it onto the new module
     gm = torch.fx.GraphModule(sg.gm, graph, type(sg.source).__name__)
     del sg.gm.autopar_tp
     shards: dict[str, ShardSpec] = {}
+    buffer_shards: dict[str, ShardSpec] = {}
     for node in graph.nodes:
         target = str(node.target)
         if node.op == "get_attr" and target in sg.params:
@@ -158,6 +172,12 @@ def _build_module(
             local = spec.slice(full.detach()).clone()
             _set_attr(gm, target, nn.Parameter(local, requires_grad=full.requires_grad))
             shards[target] = spec
+        elif node.op == "get_attr" and target in sg.state_buffers:
+            p = params.get(target)
+            dim = p.dim if isinstance(p, Shard) else None
+            spec = ShardSpec(target, dim, tp if dim is not None else 1, rank if dim is not None else 0)
+            _set_attr(gm, target, spec.slice(sg.state_buffers[target].detach()).clone())
+            buffer_shards[target] = spec
         elif node.op == "get_attr" and target in sg.norm.buffers:
             _set_attr(gm, target, sg.norm.buffers[target].detach().clone())
         elif node.op == "call_module":
@@ -165,7 +185,7 @@ def _build_module(
     for name, _ in gm.named_parameters():  # parameters of kept call_module submodules
         shards.setdefault(name, ShardSpec(name, None, 1, 0))
     _keep_buffer_persistence(sg.source, gm)
-    return gm, shards
+    return gm, shards, buffer_shards
 
 
 def _keep_buffer_persistence(source: nn.Module, gm: nn.Module) -> None:
@@ -213,11 +233,13 @@ def lower_tensor_parallel(
     sg = ShardingGraph(gm, tp)
     placements = plan.placements or megatron_placements(sg, tp, plan.sequence_parallel)
     choices, params = choose(sg, placements)
+    fallbacks, share = replicated_ops(sg, params), sharded_param_share(sg, params)
+    check_coverage(sg, fallbacks, share, warn=tp_rank == 0)
     rw = Rewriter(sg, choices, params, tp_rank)
     graph = rw.run()
     graph.lint()
     ctx = C.TPContext(tp_group, tp_rank, tp)
-    new_gm, shards = _build_module(sg, graph, params, tp, tp_rank, ctx)
+    new_gm, shards, buffer_shards = _build_module(sg, graph, params, tp, tp_rank, ctx)
     new_gm.meta = dict(getattr(gm, "meta", {}) or {})
     log.debug("lowered tp rank %d/%d: %d nodes", tp_rank, tp, len(graph.nodes))
     return LoweredModule(
@@ -228,7 +250,35 @@ def lower_tensor_parallel(
         placements=placements,
         notes=rw.notes,
         predicted_collectives=predict_collectives(sg, choices, params),
+        buffer_shards=buffer_shards,
+        replicated_ops=fallbacks,
+        sharded_param_share=share,
     )
+
+
+ALMOST_NOTHING = 0.05
+"""Below this share of parameter elements sharded, tp buys (almost) nothing: said so loudly."""
+
+
+def check_coverage(sg: ShardingGraph, fallbacks: list[ReplicatedOp], share: float, warn: bool = True) -> None:
+    """Never silent: warn naming every op replicated for lack of a rule; refuse a layout that
+    shards no parameter at all (tp would only add communication), suggesting dp or pp."""
+    if total_param_elements(sg) and share == 0.0:
+        raise PlanError(cannot_parallelise(sg, fallbacks))
+    if not warn:
+        return
+    if fallbacks:
+        lines = "\n  ".join(str(f) for f in fallbacks)
+        log.warning("tp=%d runs %d op(s) replicated (no sharding rule):\n  %s", sg.tp, len(fallbacks), lines)
+    if total_param_elements(sg) and share < ALMOST_NOTHING:
+        why = ", ".join(f"{f.op} ('{f.module}')" for f in fallbacks[:6]) or "no rule shards its weights"
+        log.warning(
+            "this model cannot be tensor-parallelised: tp=%d shards only %.2f %% of its parameter "
+            "elements (%s); dp or pp would use the devices better",
+            sg.tp,
+            100 * share,
+            why,
+        )
 
 
 def collective_volume(gm: torch.fx.GraphModule, plan: Plan) -> Counter:

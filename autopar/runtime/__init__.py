@@ -17,7 +17,10 @@ cheap):
   :class:`~autopar.runtime.pipeline.Events` (the measured timeline).
 * :mod:`autopar.runtime.schedule`: the schedules as action lists
   (:func:`~autopar.runtime.schedule.for_plan`).
-* :mod:`autopar.runtime.engines`: recompute, DDP and FSDP wrappers.
+* :mod:`autopar.runtime.engines`: the engine of each recompute value and ZeRO stage (DDP, ZeRO-1's
+  :class:`~autopar.runtime.engines.ShardedOptimizer`, FSDP2).
+* :mod:`autopar.runtime.recompute`: full and selective activation recompute (checkpointed block
+  segments, outlined attention-score regions).
 * :mod:`autopar.runtime.state`: full (unsharded) state dicts and gradients, gathered and scattered.
 * :mod:`autopar.runtime.rank_code`: :func:`~autopar.runtime.rank_code.render`, a rank's program as
   readable Python.

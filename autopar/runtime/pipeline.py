@@ -37,6 +37,19 @@ from autopar.runtime.schedule import runs_as
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """The module's buffers as they were before: the shape-inference forward is no training step,
+    so it must not advance BatchNorm's running statistics (one device runs one forward a step)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def _identity_loss(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     return output
 
@@ -151,7 +164,7 @@ class Pipeline:
         group = self.groups.group("pp")
         mb = split_micro_batches(tuple(inputs) + tuple(side.values()), self.m)[0]
         mb_side = dict(zip(side, mb[len(inputs) :]))
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_restored(module):
             if spec.is_first:
                 args = tuple(mb[: len(inputs)])
             else:

@@ -3,7 +3,9 @@
 Three parts: the rank's stage module (fx code of the stage and of each segment it runs, with the
 tensor-parallel collectives the lowering inserted), the step driver (this stage's pipeline actions
 with their sends and receives, in schedule order), and the gradient synchronisation
-(DDP all-reduce, FSDP all-gather / reduce-scatter, tied-weight all-reduce) and loss reduction.
+(DDP all-reduce; ZeRO-1 all-reduce, sharded step and parameter all-gather; ZeRO-2/3 FSDP
+all-gather / reduce-scatter; tied-weight all-reduce) and loss reduction. Recomputed code is
+marked: a checkpointed block segment (``full``), an outlined score region (``selective``).
 Collective calls are spelled ``dist.<collective>(...)`` so they can be counted.
 """
 
@@ -14,7 +16,9 @@ import textwrap
 from autopar.core.plan import Plan
 from autopar.lower.program import RankProgram
 from autopar.lower.stages import StageSpec
+from autopar.runtime.engines import apply_recompute
 from autopar.runtime.groups import describe_groups
+from autopar.runtime.recompute import region_modules
 from autopar.runtime.schedule import for_plan
 
 
@@ -28,7 +32,7 @@ def _segment_label(prog: RankProgram, seg: int) -> str:
     if seg == 0:
         return "stem"
     if seg <= prog.blocks.count:
-        return f"{prog.blocks.prefix}.{seg - 1}"
+        return prog.blocks.prefixes[seg - 1]
     return "head + loss"
 
 
@@ -64,7 +68,11 @@ def _stage_code(prog: RankProgram) -> list[str]:
                 continue
             inner = getattr(sub, "inner", sub)
             code = inner.code.replace("def forward(self", f"def submod_{seg}(self", 1)
-            lines += [f"    # segment {seg}: {_segment_label(prog, seg)}", _indent(code), ""]
+            note = "  (recompute=full: checkpointed)" if inner is not sub else ""
+            lines += [f"    # segment {seg}: {_segment_label(prog, seg)}{note}", _indent(code), ""]
+            for name, region in region_modules(inner).items():
+                code = region.code.replace("def forward(self", f"def {name}(self", 1)
+                lines += [f"    # {name}: recompute=selective, checkpointed", _indent(code), ""]
     return lines
 
 
@@ -118,36 +126,51 @@ class _A:
         return f"{self.stage}{self.kind}{self.micro_batch}"
 
 
+def _grad_sync_lines(prog: RankProgram, plan: Plan, dp: str) -> list[str]:
+    """The gradient collectives of each ZeRO stage, as ``runtime/engines.py`` runs them."""
+    if plan.zero_stage <= 1:
+        return [f"dist.all_reduce(grads, group={dp}, op=AVG)  # DDP buckets, last micro-batch"]
+    units = sum(len([s for s in st.spec.segments if s in prog.block_segments]) + 1 for st in prog.stages)
+    gather = "before forward" + (
+        " and again before backward" if plan.zero_stage == 3 else ", kept to backward"
+    )
+    return [
+        f"# ZeRO-{plan.zero_stage} (FSDP2 fully_shard, {units} units, "
+        f"reshard_after_forward={plan.zero_stage == 3}): per unit",
+        f"#   dist.all_gather(params, group={dp}) {gather}",
+        f"dist.reduce_scatter(grads, group={dp}, op=AVG)  # per unit, last micro-batch",
+        "optimizer.step()  # this rank's shards (optimizer state sharded too)",
+    ]
+
+
 def _sync_lines(prog: RankProgram, plan: Plan) -> list[str]:
     groups = describe_groups(plan, prog.rank)
-    lines = []
-    if plan.dp > 1:
-        dp = groups["dp"]
-        if plan.zero_stage > 0:
-            units = sum(
-                len([s for s in st.spec.segments if s in prog.block_segments]) + 1 for st in prog.stages
-            )
-            lines += [
-                f"# ZeRO-{plan.zero_stage} (FSDP2 fully_shard, {units} units): per unit and micro-batch",
-                f"#   dist.all_gather(params, group=dp{dp}) before forward"
-                + (" and again before backward" if plan.zero_stage >= 3 else ""),
-                f"dist.reduce_scatter(grads, group=dp{dp}, op=AVG)  # per unit, last micro-batch",
-            ]
-        else:
-            lines.append(f"dist.all_reduce(grads, group=dp{dp}, op=AVG)  # DDP buckets, last micro-batch")
+    dp = f"dp{groups.get('dp')}"
+    lines = _grad_sync_lines(prog, plan, dp) if plan.dp > 1 else []
     for name in prog.tied_names():
         lines.append(f"dist.all_reduce({name}.grad, group=tie{groups['tie']})  # tied across stages")
-    lines.append("optimizer.step()")
+    if plan.dp > 1 and plan.zero_stage == 1:
+        lines += [
+            "optimizer.step()  # ZeRO-1: this rank's rows of each parameter and their optimizer state",
+            f"dist.all_gather(params, group={dp})  # every rank's updated rows, one buffer per dtype",
+        ]
+    elif plan.dp == 1 or plan.zero_stage == 0:
+        lines.append("optimizer.step()")
     if plan.pp > 1:
         lines.append(f"dist.broadcast(loss, src={groups['pp'][-1]}, group=pp)")
     if plan.dp > 1:
-        lines.append(f"dist.all_reduce(loss, group=dp{groups['dp']}); loss /= {plan.dp}")
+        lines.append(f"dist.all_reduce(loss, group={dp}); loss /= {plan.dp}")
     return lines
 
 
 def render(prog: RankProgram, plan: Plan, *, train: bool, has_sample_ids: bool) -> str:
+    """The listing of ``prog`` (a program built for the listing: training applies its recompute in
+    place, as the runtime does, so the listing shows the code that runs)."""
     share = plan.global_batch // plan.dp
     dp_i = prog.coords.get("dp", 0)
+    if train:  # list the code that runs: checkpointed segments, outlined score regions
+        for stage in prog.stages:
+            apply_recompute(stage, prog.block_segments, plan.recompute)
     lines = _header(prog, plan) + [""] + _stage_code(prog)
     fn = "train_step" if train else "infer"
     lines += [f"def {fn}(batch):"]

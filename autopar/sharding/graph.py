@@ -10,10 +10,20 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch.fx
+import torch.nn.functional as F
 
 from autopar.core.errors import TraceError
 from autopar.sharding.normalize import Normalized, canonical_names, functionalize
-from autopar.sharding.ops import OpCall, is_multi, is_tensor, numel_bytes, parse, shape, tensor_meta
+from autopar.sharding.ops import (
+    OpCall,
+    first_meta,
+    is_multi,
+    is_tensor,
+    numel_bytes,
+    parse,
+    shape,
+    tensor_meta,
+)
 from autopar.sharding.rules import Strategy, call_strategies
 
 Node = torch.fx.Node
@@ -30,6 +40,20 @@ def _reads_only_meta(user: Node, node: Node, call: OpCall) -> bool:
     return False
 
 
+def _per_channel_buffers(
+    gm: torch.fx.GraphModule, buffers: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Running statistics a ``batch_norm`` call reads and updates in place: sharded with its
+    channels, so each rank's update lands in its own slice (gathered back for ``state_dict``)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.batch_norm:
+            for a in node.args[1:3]:
+                if isinstance(a, Node) and a.op == "get_attr" and str(a.target) in buffers:
+                    out[str(a.target)] = buffers[str(a.target)]
+    return out
+
+
 class ShardingGraph:
     """A traced graph module, functionalised and parsed for tensor-parallel degree ``tp``."""
 
@@ -39,6 +63,9 @@ class ShardingGraph:
         self.norm = normalized or functionalize(gm)
         self.gm = self.norm.gm
         self.params = self.norm.params
+        self.state_buffers = _per_channel_buffers(self.gm, self.norm.buffers)
+        """Buffers placed like parameters (BatchNorm running statistics): a rule may shard them."""
+        self.placeable = {**self.params, **self.state_buffers}
         self.calls: dict[Node, OpCall] = {}
         for node in self.gm.graph.nodes:
             no_meta = "tensor_meta" not in node.meta and "val" not in node.meta
@@ -47,7 +74,7 @@ class ShardingGraph:
                     f"node {node.name} has no shape metadata; trace the model with "
                     "autopar.tracing.fx_trace (or run torch.fx.passes.shape_prop.ShapeProp) first"
                 )
-            self.calls[node] = parse(node, self.params)
+            self.calls[node] = parse(node, self.placeable)
         self._strategies: dict[Node, list[Strategy]] = {}
         self._irrelevant: dict[Node, bool] = {}
 
@@ -76,22 +103,21 @@ class ShardingGraph:
         if node not in self._strategies:
             call = self.calls[node]
             irrelevant = call.kind in ("getitem", "select") and self.value_irrelevant(node)
-            self._strategies[node] = call_strategies(call, self.tp, self.params, irrelevant)
+            self._strategies[node] = call_strategies(call, self.tp, self.placeable, irrelevant)
         return self._strategies[node]
 
     def requires_grad(self, node: Node) -> bool:
         if self.calls[node].kind == "param":
-            return self.params[str(node.target)].requires_grad
-        tm = tensor_meta(node)
-        if is_multi(tm):
-            tm = tm[0] if tm else None
-        return bool(getattr(tm, "requires_grad", True))
+            p = self.params.get(str(node.target))
+            return p is not None and p.requires_grad
+        return bool(getattr(first_meta(tensor_meta(node)), "requires_grad", True))
 
     def tensor_bytes(self, node: Node) -> int:
         """Bytes of a tensor node's full (unsharded) value."""
         return numel_bytes(node)
 
     def is_param(self, node: Node) -> bool:
+        """A parameter, or a buffer placed like one (:attr:`state_buffers`)."""
         return self.calls[node].kind == "param"
 
     @cached_property

@@ -54,7 +54,7 @@ def _param_name(sg: ShardingGraph, name: str) -> str:
     """The traced graph's name of a parameter: tied aliases resolved, and the model's own name
     (``layers.0.fc1.weight``, as ``named_parameters()`` and the OpGraph say it) accepted for the
     traced wrapper's (``model.layers.0.fc1.weight``)."""
-    known = sg.params.keys() | sg.norm.aliases.keys()
+    known = sg.placeable.keys() | sg.norm.aliases.keys()
     if name not in known and MODEL_PREFIX + name in known:
         name = MODEL_PREFIX + name
     return sg.norm.aliases.get(name, name)
@@ -67,7 +67,7 @@ def param_placements(sg: ShardingGraph, placements: dict[str, NodePlacement]) ->
     for node_name, np in placements.items():
         for pname, p in np.params.items():
             name = _param_name(sg, pname)
-            if name not in sg.params:
+            if name not in sg.placeable:
                 raise PlanError(
                     f"placements[{node_name!r}] places parameter {pname!r}, which the model does not have; "
                     f"parameters look like {next(iter(sg.params), '?')!r}"

@@ -20,6 +20,7 @@ Megatron placements and the lowering all see the same node names.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,16 @@ def _functional_call(
         return F.rms_norm, (x, tuple(mod.normalized_shape), p("weight"), mod.eps), {}
     if type(mod) is nn.Dropout:
         return F.dropout, (x, mod.p, training()), {}
+    conv = _conv_call(mod, x, p)
+    if conv is not None:
+        return conv
+    pool = _pool_call(mod, x)
+    if pool is not None:
+        return pool
+    if type(mod) in BATCH_NORMS:
+        return _batch_norm_call(mod, x, p)
+    if type(mod) is nn.GroupNorm:
+        return F.group_norm, (x, mod.num_groups, p("weight"), p("bias"), mod.eps), {}
     simple = {nn.ReLU: F.relu, nn.SiLU: F.silu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid}
     if type(mod) in simple:
         return simple[type(mod)], (x,), {}
@@ -87,6 +98,64 @@ def _functional_call(
     if type(mod) is nn.Flatten:
         return torch.flatten, (x, mod.start_dim, mod.end_dim), {}
     return None
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _conv_call(mod: nn.Module, x: torch.fx.Node, p: Callable[[str], Any]) -> tuple | None:
+    if type(mod) not in _CONVS or mod.padding_mode != "zeros":
+        return None  # reflect/replicate/circular padding pads first: kept as a module (replicated)
+    args = (x, p("weight"), p("bias"), mod.stride, mod.padding, mod.dilation, mod.groups)
+    return _CONVS[type(mod)], args, {}
+
+
+def _pool_call(mod: nn.Module, x: torch.fx.Node) -> tuple | None:
+    kind = type(mod).__name__  # MaxPool2d, AvgPool1d, AdaptiveAvgPool3d, ...
+    if getattr(mod, "return_indices", False) or type(mod).__module__ != nn.MaxPool2d.__module__:
+        return None
+    dims = kind[-2:].lower()
+    if kind.startswith("MaxPool"):
+        fn = getattr(F, f"max_pool{dims}")
+        args = (x, mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+        return fn, args, {"ceil_mode": mod.ceil_mode}
+    if kind.startswith("AvgPool"):
+        fn = getattr(F, f"avg_pool{dims}")
+        extra = () if dims == "1d" else (mod.divisor_override,)
+        return (
+            fn,
+            (x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad, *extra),
+            {},
+        )
+    if kind.startswith("AdaptiveAvgPool"):
+        return getattr(F, f"adaptive_avg_pool{dims}"), (x, mod.output_size), {}
+    if kind.startswith("AdaptiveMaxPool"):
+        return getattr(F, f"adaptive_max_pool{dims}"), (x, mod.output_size), {}
+    return None
+
+
+def _batch_norm_call(
+    mod: nn.modules.batchnorm._BatchNorm, x: torch.fx.Node, p: Callable[[str], Any]
+) -> tuple | None:
+    """``F.batch_norm`` with the module's train/eval mode at trace time (what was traced); the
+    ``num_batches_tracked`` count is a separate ``+= 1`` (:meth:`_Builder.functional`).
+    ``momentum=None`` (a cumulative average read from the count) stays a module."""
+    if not mod.track_running_stats:  # batch statistics in train and eval mode alike
+        return F.batch_norm, (x, None, None, p("weight"), p("bias"), True, 0.0, mod.eps), {}
+    if mod.momentum is None or mod.running_mean is None:
+        return None
+    args = (
+        x,
+        p("running_mean"),
+        p("running_var"),
+        p("weight"),
+        p("bias"),
+        mod.training,
+        mod.momentum,
+        mod.eps,
+    )
+    return F.batch_norm, args, {}
 
 
 def _loss_call(mod: nn.Module, args: Sequence[Any]) -> tuple[Callable, tuple, dict] | None:
@@ -170,6 +239,12 @@ class _Builder:
         if call is None:
             return None
         fn, fargs, fkwargs = call
+        if type(mod) in BATCH_NORMS and mod.training and mod.track_running_stats:
+            # nn.BatchNorm counts its training forwards; in place, as the module does.
+            count = self.graph.call_function(operator.iadd, (param("num_batches_tracked"), 1))
+            count.meta = {
+                k: copy.copy(v) for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")
+            }
         new = self.graph.create_node("call_function", fn, tuple(fargs), fkwargs, name=node.name)
         new.meta = copy.copy(node.meta)
         stack = dict(node.meta.get("nn_module_stack") or {})

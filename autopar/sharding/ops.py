@@ -11,6 +11,7 @@ family a base name belongs to is registered once, next to its cost kind, in the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,28 +70,41 @@ def is_multi(tm: Any) -> bool:
     return isinstance(tm, (tuple, list)) and not isinstance(tm, TensorMetadata)
 
 
+def _is_leaf_tensor(t: Any) -> bool:
+    return isinstance(t, (TensorMetadata, torch.Tensor))
+
+
+def leaves(tm: Any) -> list[Any]:
+    """The leaves of a (possibly nested) output: ``nn.LSTM`` gives ``(out, (h, c))``."""
+    if is_multi(tm):
+        return [leaf for t in tm for leaf in leaves(t)]
+    return [tm]
+
+
 def is_tensor(node: Node) -> bool:
+    """Whether ``node``'s value is a tensor or a (nested) tuple of tensors (``None`` entries
+    allowed): such a value has a placement, and ``getitem`` on it is placed by a rule."""
     tm = tensor_meta(node)
     if tm is None:
         return False
     if is_multi(tm):
-        return bool(tm) and all(isinstance(t, (TensorMetadata, torch.Tensor)) for t in tm)
+        found = leaves(tm)
+        return any(_is_leaf_tensor(t) for t in found) and all(t is None or _is_leaf_tensor(t) for t in found)
     return True
 
 
+def first_meta(tm: Any) -> Any:
+    """The first tensor's metadata of a (nested) output; ``tm`` itself for a single tensor."""
+    return next(t for t in leaves(tm) if _is_leaf_tensor(t)) if is_multi(tm) else tm
+
+
 def shape(node: Node) -> tuple[int, ...]:
-    """Shape of a tensor node (the first element's for a tuple of tensors)."""
-    tm = tensor_meta(node)
-    if is_multi(tm):
-        tm = tm[0]
-    return tuple(int(s) for s in tm.shape)
+    """Shape of a tensor node (the first tensor's for a tuple of tensors)."""
+    return tuple(int(s) for s in first_meta(tensor_meta(node)).shape)
 
 
 def itemsize(node: Node) -> int:
-    tm = tensor_meta(node)
-    if is_multi(tm):
-        tm = tm[0]
-    return torch.empty((), dtype=tm.dtype).element_size()
+    return torch.empty((), dtype=first_meta(tensor_meta(node)).dtype).element_size()
 
 
 def numel_bytes(node: Node) -> int:
@@ -230,6 +244,30 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
             "w": _arg(node, 1, "weight"),
             "padding_idx": _arg(node, 2, "padding_idx"),
         }
+    if family == "conv":
+        return _conv_args(node, name)
+    if family == "pool":
+        return "pool", {
+            "x": a0,
+            "spatial": int(re.search(r"(\d)d", name).group(1)),
+            "linear": "avg" in name,
+        }
+    if family == "batch_norm" and not _is_aten(node):  # F.batch_norm order; aten's differs
+        return "batch_norm", {
+            "x": a0,
+            "running_mean": _arg(node, 1, "running_mean"),
+            "running_var": _arg(node, 2, "running_var"),
+            "w": _arg(node, 3, "weight"),
+            "b": _arg(node, 4, "bias"),
+            "training": _arg(node, 5, "training", False),
+        }
+    if family == "group_norm" and not _is_aten(node):
+        return "group_norm", {
+            "x": a0,
+            "groups": _arg(node, 1, "num_groups"),
+            "w": _arg(node, 2, "weight"),
+            "b": _arg(node, 3, "bias"),
+        }
     if family == "norm":
         ns = _arg(node, 1, "normalized_shape")
         return "norm", {"x": a0, "normalized": len(ns) if isinstance(ns, (list, tuple, torch.Size)) else 1}
@@ -265,6 +303,26 @@ def _parse_call(node: Node, name: str) -> tuple[str, dict]:  # noqa: C901 - one 
     if family == "pointwise":
         return "pointwise", {"linear_unary": info.linear_unary, "dtype_donor": name == "type_as"}
     return "other", {}
+
+
+def _conv_args(node: Node, name: str) -> tuple[str, dict]:
+    """``F.conv2d(x, w, b, stride, padding, dilation, groups)`` and ``aten.convolution(x, w, b,
+    stride, padding, dilation, transposed, output_padding, groups)``; ``groups_at`` says where the
+    rewrite finds the groups argument (an index into ``node.args`` or a keyword)."""
+    if name == "convolution":
+        if _arg(node, 6, "transposed", False):
+            return "other", {}
+        at: int | str = 8 if len(node.args) > 8 else "groups"
+    else:
+        at = 6 if len(node.args) > 6 else "groups"
+    groups = node.args[at] if isinstance(at, int) else node.kwargs.get("groups", 1)
+    return "conv", {
+        "x": _arg(node, 0, "input"),
+        "w": _arg(node, 1, "weight"),
+        "b": _arg(node, 2, "bias"),
+        "groups": groups,
+        "groups_at": at,
+    }
 
 
 def _cross_entropy_args(node: Node) -> dict:

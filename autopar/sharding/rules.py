@@ -23,6 +23,12 @@ Placements are along the tensor-parallel axis of size ``tp``: ``Replicate()``, `
     reduction    sum / mean / amax ...       S(d) kept dims; sum/mean over a sharded dim -> P
     cross_entropy                            vocab-parallel: (S(1) logits, R target) -> R
                                              (3 all-reduces inside: max, sum of exp, target logit)
+    conv         conv1d/2d/3d [N, C, *]      column (R, W S(0), b S(0)) -> S(1)
+                                             row    (S(1), W S(1), b R) -> P   (bias added on rank 0)
+                                             grouped (S(1), W S(0), b S(0)) -> S(1) when tp | groups
+    pool         max/avg/adaptive pooling    S(d) for d not spatial; avg: P -> P
+    batch_norm   per channel                 (S(1), W/b/running stats S(0)) -> S(1); no batch split
+    group_norm   per sample, per group       S(0) -> S(0); S(1) -> S(1) when tp | groups
 
 Every op also has the all-replicated strategy, so replicating is always legal. Ops without a rule
 accept only that one; asking them for another placement raises :class:`PlanError` naming the op.
@@ -37,7 +43,7 @@ from autopar.sharding import view_rules as V
 from autopar.sharding.ops import OpCall, shape
 from autopar.sharding.strategy import Comm, Ctx, P, R, Strategy, norm_dim, replicate
 
-__all__ = ["Comm", "Strategy", "call_strategies", "NO_PLACEMENT"]
+__all__ = ["Comm", "Strategy", "call_strategies", "NO_PLACEMENT", "replicate_reason"]
 
 
 # --------------------------------------------------------------------------------- pointwise
@@ -164,6 +170,89 @@ def _embedding(c: Ctx) -> None:
     for d, size in enumerate(shape(idx)):
         if c.divisible(size):
             c.add(f"batch({d})", {idx: Shard(d), w: R}, Shard(d))
+
+
+def _optional(v: object) -> torch.fx.Node | None:
+    return v if isinstance(v, torch.fx.Node) else None
+
+
+def conv_channel_dim(call: OpCall) -> int:
+    """Channel dim of a convolution's input and output: 1, or 0 for an unbatched input."""
+    return len(shape(call.args["x"])) - (len(shape(call.args["w"])) - 2) - 1
+
+
+def _conv(c: Ctx) -> None:
+    """Output channels (column: weight dim 0, bias, output channels split), input channels
+    (row: weight dim 1 split, partial sums; bias added once, on rank 0), whole groups (grouped and
+    depthwise: input, weight and output split alike, each rank runs ``groups / tp`` groups)."""
+    a = c.call.args
+    x, w, b = a["x"], a["w"], _optional(a["b"])
+    bias = {b: Shard(0)} if b else {}
+    keep = {b: R} if b else {}
+    ch, groups = conv_channel_dim(c.call), a["groups"]
+    cout, cin = shape(w)[0], shape(x)[ch]
+    replicate(c)
+    if not isinstance(groups, int):
+        return
+    if groups == 1 and c.divisible(cout):
+        c.add("column", {x: R, w: Shard(0), **bias}, Shard(ch))
+    if groups == 1 and c.divisible(cin):
+        c.add("row", {x: Shard(ch), w: Shard(1), **keep}, P, exact_grad=[b] if b else [])
+    if groups > 1 and groups % c.tp == 0 and c.divisible(cout) and c.divisible(cin):
+        c.add("grouped", {x: Shard(ch), w: Shard(0), **bias}, Shard(ch))
+    if ch == 1 and c.divisible(shape(x)[0]):
+        c.add("batch(0)", {x: Shard(0), w: R, **keep}, Shard(0))
+    c.add("partial", {x: P, w: R, **keep}, P, exact_grad=[b] if b else [])
+
+
+def _pool(c: Ctx) -> None:
+    """Windows never cross channels or samples: every dim before the spatial ones keeps its shard;
+    average pooling is linear (P -> P), max pooling is not."""
+    x = c.call.args["x"]
+    replicate(c)
+    _keep_dims(c, x, set(range(len(shape(x)) - c.call.args["spatial"], len(shape(x)))))
+    if c.call.args["linear"]:
+        c.add("partial", {x: P}, P)
+
+
+def _batch_norm(c: Ctx) -> None:
+    """Statistics are per channel: a channel-split input normalises locally, its weight, bias and
+    running statistics split alike. A batch split would change the statistics: no such strategy."""
+    a = c.call.args
+    x = a["x"]
+    if len(shape(x)) < 2:
+        return replicate(c)
+    replicate(c)
+    per_channel = [_optional(a[k]) for k in ("running_mean", "running_var", "w", "b")]
+    if c.divisible(shape(x)[1]):
+        c.add("channel", {x: Shard(1), **{n: Shard(0) for n in per_channel if n is not None}}, Shard(1))
+
+
+def _group_norm(c: Ctx) -> None:
+    """Per sample and per group: a batch split is local; a channel split is when each rank holds
+    whole groups (``groups % tp == 0``), each running ``groups / tp`` of them."""
+    a = c.call.args
+    x, groups = a["x"], a["groups"]
+    affine = [n for n in (_optional(a["w"]), _optional(a["b"])) if n is not None]
+    replicate(c)
+    if len(shape(x)) < 2:
+        return
+    if c.divisible(shape(x)[0]):
+        c.add("batch(0)", {x: Shard(0), **{n: R for n in affine}}, Shard(0))
+    if isinstance(groups, int) and groups % c.tp == 0 and c.divisible(shape(x)[1]):
+        c.add("channel", {x: Shard(1), **{n: Shard(0) for n in affine}}, Shard(1))
+
+
+def replicate_reason(call: OpCall, tp: int) -> str | None:
+    """Why an op whose family has a rule still runs replicated (a case the rule leaves out), or None."""
+    groups = call.args.get("groups")
+    if tp == 1 or not isinstance(groups, int) or groups % tp == 0:
+        return None
+    if call.kind == "conv" and groups > 1:
+        return f"grouped convolution (groups={groups}) does not split into tp={tp} whole groups"
+    if call.kind == "group_norm":
+        return f"group_norm with {groups} groups: a channel split would cut groups (batch split only)"
+    return None
 
 
 # --------------------------------------------------------------------------------- the rest
@@ -311,6 +400,10 @@ _RULES = {
     "addmm": _addmm,
     "matmul": _matmul,
     "embedding": _embedding,
+    "conv": _conv,
+    "pool": _pool,
+    "batch_norm": _batch_norm,
+    "group_norm": _group_norm,
     "norm": _norm,
     "softmax": _softmax,
     "dropout": _dropout,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from autopar.cluster import Cluster
 from autopar.core.errors import AutoparError
 from autopar.core.ir import OpGraph
-from autopar.core.plan import NodePlacement, Plan, PredictedCost
+from autopar.core.plan import NodePlacement, Plan, PredictedCost, Shard
 from autopar.estimator import estimate, workload
 from autopar.sharding import ShardingGraph
 from autopar.solve.candidate import Candidate
@@ -47,8 +47,8 @@ class TpChoice:
 
     def better_than(self, graph: OpGraph, cluster: Cluster, cand: Candidate) -> Candidate | None:
         """``cand`` re-costed with the ILP's placements, if that fits and is faster; else None."""
-        if self.placements is None:
-            return None
+        if self.placements is None or not shards_a_parameter(self.placements):
+            return None  # all-replicated placements: tp would buy nothing (the lowering refuses them)
         plan = dataclasses.replace(cand.plan, placements=self.placements, predicted=None)
         try:
             cost = estimate(graph, cluster, plan)
@@ -67,6 +67,11 @@ class TpChoice:
             "solve_time_s": self.solve_time_s,
             "note": self.note,
         }
+
+
+def shards_a_parameter(placements: dict[str, NodePlacement]) -> bool:
+    """Whether any node's placement splits one of its parameters."""
+    return any(isinstance(pl, Shard) for p in placements.values() for pl in p.params.values())
 
 
 def solve_for_tp(

@@ -42,9 +42,10 @@ from autopar.cluster import Cluster
 from autopar.core.errors import InfeasibleError, PlanError
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan
-from autopar.core.plan_rules import check_keys, mesh_label
+from autopar.core.plan_rules import check_keys, divisors, mesh_label
 from autopar.core.progress import Progress
 from autopar.estimator import attention_heads, kv_heads, predicted_cost, workload
+from autopar.estimator.tensor_parallel import tp_coverage
 from autopar.solve import bounds, space
 from autopar.solve.bounds import splittable
 from autopar.solve.candidate import DEFAULT_ORDER, Candidate, SearchStats, make_plan
@@ -293,6 +294,7 @@ def plan(
     mode: str = "train",
     example_inputs: tuple | None = None,
     loss_fn: Callable | None = None,
+    num_targets: int | None = None,
     time_limit_s: float = 60.0,
     top_k: int = 5,
     fixed: dict | None = None,
@@ -303,11 +305,12 @@ def plan(
     """The fastest plan that fits ``cluster``, with runner-ups and explanations attached.
 
     ``model_or_graph``: an :class:`~autopar.core.ir.OpGraph`, or an ``nn.Module`` with
-    ``example_inputs`` (and ``loss_fn``). ``fixed``: plan keys the user chose (``{"tp": 8}``); the
+    ``example_inputs`` (and ``loss_fn``); as in :func:`autopar.compile`, the last ``num_targets``
+    example inputs (default 1 with a ``loss_fn``) are the loss's targets. ``fixed``: plan keys the user chose (``{"tp": 8}``); the
     planner searches the rest. Raises :class:`~autopar.core.errors.InfeasibleError` when nothing fits.
     """
     t0 = time.perf_counter()
-    graph = _as_graph(model_or_graph, example_inputs, loss_fn)
+    graph = _as_graph(model_or_graph, example_inputs, loss_fn, num_targets)
     spec = space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
     search = Search(
         graph,
@@ -331,17 +334,40 @@ def plan(
     if search.stats.status != "optimal":
         search.stats.gap = max(0.0, 1.0 - best.cost.mfu)
     attach_search(best.plan, ranked, search, top_k=top_k, cluster=cluster)
+    _report_replicated(graph, best.plan)
     return best.plan
 
 
+def _report_replicated(graph: OpGraph, plan: Plan) -> None:
+    """Never silent: what the chosen ``tp`` leaves replicated for lack of a rule goes on
+    ``plan.search`` (``Plan.explain`` prints it) and to the log."""
+    coverage = tp_coverage(graph, plan.tp) if plan.tp > 1 else None
+    if coverage is None:
+        return
+    plan.search["tensor_parallel"] = {
+        "param_share": coverage.param_share,
+        "replicated": list(coverage.replicated),
+    }
+    if coverage.replicated:
+        log.warning(
+            "tp=%d shards %.1f %% of the parameter elements; run replicated for lack of a rule:\n  %s",
+            plan.tp,
+            100 * coverage.param_share,
+            "\n  ".join(coverage.replicated),
+        )
+
+
 def _as_graph(
-    model_or_graph: OpGraph | torch.nn.Module, example_inputs: tuple | None, loss_fn: Callable | None
+    model_or_graph: OpGraph | torch.nn.Module,
+    example_inputs: tuple | None,
+    loss_fn: Callable | None,
+    num_targets: int | None,
 ) -> OpGraph:
     if isinstance(model_or_graph, OpGraph):
         return model_or_graph
     if example_inputs is None:
         raise PlanError("autopar.plan needs example_inputs when given a model (or pass autopar.trace(...))")
-    return trace(model_or_graph, example_inputs, loss_fn=loss_fn)
+    return trace(model_or_graph, example_inputs, loss_fn=loss_fn, num_targets=num_targets)
 
 
 def space_spec(
@@ -355,6 +381,8 @@ def space_spec(
     """The search space of ``graph`` on ``cluster``: its layers, the head counts read off the graph
     (the smallest, and the key/value heads, both must be divisible by tp) and the user's keys."""
     heads = attention_heads(graph)
+    fixed = check_keys(fixed or {})
+    unshardable = _unshardable_tp(graph, cluster, fixed)
     return space.SpaceSpec(
         num_devices=cluster.num_devices,
         devices_per_node=cluster.devices_per_node,
@@ -364,8 +392,30 @@ def space_spec(
         global_batch=global_batch,
         mode=mode,
         allow_cross_node_tp=allow_cross_node_tp,
-        fixed=check_keys(fixed or {}),
+        fixed=fixed,
+        unshardable_tp=unshardable,
+        one_micro_batch=any(n.meta.get("batch_statistics") for n in graph.nodes),
     )
+
+
+def _unshardable_tp(graph: OpGraph, cluster: Cluster, fixed: dict) -> frozenset[int]:
+    """The tensor-parallel degrees whose layout shards no parameter (the lowering would refuse
+    them); a ``tp`` the user fixed among them is an error that says why."""
+    out = set()
+    for tp in divisors(cluster.num_devices):
+        if tp == 1 or (fixed.get("tp", tp) != tp):
+            continue
+        coverage = tp_coverage(graph, tp)
+        if coverage is not None and coverage.param_share == 0.0:
+            out.add(tp)
+    if fixed.get("tp") in out:
+        coverage = tp_coverage(graph, fixed["tp"])
+        why = "; ".join(coverage.replicated[:3]) or "no op's rule can split its weights"
+        raise PlanError(
+            f"tp={fixed['tp']}: this model cannot be tensor-parallelised: no parameter would be "
+            f"sharded ({why}); use dp or pp instead"
+        )
+    return frozenset(out)
 
 
 def _infeasible(search: Search) -> InfeasibleError:

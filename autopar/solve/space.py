@@ -8,7 +8,8 @@ over:
   unless ``allow_cross_node_tp``, fit inside one node;
 * ``pp``: divisors of ``devices / tp`` not above the number of repeated blocks;
 * ``dp``: the devices left, which must divide the global batch;
-* ``mbs``: divisors of the per-replica batch (capped by ``max_micro_batch``);
+* ``mbs``: divisors of the per-replica batch (capped by ``max_micro_batch``); only the whole
+  per-replica batch for a model with train-mode BatchNorm (``one_micro_batch``);
 * ``schedule`` / ``vpp``: ``1f1b`` (and ``gpipe`` when asked), ``interleaved`` with ``vpp`` that
   splits each stage's blocks evenly and a micro-batch count that is a multiple of ``pp``;
 * ``sp``: 0, and 1 when ``tp > 1``;
@@ -76,6 +77,12 @@ class SpaceSpec:
     schedules: tuple[str, ...] = ("1f1b", "interleaved")
     fixed: dict | None = None
     """Keys the user chose; the planner searches only the others."""
+    unshardable_tp: frozenset[int] = frozenset()
+    """Degrees at which the tensor-parallel layout shards no parameter (no op has a rule that splits
+    a weight): the lowering refuses them, so the space leaves them out."""
+    one_micro_batch: bool = False
+    """The model normalises with batch statistics (train-mode BatchNorm): ``mbs`` is the whole
+    per-replica batch, as ``batchnorm="sync"`` needs (autopar/lower/batchnorm.py)."""
 
 
 def _tp_options(s: SpaceSpec) -> list[int]:
@@ -83,7 +90,7 @@ def _tp_options(s: SpaceSpec) -> list[int]:
     for tp in divisors(s.num_devices):
         if not s.allow_cross_node_tp and tp > s.devices_per_node:
             continue
-        if not tp_divides_heads(tp, s.heads, s.kv_heads):
+        if not tp_divides_heads(tp, s.heads, s.kv_heads) or tp in s.unshardable_tp:
             continue
         out.append(tp)
     return out
@@ -109,7 +116,9 @@ def pipelines(s: SpaceSpec, dp: int, pp: int) -> Iterator[tuple[int, str, int]]:
     fixed = s.fixed or {}
     per_replica = s.global_batch // dp
     for mbs in divisors(per_replica):
-        if mbs > s.max_micro_batch or ("mbs" in fixed and fixed["mbs"] != mbs):
+        if mbs != per_replica if s.one_micro_batch else mbs > s.max_micro_batch:
+            continue  # batch statistics need the whole share, whatever the cap
+        if "mbs" in fixed and fixed["mbs"] != mbs:
             continue
         m = per_replica // mbs
         for schedule, vpp in _schedules(s, pp, m):

@@ -5,9 +5,11 @@ one device for ``steps`` steps. The compiled run (any plan, any number of gloo r
 after every step, the same loss, the same full gradients (gathered from every shard) and the
 same updated parameters (``state_dict()``), within ``rtol=1e-5, atol=1e-6`` in fp32.
 
-Dropout: the reference swaps ``nn.Dropout`` for :class:`autopar.lower.rng.DeterministicDropout`
-and feeds the step's sample ids, so it draws exactly the masks the compiled graph draws for the
-same samples (see ``autopar/lower/rng.py``); dropout-free models run the untouched eager model.
+Dropout: the reference swaps ``nn.Dropout`` for :class:`autopar.lower.rng.DeterministicDropout`,
+draws functional dropouts and SDPA's ``dropout_p`` (as explicit attention ops) from the same
+counter-based generator (:func:`autopar.lower.rng.make_deterministic`) and feeds the step's sample
+ids, so it draws exactly the masks the compiled graph draws for the same samples (see
+``autopar/lower/rng.py``); everything else runs as the eager model does.
 
 Usage (everything must be picklable: module-level builders, ``functools.partial``)::
 
@@ -192,15 +194,9 @@ def hf_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
 
 
 # ----------------------------------------------------------------------------------- runs
-def _has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-
-
 def reference(case: Case) -> Trajectory:
     """The single-device run (see the module docstring)."""
-    model = case.build()
-    if _has_dropout(model):
-        rng.make_deterministic(model)
+    model = rng.make_deterministic(case.build())
     opt = case.optimizer(model.parameters())
     out = Trajectory()
     for step, batch in enumerate(case.make_batches(case.steps)):

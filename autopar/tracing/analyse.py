@@ -244,6 +244,19 @@ def _backward_flops(
     return bwd
 
 
+def uses_batch_statistics(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    """Whether ``node`` is a BatchNorm normalising with the statistics of its batch (train mode, or
+    no running statistics): its result depends on how the batch is split (the planner keeps one
+    micro-batch per replica for such models; see autopar/lower/batchnorm.py)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or module.running_mean is None
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    if name not in ("batch_norm", "batch_norm.default"):
+        return False
+    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+    return training is True
+
+
 def _op_meta(node: torch.fx.Node, module: nn.Module | None, name: str) -> dict:
     meta: dict = {"op": node.op, "base": name}
     if module is not None:
@@ -252,6 +265,8 @@ def _op_meta(node: torch.fx.Node, module: nn.Module | None, name: str) -> dict:
                 meta[attr] = getattr(module, attr)
     if node.meta.get("replicated_from"):
         meta["replicated_from"] = node.meta["replicated_from"]
+    if uses_batch_statistics(node, module):
+        meta["batch_statistics"] = True
     if name in ("softmax", "log_softmax", "_softmax"):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         meta["dim"] = dim

@@ -1,4 +1,8 @@
-"""Repeated-block detection on an fx graph: transformer layer i, solved once per block type.
+"""Pipeline units of an fx graph: the repeated blocks (transformer layer i, solved once per block
+type) or, in a model without indexed modules, its top-level children. This is the one definition
+of the candidate pipeline-stage boundaries: the planner counts and costs these units
+(``OpGraph.block_order``) and the compiler cuts at them (``gm.meta["autopar"]["blocks"]``,
+:mod:`autopar.lower.segments`), so the two cannot disagree.
 
 A node belongs to the block instance named by the *outermost* module-path prefix that ends in an
 integer (``layers.3.attn.q_proj`` -> instance ``layers.3``, key ``layers.*``; parameters of export
@@ -6,7 +10,15 @@ graphs, which have no module stack, by their own name). Two instances are the sa
 their node sequences are structurally identical: same ops and targets, same relative module paths
 and parameter shapes, same wiring (arguments pointing to the same positions inside the instance,
 or to outside values in the same order) and same constants. Instances of one key with different
-structures get distinct types ``key``, ``key#1``, ... (largest group first).
+structures get distinct types ``key``, ``key#1``, ... (largest group first). Instances of every
+indexed list count, in execution order: ResNet's ``layer1.0, layer1.1, layer2.0, layer2.1`` are
+four units, T5's ``encoder.block.*`` then ``decoder.block.*`` are one run of units.
+
+A model with no indexed module (a plain MLP ``fc1..fc5``, an LSTM LM ``emb, lstm, head``) has its
+top-level children as units, in execution order, each its own type (``fc1``, ``lstm``): a leaf
+module such as ``nn.LSTM`` is one unit, never cut inside. Nodes outside every unit (the model's own
+forward code, the loss) are the stem (before the first unit), glue (with the unit before) and the
+head (after the last unit).
 
 Structure plus equal outside inputs implies equal shapes, which is what lets the propagation and
 the analysis run one instance and replicate it (see :mod:`autopar.tracing.propagate`).
@@ -14,6 +26,7 @@ the analysis run one instance and replicate it (see :mod:`autopar.tracing.propag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +76,50 @@ def node_module_path(node: torch.fx.Node) -> str:
     if node.op == "call_module":
         return strip_prefix(str(node.target))
     return ""
+
+
+def _raw_module_path(node: torch.fx.Node) -> str:
+    """Like :func:`node_module_path`, with the wrapper prefix kept (it tells the model's modules
+    from the loss module's)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0])
+    if node.op == "get_attr":
+        name = str(node.target)
+        return name.rsplit(".", 1)[0] if "." in name else ""
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def _child_prefix(root: str) -> Callable[[torch.fx.Node], tuple[str, str] | None]:
+    """The child of module ``root`` (``"model."`` = the user's model) that issued a node, as
+    (prefix, key): each child is its own key."""
+
+    def prefix_of(node: torch.fx.Node) -> tuple[str, str] | None:
+        path = _raw_module_path(node)
+        if not path.startswith(root):
+            return None
+        child = strip_prefix(root + path[len(root) :].split(".", 1)[0])
+        return (child, child)
+
+    return prefix_of
+
+
+def _child_units(gm: torch.fx.GraphModule) -> list[BlockInstance]:
+    """Top-level children in execution order; through a single child (a wrapper around the real
+    model) to its children."""
+    found = _instances(gm, _child_prefix(MODEL_PREFIX))
+    while len(found) == 1:
+        inner = _instances(gm, _child_prefix(MODEL_PREFIX + found[0].prefix + "."))
+        if len(inner) < 2:
+            break
+        found = inner
+    return found
+
+
+def _indexed_prefix(node: torch.fx.Node) -> tuple[str, str] | None:
+    return _block_prefix(node_module_path(node))
 
 
 def _block_prefix(path: str) -> tuple[str, str] | None:
@@ -126,16 +183,29 @@ def _signature(inst: BlockInstance, gm: torch.fx.GraphModule) -> tuple:
 
 
 def find_blocks(gm: torch.fx.GraphModule) -> list[BlockInstance]:
-    """Block instances in execution order, with ``type_key`` and ``index_in_type`` filled in.
+    """The pipeline units (see the module docstring) in execution order, with ``type_key`` and
+    ``index_in_type`` filled in.
 
     Also sets ``node.meta["autopar_block"] = (type_key, order)`` on every node of an instance.
     """
+    ordered = _instances(gm, _indexed_prefix) or _child_units(gm)
+    _assign_types(ordered, gm)
+    for order, inst in enumerate(ordered):
+        inst.order = order
+        for node in inst.nodes:
+            node.meta["autopar_block"] = (inst.type_key, order)
+    return ordered
+
+
+def _instances(
+    gm: torch.fx.GraphModule, prefix_of: Callable[[torch.fx.Node], tuple[str, str] | None]
+) -> list[BlockInstance]:
     instances: dict[str, BlockInstance] = {}
     first_compute: dict[str, int] = {}
     for i, node in enumerate(gm.graph.nodes):
         if node.op in ("placeholder", "output"):
             continue
-        found = _block_prefix(node_module_path(node))
+        found = prefix_of(node)
         if found is None:
             continue
         prefix, key = found
@@ -143,13 +213,10 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[BlockInstance]:
         inst.nodes.append(node)
         if node.op != "get_attr":
             first_compute.setdefault(prefix, i)
-    ordered = sorted(instances.values(), key=lambda b: first_compute.get(b.prefix, 1 << 60))
-    _assign_types(ordered, gm)
-    for order, inst in enumerate(ordered):
-        inst.order = order
-        for node in inst.nodes:
-            node.meta["autopar_block"] = (inst.type_key, order)
-    return ordered
+    # Parameters only (a child whose weight another module reads, like a tied head) are no unit.
+    return sorted(
+        (b for b in instances.values() if b.prefix in first_compute), key=lambda b: first_compute[b.prefix]
+    )
 
 
 def _assign_types(ordered: list[BlockInstance], gm: torch.fx.GraphModule) -> None:

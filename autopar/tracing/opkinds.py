@@ -36,6 +36,9 @@ Decisions where the cost and sharding tables used to disagree (before they becam
   shape queries, views like ``size``.
 * ``rand_like``/``randn_like``/``randint_like``/``bernoulli`` and ``new_zeros``/``new_ones``/
   ``new_empty``/``new_full``/``new_tensor``: elementwise (1 FLOP per element), as ``ones_like``.
+* ``conv1d``/``conv2d``/``conv3d``/``convolution``: cost kind ``linear`` (a GEMM) but no gemm
+  dims yet, so 0 FLOPs, as the ``nn.Conv*`` leaf modules the cost side sees (kind ``other``);
+  pooling ops: ``reduction`` (one FLOP per input element); ``batch_norm``/``group_norm``: ``norm``.
 * Cost-only names (``baddbmm``, ``native_layer_norm``, ``nll_loss``, the fused attention kernels,
   ``native_dropout``, ...) keep ``family=None``: the sharding rules do not know them.
 """
@@ -91,6 +94,10 @@ FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "sdpa": ("attention",),
     "embedding": ("embedding",),
     "norm": ("norm",),
+    "batch_norm": ("norm",),
+    "group_norm": ("norm",),
+    "conv": ("linear",),
+    "pool": ("reduction",),
     "softmax": ("softmax",),
     "dropout": ("dropout",),
     "cross_entropy": ("loss",),
@@ -128,7 +135,21 @@ _register(
 # lookups, norms, softmax, dropout, losses
 _register("embedding", "embedding", "embedding")
 _register("norm", "norm", "layer_norm rms_norm")
-_register("norm", None, "native_layer_norm _fused_rms_norm group_norm batch_norm")
+_register("norm", None, "native_layer_norm _fused_rms_norm")
+_register("norm", "batch_norm", "batch_norm")
+_register("norm", "group_norm", "group_norm")
+# convolutions: a GEMM over (channels x kernel) per output position; the cost side has no rule
+# for them yet (no gemm dims: 0 FLOPs, as for the nn.Conv* leaf modules it sees)
+_register("linear", "conv", "conv1d conv2d conv3d convolution")
+# pooling: a reduction over each window, channels independent
+_register(
+    "reduction",
+    "pool",
+    "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
+    "max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d "
+    "adaptive_avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d "
+    "adaptive_max_pool3d",
+)
 _register("softmax", "softmax", "softmax log_softmax _softmax _log_softmax")
 _register("dropout", "dropout", "dropout")
 _register("dropout", None, "native_dropout feature_dropout alpha_dropout")

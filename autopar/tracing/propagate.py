@@ -281,9 +281,31 @@ def _execution_mode(gm: torch.nn.Module, args: tuple) -> Iterator[tuple[tuple, l
     fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
     # The converter memoises per real tensor, so these are the fakes the graph will see.
     fake_state = [mode.from_tensor(t) for t in state]
-    with mode:
+    with mode, _fake_buffers(gm, mode):
         # Autograd runs above the fake mode: it saves the real parameters themselves, not their fakes.
         yield fake_args, [*fake_state, *state]
+
+
+@contextlib.contextmanager
+def _fake_buffers(gm: torch.nn.Module, mode: Any) -> Iterator[None]:
+    """The buffers' fakes in place of the buffers while the graph runs.
+
+    An op whose tensors are all real runs for real even under ``FakeTensorMode``: BatchNorm's
+    ``num_batches_tracked.add_(1)`` (and any ``self.buffer += ...`` in user code) would update the
+    model's state at trace time, so the first real step would start from a state one device never
+    had. With the fakes swapped in, only the fakes change.
+    """
+    swapped = []
+    for module in gm.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                swapped.append((module, name, buf))
+                module._buffers[name] = mode.from_tensor(buf)
+    try:
+        yield
+    finally:
+        for module, name, buf in swapped:
+            module._buffers[name] = buf
 
 
 def propagate(

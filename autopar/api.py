@@ -15,11 +15,13 @@ on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.cluster import Cluster
-from autopar.core.errors import PlanError, RuntimeFailure
+from autopar.core.errors import InputError, NonFiniteError, PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
 from autopar.lower import batchnorm as batchnorm_module
@@ -36,9 +38,9 @@ from autopar.lower import rng
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
 from autopar.runtime.engines import apply_data_parallel, apply_recompute, build_optimizer
-from autopar.runtime.failure import FailureReporter, guard
+from autopar.runtime.failure import FailureReporter, guard, root_cause
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
-from autopar.runtime.microbatch import data_parallel_share, merge_micro_batches
+from autopar.runtime.microbatch import check_batch, data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
 from autopar.runtime.rank_code import render
 from autopar.runtime.schedule import for_plan
@@ -77,6 +79,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
     seed: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     batchnorm: str = "sync",
+    nan_check: str = "loss",
 ) -> ParallelModule:
     """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
 
@@ -88,9 +91,20 @@ def compile(  # noqa: A001 - the public name autopar.compile
     BatchNorm normalises with the whole global batch's statistics, as on one device; needs one
     micro-batch per data-parallel replica) or ``"local"`` (per replica and micro-batch, with a
     warning); see :mod:`autopar.lower.batchnorm`.
+
+    ``nan_check``: ``"loss"`` (default) checks the global loss of every step (a float every rank
+    already holds: free), ``"grads"`` also this rank's gradients (one small all-reduce a step),
+    ``"off"`` neither. A non-finite value raises :class:`NonFiniteError` naming the step (and the
+    first parameters with non-finite gradients) *before* the optimizer steps: the parameters stay
+    those of before the step, every rank raises at the same step, and a caller that wants the
+    DeepSpeed/Megatron behaviour (skip the batch) catches it and goes on.
     """
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
+    if nan_check not in NAN_CHECKS:
+        raise InputError(f"nan_check={nan_check!r}: choose one of {', '.join(map(repr, NAN_CHECKS))}")
+    _check_optimizer(optimizer)
+    _check_sequence_length(model, example_inputs, loss_fn, num_targets)
     world = _num_devices(cluster)
     if plan is None and os.environ.get(PLAN_ENV):
         plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
@@ -122,7 +136,48 @@ def compile(  # noqa: A001 - the public name autopar.compile
         seed=seed,
         timeout_s=timeout_s,
         batchnorm=batchnorm,
+        nan_check=nan_check,
     )
+
+
+NAN_CHECKS = ("loss", "grads", "off")
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """An optimizer *instance* cannot be used: its parameters are the unsharded model's, while
+    each rank must optimise its own shards, so the optimizer is built after lowering."""
+    if optimizer is None or (callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer)):
+        return
+    raise InputError(
+        f"optimizer: expected a factory callable(params) -> torch.optim.Optimizer, got an instance of "
+        f"{type(optimizer).__name__}; each rank builds its optimizer over its own shards, so pass a "
+        "factory, e.g. functools.partial(torch.optim.AdamW, lr=...) or lambda params: "
+        "torch.optim.AdamW(params, lr=...)"
+    )
+
+
+_POSITION_LIMITS = ("seq", "n_positions", "block_size")
+"""Config fields that size a learned position table (autopar's GPT, GPT-2, nanoGPT): a longer
+input indexes past its end, an ``IndexError`` in the first step instead of a message here."""
+
+
+def _check_sequence_length(
+    model: nn.Module, example_inputs: Any, loss_fn: Callable | None, num_targets: int | None
+) -> None:
+    config = getattr(model, "config", None)
+    limits = [(k, getattr(config, k, None)) for k in _POSITION_LIMITS]
+    limits = [(k, v) for k, v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    if not limits:
+        return
+    field, limit = limits[0]
+    inputs, _ = split_inputs(example_inputs, loss_fn, num_targets)
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point() and t.shape[1] > limit:
+            raise InputError(
+                f"example_inputs[{i}] has shape {list(t.shape)}: sequence length {t.shape[1]} (dim 1) "
+                f"exceeds the model's config.{field}={limit} (the length of its position table); "
+                f"pass sequences of at most {limit} tokens or build the model with {field}>={t.shape[1]}"
+            )
 
 
 def _plan(
@@ -181,8 +236,10 @@ class ParallelModule:
         seed: int,
         timeout_s: float,
         batchnorm: str = "sync",
+        nan_check: str = "loss",
     ) -> None:
         self.plan = plan
+        self.nan_check = nan_check
         self.cluster = cluster
         self._step_times_s: list[float] = []
         self.mode = mode
@@ -206,6 +263,8 @@ class ParallelModule:
         info = self._gm.meta["autopar"]
         self.input_names: list[str] = list(info["input_names"])
         self.target_names: list[str] = list(info["target_names"]) if self._train else []
+        if self._train:
+            _check_scalar_loss(self._gm, loss_fn)
         self._has_sample_ids = replace_dropout(self._gm, train=self._train, seed=seed)
         self.batchnorm = batchnorm
         batchnorm_module.check_plan(self._gm, plan, batchnorm)
@@ -324,15 +383,76 @@ class ParallelModule:
         """One training step on this rank's share of ``batch``; returns the global mean loss."""
         if not self._train:
             raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
+        batch = self._checked(batch, "step()")
         self._require_runtime()
         start = time.perf_counter()
-        with guard(self._reporter, f"step {self._step}", self.timeout_s):
-            loss = self._train_step(tuple(batch))
+        with guard(self._reporter, f"step {self._step}", self.timeout_s), _explain_index_errors(batch):
+            loss, bad = self._train_step(batch)
         self._step_times_s.append(time.perf_counter() - start)
         self._step += 1
+        if bad is not None:
+            raise bad
         return loss
 
-    def _train_step(self, batch: tuple) -> float:
+    def _checked(self, batch: Any, what: str) -> tuple:
+        """The batch as a tuple, checked against the traced example on every rank alike (so a bad
+        batch is an error here, before any collective, not a hang or a torch shape error)."""
+        if isinstance(batch, torch.Tensor) or not isinstance(batch, Sequence):
+            raise InputError(
+                f"{what} expected a tuple (inputs..., targets...) in the order of example_inputs, got "
+                f"{type(batch).__name__}"
+            )
+        batch = tuple(batch)
+        names = self.input_names + self.target_names
+        sizes = (self.plan.global_batch, self.plan.global_batch // self.plan.dp)
+        check_batch(batch, names, self._trace_args, sizes, what)
+        return batch
+
+    def _non_finite(self, loss: float) -> NonFiniteError | None:
+        """The error for a non-finite loss or gradient of this step, alike on every rank (the loss
+        is the global one; the gradient flag is all-reduced), or None."""
+        if self.nan_check == "off":
+            return None
+        names: list[str] = []
+        if self.nan_check == "grads":
+            names = self._non_finite_grads()
+        if math.isfinite(loss) and not names:
+            return None
+        what = [] if math.isfinite(loss) else [f"the global loss is {loss}"]
+        if names:
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            what.append(f"non-finite gradients in {shown}")
+        return NonFiniteError(
+            f"step {self._step}: {' and '.join(what)}; the optimizer did not step (the parameters are "
+            "unchanged). Check this batch for NaN/inf values, lower the learning rate or use loss "
+            "scaling; catch autopar.core.errors.NonFiniteError to skip the batch, or compile with "
+            "nan_check='off' to train on regardless",
+            step=self._step,
+            parameters=names,
+        )
+
+    def _non_finite_grads(self) -> list[str]:
+        """Original names of the parameters with a non-finite gradient, over all ranks."""
+        original = {traced: key for key, traced in self._key_to_traced.items()}
+        local = []
+        for slot in self._program.slots:
+            grad = slot.tensor().grad
+            if grad is None:
+                continue
+            grad = grad.to_local() if hasattr(grad, "to_local") else grad
+            if not bool(torch.isfinite(grad).all()):
+                local.append(original.get(slot.full_name, slot.full_name))
+        if not dist.is_initialized():
+            return local
+        flag = torch.tensor([float(bool(local))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return []
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        return list(dict.fromkeys(name for part in parts for name in part))
+
+    def _train_step(self, batch: tuple) -> tuple[float, NonFiniteError | None]:
         dp_index = self.plan.coords(self.rank).get("dp", 0)
         share = data_parallel_share(batch, self.plan.global_batch, self.plan.dp, dp_index)
         side = self._side_inputs(share)
@@ -347,8 +467,11 @@ class ParallelModule:
         else:
             losses = self._pipeline.run(inputs, side, True)
         self._sync_tied_grads()
-        self._optimizer.step()
-        return self._global_loss(losses)
+        loss = self._global_loss(losses)
+        bad = self._non_finite(loss)
+        if bad is None:
+            self._optimizer.step()
+        return loss, bad
 
     def _sync_tied_grads(self) -> None:
         """Sum the gradients of weights held by several pipeline ranks. The usual pair (first and
@@ -393,9 +516,10 @@ class ParallelModule:
         """Inference: the full output for the global batch ``inputs``, on every rank."""
         if self._train:
             raise RuntimeFailure("calling the module runs inference; compile with mode='inference'")
+        inputs = self._checked(inputs, "calling the module")
         self._require_runtime()
-        with guard(self._reporter, "inference", self.timeout_s):
-            return self._infer(tuple(inputs))
+        with guard(self._reporter, "inference", self.timeout_s), _explain_index_errors(inputs):
+            return self._infer(inputs)
 
     def _infer(self, inputs: tuple) -> Any:
         dp_index = self.plan.coords(self.rank).get("dp", 0)
@@ -510,6 +634,45 @@ class ParallelModule:
 
     def __repr__(self) -> str:
         return f"ParallelModule({self.plan.summary()}, mode={self.mode})"
+
+
+def _check_scalar_loss(gm: torch.fx.GraphModule, loss_fn: Callable | None) -> None:
+    """Training needs one number to differentiate; a per-sample or per-token loss would fail in
+    backward (``grad can be implicitly created only for scalar outputs``)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    if shape is None or math.prod(shape) == 1:
+        return
+    source = "loss_fn" if loss_fn is not None else "the model (train mode without loss_fn)"
+    raise InputError(
+        f"{source} returned a tensor of shape {list(shape)} (at the micro-batch size); the loss must "
+        "be a scalar: reduce it, e.g. .mean() or reduction='mean'"
+    )
+
+
+@contextlib.contextmanager
+def _explain_index_errors(batch: tuple) -> Iterator[None]:
+    """An ``IndexError`` from an embedding lookup (``index out of range in self``) says nothing of
+    which input was out of range; name the inputs, their shapes and largest ids."""
+    try:
+        yield
+    except Exception as exc:
+        cause = root_cause(exc)
+        if not isinstance(cause, IndexError):
+            raise
+        seen = [
+            f"batch[{i}] shape {list(t.shape)} {t.dtype}"
+            + (f" max {int(t.max())}" if not t.is_floating_point() and t.numel() else "")
+            for i, t in enumerate(batch)
+            if isinstance(t, torch.Tensor)
+        ]
+        raise InputError(
+            f"an index lookup inside the model failed ({type(cause).__name__}: {cause}): an id at "
+            "least the size of an embedding table (token id >= vocab) or a sequence longer than the "
+            f"position table; the batch: {'; '.join(seen)}"
+        ) from exc
 
 
 def _first_samples(batch: tuple, n: int) -> tuple:

@@ -8,6 +8,7 @@ the traced graph's mutation nodes for :func:`autopar.lower.invariants.check_prog
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -172,3 +173,89 @@ def test_tied_weights_and_encoder_output_across_four_pipeline_stages_match_one_d
     t5 = clone_case(zoo.case("t5"), steps=1)
     jobs = [(case, [Plan.manual(pp=4, global_batch=8, micro_batch_size=2)]) for case in (gpt, t5)]
     check_jobs(run_ranks(_checked_jobs, 4, args=(jobs,), timeout_s=90, deadline_s=300), jobs)
+
+
+# ----------------------------------------------------------------- uneven units: balanced split
+def _bottleneck(times: list[float], counts: list[int], first: float, last: float) -> float:
+    out, start = [], 0
+    for s, n in enumerate(counts):
+        t = (
+            sum(times[start : start + n])
+            + (first if s == 0 else 0.0)
+            + (last if s == len(counts) - 1 else 0.0)
+        )
+        out.append(t)
+        start += n
+    return max(out)
+
+
+def test_balanced_split_is_the_best_contiguous_split() -> None:
+    """The linear-partition DP against every composition of the units (exhaustive)."""
+    import itertools
+    import random
+
+    from autopar.solve.refine import balanced_split
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, stages = rng.randint(2, 8), rng.randint(1, 4)
+        if stages > n:
+            continue
+        times = [rng.choice([0.5, 1.0, 2.0, 5.0]) * rng.random() for _ in range(n)]
+        first, last = rng.random(), rng.random()
+        counts = balanced_split(times, stages, first, last)
+        assert sum(counts) == n and min(counts) >= 1
+        best = min(
+            _bottleneck(times, [b - a for a, b in zip((0, *cuts), (*cuts, n))], first, last)
+            for cuts in itertools.combinations(range(1, n), stages - 1)
+        )
+        assert _bottleneck(times, counts, first, last) == pytest.approx(best)
+
+
+def test_planner_splits_units_of_different_cost_at_the_estimators_best() -> None:
+    """Units of different types (a heavy MLP unit, then four light Linears) are split where the
+    estimator prices the step fastest among every contiguous split (here not the even one), and
+    the compiler cuts where the plan says."""
+
+    class Heavy(nn.Module):
+        def __init__(self, w: int) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(w, 4 * w), nn.Linear(4 * w, w)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x)))
+
+    class Uneven(nn.Module):
+        def __init__(self, w: int = 256) -> None:
+            super().__init__()
+            self.e = Heavy(w)
+            self.a, self.b, self.c, self.d = (nn.Linear(w, w) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.e(x)
+            for layer in (self.a, self.b, self.c, self.d):
+                x = torch.relu(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    model = Uneven()
+    batch = (torch.randn(512, 256), torch.randn(512, 256))
+    loss = torch.nn.functional.mse_loss
+    cluster = autopar.Cluster.parse("dgx-a100-80g:2")
+    graph = autopar.trace(model, batch, loss_fn=loss)
+    fixed = {"pp": 2, "mbs": 64, "vpp": 1, "schedule": "1f1b"}
+    plan = autopar.plan(graph, cluster, global_batch=512, progress=False, fixed=fixed)
+    splits = ([0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1])
+    costs = {
+        tuple(s): autopar.estimate(
+            graph, cluster, dataclasses.replace(plan, layer_stages=s, predicted=None)
+        ).step_time_s
+        for s in splits
+    }
+    best = min(costs, key=costs.get)
+    assert best != (0, 0, 0, 1, 1), "the model should make an uneven split the best"
+    assert tuple(plan.layer_stages) == best
+    assert plan.predicted.step_time_s == pytest.approx(costs[best], rel=1e-9)
+    compiled = autopar.compile(model, 2, example_inputs=batch, loss_fn=loss, plan=plan, global_batch=512)
+    stage0 = next(line for line in compiled.rank_code(0).splitlines() if line.startswith("# stage 0 of 2"))
+    assert stage0 == "# stage 0 of 2: e, a"

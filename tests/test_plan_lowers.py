@@ -21,7 +21,7 @@ from autopar.solve.candidate import make_plan
 from autopar.testing import zoo
 from autopar.testing.equivalence import Case, MLPNet, mse_loss, regression_batches, token_batches
 
-_MAX_LOWERINGS = 10
+_MAX_LOWERINGS = 6
 """Distinct lowerings checked per (model, cluster): spread over the ranked candidates."""
 
 
@@ -108,7 +108,7 @@ def _mlp_case(width: int, hidden: int, layers: int) -> Case:
 
 
 _SETTINGS = settings(
-    max_examples=6,
+    max_examples=4,
     deadline=None,
     derandomize=True,  # deterministic: the same shapes on every run
     database=None,

@@ -5,6 +5,7 @@ pipeline stage during its second training step (a forward pre-hook on its stage 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -33,6 +34,8 @@ def _train_with_fault(fault: str, plan: autopar.Plan, timeout_s: float):
                 raise ValueError("injected fault")
             if fault == "exit":
                 os._exit(3)
+            if fault == "kill":  # as the out-of-memory killer would: no Python runs after it
+                os.kill(os.getpid(), signal.SIGKILL)
             if fault == "hang":
                 time.sleep(60)
 
@@ -69,11 +72,25 @@ def test_a_raising_rank_makes_every_rank_fail_naming_it(plan):
     assert elapsed < 20  # gloo sees the failed rank's exit at once; the group timeout is the bound
 
 
-def test_a_killed_rank_fails_its_peer_within_the_timeout():
-    plan = autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2)
-    errors, elapsed = _launch("exit", plan, timeout_s=20)
-    assert "rank 1 exited with code 3 without a result" in errors[1]
-    assert "rank 0: a collective in step 1 failed" in errors[0]
+@pytest.mark.parametrize(
+    ("fault", "plan"),
+    [
+        ("exit", autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2)),
+        ("kill", autopar.Plan.manual(pp=2, global_batch=8, micro_batch_size=2)),
+        ("kill", autopar.Plan.manual(dp=2, global_batch=8)),
+    ],
+    ids=["exit-pp2", "sigkill-pp2", "sigkill-dp2"],
+)
+def test_a_killed_rank_is_named_by_its_peer_with_its_step(fault, plan):
+    """A rank that dies without a word (os._exit, SIGKILL) cannot report; its peer notices that
+    its heartbeat stopped and names it and the step it was in."""
+    errors, elapsed = _launch(fault, plan, timeout_s=20)
+    code = 3 if fault == "exit" else -signal.SIGKILL
+    assert f"rank 1 exited with code {code} without a result" in errors[1]
+    assert errors[0].startswith(
+        "RuntimeFailure: rank 0: stopped in step 1 because rank 1 (in step 1) stopped without "
+        "reporting an error (no heartbeat for 2 s): it was killed or crashed"
+    ), errors[0]
     assert elapsed < 20
 
 

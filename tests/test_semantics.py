@@ -143,3 +143,21 @@ def test_attention_with_dropout_is_sdpa_without_it():
         expected = F.scaled_dot_product_attention(q, k, v, **kw)
         got = rng.attention(q, k, v, ids, p=0.0, site=1, **kw)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_dropout_rewrite_is_announced(caplog):
+    """SDPA's in-kernel dropout cannot draw one device's masks: compile replaces it with explicit
+    ops and says so (naming where), since the scores are then materialised."""
+    case = gpt_case(dropout=0.1, fused_attention=True)
+    batch = case.make_batches(1)[0]
+    with caplog.at_level(logging.WARNING, logger="autopar"):
+        autopar.compile(
+            case.build(),
+            2,
+            example_inputs=batch,
+            loss_fn=case.loss_fn,
+            plan=Plan.manual(dp=2, global_batch=B),
+            global_batch=B,
+        )
+    warned = [r.getMessage() for r in caplog.records if "scaled_dot_product_attention" in r.getMessage()]
+    assert warned and "layers.0" in warned[0] and "materialised" in warned[0]

@@ -65,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     plan, keys = _plan_file(args.plan), {}
     if plan is None:
         keys = parse_plan_arg(args.plan)
+    elif plan.global_batch != args.global_batch:
+        raise PlanError(
+            f"--global-batch {args.global_batch} disagrees with the plan file {args.plan}, which was "
+            f"made for global batch {plan.global_batch}; pass --global-batch {plan.global_batch} or "
+            f"re-plan with `autopar plan ... --global-batch {args.global_batch}`"
+        )
     from autopar.models.spec import graph_layers, load_model
 
     loaded = load_model(args.model, seq=args.seq)
@@ -116,13 +122,12 @@ def _plan_file(text: str) -> Plan | None:
     """``--plan plan.json``: a plan written by ``autopar plan --out`` (None for key=value text)."""
     if not text.strip().lower().endswith(".json"):
         return None
-    from autopar.core.plan import Plan
+    from autopar.core.plan_file import load_plan
 
     try:
-        with open(text) as f:
-            return Plan.from_json(f.read())
-    except OSError as e:
-        raise PlanError(f"--plan {text}: cannot read the plan file ({e.strerror})") from None
+        return load_plan(text)
+    except PlanError as e:
+        raise PlanError(f"--plan {text}: {e}") from None
 
 
 # ------------------------------------------------------------------------------- output

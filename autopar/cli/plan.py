@@ -14,8 +14,9 @@ import json
 import sys
 import time
 
-from autopar.cli.args import add_workload_args, positive_int
+from autopar.cli.args import add_workload_args, positive_float, positive_int
 from autopar.cli.estimate import JSON_KEYS, render
+from autopar.cli.files import check_output, write_text, write_with
 
 ORDER = 20
 
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default="", metavar="k=v,...", help="keys to fix; the planner chooses the rest")
     p.add_argument("--mode", choices=("train", "inference"), default="train")
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="runner-ups to keep")
-    p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="search time limit (s)")
+    p.add_argument("--time-limit", type=positive_float, default=60.0, metavar="S", help="search time limit (s)")
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON")
     p.add_argument("--report", metavar="FILE", help="write an HTML report of the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from autopar.core.plan_rules import parse_plan_arg, plan_keys
 
     t0 = time.perf_counter()
+    # Outputs first: a path that cannot be written must fail before a search of minutes.
+    inputs = [args.cluster, args.model.rsplit(":", 1)[0]]
+    if args.out:
+        check_output(args.out, flag="--out", inputs=inputs)
+    if args.report:
+        check_output(args.report, flag="--report", inputs=[*inputs, args.out])
     cluster = Cluster.parse(args.cluster)  # before torch is imported: bad input fails fast
     fixed = parse_plan_arg(args.plan)
     from autopar.models.spec import load_model
@@ -67,12 +74,15 @@ def run(args: argparse.Namespace) -> int:
     settings = {"fixed": args.plan, "top_k": args.top, "time_limit_s": args.time_limit}
     attach_inputs(plan, cluster=cluster, model=args.model, seq=loaded.seq, settings=settings, graph=graph)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(plan.to_json())
+        write_text(args.out, plan.to_json(), flag="--out")
     if args.report:
         from autopar.report import write_report
 
-        write_report(plan, args.report, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq)
+        write_with(
+            args.report,
+            lambda tmp: write_report(plan, tmp, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq),
+            flag="--report",
+        )
     cost = plan.predicted
     if args.json:
         out = {k: getattr(cost, k) for k in JSON_KEYS}

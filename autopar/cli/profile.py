@@ -9,10 +9,13 @@ also measures gloo all-reduce between 2 local processes.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from autopar.cli.args import positive_int
-from autopar.core.text import gb_text
+from autopar.cli.files import check_output, write_with
+from autopar.core.errors import UsageError
+from autopar.core.text import bytes_text, gb_text
 
 if TYPE_CHECKING:
     from autopar.estimator.profile import Profile
@@ -54,8 +57,17 @@ def run(args: argparse.Namespace) -> int:
     from autopar.models import build_model
     from autopar.models.spec import adapt
 
+    from autopar.models.spec import check_spec_sizes
+
+    if args.out:  # before minutes of measuring
+        check_output(args.out, flag="--out", inputs=[args.cache])
+    check_device(args.device)
+    check_spec_sizes(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
+    path = args.model.rsplit(":", 1)[0]
+    if not (path.endswith(".py") or "/" in path or os.sep in path):  # a built-in GPT: size it on meta first
+        check_batch_memory(args.batch, args.seq, build_model(args.model, device="meta").config)
     built = build_model(args.model, device="cpu", batch=args.batch, seq=args.seq, dtype=torch.float32)
     loaded = adapt(args.model, built, seq=args.seq)
     inputs = loaded.make_inputs(args.batch)
@@ -71,9 +83,51 @@ def run(args: argparse.Namespace) -> int:
             f"{link['latency_s'] * 1e6:.0f} us per hop"
         )
     if args.out:
-        prof.save(args.out)
+        write_with(args.out, prof.save, flag="--out")
         print(f"wrote {args.out}")
     return 0
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device this machine has (CUDA asked for without CUDA fails here, clearly)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}); profile with --device cpu or on a machine with a GPU"
+        )
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: profiling supports cpu or cuda")
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (a large stand-in where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_batch_memory(batch: int, seq: int | None, config: object) -> None:
+    """Refuse a ``--batch`` whose largest fp32 activation (batch x seq x max(vocab, ffn): the logits or
+    the MLP's inner layer) would not fit in half this machine's memory: the profile runs for real."""
+    if config is None:
+        return
+    width = max(config.vocab, config.ffn_resolved)
+    need = batch * (seq or config.seq) * width * 4
+    have = memory_bytes() // 2
+    if need > have:
+        largest = max(1, have // ((seq or config.seq) * width * 4))
+        raise UsageError(
+            f"--batch {batch}: one activation of ({batch}, {seq or config.seq}, {width}) fp32 values needs "
+            f"{bytes_text(need)}, more than half of this machine's memory ({bytes_text(have)}); profile at "
+            f"--batch {largest} or less (per-op times scale with the batch)"
+        )
 
 
 def render(prof: Profile, args: argparse.Namespace) -> str:

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from autopar.cli.files import check_output, write_with
 from autopar.core.errors import ReportError
 
 ORDER = 30
@@ -44,8 +45,8 @@ def _read_measured(path: str | None) -> dict | None:
             return json.load(f)
     except OSError as e:
         raise ReportError(f"cannot read the measurements file {path!r}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ReportError(f"measurements file {path!r} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"measurements file {path!r} is not valid JSON text: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from autopar.report import load_plan, report_text, write_report
 
     t0 = time.perf_counter()
+    out = Path(args.output) if args.output else Path(args.plan_file).with_suffix(".html")
+    if not args.text:  # before reading anything: the output must not be an input
+        check_output(out, flag="-o", inputs=[args.plan_file, args.measured, args.cluster])
     plan = load_plan(args.plan_file)
     measured = _read_measured(args.measured)
     kwargs = dict(cluster=args.cluster, model=args.model, seq=args.seq, measured=measured)
     if args.text:
         print(report_text(plan, **kwargs))
         return 0
-    out = Path(args.output) if args.output else Path(args.plan_file).with_suffix(".html")
-    write_report(plan, out, **kwargs)
+    write_with(out, lambda tmp: write_report(plan, tmp, **kwargs), flag="-o")
     print(f"report written to {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.2f} s")
     sys.stdout.flush()
     return 0

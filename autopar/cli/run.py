@@ -22,7 +22,8 @@ import shlex
 import subprocess
 import sys
 
-from autopar.core.errors import PlanError
+from autopar.cli.args import positive_int
+from autopar.core.errors import PlanError, UsageError
 
 ORDER = 45
 PLAN_ENV = "AUTOPAR_PLAN"
@@ -36,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "script uses PLAN.json (passed in the AUTOPAR_PLAN environment variable).",
     )
     p.add_argument("plan_file", metavar="PLAN.json", help="a plan written by `autopar plan --out`")
-    p.add_argument("--nproc", type=int, required=True, help="processes on this machine (the plan's ranks)")
+    p.add_argument("--nproc", type=positive_int, required=True, help="processes on this machine (the plan's ranks)")
     p.add_argument("--master-port", type=int, default=None, help="torchrun's rendezvous port")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.add_argument("script", metavar="SCRIPT", help="the training script (after --)")
@@ -67,4 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{PLAN_ENV}={shlex.quote(env[PLAN_ENV])} {shlex.join(cmd)}")
         return 0
+    if not os.path.isfile(args.script):
+        what = "is a directory" if os.path.isdir(args.script) else "does not exist"
+        raise UsageError(
+            f"the training script {args.script!r} {what} (cwd {os.getcwd()}); give the path of a Python "
+            "file after --, e.g. `autopar run plan.json --nproc 4 -- train.py`"
+        )
     return subprocess.call(cmd, env=env)

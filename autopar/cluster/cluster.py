@@ -299,7 +299,9 @@ class Cluster:
         if not spec:
             raise ClusterError("empty cluster spec; give a preset (see `autopar hardware`) or a file path")
         path = Path(spec)
-        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
+        name = spec.partition(":")[0]
+        is_dir = path.is_dir() and name not in cls.presets()
+        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file() or is_dir:
             return cls.from_yaml(path)
         name, _, args = spec.partition(":")
         overrides = schema.parse_override_args(args, spec)

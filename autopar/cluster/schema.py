@@ -223,11 +223,25 @@ def parse_cluster_dict(d: object, *, preset_dict: Callable[[str, str], dict]) ->
 
 
 def read_file(path: Path) -> dict:
+    if path.is_dir():
+        raise ClusterError(
+            f"cluster file {str(path)!r} is a directory; give a .yaml/.json file in it or a preset"
+        )
     if not path.is_file():
         raise ClusterError(
             f"cluster file {str(path)!r} not found; give an existing .yaml/.json file or a preset"
         )
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ClusterError(
+            f"cluster file {str(path)!r} cannot be read ({e.strerror or e}); check its permissions"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ClusterError(
+            f"cluster file {str(path)!r} is not text (byte 0x{e.object[e.start]:02x} at offset {e.start} is "
+            "not UTF-8); a cluster file is YAML or JSON (docs/cluster_format.md)"
+        ) from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -41,3 +41,23 @@ class RuntimeFailure(AutoparError):
 
 class ReportError(AutoparError):
     """A plan file, measurement or option the report cannot use; the message names the field."""
+
+
+class InputError(AutoparError):
+    """An argument of ``autopar.compile`` or a ``step()`` batch that does not fit the model or the
+    traced example (shape, count, type); the message names the argument, the rule and the value."""
+
+
+class NonFiniteError(AutoparError):
+    """A training step produced a NaN/inf loss or gradient (``nan_check``); the optimizer did not
+    step, so the parameters are those of before the step. ``step`` is the step number."""
+
+    def __init__(self, message: str, step: int, parameters: list[str] | None = None):
+        super().__init__(message)
+        self.step = step
+        self.parameters = parameters or []
+
+
+class UsageError(AutoparError):
+    """A command-line value or file path autopar cannot use: an output that would overwrite an input
+    or cannot be written, a script or device that is not there, a number out of its range."""

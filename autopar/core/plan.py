@@ -32,6 +32,7 @@ from typing import Any
 
 from autopar.core.errors import PlanError
 from autopar.core.explain import explain_text
+from autopar.core.text import gb_text, seconds_text
 
 PLAN_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -173,6 +174,15 @@ class PredictedCost:
     memory_capacity_bytes: float = 0.0
     fits: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        """One line for ``print(autopar.estimate(...))``; ``repr`` keeps every field."""
+        fits = "fits" if self.fits else "does NOT fit"
+        return (
+            f"step {seconds_text(self.step_time_s)}, {self.tokens_per_s:,.0f} tokens/s, "
+            f"MFU {100 * self.mfu:.1f}%, memory {gb_text(self.memory_bytes_per_device, '.3g')} "
+            f"of {gb_text(self.memory_capacity_bytes, '.3g')} per device ({fits})"
+        )
 
 
 def _mesh_from(mesh: Any) -> list[MeshAxis]:

@@ -122,8 +122,15 @@ def plan_from_text(text: str, where: str = "plan") -> Plan:
 def load_plan(path: str | Path) -> Plan:
     """A plan file written by ``autopar plan --out`` (or ``Plan.to_json``)."""
     path = Path(path)
+    if path.is_dir():
+        raise PlanError(f"the plan file {str(path)!r} is a directory; give the .json file `autopar plan --out` wrote")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise PlanError(f"cannot read the plan file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            f"the plan file {str(path)!r} is not text (byte 0x{e.object[e.start]:02x} at offset {e.start} "
+            "is not UTF-8); give the JSON file `autopar plan --out` wrote"
+        ) from None
     return plan_from_text(text, str(path))

@@ -225,7 +225,10 @@ def _check_pipeline(pp: int, vpp: int, schedule: str, num_layers: int) -> None:
             "schedule=interleaved needs vpp >= 2 model chunks per pipeline rank; set vpp=2 or more"
         )
     if schedule == "interleaved" and pp < 2:
-        raise PlanError("schedule=interleaved needs pp >= 2; use 1f1b without pipelining")
+        raise PlanError(
+            f"vpp={vpp} (schedule=interleaved) needs pp >= 2 pipeline stages, got pp={pp}; "
+            "set pp=2 or more, or drop vpp and use schedule=1f1b"
+        )
     if not pp_fits_layers(pp, num_layers, vpp):
         raise PlanError(
             f"pp*vpp = {pp}*{vpp} = {pp * vpp} stages exceed the model's {num_layers} layers; "

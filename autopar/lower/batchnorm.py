@@ -210,7 +210,7 @@ def _uses_batch_stats(node: torch.fx.Node, gm: torch.fx.GraphModule) -> dict | N
         return {"module": mod, "x": node.args[0] if node.args else node.kwargs["input"]}
     if node.op != "call_function":
         return None
-    if node.target is F.batch_norm or _is_normalized_batch_norm(node.target):
+    if node.target is F.batch_norm:  # also the tensor-parallel normalisation's form of nn.BatchNorm*d
         args = _bound(node, _F_ARGS, {**_DEFAULTS, "training": False, "momentum": 0.1, "eps": 1e-5})
     elif node.target is _aten_batch_norm():
         args = _bound(node, _ATEN_ARGS, {})
@@ -221,15 +221,6 @@ def _uses_batch_stats(node: torch.fx.Node, gm: torch.fx.GraphModule) -> dict | N
         # The tensor-parallel normalisation reads the module's own flag: ``<path>.training``.
         training = _resolve(gm, str(training.target))
     return args if training is True else None
-
-
-def _is_normalized_batch_norm(target: object) -> bool:
-    """``autopar.sharding.normalize.batch_norm`` (``nn.BatchNorm*d`` as one function, how the
-    tensor-parallel lowering writes it), matched by name like the sharding ops match ours."""
-    return (
-        getattr(target, "__name__", "") == "batch_norm"
-        and getattr(target, "__module__", "") == "autopar.sharding.normalize"
-    )
 
 
 def _resolve(root: nn.Module, target: str) -> object:

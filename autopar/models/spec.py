@@ -75,12 +75,49 @@ def _token_inputs(seq: int) -> Callable[[int], tuple]:
     return make
 
 
+SIZE_LIMITS = {
+    "hidden": 131_072,
+    "layers": 1_024,
+    "heads": 1_024,
+    "kv_heads": 1_024,
+    "ffn": 1_048_576,
+    "vocab": 4_194_304,
+    "seq": 1_048_576,
+}
+"""Largest value of each GPT size field a spec may give (8-32x the largest published models: Llama 3
+405B has hidden 16384, 126 layers, 128 heads, ffn 53248, vocab 128256). Beyond them tracing would
+not end (a billion layers are built one by one) or tensor sizes overflow; the limits are checked
+before anything is built."""
+
+
+def check_spec_sizes(spec: str) -> None:
+    """Raise :class:`ModelSpecError` naming a size field of a ``gpt:``/preset spec that is below 1 or
+    above :data:`SIZE_LIMITS`; file specs and well-formed specs pass (other rules stay in GPTConfig)."""
+    from autopar.models.zoo import parse_fields
+
+    head, _, tail = str(spec).strip().partition(":")
+    if "=" not in tail or head.endswith(".py") or "/" in head:
+        return
+    for key, value in parse_fields(tail, spec).items():
+        limit = SIZE_LIMITS.get(key)
+        if limit is None or not isinstance(value, int):
+            continue
+        if value < 1:
+            raise ModelSpecError(f"model spec {spec!r}: {key}={value} must be a positive integer (>= 1)")
+        if value > limit:
+            raise ModelSpecError(
+                f"model spec {spec!r}: {key}={value:,} exceeds autopar's limit of {limit:,} for {key}; "
+                f"give {key} <= {limit:,} (the largest published models are 8-32x smaller)"
+            )
+
+
 def load_model(spec: str, *, seq: int | None = None) -> LoadedModel:
     """Build ``spec`` on ``meta`` and describe it; ``seq`` overrides a built-in GPT's sequence length."""
     try:
         from autopar.models import build_model
     except ImportError as e:
         raise ModelSpecError(f"the model zoo is not available in this build ({e})") from None
+    check_spec_sizes(spec)
     built = build_model(spec, device="meta", seq=seq)
     if seq is not None and getattr(built, "config", None) is None:
         raise ModelSpecError(

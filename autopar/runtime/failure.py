@@ -7,12 +7,20 @@ Its peers are then blocked in a collective with it; the collective fails when th
 process exits (gloo sees the closed connection at once) or, at the latest, when the group
 timeout expires. The peers' guard reads the store and raises ``RuntimeFailure("rank P: stopped
 because rank R failed ...")``. No rank hangs longer than the group timeout.
+
+A rank killed by a signal (SIGKILL, the out-of-memory killer) reports nothing. Every rank
+therefore also keeps a heartbeat in the store (a counter a daemon thread increments every
+``HEARTBEAT_S``) and records where it is (``"step 3"``) on entering each guarded phase; a peer
+whose collective failed with no report watches the counters for ``_WAIT_FOR_REPORT_S`` and names
+the ranks whose heartbeat stopped, with the phase each was in. Counters, not timestamps: the
+ranks of a multi-node job do not share a clock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -24,6 +32,7 @@ from autopar.core.errors import AutoparError, RuntimeFailure
 log = logging.getLogger(__name__)
 
 FAILED_KEY = "autopar/first_failure"
+HEARTBEAT_S = 0.2
 _WAIT_FOR_REPORT_S = 2.0
 _COLLECTIVE_MARKERS = (
     "Connection closed by peer",
@@ -66,15 +75,101 @@ def root_cause(exc: BaseException) -> BaseException:
     return _chain(exc)[-1]
 
 
+def _reported_cause(exc: BaseException) -> BaseException:
+    """The outermost :class:`AutoparError` of the chain (a message written for the user, over the
+    torch error it explains), else the innermost exception."""
+    return next((e for e in _chain(exc) if isinstance(e, AutoparError)), None) or root_cause(exc)
+
+
+def _heartbeat_key(rank: int) -> str:
+    return f"autopar/heartbeat/{rank}"
+
+
+def _where_key(rank: int) -> str:
+    return f"autopar/where/{rank}"
+
+
+class _Heartbeat:
+    """One daemon thread per process incrementing this rank's counter in the stores it was given:
+    the latest store of each kind (the launcher's TCPStore, the default group's PrefixStore), so a
+    re-initialised process group gets the beat and a stale store stops getting it."""
+
+    _lock = threading.Lock()
+    _stores: dict[str, tuple[dist.Store, int]] = {}
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, store: dist.Store, rank: int) -> None:
+        with cls._lock:
+            cls._stores[type(store).__name__] = (store, rank)
+            if cls._thread is None or not cls._thread.is_alive():
+                cls._thread = threading.Thread(target=cls._beat, name="autopar-heartbeat", daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def _beat(cls) -> None:
+        while True:
+            with cls._lock:
+                targets = list(cls._stores.items())
+            for kind, (store, rank) in targets:
+                try:
+                    store.add(_heartbeat_key(rank), 1)
+                except Exception:  # noqa: BLE001 - the store is gone (the job is ending): drop it
+                    with cls._lock:
+                        if cls._stores.get(kind, (None,))[0] is store:
+                            del cls._stores[kind]
+            time.sleep(HEARTBEAT_S)
+
+
 class FailureReporter:
     """Shares the first failure of a job through the c10d store."""
 
-    def __init__(self, rank: int, store: dist.Store | None = None):
+    def __init__(self, rank: int, store: dist.Store | None = None, world_size: int | None = None):
         self.rank = rank
         self.store = store if store is not None else _default_store()
+        if world_size is None and dist.is_initialized():
+            world_size = dist.get_world_size()
+        self.world_size = world_size
+        if self.store is not None and world_size is not None and world_size > 1:
+            _Heartbeat.start(self.store, rank)
+
+    def enter(self, where: str) -> None:
+        """Record the phase this rank is in, for a peer to name if this rank dies silently."""
+        if self.store is None:
+            return
+        # Best effort: without it only the report of a crash loses detail.
+        with contextlib.suppress(Exception):
+            self.store.set(_where_key(self.rank), where)
+
+    def heartbeats(self) -> dict[int, int]:
+        """Every rank's heartbeat counter (0 for a rank that never beat)."""
+        if self.store is None or not self.world_size:
+            return {}
+        out = {}
+        try:
+            for r in range(self.world_size):
+                out[r] = self.store.add(_heartbeat_key(r), 0)
+        except Exception:  # noqa: BLE001 - the store is gone: nothing to learn from it
+            return {}
+        return out
+
+    def silent_ranks(self, before: dict[int, int]) -> str | None:
+        """``"rank R (in step 3)"`` for the ranks whose heartbeat has not moved since ``before``."""
+        after = self.heartbeats()
+        dead = [r for r in sorted(before) if r != self.rank and after.get(r) == before[r]]
+        if not dead:
+            return None
+        names = []
+        for r in dead:
+            try:
+                where = self.store.get(_where_key(r)).decode() if self.store.check([_where_key(r)]) else None
+            except Exception:  # noqa: BLE001
+                where = None
+            names.append(f"rank {r}" + (f" (in {where})" if where else ""))
+        return ", ".join(names)
 
     def report(self, where: str, exc: BaseException) -> str:
-        cause = root_cause(exc)
+        cause = _reported_cause(exc)
         message = f"rank {self.rank} failed in {where}: {type(cause).__name__}: {cause}"
         if self.store is not None:
             try:
@@ -103,6 +198,8 @@ class FailureReporter:
 @contextlib.contextmanager
 def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None = None) -> Iterator[None]:
     """Turn any exception inside into a :class:`RuntimeFailure` that names the rank that failed first."""
+    if reporter is not None:
+        reporter.enter(where)
     try:
         yield
     except RuntimeFailure:
@@ -111,10 +208,19 @@ def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None 
         if reporter is None:
             raise
         collective = _is_collective_error(exc)
+        beats = reporter.heartbeats() if collective else {}
         # A peer that failed first has reported already (or is about to, if we saw its exit).
         first = reporter.first_failure(_WAIT_FOR_REPORT_S if collective else 0.05)
         if first is not None and not first.startswith(f"rank {reporter.rank} "):
             raise RuntimeFailure(f"rank {reporter.rank}: stopped in {where} because {first}") from exc
+        silent = reporter.silent_ranks(beats) if collective and beats else None
+        if silent is not None:
+            raise RuntimeFailure(
+                f"rank {reporter.rank}: stopped in {where} because {silent} stopped without reporting "
+                f"an error (no heartbeat for {_WAIT_FOR_REPORT_S:g} s): it was killed or crashed "
+                "(a signal such as SIGKILL, the out-of-memory killer, a segfault); see its own log "
+                f"and the launcher's exit codes: {type(exc).__name__}: {exc}"
+            ) from exc
         if collective:
             limit = f" (group timeout {timeout_s:g} s)" if timeout_s else ""
             raise RuntimeFailure(

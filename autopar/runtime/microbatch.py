@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from autopar.core.errors import PlanError
+from autopar.core.errors import InputError, PlanError
 
 
 def batch_size_of(batch: Sequence[torch.Tensor]) -> int:
@@ -28,6 +28,48 @@ def batch_size_of(batch: Sequence[torch.Tensor]) -> int:
             "every input and target must have the samples first"
         )
     return sizes.pop()
+
+
+def check_batch(
+    batch: Sequence,
+    names: Sequence[str],
+    traced: Sequence[Any],
+    sizes: Sequence[int],
+    what: str = "step()",
+) -> None:
+    """Check a batch against the traced example before running: a wrong count, feature size or
+    dtype would otherwise fail deep inside torch (``mat1 and mat2 shapes cannot be multiplied``)
+    or, worse, on one rank only, hanging its peers in the next collective.
+
+    ``names``: the traced inputs then targets; ``traced``: their example values (micro-batch
+    shape); ``sizes``: the sample counts accepted in dim 0 (the global batch, a dp share)."""
+    if len(batch) != len(names):
+        raise InputError(
+            f"{what} got {len(batch)} tensor(s) but the model was compiled for {len(names)}: "
+            f"({', '.join(names)}), the inputs then the loss targets, in the order of example_inputs"
+        )
+    accepted = " or ".join(str(n) for n in sorted(set(sizes), reverse=True))
+    for i, (name, given, example) in enumerate(zip(names, batch, traced)):
+        if not isinstance(example, torch.Tensor) or example.dim() == 0:
+            continue
+        if not isinstance(given, torch.Tensor):
+            raise InputError(
+                f"{what} batch[{i}] ({name}): expected a tensor of shape "
+                f"[{accepted}, {', '.join(map(str, example.shape[1:]))}], got {type(given).__name__}"
+            )
+        want = tuple(example.shape[1:])
+        if given.dim() != example.dim() or tuple(given.shape[1:]) != want or given.shape[0] not in sizes:
+            shape = ", ".join(["B", *map(str, want)])
+            raise InputError(
+                f"{what} batch[{i}] ({name}): expected shape [{shape}] with B = {accepted} "
+                f"(as traced from example_inputs), got {list(given.shape)}; every dimension but the "
+                "first (samples) must equal the example's: re-compile with an example of this shape"
+            )
+        if given.dtype.is_floating_point != example.dtype.is_floating_point:
+            raise InputError(
+                f"{what} batch[{i}] ({name}): expected dtype {example.dtype} as in example_inputs, "
+                f"got {given.dtype}"
+            )
 
 
 def data_parallel_share(batch: Sequence, global_batch: int, dp: int, dp_index: int) -> tuple:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 from autopar.cluster import Cluster
 from autopar.core.errors import PlanError
@@ -228,10 +230,106 @@ def refine_splits(search: SearchView) -> None:
             search.add_split(cand, better)
 
 
+def unit_times(graph: OpGraph, w: Workload, plan: Plan) -> tuple[list[float], float, float] | None:
+    """Per pipeline unit (block instance, in order), its time per micro-batch on stage 0's devices,
+    and the stem's and head's times: from the estimator's own block costs, so units of different
+    types (a ResNet's stages, an MLP's unequal layers) weigh what they cost. None when a unit's
+    work cannot be found (a workload without per-type blocks)."""
+    rates = _rates(w, 0)
+    train = plan.mode == "train"
+    by_name = {b.name: b for stage in w.stages for b, _ in stage.blocks}
+
+    def time_of(block: BlockWork) -> float:
+        one = StageWork(blocks=((block, 1),), p2p_bytes=0.0)
+        return _per_micro_batch(stage_time(one, w.spec, rates, DEFAULT, index=0), train)
+
+    times = []
+    for key, _ in graph.block_order:
+        if key not in by_name:
+            return None
+        times.append(time_of(by_name[key]))
+    stem = time_of(by_name["stem"]) if "stem" in by_name else 0.0
+    head = time_of(by_name["head"]) if "head" in by_name else 0.0
+    return times, stem, head
+
+
+def balanced_split(times: Sequence[float], stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+    """Units per stage (contiguous, each stage >= 1) minimising the slowest stage's time, the stem's
+    time ``first`` on stage 0 and the head's ``last`` on the last stage: the linear-partition
+    dynamic programme (exact for the bottleneck, ``O(S U^2)``)."""
+    n = len(times)
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    inf = float("inf")
+    # best[s][u]: the smallest bottleneck placing the first u units on stages 0..s-1.
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        extra = (first if s == 1 else 0.0) + (last if s == stages else 0.0)
+        for u in range(s, n - (stages - s) + 1):
+            for v in range(s - 1, u):
+                value = max(best[s - 1][v], prefix[u] - prefix[v] + extra)
+                if value < best[s][u]:
+                    best[s][u], cut[s][u] = value, v
+    counts, u = [], n
+    for s in range(stages, 0, -1):
+        v = cut[s][u]
+        counts.append(u - v)
+        u = v
+    return counts[::-1]
+
+
+EXHAUSTIVE_SPLITS = 32
+"""Up to this many contiguous splits of mixed units, the estimator costs every one (the exact
+objective); beyond it, the bottleneck-balanced split (:func:`balanced_split`) is costed."""
+
+
+def _splits(num_units: int, stages: int) -> Iterator[list[int]]:
+    for cuts in itertools.combinations(range(1, num_units), stages - 1):
+        yield [b - a for a, b in zip((0, *cuts), (*cuts, num_units))]
+
+
+def _refine_mixed(search: SearchView, cand: Candidate) -> Candidate | None:
+    """Units of different types (a ResNet's stages, an MLP's unequal layers): the fastest
+    contiguous split the estimator finds, among every split when there are few
+    (:data:`EXHAUSTIVE_SPLITS`), else the split balancing the units' estimated times."""
+    plan = cand.plan
+    if plan.virtual_stages > 1:
+        return None
+    num_units = len(search.graph.block_order)
+    even_counts = even_split(num_units, plan.pp)
+    if math.comb(num_units - 1, plan.pp - 1) <= EXHAUSTIVE_SPLITS:
+        options = [c for c in _splits(num_units, plan.pp) if c != even_counts]
+    else:
+        even = dataclasses.replace(plan, layer_stages=None, predicted=None, search=None)
+        found = unit_times(search.graph, workload(search.graph, search.cluster, even), plan)
+        if found is None:
+            return None
+        times, stem, head = found
+        options = [c for c in [balanced_split(times, plan.pp, first=stem, last=head)] if c != even_counts]
+    best: Candidate | None = None
+    for counts in options:
+        if search.out_of_time():
+            break
+        split = dataclasses.replace(plan, layer_stages=layer_stages(counts), predicted=None)
+        try:
+            cost = estimate(search.graph, search.cluster, split)
+        except PlanError:
+            continue
+        search.stats.evaluated += 1
+        if not cost.fits or (cand.cost.fits and cost.step_time_s >= cand.time_s):
+            continue
+        if best is None or cost.step_time_s < best.time_s:
+            best = type(cand)(keys=dict(cand.keys), plan=split, cost=cost)
+    return best
+
+
 def _refine(search: SearchView, cand: Candidate) -> Candidate | None:
     problem = stage_problem(search.graph, search.cluster, cand.plan)
     if problem is None:
-        return None
+        return _refine_mixed(search, cand)
     bound = bound_stages(problem)
     if bound is None or bound.lower_s >= search.best_s * (1 - 1e-12):
         return None

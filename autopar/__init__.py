@@ -45,6 +45,10 @@ _LAZY = {
     "PlanError": "autopar.core.errors",
     "InfeasibleError": "autopar.core.errors",
     "RuntimeFailure": "autopar.core.errors",
+    "ReportError": "autopar.core.errors",
+    "InputError": "autopar.core.errors",
+    "NonFiniteError": "autopar.core.errors",
+    "UsageError": "autopar.core.errors",
 }
 
 __all__ = sorted(_LAZY)

@@ -38,7 +38,7 @@ from autopar.lower import rng
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
 from autopar.runtime.engines import apply_data_parallel, apply_recompute, build_optimizer
-from autopar.runtime.failure import FailureReporter, guard, root_cause
+from autopar.runtime.failure import FailureReporter, defer_termination, guard, root_cause
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.microbatch import check_batch, data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
@@ -302,6 +302,9 @@ class ParallelModule:
         if dist.is_initialized():
             self._groups = build_process_groups(self.plan, timeout_s=self.timeout_s)
         self._reporter = FailureReporter(rank) if dist.is_initialized() else None
+        if self._reporter is not None and os.environ.get("TORCHELASTIC_RUN_ID"):
+            # torchrun SIGTERMs the survivors of a dead rank at once: let them name it first.
+            defer_termination()
         with guard(self._reporter, "compile", self.timeout_s):
             self._build(rank)
 

@@ -1,7 +1,8 @@
 """Mistakes a user makes with ``autopar.compile`` and ``step()`` give a typed error naming the
 argument, what was expected and what was given, not an error from deep inside torch; a NaN/inf
 step is reported with its number and leaves the parameters as they were. One-rank plans: no
-processes needed (the checks run before anything is distributed)."""
+processes needed (the checks run before anything is distributed), but for one test of a NaN step
+on four ranks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import autopar
 from autopar.core.errors import InputError, NonFiniteError
+from autopar.testing.dist import run_ranks
 from autopar.testing.equivalence import gpt_case
 
 PLAN = autopar.Plan.manual(global_batch=8)
@@ -138,3 +140,35 @@ def test_nan_check_grads_names_the_parameters_and_off_trains_on():
     assert not torch.isfinite(off.state_dict()["fc1.weight"]).all()
     with pytest.raises(InputError, match=r"nan_check='maybe': choose one of 'loss', 'grads', 'off'"):
         _compile(nan_check="maybe")
+
+
+def _nan_on_ranks(plan: autopar.Plan) -> tuple:
+    """Rank function: step 0 clean, step 1 with an inf input; what this rank saw."""
+    compiled = autopar.compile(
+        Regressor(), plan.world_size, example_inputs=_batch(), loss_fn=nn.functional.mse_loss,
+        plan=plan, global_batch=8, nan_check="grads",
+    )  # fmt: skip
+    compiled.step(_batch())
+    before = compiled.state_dict()
+    x, y = _batch()
+    x[5, 2] = float("inf")  # sample 5: the second data-parallel replica's share
+    try:
+        compiled.step((x, y))
+    except NonFiniteError as exc:
+        after = compiled.state_dict()
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        return exc.step, sorted(exc.parameters), unchanged, compiled.step(_batch())
+    return None
+
+
+@pytest.mark.multiproc
+def test_a_nan_step_raises_on_every_rank_alike():
+    """dp=2 x pp=2: the replica without the bad sample and the stage without the bad gradient raise
+    at the same step too (the global loss is the same everywhere; the gradient flag is
+    all-reduced), so no rank is left waiting in a collective."""
+    plan = autopar.Plan.manual(dp=2, pp=2, global_batch=8, micro_batch_size=2)
+    results = run_ranks(_nan_on_ranks, 4, args=(plan,), timeout_s=30)
+    names = ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    for step, parameters, unchanged, next_loss in results:
+        assert (step, parameters, unchanged) == (1, names, True)
+        assert next_loss == results[0][3] and torch.isfinite(torch.tensor(next_loss))

@@ -5,8 +5,9 @@ gradients and parameters of the single-device run (:mod:`autopar.testing.equival
 rtol 1e-5). Oracle: :func:`autopar.testing.equivalence.reference`.
 
 An example is a GPT shape (hidden, heads, kv_heads, layers, vocab, seq, batch, GPT- or Llama-style
-blocks) and plan keys (dp, tp, pp, mbs, schedule, vpp, recompute, zero, sp) for a world of 2, 4 or
-8 ranks. Keys are drawn loosely on purpose, so some break a legality rule: those are *rejected* by
+blocks) and plan keys (dp, tp, pp, mbs, schedule, vpp, recompute, zero, sp) for a world of 2 or 4
+ranks here (8 too in the benchmark). One example in five is drawn loosely on purpose, so some break
+a legality rule: those are *rejected* by
 :func:`autopar.core.plan_rules.resolve_plan` (the CLI's checks) or by a ``PlanError`` from
 ``compile``, and not run. A plan the planner's search space (:mod:`autopar.solve.space`) would
 offer must never be rejected by ``compile``: that counts as a failure.
@@ -19,8 +20,10 @@ more with the same strategies and prints the tally.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +33,28 @@ from autopar.core.plan import RECOMPUTE, Plan
 from autopar.core.plan_rules import divisors, resolve_plan
 from autopar.solve.space import SpaceSpec, knobs, meshes, pipelines
 from autopar.testing.dist import LaunchFailure, run_ranks
-from autopar.testing.equivalence import Case, Trajectory, compare, gpt_case, parallel, reference
+from autopar.testing.equivalence import (
+    Case,
+    Trajectory,
+    clone_case,
+    compare,
+    gpt_case,
+    parallel,
+    reference,
+)
 
-BATCH_SIZE = 4
+BATCH_SIZE = 3
 """(model, plan) pairs per gloo launch in the CI test."""
+ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, eps=1e-4)
+"""AdamW with eps=1e-4, not the harness's 1e-6. Adam's first update ``lr * g / (|g| + eps)`` turns
+a gradient difference ``dg`` into a parameter difference ``lr * eps / (|g| + eps)**2 * dg``, up to
+``lr / eps * dg`` near ``g = 0``. These tiny models have gradient entries of ~1e-7..1e-5 carrying
+fp32 summation noise of ~1e-8 (well within the gradient tolerance), which a gain of 1000 (eps=1e-6)
+or 63 (eps=1e-5) turned into ~1e-6 parameter differences: found by this fuzz, e.g. plain dp=2 on
+gpt(heads=4, kv_heads=2, hidden=32, layers=4, vocab=28, seq=2, batch=4), one entry of
+``layers.3.attn.o_proj.weight`` with gradient -2.6e-6 +- 1.7e-8. With 1e-4 the gain is <= 10,
+while gradients are still compared directly and a real optimizer or ZeRO bug moves parameters by
+~lr = 1e-3."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ class Example:
     keys: tuple[tuple[str, object], ...]
 
     def case(self) -> Case:
-        return gpt_case(**dict(self.model))
+        return clone_case(gpt_case(**dict(self.model)), optimizer=ADAMW)
 
     def label(self) -> str:
         model = ",".join(f"{k}={v}" for k, v in self.model)
@@ -207,7 +228,7 @@ def run_batch(batch: list[Example], timeout_s: float = 120.0) -> Tally:
 
 # ------------------------------------------------------------------------------ the CI test
 @settings(
-    max_examples=3,
+    max_examples=2,
     derandomize=True,
     database=None,
     deadline=None,

@@ -10,11 +10,13 @@ group from the environment. The training script is ``tests/multinode_train.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,26 +51,29 @@ def run_two_agents(plan: str, nproc_per_node: int, tmp_path: Path) -> Trajectory
     port, out = free_port(), tmp_path / "trajectory.pt"
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     logs = [tmp_path / f"agent{node}.log" for node in range(2)]
-    agents = []
+    agents, handles = [], [log.open("w") for log in logs]
     try:
         for node in range(2):
             agents.append(
                 subprocess.Popen(
                     agent_command(node, port, nproc_per_node, plan, out),
                     env=env,
-                    stdout=logs[node].open("w"),
+                    stdout=handles[node],
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group: kill the agent and its workers
                 )
             )
-        codes = [a.wait(timeout=TIMEOUT_S) for a in agents]
+        deadline = time.monotonic() + TIMEOUT_S
+        codes = [a.wait(timeout=max(0.1, deadline - time.monotonic())) for a in agents]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
-        for a in agents:
-            if a.poll() is None:
+        for a in agents:  # the agent and any worker left in its session, even after a clean exit
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(a.pid, signal.SIGKILL)
-                a.wait()
+            a.wait()
+        for handle in handles:
+            handle.close()
     tails = "\n".join(f"--- agent {n} ---\n{log.read_text()[-3000:]}" for n, log in enumerate(logs))
     assert codes is not None, f"the agents did not finish within {TIMEOUT_S} s:\n{tails}"
     assert codes == [0, 0], f"agent exit codes {codes}:\n{tails}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +16,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """argparse type factory: a whole number in [low, high] (a bound keeps work finite)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be between {low} and {high:,}")
+        return value
+
+    parse.__name__ = f"int_in_{low}_{high}"
+    return parse
 
 
 def positive_float(text: str) -> float:

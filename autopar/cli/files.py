@@ -28,7 +28,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(path: str | os.PathLike, *, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_output(
+    path: str | os.PathLike, *, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
     """Raise :class:`UsageError` unless ``path`` can be written without losing an input.
 
     ``flag`` names the option in the message (``--out``); ``inputs`` are the files the command reads.
@@ -49,7 +51,9 @@ def check_output(path: str | os.PathLike, *, flag: str, inputs: Iterable[str | o
             f"(mkdir -p {parent}) or choose another path"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(out)!r}: the directory {str(parent)!r} is not writable; choose another path")
+        raise UsageError(
+            f"{flag} {str(out)!r}: the directory {str(parent)!r} is not writable; choose another path"
+        )
     if out.exists() and not out.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
         raise UsageError(
             f"{flag} {str(out)!r} is read-only; make it writable (chmod u+w) or choose another path"
@@ -72,14 +76,18 @@ def atomic_path(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
     """A temporary path next to ``path`` (same suffix) that replaces ``path`` when the block ends
     without an error; on an error it is removed and ``path`` is untouched."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent if str(out.parent) else ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent if str(out.parent) else "."
+    )
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _mode_for(out))
         os.replace(tmp, out)
     except OSError as e:
-        raise UsageError(f"{flag} {str(out)!r}: cannot write it ({e.strerror or e}); choose another path") from None
+        raise UsageError(
+            f"{flag} {str(out)!r}: cannot write it ({e.strerror or e}); choose another path"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

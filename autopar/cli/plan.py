@@ -32,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default="", metavar="k=v,...", help="keys to fix; the planner chooses the rest")
     p.add_argument("--mode", choices=("train", "inference"), default="train")
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="runner-ups to keep")
-    p.add_argument("--time-limit", type=positive_float, default=60.0, metavar="S", help="search time limit (s)")
+    p.add_argument(
+        "--time-limit", type=positive_float, default=60.0, metavar="S", help="search time limit (s)"
+    )
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON")
     p.add_argument("--report", metavar="FILE", help="write an HTML report of the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -80,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
         write_with(
             args.report,
-            lambda tmp: write_report(plan, tmp, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq),
+            lambda tmp: write_report(
+                plan, tmp, cluster=cluster, model=args.model, graph=graph, seq=loaded.seq
+            ),
             flag="--report",
         )
     cost = plan.predicted

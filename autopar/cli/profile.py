@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from autopar.cli.args import positive_int
+from autopar.cli.args import int_in, positive_int
 from autopar.cli.files import check_output, write_with
 from autopar.core.errors import UsageError
 from autopar.core.text import bytes_text, gb_text
@@ -40,9 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads", type=int_in(1, 4096), default=None, help="torch.set_num_threads (default: torch's)"
     )
-    p.add_argument("--repeats", type=positive_int, default=7, help="timed calls per op (median)")
+    p.add_argument("--repeats", type=int_in(1, 10_000), default=7, help="timed calls per op (median)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the profile as JSON")
     p.add_argument("--cache", default=None, metavar="FILE", help="JSON cache of measured op signatures")
     p.add_argument("--top", type=positive_int, default=15, help="rows of the slowest-ops table")
@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     import autopar
     from autopar.models import build_model
-    from autopar.models.spec import adapt
-
-    from autopar.models.spec import check_spec_sizes
+    from autopar.models.spec import adapt, check_spec_sizes
 
     if args.out:  # before minutes of measuring
         check_output(args.out, flag="--out", inputs=[args.cache])

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from autopar.cli.args import positive_int
 from autopar.cli.files import check_output, write_with
 from autopar.core.errors import ReportError
 
@@ -31,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default: PLAN.html)")
     p.add_argument("--cluster", metavar="CLUSTER", help="the cluster (default: the one stored with the plan)")
     p.add_argument("--model", metavar="MODEL", help="the model spec (default: the one stored with the plan)")
-    p.add_argument("--seq", type=int, default=None, metavar="S", help="sequence length of a GPT spec")
+    p.add_argument(
+        "--seq", type=positive_int, default=None, metavar="S", help="sequence length of a GPT spec"
+    )
     p.add_argument("--measured", metavar="FILE", help="measurements of a run (JSON; see docs/reports.md)")
     p.add_argument("--text", action="store_true", help="print the report as text instead of writing HTML")
     p.set_defaults(func=run)

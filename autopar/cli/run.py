@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 
-from autopar.cli.args import positive_int
+from autopar.cli.args import int_in, positive_int
 from autopar.core.errors import PlanError, UsageError
 
 ORDER = 45
@@ -37,8 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "script uses PLAN.json (passed in the AUTOPAR_PLAN environment variable).",
     )
     p.add_argument("plan_file", metavar="PLAN.json", help="a plan written by `autopar plan --out`")
-    p.add_argument("--nproc", type=positive_int, required=True, help="processes on this machine (the plan's ranks)")
-    p.add_argument("--master-port", type=int, default=None, help="torchrun's rendezvous port")
+    p.add_argument(
+        "--nproc", type=positive_int, required=True, help="processes on this machine (the plan's ranks)"
+    )
+    p.add_argument("--master-port", type=int_in(1, 65535), default=None, help="torchrun's rendezvous port")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.add_argument("script", metavar="SCRIPT", help="the training script (after --)")
     p.add_argument("script_args", nargs="*", metavar="ARGS", help="the script's arguments")

@@ -123,7 +123,9 @@ def load_plan(path: str | Path) -> Plan:
     """A plan file written by ``autopar plan --out`` (or ``Plan.to_json``)."""
     path = Path(path)
     if path.is_dir():
-        raise PlanError(f"the plan file {str(path)!r} is a directory; give the .json file `autopar plan --out` wrote")
+        raise PlanError(
+            f"the plan file {str(path)!r} is a directory; give the .json file `autopar plan --out` wrote"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

@@ -14,12 +14,21 @@ therefore also keeps a heartbeat in the store (a counter a daemon thread increme
 whose collective failed with no report watches the counters for ``_WAIT_FOR_REPORT_S`` and names
 the ranks whose heartbeat stopped, with the phase each was in. Counters, not timestamps: the
 ranks of a multi-node job do not share a clock.
+
+Under torchrun the agent sends SIGTERM to the surviving ranks within a fraction of a second of a
+rank's death, before that watch ends. :func:`defer_termination` lets a rank that is analysing a
+failure finish it (at most ``TERMINATION_GRACE_S``) so that its report reaches the log; a rank
+doing anything else exits within a second (status 143, 128 + SIGTERM).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -33,6 +42,9 @@ log = logging.getLogger(__name__)
 
 FAILED_KEY = "autopar/first_failure"
 HEARTBEAT_S = 0.2
+TERMINATION_GRACE_S = 4.0
+_analysing = threading.Event()
+_terminating = threading.Event()
 _WAIT_FOR_REPORT_S = 2.0
 _COLLECTIVE_MARKERS = (
     "Connection closed by peer",
@@ -97,18 +109,30 @@ class _Heartbeat:
     _lock = threading.Lock()
     _stores: dict[str, tuple[dist.Store, int]] = {}
     _thread: threading.Thread | None = None
+    _stop = threading.Event()
 
     @classmethod
     def start(cls, store: dist.Store, rank: int) -> None:
         with cls._lock:
             cls._stores[type(store).__name__] = (store, rank)
             if cls._thread is None or not cls._thread.is_alive():
+                cls._stop.clear()
                 cls._thread = threading.Thread(target=cls._beat, name="autopar-heartbeat", daemon=True)
                 cls._thread.start()
+                atexit.register(cls.stop)
+
+    @classmethod
+    def stop(cls) -> None:
+        """Join the thread at interpreter exit: a store call still running while torch's C++
+        state is torn down could crash the process after a successful run."""
+        cls._stop.set()
+        thread = cls._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
 
     @classmethod
     def _beat(cls) -> None:
-        while True:
+        while not cls._stop.is_set():
             with cls._lock:
                 targets = list(cls._stores.items())
             for kind, (store, rank) in targets:
@@ -118,7 +142,7 @@ class _Heartbeat:
                     with cls._lock:
                         if cls._stores.get(kind, (None,))[0] is store:
                             del cls._stores[kind]
-            time.sleep(HEARTBEAT_S)
+            cls._stop.wait(HEARTBEAT_S)
 
 
 class FailureReporter:
@@ -195,6 +219,37 @@ class FailureReporter:
             return None
 
 
+def defer_termination(grace_s: float = TERMINATION_GRACE_S) -> bool:
+    """Install a SIGTERM handler that gives a failure analysis in progress ``grace_s`` to finish
+    (the launcher stopping the job must not swallow the report naming the rank that died). Only
+    from the main thread and over the default handler; returns whether it was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False  # the user's own handler wins
+
+    def exit_when_done(signum: int) -> None:
+        deadline = time.monotonic() + grace_s
+        idle_since = None
+        while time.monotonic() < deadline:
+            if _analysing.is_set():
+                idle_since = None
+            else:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 1.0:  # not (or no longer) reporting
+                    break
+            time.sleep(0.05)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        _terminating.set()
+        threading.Thread(target=exit_when_done, args=(signum,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
 @contextlib.contextmanager
 def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None = None) -> Iterator[None]:
     """Turn any exception inside into a :class:`RuntimeFailure` that names the rank that failed first."""
@@ -208,27 +263,41 @@ def guard(reporter: FailureReporter | None, where: str, timeout_s: float | None 
         if reporter is None:
             raise
         collective = _is_collective_error(exc)
-        beats = reporter.heartbeats() if collective else {}
-        # A peer that failed first has reported already (or is about to, if we saw its exit).
-        first = reporter.first_failure(_WAIT_FOR_REPORT_S if collective else 0.05)
-        if first is not None and not first.startswith(f"rank {reporter.rank} "):
-            raise RuntimeFailure(f"rank {reporter.rank}: stopped in {where} because {first}") from exc
-        silent = reporter.silent_ranks(beats) if collective and beats else None
-        if silent is not None:
-            raise RuntimeFailure(
-                f"rank {reporter.rank}: stopped in {where} because {silent} stopped without reporting "
-                f"an error (no heartbeat for {_WAIT_FOR_REPORT_S:g} s): it was killed or crashed "
-                "(a signal such as SIGKILL, the out-of-memory killer, a segfault); see its own log "
-                f"and the launcher's exit codes: {type(exc).__name__}: {exc}"
-            ) from exc
-        if collective:
-            limit = f" (group timeout {timeout_s:g} s)" if timeout_s else ""
-            raise RuntimeFailure(
-                f"rank {reporter.rank}: a collective in {where} failed{limit} and no rank reported an "
-                f"error first; a rank may have crashed or been killed: {type(exc).__name__}: {exc}"
-            ) from exc
-        message = reporter.report(where, exc)
-        if isinstance(exc, AutoparError):
-            raise  # a user error keeps its type (PlanError...); the peers still learn of it
-        log.error("%s\n%s", message, traceback.format_exc())
-        raise RuntimeFailure(message) from exc
+        _analysing.set()
+        try:
+            _explain(reporter, where, exc, collective, timeout_s)
+        finally:
+            _analysing.clear()
+
+
+def _explain(
+    reporter: FailureReporter, where: str, exc: Exception, collective: bool, timeout_s: float | None
+) -> None:
+    """Raise the error of :func:`guard` for ``exc`` (called inside its ``except``)."""
+    beats = reporter.heartbeats() if collective else {}
+    # A peer that failed first has reported already (or is about to, if we saw its exit).
+    first = reporter.first_failure(_WAIT_FOR_REPORT_S if collective else 0.05)
+    if first is not None and not first.startswith(f"rank {reporter.rank} "):
+        raise RuntimeFailure(f"rank {reporter.rank}: stopped in {where} because {first}") from exc
+    silent = reporter.silent_ranks(beats) if collective and beats else None
+    if silent is not None:
+        failure = RuntimeFailure(
+            f"rank {reporter.rank}: stopped in {where} because {silent} stopped without reporting "
+            f"an error (no heartbeat for {_WAIT_FOR_REPORT_S:g} s): it was killed or crashed "
+            "(a signal such as SIGKILL, the out-of-memory killer, a segfault); see its own log "
+            f"and the launcher's exit codes: {type(exc).__name__}: {exc}"
+        )
+        if _terminating.is_set():  # the launcher is ending this process: say it before it does
+            log.error("%s", failure)
+        raise failure from exc
+    if collective:
+        limit = f" (group timeout {timeout_s:g} s)" if timeout_s else ""
+        raise RuntimeFailure(
+            f"rank {reporter.rank}: a collective in {where} failed{limit} and no rank reported an "
+            f"error first; a rank may have crashed or been killed: {type(exc).__name__}: {exc}"
+        ) from exc
+    message = reporter.report(where, exc)
+    if isinstance(exc, AutoparError):
+        raise  # a user error keeps its type (PlanError...); the peers still learn of it
+    log.error("%s\n%s", message, traceback.format_exc())
+    raise RuntimeFailure(message) from exc

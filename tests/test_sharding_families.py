@@ -34,7 +34,14 @@ from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.megatron import megatron_placements
 from autopar.testing import zoo
 from autopar.testing.dist import run_ranks
-from autopar.testing.equivalence import Case, Trajectory, assert_equivalent, clone_case, reference
+from autopar.testing.equivalence import (
+    Case,
+    Trajectory,
+    assert_equivalent,
+    clone_case,
+    parallel_run,
+    reference,
+)
 from autopar.tracing import fx_trace
 
 
@@ -126,22 +133,7 @@ def _program_share(compiled: autopar.ParallelModule) -> float:
 def _run_tp2(cases: list[Case]) -> dict[str, tuple[Trajectory, float]]:
     out = {}
     for case in cases:
-        batches = case.make_batches(case.steps)
-        compiled = autopar.compile(
-            case.build(),
-            2,
-            example_inputs=batches[0],
-            loss_fn=case.loss_fn,
-            optimizer=case.optimizer,
-            plan=Plan.manual(tp=2, global_batch=case.global_batch),
-            global_batch=case.global_batch,
-            num_targets=case.num_targets,
-        )
-        traj = Trajectory()
-        for batch in batches:
-            traj.losses.append(compiled.step(batch))
-            traj.grads.append(compiled.full_grads())
-            traj.params.append(compiled.state_dict())
+        traj, compiled = parallel_run(case, Plan.manual(tp=2, global_batch=case.global_batch))
         out[case.name] = (traj, _program_share(compiled))
     return out
 

@@ -215,8 +215,9 @@ def reference(case: Case) -> Trajectory:
     return out
 
 
-def parallel(case: Case, plan: autopar.Plan) -> Trajectory:
-    """The compiled run of ``case`` under ``plan``; call on every rank (or in-process for 1 rank)."""
+def parallel_run(case: Case, plan: autopar.Plan) -> tuple[Trajectory, autopar.ParallelModule]:
+    """The compiled run of ``case`` under ``plan`` and the compiled module (for its program);
+    call on every rank (or in-process for 1 rank)."""
     model = case.build()
     batches = case.make_batches(case.steps)
     compiled = autopar.compile(
@@ -234,7 +235,12 @@ def parallel(case: Case, plan: autopar.Plan) -> Trajectory:
         out.losses.append(compiled.step(batch))
         out.grads.append(compiled.full_grads())
         out.params.append(compiled.state_dict())
-    return out
+    return out, compiled
+
+
+def parallel(case: Case, plan: autopar.Plan) -> Trajectory:
+    """The compiled run of ``case`` under ``plan``; call on every rank (or in-process for 1 rank)."""
+    return parallel_run(case, plan)[0]
 
 
 def run_plans(case: Case, plans: list[autopar.Plan]) -> list[Trajectory]:

@@ -9,6 +9,8 @@ nodes and compares the predicted iteration time with the published one,
     python benchmarks/fidelity.py --fit           # refit the constants on all rows, then the table
     python benchmarks/fidelity.py --crossval      # fit on half the rows, test on the other half
     python benchmarks/fidelity.py --markdown      # tables for docs/cost_model.md
+    python benchmarks/fidelity.py --sets          # also the sets beyond SC'21 (benchmarks/data/), per
+                                                  # set, and the leave-one-set-out fit
 
 It also checks memory: every published plan fits in 80 GB and the same model with tp = pp = 1
 does not (with the overflow in bytes).
@@ -32,6 +34,7 @@ from autopar.estimator import Workload, predicted_cost, workload
 from autopar.models import GPTConfig
 from cost_models import DEFAULT, FITTED, Calibration, step_time
 from cost_models.constants import FIT_BOUNDS as BOUNDS
+from cost_models.hardware import calibration_for
 from cost_models.transformer import megatron_flops_per_iteration
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "published_runs.json"
@@ -296,6 +299,63 @@ def table_stats(cases: list[Case], calib: Calibration) -> dict[str, tuple[float,
     return out
 
 
+# ------------------------------------------------------------------------------ sets beyond SC'21
+def set_cases(max_seq: int) -> dict[str, list]:
+    """SC'21 (one set: its three tables) and each set of ``benchmarks/data/`` as cases whose
+    ``error(base)`` applies the case's device-kind calibration on top of ``base``."""
+    from fidelity_sets import FRAMEWORK, build_set_cases, load_mpt
+
+    out: dict[str, list] = {"sc21": [_Kinded(c, None) for c in build_cases(load_rows(DATA))]}
+    for c in build_set_cases(load_mpt(max_seq=max_seq)):
+        out.setdefault(c.run.set_name, []).append(_Kinded(c, c.run.kind, FRAMEWORK))
+    return out
+
+
+@dataclass
+class _Kinded:
+    """A case timed under ``calibration_for(kind, base)`` (SC'21 rows: ``base`` itself)."""
+
+    case: object
+    kind: str | None
+    framework: str = "megatron"
+
+    def error(self, base: Calibration) -> float:
+        calib = base if self.kind is None else calibration_for(self.kind, base, framework=self.framework)
+        return self.case.error(calib)
+
+
+def set_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[str]:
+    head = ("set", "rows", "mean |error|", "max |error|", "mean error")
+    lines = [_row(head, markdown, header=True)]
+    for name, cases in sets.items():
+        errs = [c.error(base) for c in cases]
+        mean, worst = summarise(errs)
+        bias = sum(errs) / len(errs)
+        lines.append(_row((name, len(errs), f"{mean:.1%}", f"{worst:.1%}", f"{bias:+.1%}"), markdown))
+    return lines
+
+
+def loso_lines(sets: dict[str, list], markdown: bool) -> list[str]:
+    """Fit the FITTED constants on every other set, test on the one left out."""
+    head = ("left out", *FITTED, "mean |error|", "max |error|")
+    lines = [_row(head, markdown, header=True)]
+    for name, test in sets.items():
+        train = [c for other, cs in sets.items() if other != name for c in cs]
+        c = fit(train, rounds=20)
+        mean, worst = summarise([x.error(c) for x in test])
+        consts = [f"{getattr(c, k):.3g}" for k in FITTED]
+        lines.append(_row((name, *consts, f"{mean:.1%}", f"{worst:.1%}"), markdown))
+    return lines
+
+
+def _row(cells, markdown: bool, header: bool = False) -> str:
+    cells = [str(x) for x in cells]
+    if markdown:
+        line = "| " + " | ".join(cells) + " |"
+        return line + "\n|" + "---|" * len(cells) if header else line
+    return cells[0].ljust(16) + "".join(c.rjust(22) for c in cells[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help="published_runs.json")
@@ -303,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crossval", action="store_true", help="fit on half the rows, test on the other half")
     ap.add_argument("--markdown", action="store_true", help="markdown tables (for docs/cost_model.md)")
     ap.add_argument("--ablate", action="store_true", help="error with each modelled effect switched off")
+    ap.add_argument("--sets", action="store_true", help="per-set errors beyond SC'21 and leave-one-set-out")
+    ap.add_argument("--max-seq", type=int, default=4096, help="--sets: skip rows with a longer sequence")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -331,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if args.ablate:
         print("\n".join(ablation_lines(load_rows(args.data), args.markdown)))
+        print()
+    if args.sets:
+        sets = set_cases(args.max_seq)
+        print("\n".join(set_lines(sets, calib, args.markdown)))
+        print()
+        print("\n".join(loso_lines(sets, args.markdown)))
         print()
     stats = table_stats(cases, calib)
     limits = {"T1": (0.05, 0.10), "T2": (0.05, 0.10), "Z3": (0.15, 0.15)}

@@ -13,6 +13,11 @@ and frees recompute, sequence parallelism, ZeRO and the split.
     python benchmarks/plan_quality.py              # the table and a summary line
     python benchmarks/plan_quality.py --markdown   # the table for docs/planner.md
     python benchmarks/plan_quality.py --json out.json
+    python benchmarks/plan_quality.py --sets       # instead: rows of the sets beyond SC'21 (benchmarks/data/)
+
+``--sets`` plans a few rows of the llm-foundry MPT sweep (H100, A100 80GB, A100 40GB; FSDP as
+published) the same way: free plan against the published (dp = gpus, ZeRO-2/3, its micro-batch and
+recompute), both costed by the same estimator with the default constants.
 
 Exit status 1 when a row fails (chosen plan does not fit or is predicted slower).
 """
@@ -216,11 +221,61 @@ def summary(results: list[dict]) -> str:
     )
 
 
+SET_ROWS = (
+    "mpt_h100_large:70b/s2048/512g/mb8",
+    "mpt_h100_large:7b/s2048/128g/mb6",
+    "mpt_h100_large:1b/s2048/128g/mb12",
+    "mpt_h100:13b/s2048/8g/mb2",
+    "mpt_a100_80g:13b/s2048/8g/mb2",
+    "mpt_a100_80g:1b/s2048/8g/mb14",
+    "mpt_a100_40g:7b/s2048/64g/mb18",
+)
+"""One row per regime (large / small model, one node / many, each device kind)."""
+
+
+def run_set_rows() -> list[dict]:
+    """Free plan vs the published FSDP plan on the rows of :data:`SET_ROWS`."""
+    from fidelity_sets import cluster_for, graph_for, load_mpt, plan_for
+
+    out = []
+    for run in load_mpt(max_seq=2048):
+        if f"{run.set_name}:{run.label}" not in SET_ROWS:
+            continue
+        graph, cluster = graph_for(run), cluster_for(run)
+        published = estimate(graph, cluster, plan_for(run))
+        gb = run.gpus * run.mbs * run.grad_accum
+        try:
+            plan = autopar.plan(graph, cluster, global_batch=gb, progress=False)
+        except AutoparError as e:
+            out.append({"label": f"{run.set_name}:{run.label}", "error": str(e)})
+            continue
+        ratio = plan.predicted.step_time_s / published.step_time_s
+        ok = plan.predicted.fits and ratio <= 1 + 1e-9
+        out.append({"label": f"{run.set_name}:{run.label}", "ratio": ratio, "ok": ok, "plan": plan.summary()})
+        print(f"  {run.set_name}:{run.label}: {ratio:.3f}", file=sys.stderr)
+    return out
+
+
+def set_table(rows: list[dict]) -> str:
+    lines = ["| row | chosen plan | chosen / published | ok |", "|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | error: {r['error'][:60]} | | no |")
+        else:
+            lines.append(f"| {r['label']} | {r['plan']} | {r['ratio']:.3f} | {'yes' if r['ok'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    ap.add_argument("--sets", action="store_true", help="only the rows of the sets beyond SC'21")
     args = ap.parse_args(argv)
+    if args.sets:
+        set_results = run_set_rows()
+        print(set_table(set_results))
+        return 0 if all(r.get("ok") for r in set_results) else 1
     results = []
     for row in load_rows():
         r = run_row(row)

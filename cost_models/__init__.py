@@ -9,6 +9,8 @@
   :func:`optimizer_step_s`.
 * :mod:`.transformer`: published closed forms (FLOPs, activation memory) and a layer workload.
 * :mod:`.constants`: every constant with its source (:class:`Calibration`).
+* :mod:`.hardware`: measured per-device-kind efficiencies and per-framework behaviour;
+  ``calibration_for(kind, base, framework=...)`` (not re-exported: import from the module).
 
 Public API: the names in ``__all__`` below (``from cost_models import ...``); the workload types
 (:mod:`.workload`) are what ``autopar.estimator`` fills, :func:`step_time` and the memory functions

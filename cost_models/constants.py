@@ -72,6 +72,11 @@ class Calibration:
     zero3_prefetch_overlap: bool = True
     """ZeRO-3 / FSDP prefetch the next layer's parameters while computing this one, so gathers overlap
     compute (DeepSpeed ``prefetch_bucket_size``, FSDP ``forward_prefetch``)."""
+    zero3_regather_for_recompute: bool = True
+    """ZeRO-3 gathers a block's parameters a third time for its recomputed forward (DeepSpeed ZeRO-3
+    under Megatron's checkpointing, the SC'21 rows). PyTorch FSDP runs the checkpointed forward inside
+    the backward's gathered window (``FullyShardedDataParallel`` pre-backward hook), so it gathers
+    twice: False (:data:`cost_models.hardware.FRAMEWORKS` ``fsdp``)."""
     overlap_sharpness: float = 2.29
     """*fitted.* Overlapped compute ``C`` and communication ``K`` take ``(C^p + K^p)^(1/p)``: ``p -> inf``
     is perfect overlap (``max``), ``p = 1`` none (sum). Overlap is worst when the two are comparable

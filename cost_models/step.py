@@ -158,7 +158,8 @@ def _zero3_time(
     param_b, grad_b = bytes_per_param
     gather = collective_time_s("all_gather", block.param_count * param_b, dp_group, calib=calib)
     scatter = collective_time_s("reduce_scatter", block.param_count * grad_b, dp_group, calib=calib)
-    gathers = 3 if (recompute == "full" and block.recomputable) else 2
+    regather = recompute == "full" and block.recomputable and calib.zero3_regather_for_recompute
+    gathers = 3 if regather else 2
     return gathers * gather + scatter
 
 

@@ -105,6 +105,10 @@ class StageWork:
     p2p_bytes: float = 0.0
     """Activation bytes this rank sends to the next stage per micro-batch and chunk (full tensor)."""
 
+    shared_param_count: float = 0.0
+    """Parameters two of the blocks both count that are one tensor on this rank (an embedding tied
+    to the output head when the stem and the head share a stage): subtracted once."""
+
     @property
     def param_count(self) -> float:
-        return sum(b.param_count * c for b, c in self.blocks)
+        return sum(b.param_count * c for b, c in self.blocks) - self.shared_param_count

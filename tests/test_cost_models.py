@@ -32,7 +32,7 @@ from cost_models import (
     model_state_bytes,
     step_time,
 )
-from cost_models.step import overlapped_s
+from cost_models.step import op_time_s, overlapped_s
 from cost_models.transformer import (
     korthikanti_activation_bytes,
     megatron_flops_per_iteration,
@@ -287,3 +287,65 @@ def test_bad_inputs_raise():
     with pytest.raises(KeyError, match="unknown calibration"):
         DEFAULT.with_(gemm_peak=1.0)
     assert math.isclose(DEFAULT.with_(gemm_max_efficiency=0.5).gemm_max_efficiency, 0.5)
+
+
+def test_fsdp_reuses_the_backward_gather_for_the_recomputed_forward():
+    """PyTorch FSDP runs a checkpointed block's recompute inside its backward gather: 2 gathers."""
+    from cost_models.hardware import calibration_for
+
+    dp = GroupSpec(size=64, ranks_per_node=1, intra=NVLINK, inter=IB)
+    block = BlockWork(name="layer", param_count=1e9, saved_bytes={"none": 0, "full": 0})
+    calib = calibration_for("a100-80g", framework="fsdp")
+    t = block_time(block, A100, {"dp": dp}, recompute="full", zero_stage=3, calib=calib)
+    gather = collective_time_s("all_gather", 2e9, dp, calib=calib)
+    scatter = collective_time_s("reduce_scatter", 2e9, dp, calib=calib)
+    assert t.zero_comm_s == pytest.approx(2 * gather + scatter)
+    assert not calib.fuse_elementwise  # eager PyTorch: one kernel per elementwise op
+
+
+def test_device_kind_constants_are_the_measured_ratios_and_keep_the_reference_kind():
+    """The A100 (reference) calibration is DEFAULT bit for bit, so SC'21 numbers cannot move; other
+    kinds scale the fitted GEMM ceiling by their measured matmul ratio and take their own HBM,
+    fused-attention and NVLink efficiencies (cost_models/hardware.py sources)."""
+    from cost_models.hardware import KINDS, calibration_for
+
+    assert calibration_for("a100-80g") == DEFAULT
+    assert calibration_for("a100-40g") == DEFAULT
+    assert calibration_for("tpu-v9") == DEFAULT  # unknown kind: datasheet peaks only
+    h100 = calibration_for("h100-sxm")
+    ratio = KINDS["h100-sxm"].gemm_isolated / KINDS["a100-80g"].gemm_isolated
+    assert h100.gemm_max_efficiency == pytest.approx(DEFAULT.gemm_max_efficiency * ratio)
+    assert 0.5 < h100.gemm_max_efficiency < DEFAULT.gemm_max_efficiency
+    assert h100.fused_attention_efficiency == pytest.approx(327.9 / 989.4)
+    assert h100.intra_node_efficiency == pytest.approx(370 / 450)
+    assert h100.gemm_wave_elements == 132 * 128 * 128
+    for k in KINDS.values():
+        for x in (k.gemm_isolated, k.hbm_efficiency, k.fused_attention_efficiency, k.intra_node_efficiency):
+            assert 0.2 < x < 1.0
+    with pytest.raises(KeyError, match="unknown framework"):
+        calibration_for("h100-sxm", framework="jax")
+
+
+def test_fused_attention_is_costed_not_dropped():
+    """A model with scaled_dot_product_attention used to get no attention time at all (the traced
+    node had no GEMM dims); its forward now costs at least its FLOPs at the fused-kernel efficiency."""
+    import torch
+
+    import autopar
+    from autopar.cluster import Cluster
+    from autopar.core.plan import Plan
+    from autopar.estimator import workload
+    from autopar.models import GPTConfig
+
+    cfg = GPTConfig(hidden=512, layers=2, heads=8, vocab=1024, seq=2048, bias=False, fused_attention=True)
+    model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=4, dtype=torch.bfloat16)
+    graph = autopar.trace(model, inputs, loss_fn=loss_fn)
+    w = workload(
+        graph, Cluster.preset("dgx-a100-80g"), Plan.manual(dp=8, global_batch=32, micro_batch_size=4)
+    )
+    ops = [op for block, _ in w.spec.stages[0].blocks for op in block.ops if "attention" in op.name]
+    assert ops, "the SDPA node is missing from the workload"
+    flops = 4 * 4 * 8 * 2048 * 2048 * 64  # 2 products of b*heads x s x s x d, non-causal
+    fwd, _ = op_time_s(ops[0], w.rates if not isinstance(w.rates, tuple) else w.rates[0])
+    assert ops[0].flops_fwd == pytest.approx(flops)
+    assert fwd >= flops / (312e12 * DEFAULT.fused_attention_efficiency)

@@ -39,7 +39,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="FILE", help="write an HTML report of the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="explain the choice")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="plan with measured numbers of this machine (local:N clusters): the model's ops at the "
+        "per-rank thread count and the N-process layout's contention, gloo collectives and optimizer "
+        "(cached under $AUTOPAR_CACHE or ~/.cache/autopar)",
+    )
     p.set_defaults(func=run)
+
+
+def _profiled_inputs(args: argparse.Namespace, loaded, cluster) -> tuple:
+    """``--profile``: the model built for real on this machine and traced at the per-rank batch
+    of pure data parallelism (what the profile measures; other micro-batches scale from it)."""
+    import torch
+
+    from autopar.core.errors import PlanError
+    from autopar.estimator.local import is_local
+    from autopar.models import build_model
+
+    if not is_local(cluster):
+        raise PlanError(f"--profile measures this machine: use --cluster local:N (got {args.cluster!r})")
+    params = sum(p.numel() for p in loaded.model.parameters())
+    ram = cluster.device.memory_bytes * cluster.num_devices
+    if 16 * params > 0.5 * ram:  # weights, grads, Adam moments, with room for activations
+        raise PlanError(
+            f"--profile runs {args.model} on this machine, but its {params / 1e6:.0f}M parameters need "
+            f"~{16 * params / 1e9:.1f} GB for training state, over half of this machine's "
+            f"{ram / 1e9:.1f} GB; plan it without --profile"
+        )
+    built = build_model(args.model, device="cpu", seq=args.seq)
+    model = getattr(built, "model", built)
+    batch = max(1, args.global_batch // cluster.num_devices)
+    example = tuple(
+        torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+        for x in loaded.make_inputs(batch)
+    )
+    extra = {"model": model, "example_inputs": example, "loss_fn": loaded.loss_fn, "profile": True}
+    from autopar.tracing import trace
+
+    return trace(model, example, loss_fn=loaded.loss_fn), extra
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,10 +98,14 @@ def run(args: argparse.Namespace) -> int:
     from autopar.models.spec import load_model
 
     loaded = load_model(args.model, seq=args.seq)
-    graph = loaded.trace(batch=1)
+    if args.profile:
+        graph, extra = _profiled_inputs(args, loaded, cluster)
+    else:
+        graph, extra = loaded.trace(batch=1), {}
     plan = autopar.plan(
-        graph,
+        extra.pop("model", graph),
         cluster,
+        **extra,
         global_batch=args.global_batch,
         mode=args.mode,
         fixed=fixed,

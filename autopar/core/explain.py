@@ -42,6 +42,15 @@ def explain_text(plan) -> str:
             f"tensor parallelism shards {100 * tensor_parallel['param_share']:.1f}% of the parameter elements"
         )
         lines += [f"  replicated (no sharding rule): {line}" for line in tensor_parallel["replicated"]]
+    prof = plan.search.get("profiled")
+    if prof:
+        lines.append(
+            f"profiled on this machine ({prof['ranks']} ranks x {prof['threads_per_rank']} thread(s), "
+            f"{prof['measured_at']}): compute x{prof['compute_slowdown']:.2f} when all ranks run, gloo "
+            f"all-reduce {1e6 * prof['all_reduce_latency_s_per_hop']:.0f} us/hop and "
+            f"{prof['all_reduce_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s, AdamW "
+            f"{1e9 * prof['adamw_s_per_element']:.1f} ns/element; {prof['profiled_ops']} ops profiled"
+        )
     lines.append(
         f"searched {st['space_size']} configurations: {st['evaluated']} costed, {st['pruned']} pruned "
         f"by bounds, {st.get('screened', 0)} out of memory, {st['invalid']} invalid; "

@@ -111,6 +111,10 @@ class OpGraph:
     """The underlying ``torch.fx.GraphModule`` (not serialised)."""
     notes: list[str] = field(default_factory=list)
     """Things a person should know (fused attention shrinks saved activations, ...)."""
+    local_profile: Any = None
+    """Measured per-op times and layout numbers for profiled planning on this machine
+    (:class:`autopar.estimator.local.LocalProfile`, attached by ``autopar.estimator.local.apply``;
+    not serialised)."""
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autopar.cluster import Cluster
 from autopar.core.ir import OpGraph
@@ -76,6 +77,9 @@ from autopar.estimator.stages import (
 )
 from autopar.estimator.tensor_parallel import cached, megatron_tp, tp_from_placements
 from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
+
+if TYPE_CHECKING:
+    from autopar.estimator.local import LocalProfile as LocalProfileLike
 
 __all__ = [
     "Workload",
@@ -112,6 +116,11 @@ class Workload:
     hardware_flops_per_step: float
     dtype: str
     seq: int
+    calib: Calibration | None = None
+    """Profiled mode: the constants it replaces for this machine (:func:`predicted_cost` times
+    the workload with these instead of the caller's); None otherwise."""
+    fixed_step_s: float = 0.0
+    """Per-step cost outside the step model (profiled mode: the runtime's scalar loss all-reduce)."""
 
 
 def workload(
@@ -126,6 +135,10 @@ def workload(
 ) -> Workload:
     """Validate ``plan`` and turn graph + cluster + plan into the cost model's inputs."""
     calib = calib or DEFAULT
+    local = profiled_for(graph, cluster) if op_times is None else None
+    if local is not None:  # profiled mode (autopar.estimator.local): measured numbers of this machine
+        op_times = local.times_for(graph.batch_size)
+        calib = local.calibration(calib)
     if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
         calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)
     check_profiled(cluster, op_times)
@@ -169,6 +182,8 @@ def workload(
     kv_block = kv_bytes_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
     model_flops, hw_flops = step_flops(graph, plan, stages)
     rates = [s.rates(key) for s in placed]
+    if local is not None:
+        calib = calib.with_(optimizer_bytes_per_param=local.optimizer_bytes_per_param(graph, rates[0], calib))
     if cluster.is_heterogeneous:
         peak_total = sum(s.peak_flops_per_s(key) for s in placed)
     else:
@@ -188,6 +203,8 @@ def workload(
         hardware_flops_per_step=hw_flops,
         dtype=key,
         seq=_seq_len(graph),
+        calib=calib if local is not None else None,
+        fixed_step_s=local.layout.step_overhead_s if local is not None else 0.0,
     )
 
 
@@ -220,8 +237,13 @@ def estimate(
 
 
 def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration) -> PredictedCost:
-    """Time a :class:`Workload` under ``calib`` and fill a PredictedCost."""
+    """Time a :class:`Workload` under ``calib`` (the workload's own constants in profiled mode)
+    and fill a PredictedCost."""
+    calib = w.calib or calib
     t = step_time(w.spec, w.rates, calib)
+    if w.fixed_step_s:
+        t.step_time_s += w.fixed_step_s
+        t.breakdown_s["step_overhead"] = w.fixed_step_s
     totals = [sum(m.values()) for m in w.memory_per_stage]
     capacities = w.stage_capacity_bytes
     worst = _binding_stage(totals, capacities, cluster.is_heterogeneous)
@@ -281,6 +303,15 @@ def _hetero_extra(w: Workload) -> dict:
             "the mesh and align stages with node groups so each stage has one kind"
         )
     return out
+
+
+def profiled_for(graph: OpGraph, cluster: Cluster) -> LocalProfileLike | None:
+    """The graph's local profile when it was measured for this cluster's layout (same number of
+    local CPU ranks), else None: a profile of this machine says nothing about other hardware."""
+    prof = graph.local_profile
+    if prof is None or cluster.is_heterogeneous or cluster.num_devices != prof.layout.ranks:
+        return None
+    return prof if cluster.device.name == "cpu" else None
 
 
 def _seq_len(graph: OpGraph) -> int:

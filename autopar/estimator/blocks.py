@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from autopar.core.ir import OpGraph, OpNode
@@ -94,7 +94,7 @@ class BlockContext:
     consumers: dict[str, list[OpNode]]
     region: set[str] = field(default_factory=set)
     """The attention-score region (selective recompute)."""
-    measured: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    measured: Mapping[str, Sequence[float]] = field(default_factory=dict)
     """Profiled (forward, backward) seconds per node name, at the graph's batch, unsharded."""
 
     @property
@@ -339,6 +339,16 @@ def _with_measured(ctx: BlockContext, ops: list[OpWork]) -> list[OpWork]:
 
 
 def _measured_fields(ctx: BlockContext, name: str) -> dict[str, float]:
-    fwd, bwd = ctx.measured[name]
     scale = ctx.sc.batch / ctx.sc.div(ctx.tp.shard[name])
-    return {"measured_fwd_s": fwd * scale, "measured_bwd_s": bwd * scale}
+    fwd, bwd = scaled_measured(ctx.measured[name], scale)
+    return {"measured_fwd_s": fwd, "measured_bwd_s": bwd}
+
+
+def scaled_measured(times: Sequence[float], scale: float) -> tuple[float, float]:
+    """Profiled ``(forward, backward[, forward_fixed, backward_fixed])`` at the graph's batch ->
+    one device's micro-batch: the fixed part (dispatch, autograd bookkeeping; measured by the
+    profiled mode from two batch sizes) is paid per call, the rest scales with the work
+    (``scale`` = micro-batch share / tensor-parallel split)."""
+    fwd, bwd = times[0], times[1]
+    f0, b0 = (times[2], times[3]) if len(times) >= 4 else (0.0, 0.0)
+    return f0 + (fwd - f0) * scale, b0 + (bwd - b0) * scale

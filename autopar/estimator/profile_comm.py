@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZES_BYTES = (4 * 1024, 64 * 1024, 1 << 20, 4 << 20, 16 << 20)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,7 +104,7 @@ def measure_collectives(
         )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     args = (ranks, port, tuple(sizes_bytes), repeats, timeout_s, queue)
     procs = [ctx.Process(target=_worker, args=(r, *args), daemon=True) for r in range(ranks)]
     for p in procs:

@@ -122,13 +122,26 @@ def stage_works(
         return _p2p_bytes(graph, first_nodes, tp, sc, calib, consumers)
 
     p2p = p2p_make() if tp_key is None else cached(graph, ("p2p", tp_key, sc, calib), p2p_make)
+    shared = [0.0] * pp
+    if parts.stem and parts.after:  # a tied embedding / head on one stage is one tensor
+        last = max(parts.after)
+        if rank_of[0] == rank_of[last]:
+            shared[rank_of[0]] = _shared_params(graph, parts.stem, parts.after[last], tp)
     return [
         StageWork(
             blocks=tuple((per_type[k], c) for k, c in counts[r].items()) + tuple((b, 1) for b in extra[r]),
             p2p_bytes=p2p,
+            shared_param_count=shared[r],
         )
         for r in range(pp)
     ]
+
+
+def _shared_params(graph: OpGraph, stem: list[OpNode], head: list[OpNode], tp: TPLayout) -> float:
+    """Elements (per device) of the parameters both the stem and the head use."""
+    first = {p: n for n in stem for p in n.param_names if p in graph.params}
+    both = {p: first[p] for n in head for p in n.param_names if p in first}
+    return sum(math.prod(graph.params[p]["shape"]) / tp.shard[n.name].param_div for p, n in both.items())
 
 
 def _consumers(graph: OpGraph) -> dict[str, list[OpNode]]:

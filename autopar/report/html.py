@@ -13,6 +13,7 @@ from autopar.report import bars, devmap, gantt
 from autopar.report import figures as F
 from autopar.report import tables as T
 from autopar.report.context import ReportData
+from autopar.report.measured import predicted_components
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -166,11 +167,36 @@ def section_memory(data: ReportData) -> str:
     )
 
 
+def _components_table(data: ReportData) -> str:
+    comps = (data.measured or {}).get("components_per_rank")
+    if not comps or data.predicted is None:
+        return ""
+    pred = predicted_components(data.predicted.breakdown_s)
+    t = T.Table(
+        "Predicted vs measured step per rank (median step; compute = this rank's forward and backward)",
+        ["rank", "stage", "step", "compute", "optimizer", "collectives, bubble, other"],
+    )
+
+    def cell(p: float, m: float) -> str:
+        err = f" ({100 * (p / m - 1):+.0f}%)" if m > 0 else ""
+        return f"{seconds_text(p)} / {seconds_text(m)}{err}"
+
+    for rank, c in enumerate(comps):
+        s = data.plan.coords(rank).get("pp", 0)
+        t.rows.append([
+            str(rank), str(s), cell(data.predicted.step_time_s, c["step_s"]),
+            cell(pred["compute_s"], c["compute_s"]), cell(pred["optimizer_s"], c["optimizer_s"]),
+            cell(pred["other_s"], c["other_s"]),
+        ])  # fmt: skip
+    return table(t) + '<p class="caption">Each cell: predicted / measured (prediction error).</p>'
+
+
 def section_time(data: ReportData) -> str:
     if data.predicted is None:
         return NO_COSTS
     return (
-        img(bars.breakdown(data), "step-time breakdown")
+        _components_table(data)
+        + img(bars.breakdown(data), "step-time breakdown")
         + '<p class="caption">Compute and recompute of the slowest stage over all micro-batches, its exposed '
         "tensor-parallel and ZeRO collectives and p2p sends, the pipeline bubble (fill and drain), the "
         "exposed data-parallel gradient sync after the last backward, and the optimizer step.</p>"

@@ -9,7 +9,11 @@ The runtime (``compiled.report(path)``) or a user passes a plain dict; every key
         {"stage": 0, "kind": "F", "micro_batch": 0, "start_s": 0.0, "end_s": 0.1, "chunk": 0},
         ...
       ],
-      "source": "4 gloo ranks, steps 3-10"      # shown in the report
+      "source": "4 gloo ranks, steps 3-10",     # shown in the report
+      "components_per_rank": [                  # each rank's median step, split as the cost model
+        {"step_s": 0.84, "compute_s": 0.6, "optimizer_s": 0.05, "other_s": 0.19}, ...
+      ],
+      "predicted": {"step_time_s": 0.8, "breakdown_s": {...}}   # the plan's prediction (informative)
     }
 
 :func:`check_measured` validates it and says which field is wrong.
@@ -22,7 +26,8 @@ import math
 from autopar.core.errors import ReportError
 from autopar.core.plan import Plan
 
-KEYS = ("step_time_s", "memory_bytes_per_rank", "events", "source")
+KEYS = ("step_time_s", "memory_bytes_per_rank", "events", "source", "components_per_rank", "predicted")
+COMPONENT_KEYS = ("step_s", "compute_s", "optimizer_s", "other_s")
 EVENT_KEYS = ("stage", "kind", "micro_batch", "start_s", "end_s")
 
 
@@ -86,4 +91,26 @@ def check_measured(measured: dict | None, plan: Plan) -> dict | None:
         if not isinstance(events, (list, tuple)):
             raise ReportError(f"measured events must be a list, got {type(events).__name__}")
         out["events"] = [_event(e, i, plan) for i, e in enumerate(events)]
+    comps = measured.get("components_per_rank")
+    if comps is not None:
+        if not isinstance(comps, (list, tuple)) or len(comps) != plan.world_size:
+            raise ReportError(
+                f"measured components_per_rank must be a list with one entry per rank ({plan.world_size})"
+            )
+        out["components_per_rank"] = [
+            {k: _number(c.get(k, 0.0), f"components_per_rank[{r}].{k}") for k in COMPONENT_KEYS}
+            if isinstance(c, dict)
+            else _number(c, f"components_per_rank[{r}]")
+            for r, c in enumerate(comps)
+        ]
     return out
+
+
+def predicted_components(breakdown_s: dict[str, float]) -> dict[str, float]:
+    """The cost model's breakdown grouped as a run can measure it: compute (forward, backward and
+    recompute of the slowest stage), the optimizer step, and the rest (collectives, p2p, bubble,
+    per-step overhead)."""
+    compute = breakdown_s.get("compute", 0.0) + breakdown_s.get("recompute", 0.0)
+    opt = breakdown_s.get("optimizer", 0.0)
+    other = sum(breakdown_s.values()) - compute - opt
+    return {"compute_s": compute, "optimizer_s": opt, "other_s": other}

@@ -24,7 +24,7 @@ def splittable(plan: Plan, num_blocks: int) -> bool:
 def pipeline_sum_s(cost: PredictedCost, m: int) -> float:
     """``sum_s T_s`` of a ``v = 1`` candidate from its breakdown: step = m max + (Σ - max) + sync."""
     b = cost.breakdown_s
-    pipe = cost.step_time_s - b.get("dp_comm_exposed", 0.0) - b.get("optimizer", 0.0)
+    pipe = cost.step_time_s - b.get("dp_comm_exposed", 0.0) - b.get("optimizer", 0.0) - b.get("step_overhead", 0.0)
     bubble = b.get("pp_bubble", 0.0)
     return bubble + (pipe - bubble) / m
 
@@ -37,7 +37,7 @@ def split_lower_bound(cost: PredictedCost, plan: Plan, cluster: Cluster) -> floa
         return 0.0
     m, S = plan.num_micro_batches, plan.pp
     total = pipeline_sum_s(cost, m)
-    return (m - 1) * total / S + total
+    return (m - 1) * total / S + total + cost.breakdown_s.get("step_overhead", 0.0)
 
 
 def pipeline_bound(

@@ -45,6 +45,7 @@ from autopar.core.plan import Plan
 from autopar.core.plan_rules import check_keys, divisors, mesh_label
 from autopar.core.progress import Progress
 from autopar.estimator import attention_heads, kv_heads, predicted_cost, workload
+from autopar.estimator.local import LayoutCalibration
 from autopar.estimator.tensor_parallel import tp_coverage
 from autopar.solve import bounds, space
 from autopar.solve.bounds import splittable
@@ -301,6 +302,7 @@ def plan(
     allow_cross_node_tp: bool = False,
     progress: bool = True,
     intra_op: bool = True,
+    profile: bool | LayoutCalibration = False,
 ) -> Plan:
     """The fastest plan that fits ``cluster``, with runner-ups and explanations attached.
 
@@ -308,9 +310,21 @@ def plan(
     ``example_inputs`` (and ``loss_fn``); as in :func:`autopar.compile`, the last ``num_targets``
     example inputs (default 1 with a ``loss_fn``) are the loss's targets. ``fixed``: plan keys the user chose (``{"tp": 8}``); the
     planner searches the rest. Raises :class:`~autopar.core.errors.InfeasibleError` when nothing fits.
+
+    ``profile=True`` (profiled mode, for a cluster that is this machine: ``Cluster.local(N)``):
+    plan with measured numbers instead of nominal ones: this model's per-op times with the
+    per-rank thread count, and the N-process layout's compute contention, gloo collectives,
+    optimizer and per-step costs (:mod:`autopar.estimator.local`; cached on disk). A
+    :class:`~autopar.estimator.local.LayoutCalibration` instead of True: that layout's numbers
+    (``autopar.compile`` measures them with its own ranks).
     """
     t0 = time.perf_counter()
     graph = _as_graph(model_or_graph, example_inputs, loss_fn, num_targets)
+    if profile:
+        layout = profile if isinstance(profile, LayoutCalibration) else None
+        cluster = profiled_cluster(
+            graph, cluster, model_or_graph, example_inputs, loss_fn, num_targets, progress, layout
+        )
     spec = space_spec(graph, cluster, global_batch, mode, fixed, allow_cross_node_tp)
     search = Search(
         graph,
@@ -335,7 +349,41 @@ def plan(
         search.stats.gap = max(0.0, 1.0 - best.cost.mfu)
     attach_search(best.plan, ranked, search, top_k=top_k, cluster=cluster)
     _report_replicated(graph, best.plan)
+    if profile and graph.local_profile is not None:
+        best.plan.search["profiled"] = graph.local_profile.summary()
     return best.plan
+
+
+def profiled_cluster(
+    graph: OpGraph,
+    cluster: Cluster,
+    model_or_graph: OpGraph | torch.nn.Module,
+    example_inputs: tuple | None,
+    loss_fn: Callable | None,
+    num_targets: int | None,
+    progress: bool,
+    layout: LayoutCalibration | None = None,
+) -> Cluster:
+    """Measure this machine for ``cluster``'s layout and ``graph``'s ops; the cluster with the
+    measured link (the graph carries the profile). PlanError when the cluster is not this machine."""
+    from autopar.estimator import local
+
+    if not local.is_local(cluster):
+        raise PlanError(
+            f"profile=True measures this machine, but cluster {cluster.name!r} is not a local CPU cluster; "
+            "use Cluster.local(N) (CLI: --cluster local:N), or plan without profiling"
+        )
+    if example_inputs is None:
+        raise PlanError("profiled planning runs the model's ops: pass example_inputs")
+    layout = layout or local.calibrate_layout(cluster.num_devices, progress=progress)
+    retrace = None
+    if not isinstance(model_or_graph, OpGraph):
+
+        def retrace(inputs: tuple) -> OpGraph:
+            return trace(model_or_graph, inputs, loss_fn=loss_fn, num_targets=num_targets)
+
+    prof = local.profile_model(graph, example_inputs, retrace, layout, progress=progress)
+    return local.apply(cluster, graph, prof)
 
 
 def _report_replicated(graph: OpGraph, plan: Plan) -> None:

@@ -48,6 +48,7 @@ from cost_models import (
     DEFAULT,
     BlockTime,
     BlockWork,
+    Calibration,
     DeviceRates,
     StageWork,
     StepSpec,
@@ -66,6 +67,7 @@ def stage_problem(graph: OpGraph, cluster: Cluster, plan: Plan) -> StageProblem 
     """The ILP's data for ``plan``'s keys (any split), or None when stages mix block types."""
     even = dataclasses.replace(plan, layer_stages=None, predicted=None, search=None)
     w = workload(graph, cluster, even)
+    calib = w.calib or DEFAULT  # profiled mode replaces some constants
     repeated = [_repeated(stage) for stage in w.stages]
     if any(r is None for r in repeated):
         return None
@@ -87,21 +89,21 @@ def stage_problem(graph: OpGraph, cluster: Cluster, plan: Plan) -> StageProblem 
     mem_n, mem_n1 = _memory_points(w, even, repeated)
     for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
         rates = _rates(w, s)
-        t0 = stage_time(_with(stage, block, 0), w.spec, rates, DEFAULT, index=s)
-        t1 = stage_time(_with(stage, block, 1), w.spec, rates, DEFAULT, index=s)
+        t0 = stage_time(_with(stage, block, 0), w.spec, rates, calib, index=s)
+        t1 = stage_time(_with(stage, block, 1), w.spec, rates, calib, index=s)
         per0, per1 = _per_micro_batch(t0, train), _per_micro_batch(t1, train)
         p.block_time_s.append(per1 - per0)
-        p.fixed_time_s.append(per0 + stage_p2p_s(stage, w.spec, DEFAULT, s))
+        p.fixed_time_s.append(per0 + stage_p2p_s(stage, w.spec, calib, s))
         p.block_bytes.append(mem_n1[s] - mem_n[s])
         p.fixed_bytes.append(mem_n[s] - count * (mem_n1[s] - mem_n[s]))
         if train:
             one = [_one_stage(w.spec, s, _with(stage, block, k)) for k in (0, 1)]
-            o0, o1 = (optimizer_step_s(spec, rates, DEFAULT) for spec in one)
+            o0, o1 = (optimizer_step_s(spec, rates, calib) for spec in one)
             p.optimizer_block_s.append(o1 - o0)
             p.optimizer_fixed_s.append(o0)
             syncs.append((stage, block, t0, t1 + t0.scaled(-1.0)))
     if train:
-        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, s, *syncs[s], k))
+        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, s, *syncs[s], k, calib))
     return p
 
 
@@ -119,16 +121,23 @@ def block_time_s(w: Workload, mode: str) -> float | None:
         recompute="none",
         zero_stage=0,
         bytes_per_param=(w.spec.param_bytes, w.spec.grad_bytes),
-        calib=DEFAULT,
+        calib=w.calib or DEFAULT,
     )
     return _per_micro_batch(t, mode == "train")
 
 
 def _sync(
-    spec: StepSpec, index: int, stage: StageWork, block: BlockWork, t0: BlockTime, block_t: BlockTime, k: int
+    spec: StepSpec,
+    index: int,
+    stage: StageWork,
+    block: BlockWork,
+    t0: BlockTime,
+    block_t: BlockTime,
+    k: int,
+    calib: Calibration,
 ) -> float:
     """``D_s(k)``: the exposed data-parallel sync of stage ``index`` holding ``k`` blocks."""
-    return dp_exposed_s(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], DEFAULT)
+    return dp_exposed_s(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], calib)
 
 
 def _one_stage(spec: StepSpec, index: int, stage: StageWork) -> StepSpec:
@@ -170,7 +179,7 @@ def stage_totals(w: Workload, plan: Plan, stages: Sequence[StageWork] | None = N
     estimator counts them. The stages do not depend on recompute or ZeRO, so one workload serves
     every memory knob of a pipeline."""
     stages = w.stages if stages is None else stages
-    memory = stage_memory(stages, plan, w.spec.param_bytes, DEFAULT, [0.0] * len(stages))
+    memory = stage_memory(stages, plan, w.spec.param_bytes, w.calib or DEFAULT, [0.0] * len(stages))
     return [sum(m.values()) for m in memory]
 
 
@@ -241,7 +250,7 @@ def unit_times(graph: OpGraph, w: Workload, plan: Plan) -> tuple[list[float], fl
 
     def time_of(block: BlockWork) -> float:
         one = StageWork(blocks=((block, 1),), p2p_bytes=0.0)
-        return _per_micro_batch(stage_time(one, w.spec, rates, DEFAULT, index=0), train)
+        return _per_micro_batch(stage_time(one, w.spec, rates, w.calib or DEFAULT, index=0), train)
 
     times = []
     for key, _ in graph.block_order:

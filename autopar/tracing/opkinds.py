@@ -318,6 +318,11 @@ def gemm_dims(
         n = b[-1] if len(b) >= 2 else 1
         batch = _numel(out_shape) // max(m * n, 1)
         return (batch, m, n, k)
+    if kind == "attention" and len(in_shapes) >= 3 and len(in_shapes[0]) >= 2 and len(in_shapes[1]) >= 2:
+        # fused attention (SDPA): its score product q @ k^T, (batch*heads, s_q, s_k, head_dim); the
+        # estimator costs the fused kernel at this GEMM's efficiency (without dims it was dropped)
+        q, kk = in_shapes[0], in_shapes[1]
+        return (_numel(q[:-2]), q[-2], kk[-2], q[-1])
     return None
 
 

@@ -49,6 +49,7 @@ _LAZY = {
     "InputError": "autopar.core.errors",
     "NonFiniteError": "autopar.core.errors",
     "UsageError": "autopar.core.errors",
+    "CheckpointError": "autopar.core.errors",
 }
 
 __all__ = sorted(_LAZY)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.cluster import Cluster
-from autopar.core.errors import InputError, NonFiniteError, PlanError, RuntimeFailure
+from autopar.core.errors import CheckpointError, InputError, NonFiniteError, PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
 from autopar.lower import batchnorm as batchnorm_module
@@ -40,11 +42,17 @@ from autopar.lower.program import RankProgram, build_program
 from autopar.runtime.engines import apply_data_parallel, apply_recompute, build_optimizer
 from autopar.runtime.failure import FailureReporter, defer_termination, guard, root_cause
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
+from autopar.runtime.memory import current_rss_bytes, peak_rss_bytes
 from autopar.runtime.microbatch import check_batch, data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
 from autopar.runtime.rank_code import render
 from autopar.runtime.schedule import for_plan
-from autopar.runtime.state import gather_full, scatter_full
+from autopar.runtime.state import (
+    gather_full,
+    gather_optimizer_full,
+    scatter_full,
+    scatter_optimizer_full,
+)
 from autopar.tracing import MODEL_PREFIX, fx_trace, trace
 from autopar.tracing.wrap import split_inputs
 
@@ -52,6 +60,8 @@ log = logging.getLogger(__name__)
 
 PLAN_ENV = "AUTOPAR_PLAN"
 """Path of a plan file for ``compile(plan=None)``; set by ``autopar run PLAN.json``."""
+RESUME_ENV = "AUTOPAR_RESUME"
+"""Checkpoint for ``compile(resume_from=None)``; set by ``autopar run PLAN.json --resume CKPT``."""
 
 
 def _num_devices(cluster: Cluster | int) -> int:
@@ -80,10 +90,15 @@ def compile(  # noqa: A001 - the public name autopar.compile
     timeout_s: float = DEFAULT_TIMEOUT_S,
     batchnorm: str = "sync",
     nan_check: str = "loss",
+    profile: bool | None = None,
+    resume_from: str | os.PathLike | None = None,
 ) -> ParallelModule:
     """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
 
     ``plan=None``: the plan file named by ``$AUTOPAR_PLAN`` (``autopar run``), else the planner's.
+    ``profile``: plan with measured numbers of this machine (:mod:`autopar.estimator.local`); the
+    default ``None`` does so when the cluster is local CPU processes (``Cluster.local(N)``), where
+    nominal numbers mean little. The ranks measure their own layout once (cached on disk).
 
     ``optimizer``: ``callable(params) -> torch.optim.Optimizer`` (default AdamW, lr 1e-3), applied
     to this rank's parameters. ``seed`` seeds dropout masks (:mod:`autopar.lower.rng`).
@@ -98,6 +113,10 @@ def compile(  # noqa: A001 - the public name autopar.compile
     first parameters with non-finite gradients) *before* the optimizer steps: the parameters stay
     those of before the step, every rank raises at the same step, and a caller that wants the
     DeepSpeed/Megatron behaviour (skip the batch) catches it and goes on.
+
+    ``resume_from``: a checkpoint directory written by :meth:`ParallelModule.save` (or its root:
+    the newest complete one), under any plan and world size; the model, the optimizer state, the
+    step count and the RNG state continue from it (docs/checkpoints.md).
     """
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
@@ -109,7 +128,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
     if plan is None and os.environ.get(PLAN_ENV):
         plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
     if plan is None:
-        plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode)
+        plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode, profile)
     if plan.world_size != world:
         raise PlanError(
             f"the plan ({plan.summary()}) uses {plan.world_size} ranks but the cluster has {world} "
@@ -124,7 +143,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
             f"global_batch={global_batch} but the plan was made for {plan.global_batch}; pass the "
             "plan's global batch or re-plan"
         )
-    return ParallelModule(
+    module = ParallelModule(
         model,
         plan,
         cluster=None if isinstance(cluster, int) else cluster,
@@ -138,6 +157,11 @@ def compile(  # noqa: A001 - the public name autopar.compile
         batchnorm=batchnorm,
         nan_check=nan_check,
     )
+    if resume_from is None and os.environ.get(RESUME_ENV):
+        resume_from = os.environ[RESUME_ENV]  # set by `autopar run PLAN.json --resume CKPT`
+    if resume_from is not None:
+        module.load(resume_from)
+    return module
 
 
 NAN_CHECKS = ("loss", "grads", "off")
@@ -188,14 +212,23 @@ def _plan(
     num_targets: int | None,
     global_batch: int,
     mode: str,
+    profile: bool | None = None,
 ) -> Plan:
-    """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank)."""
+    """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank).
+    In profiled mode every rank first measures the layout (the real processes), then rank 0 plans."""
     if isinstance(cluster, int):
         raise PlanError(
             "autopar.compile without a plan asks the planner, which needs an autopar.Cluster (got the "
             f"device count {cluster}); pass autopar.Cluster.local(ranks={cluster}) or "
             f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch})"
         )
+    from autopar.estimator import local
+
+    if profile is None:
+        profile = local.is_local(cluster)
+    layout: bool | local.LayoutCalibration = bool(profile)
+    if profile and dist.is_initialized() and dist.get_world_size() == cluster.num_devices:
+        layout = local.calibrate_in_group()
     box: list = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         from autopar.solve import plan as planner  # lazy: the solver loads pulp
@@ -211,6 +244,7 @@ def _plan(
             loss_fn=loss_fn if mode == "train" else None,
             num_targets=len(targets) if mode == "train" else None,
             progress=False,
+            profile=layout,
         )
         box[0] = chosen.to_json()
     if dist.is_initialized():
@@ -239,9 +273,12 @@ class ParallelModule:
         nan_check: str = "loss",
     ) -> None:
         self.plan = plan
+        self.seed = seed
         self.nan_check = nan_check
         self.cluster = cluster
         self._step_times_s: list[float] = []
+        self._optimizer_times_s: list[float] = []
+        self._rss_at_start = current_rss_bytes()
         self.mode = mode
         self.timeout_s = timeout_s
         self._train = mode == "train"
@@ -473,7 +510,9 @@ class ParallelModule:
         loss = self._global_loss(losses)
         bad = self._non_finite(loss)
         if bad is None:
+            t0 = time.perf_counter()
             self._optimizer.step()
+            self._optimizer_times_s.append(time.perf_counter() - t0)
         return loss, bad
 
     def _sync_tied_grads(self) -> None:
@@ -580,6 +619,127 @@ class ParallelModule:
             scatter_full(self._program.slots, traced)
             scatter_full([s for s in self._buffer_slots if s.full_name in traced], traced)
 
+    @property
+    def global_step(self) -> int:
+        """Training steps taken, counting those of the checkpoint this module resumed from: the
+        data position of a loop that feeds one global batch per step."""
+        return self._step
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training, unsharded, on every rank (collective)::
+
+            {"model": state_dict(), "optim": {"state": {param key: {"step", "exp_avg", ...}},
+             "param_groups": [hyper-parameters]}, "step": int, "samples_seen": int,
+             "seed": int, "rng": {"torch_cpu": ByteTensor}}
+
+        ``optim`` is keyed by the original parameter names (the first name of a tied weight);
+        :func:`autopar.runtime.checkpoint.torch_optimizer_state` turns it into the index-keyed form
+        ``torch.optim.Optimizer.load_state_dict`` of the original model takes. Dropout masks are a
+        function of (seed, step, sample), so ``seed`` and ``step`` are the dropout RNG state."""
+        model = self.state_dict()
+        optim: dict[str, Any] = {"state": {}, "param_groups": []}
+        if self._optimizer is not None:
+            with guard(self._reporter, "gathering the optimizer state", self.timeout_s):
+                traced = gather_optimizer_full(self._optimizer, self._program.slots, self._groups)
+            for key, _ in self._model.named_parameters():  # tied weights: the first name only
+                name = self._key_to_traced.get(key)
+                if name in traced:
+                    optim["state"][key] = traced[name]
+            optim["param_groups"] = [
+                {k: v for k, v in group.items() if k != "params"} for group in self._optimizer.param_groups
+            ]
+        return {
+            "model": model,
+            "optim": optim,
+            "step": self._step,
+            "samples_seen": self._step * self.plan.global_batch,
+            "seed": self.seed,
+            "rng": {"torch_cpu": torch.get_rng_state()},
+        }
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`full_state_dict` (of any plan): parameters, optimizer state, step, RNG."""
+        self.load_state_dict(state["model"])
+        optim = state.get("optim") or {}
+        if self._optimizer is not None and optim.get("state"):
+            traced = {
+                self._key_to_traced[k]: v for k, v in optim["state"].items() if k in self._key_to_traced
+            }
+            with guard(self._reporter, "loading the optimizer state", self.timeout_s):
+                scatter_optimizer_full(self._optimizer, self._program.slots, traced)
+        groups = optim.get("param_groups") or []
+        if self._optimizer is not None and groups:
+            if len(groups) != len(self._optimizer.param_groups):
+                log.warning(
+                    "the saved optimizer has %d parameter groups, this one %d: hyper-parameters "
+                    "(learning rate...) not restored",
+                    len(groups),
+                    len(self._optimizer.param_groups),
+                )
+            else:
+                for group, saved in zip(self._optimizer.param_groups, groups):
+                    group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        self._step = int(state.get("step", self._step))
+        if "torch_cpu" in state.get("rng", {}):
+            torch.set_rng_state(state["rng"]["torch_cpu"])
+        if state.get("seed", self.seed) != self.seed:
+            log.warning(
+                "the checkpoint was trained with seed=%s, this module has seed=%s: dropout masks will "
+                "differ from the saved run's; compile with seed=%s to continue it exactly",
+                state["seed"],
+                self.seed,
+                state["seed"],
+            )
+
+    def save(
+        self,
+        root: str | os.PathLike,
+        *,
+        keep: int | None = None,
+        extra: dict[str, Any] | None = None,
+        model_spec: str | None = None,
+    ) -> Path:
+        """Save the full training state as ``root/step-<N>`` (collective; docs/checkpoints.md):
+        DCP shard files written by all ranks in parallel, then a manifest, then one rename.
+        ``keep``: keep the newest ``keep`` checkpoints. ``extra``: JSON data of the caller's (its
+        data loader's position). ``model_spec``: the model's MODEL string, for ``autopar replan``."""
+        from autopar.runtime.checkpoint import describe_tensor, save_checkpoint
+
+        self._require_runtime()
+        if keep is not None and keep < 1:
+            raise CheckpointError(f"keep={keep}: keep at least the checkpoint being written (keep >= 1)")
+        state = {**self.full_state_dict(), "extra": dict(extra or {})}
+        info = {
+            "plan": json.loads(self.plan.to_json()),
+            "world_size": self.plan.world_size,
+            "global_batch": self.plan.global_batch,
+            "model_spec": model_spec,
+            "model": {k: describe_tensor(v) for k, v in state["model"].items()},
+        }
+        with guard(self._reporter, "saving a checkpoint", self.timeout_s):
+            return save_checkpoint(root, state, info, keep=keep)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load a checkpoint saved under any plan (collective); returns its manifest. The model,
+        the shard files and the format version are checked before anything is loaded, so a bad
+        checkpoint raises :class:`~autopar.core.errors.CheckpointError` and changes nothing."""
+        from autopar.runtime.checkpoint import load_checkpoint
+
+        self._require_runtime()
+        # Not under guard(): its checks raise the same CheckpointError on every rank, which guard
+        # would turn into a RuntimeFailure.
+        state, manifest = load_checkpoint(path, self._model.state_dict())
+        if manifest.get("global_batch") not in (None, self.plan.global_batch):
+            log.warning(
+                "checkpoint global_batch=%s, this plan's %s: step %d resumes at sample %s of the data",
+                manifest["global_batch"],
+                self.plan.global_batch,
+                state["step"],
+                state.get("samples_seen"),
+            )
+        self.load_full_state_dict(state)
+        return manifest
+
     # ------------------------------------------------------------------------------ measurements
     def measured(self) -> dict:
         """This run's measurements for the plan report (collective): the median step time after the
@@ -593,11 +753,40 @@ class ParallelModule:
             out["step_time_s"] = times[len(times) // 2]
         if self._program is not None:
             out["events"] = self._pipeline_events()
-        if self._program is not None and self.device.type == "cuda":
+        if self._program is not None and dist.is_initialized():
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device)
+            else:  # CPU: the process's peak resident set grown since compile (an upper bound)
+                peak = max(peak_rss_bytes() - self._rss_at_start, 0)
             mem = [None] * self.plan.world_size
-            dist.all_gather_object(mem, torch.cuda.max_memory_allocated(self.device))
+            dist.all_gather_object(mem, peak)
             out["memory_bytes_per_rank"] = mem
+            mine = self._components(out.get("events", []))
+            every: list = [None] * self.plan.world_size
+            dist.all_gather_object(every, mine)
+            out["components_per_rank"] = every
+        if self.plan.predicted is not None:
+            out["predicted"] = {
+                "step_time_s": self.plan.predicted.step_time_s,
+                "breakdown_s": dict(self.plan.predicted.breakdown_s),
+            }
         return out
+
+    def _components(self, events: list[dict]) -> dict[str, float]:
+        """This rank's median step split as the cost model splits it: its own forward/backward
+        work (the pipeline events of its stage), the optimizer step, and the rest (collectives,
+        waiting for other stages, the runtime's own work)."""
+        step = statistics.median(self._step_times_s[1:] or self._step_times_s or [0.0])
+        opt = statistics.median(self._optimizer_times_s[1:] or self._optimizer_times_s or [0.0])
+        stage = self.plan.coords(self.rank).get("pp", 0)
+        mine = [e for e in events if e["stage"] == stage]
+        compute = sum(e["end_s"] - e["start_s"] for e in mine)
+        return {
+            "step_s": step,
+            "compute_s": compute,
+            "optimizer_s": opt,
+            "other_s": max(step - compute - opt, 0.0),
+        }
 
     def _pipeline_events(self) -> list[dict]:
         """The last step's timeline of this rank's pipeline (collective over pp); virtual stage

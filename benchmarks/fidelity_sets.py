@@ -24,8 +24,8 @@ from cost_models.hardware import calibration_for
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MPT = DATA_DIR / "mpt_llm_foundry.json"
 
-FRAMEWORK = "fsdp"
-"""llm-foundry trains in eager PyTorch with FSDP (cost_models.hardware.FRAMEWORKS)."""
+FRAMEWORK = "composer"
+"""llm-foundry trains in eager PyTorch with FSDP under Composer (cost_models.hardware.FRAMEWORKS)."""
 
 KIND_OF_PRESET = {"dgx-h100": "h100-sxm", "dgx-a100-80g": "a100-80g", "dgx-a100-40g": "a100-40g"}
 

@@ -89,6 +89,22 @@ class Calibration:
     """Megatron's scatter/gather optimisation: with tp > 1 each TP rank sends only 1/tp of the
     activation across nodes, then an intra-node all-gather rebuilds it (Narayanan et al. §4.1)."""
 
+    # ------------------------------------------------------------------ training-loop extras
+    train_metric_passes: float = 0.0
+    """Forward-only passes over the loss's input (the logits) that the training loop adds per
+    micro-batch, outside the model. 0 for Megatron and a plain loop. MosaicML Composer (llm-foundry's
+    trainer) updates its train metrics after every micro-batch's backward (``Trainer._train_microbatch``
+    -> ``_eval_train_metrics``, under the run's autocast); llm-foundry's MPT registers two,
+    ``LanguageCrossEntropy`` and ``LanguagePerplexity``, each a ``torch.nn.CrossEntropyLoss`` over the
+    whole logits tensor (``composer/metrics/nlp.py``): 2 (:data:`cost_models.hardware.FRAMEWORKS`
+    ``composer``). Memory-bound: with a 50k vocabulary the logits are the largest tensor of a small
+    model, which is why this matters most for 125M-1B models."""
+    train_metric_bytes_factor: float = 7.0
+    """HBM bytes one metric pass moves per byte of 16-bit logits. ``cross_entropy`` is on autocast's
+    float32 list (PyTorch AMP docs, "CUDA Ops that can autocast to float32"): a cast kernel reads 2 B
+    and writes 4 B per element, then the fp32 ``log_softmax`` reads 4 B and writes 4 B (``nll_loss``
+    reads one element per row): 14 B per 2-byte element = 7."""
+
     # ------------------------------------------------------------------ optimizer and memory
     optimizer_bytes_per_param: float = 36.0
     """HBM traffic of a mixed-precision Adam step per parameter: read fp16/fp32 grad (4), fp32 master,

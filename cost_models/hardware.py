@@ -90,11 +90,18 @@ REFERENCE_KIND = "a100-80g"
 FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     "megatron": {},
     "fsdp": {"fuse_elementwise": False, "zero3_regather_for_recompute": False},
+    "composer": {
+        "fuse_elementwise": False,
+        "zero3_regather_for_recompute": False,
+        "train_metric_passes": 2.0,
+    },
 }
 """Software behaviour by training framework (no numbers fitted). ``megatron``: the defaults (fused
 kernels, DeepSpeed-style ZeRO-3). ``fsdp``: eager PyTorch with FSDP (llm-foundry, torchtitan without
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
-forward reuses the backward's parameter gather."""
+forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
+(llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
+micro-batch (``Calibration.train_metric_passes``; sources there)."""
 
 
 def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = "megatron") -> Calibration:

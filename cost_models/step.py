@@ -61,6 +61,15 @@ def overlapped_s(compute_s: float, comm_s: float, calib: Calibration = DEFAULT) 
     return hi * ((compute_s / hi) ** p + (comm_s / hi) ** p) ** (1.0 / p)
 
 
+LOSS_OP_PREFIXES = ("cross_entropy", "nll_loss")
+"""Names (the traced node's) of the ops whose input is the logits a training loop's metrics re-read."""
+
+
+def is_loss_op(op: OpWork) -> bool:
+    """Whether ``op`` is the loss over the logits (by name: OpWork carries no op kind)."""
+    return op.op_class != "gemm" and op.name.startswith(LOSS_OP_PREFIXES)
+
+
 def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> tuple[float, float]:
     """(forward, backward) seconds of ``op`` (all ``count`` copies)."""
     if op.op_class == "gemm":
@@ -88,6 +97,10 @@ def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> 
             bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
     if op.measured_fwd_s is not None:
         fwd = op.measured_fwd_s
+    if calib.train_metric_passes > 0 and is_loss_op(op):
+        fwd += calib.train_metric_passes * memory_op_time_s(
+            calib.train_metric_bytes_factor * op.bytes_fwd, device, calib=calib
+        )
     if op.measured_bwd_s is not None:
         bwd = op.measured_bwd_s
     return fwd * op.count, bwd * op.count

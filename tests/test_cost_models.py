@@ -349,3 +349,22 @@ def test_fused_attention_is_costed_not_dropped():
     fwd, _ = op_time_s(ops[0], w.rates if not isinstance(w.rates, tuple) else w.rates[0])
     assert ops[0].flops_fwd == pytest.approx(flops)
     assert fwd >= flops / (312e12 * DEFAULT.fused_attention_efficiency)
+
+
+def test_composer_train_metrics_reread_the_logits_once_per_pass():
+    """Composer's two train metrics (cross-entropy over the logits under autocast, after every
+    micro-batch) add ``passes * 7 * logits bytes`` of forward HBM traffic to the loss op only; the
+    other frameworks add nothing (oracle: bytes over achievable bandwidth plus one kernel each)."""
+    from cost_models.hardware import calibration_for
+
+    logits = 6.6e9  # bf16 logits of 65536 tokens x 50368 vocabulary
+    loss = OpWork(name="cross_entropy", op_class="memory", bytes_fwd=logits)
+    norm = OpWork(name="ln_f", op_class="memory", bytes_fwd=logits)
+    fsdp = calibration_for("a100-80g", framework="fsdp")
+    composer = calibration_for("a100-80g", framework="composer")
+    assert fsdp.train_metric_passes == 0 and composer.train_metric_passes == 2
+    extra = op_time_s(loss, A100, composer)[0] - op_time_s(loss, A100, fsdp)[0]
+    bandwidth = A100.hbm_bytes_per_s * composer.hbm_efficiency
+    assert extra == pytest.approx(2 * (7 * logits / bandwidth + composer.kernel_overhead_s))
+    assert op_time_s(norm, A100, composer) == op_time_s(norm, A100, fsdp)
+    assert op_time_s(loss, A100, composer)[1] == op_time_s(loss, A100, fsdp)[1]  # no_grad: no backward

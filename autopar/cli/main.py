@@ -31,7 +31,7 @@ import sys
 
 from autopar.core.errors import AutoparError
 
-COMMANDS = ("estimate", "plan", "report", "run", "profile", "hardware", "models")
+COMMANDS = ("estimate", "plan", "report", "run", "replan", "profile", "hardware", "models")
 """The subcommand modules of :mod:`autopar.cli`; their ``ORDER`` sets the order in ``--help``."""
 ERROR_EXIT = 2
 

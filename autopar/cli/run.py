@@ -11,6 +11,10 @@ initialises the process group from torchrun's environment::
     for batch in data:
         compiled.step(batch)
 
+``--resume CKPT`` continues a checkpointed run (``compiled.save``) under this plan, whatever plan
+and world size wrote it: the path goes in ``AUTOPAR_RESUME``, which ``autopar.compile`` reads as
+``resume_from`` (the checkpoint is checked here first: an incomplete or foreign one exits with 2).
+
 ``--dry-run`` prints the torchrun command and exits.
 """
 
@@ -27,6 +31,7 @@ from autopar.core.errors import PlanError, UsageError
 
 ORDER = 45
 PLAN_ENV = "AUTOPAR_PLAN"
+RESUME_ENV = "AUTOPAR_RESUME"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--nproc", type=positive_int, required=True, help="processes on this machine (the plan's ranks)"
     )
     p.add_argument("--master-port", type=int_in(1, 65535), default=None, help="torchrun's rendezvous port")
+    p.add_argument(
+        "--resume",
+        metavar="CKPT",
+        default=None,
+        help="continue from this checkpoint (or the newest under it)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.add_argument("script", metavar="SCRIPT", help="the training script (after --)")
     p.add_argument("script_args", nargs="*", metavar="ARGS", help="the script's arguments")
@@ -67,8 +78,16 @@ def run(args: argparse.Namespace) -> int:
         )
     cmd = command(args.plan_file, args.nproc, args.script, args.script_args, args.master_port)
     env = {**os.environ, PLAN_ENV: os.path.abspath(args.plan_file)}
+    if getattr(args, "resume", None):
+        from autopar.runtime.checkpoint import read_manifest, resolve
+
+        checkpoint = resolve(args.resume)
+        read_manifest(checkpoint)  # format and version, before starting N processes
+        # As given: a root resolves to its newest complete checkpoint at each (re)start under torchrun.
+        env[RESUME_ENV] = os.path.abspath(args.resume)
     if args.dry_run:
-        print(f"{PLAN_ENV}={shlex.quote(env[PLAN_ENV])} {shlex.join(cmd)}")
+        shown = " ".join(f"{k}={shlex.quote(env[k])}" for k in (PLAN_ENV, RESUME_ENV) if k in env)
+        print(f"{shown} {shlex.join(cmd)}")
         return 0
     if not os.path.isfile(args.script):
         what = "is a directory" if os.path.isdir(args.script) else "does not exist"

@@ -61,3 +61,9 @@ class NonFiniteError(AutoparError):
 class UsageError(AutoparError):
     """A command-line value or file path autopar cannot use: an output that would overwrite an input
     or cannot be written, a script or device that is not there, a number out of its range."""
+
+
+class CheckpointError(AutoparError):
+    """A checkpoint that cannot be saved or loaded: incomplete (a save did not finish), of another
+    model (names, shapes or dtypes differ), of another format version, a missing, truncated or
+    corrupted shard file. The message names the key or file; nothing is loaded or overwritten."""

@@ -183,7 +183,11 @@ def workload(
     model_flops, hw_flops = step_flops(graph, plan, stages)
     rates = [s.rates(key) for s in placed]
     if local is not None:
-        calib = calib.with_(optimizer_bytes_per_param=local.optimizer_bytes_per_param(graph, rates[0], calib))
+        calib = calib.with_(
+            optimizer_bytes_per_param=local.optimizer_bytes_per_param(
+                graph, rates[0], calib, zero_stage=plan.zero_stage, dp=plan.dp
+            )
+        )
     if cluster.is_heterogeneous:
         peak_total = sum(s.peak_flops_per_s(key) for s in placed)
     else:

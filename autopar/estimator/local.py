@@ -54,7 +54,7 @@ from cost_models import Calibration
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 _AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20)
 _BIG_ELEMS = 1 << 21
 _SMALL = (64, 1024)  # 64 tensors of 1024 elements
@@ -91,6 +91,8 @@ class LayoutCalibration:
     """AdamW step, per parameter tensor (the foreach loop's fixed cost)."""
     step_overhead_s: float
     """A scalar all-reduce (the runtime's global loss) and its synchronisation, once per step."""
+    optimizer_s_per_sharded_tensor: float = 0.0
+    """AdamW step per DTensor-sharded parameter (ZeRO-2/3 run FSDP2, whose parameters are DTensors)."""
     measured_at: str = ""
     source: dict = field(default_factory=dict)
     """The raw measurements (sizes and times) the numbers were fitted on."""
@@ -209,6 +211,22 @@ def _measure_layout(rank: int, ranks: int) -> dict:
         dist.barrier()
         times[name] = slowest(_median_time(opt.step, 7))
     out["adamw_big_s"], out["adamw_small_s"] = times["big"], times["small"]
+    # ZeRO-2/3 run FSDP2, whose parameters are DTensors: the optimizer dispatches every op per
+    # tensor through DTensor, a per-tensor cost far above the plain foreach loop's
+    if ranks > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (ranks,))
+        sharded = [
+            torch.nn.Parameter(distribute_tensor(torch.zeros(_SMALL[1] * ranks), mesh, [Shard(0)]))
+            for _ in range(_SMALL[0] // 4)
+        ]
+        for p in sharded:
+            p.grad = distribute_tensor(torch.ones(_SMALL[1] * ranks), mesh, [Shard(0)])
+        opt = torch.optim.AdamW(sharded, lr=1e-4)
+        dist.barrier()
+        out["adamw_dtensor_s_per_tensor"] = slowest(_median_time(opt.step, 5)) / len(sharded)
     return out
 
 
@@ -242,6 +260,7 @@ def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
         optimizer_s_per_element=e,
         optimizer_s_per_tensor=per_tensor,
         step_overhead_s=raw["scalar_all_reduce_s"],
+        optimizer_s_per_sharded_tensor=raw.get("adamw_dtensor_s_per_tensor", per_tensor),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         source={k: v for k, v in raw.items()},
     )
@@ -415,22 +434,32 @@ class LocalProfile:
 
     def calibration(self, calib: Calibration) -> Calibration:
         """Cost-model constants for this machine: gloo's measured link is used as is (no NCCL
-        efficiency or base latency on top), ops run eagerly (no fusion), the optimizer step costs
-        the measured AdamW per element (as bytes over the device's memory bandwidth)."""
+        efficiency or base latency on top); ops run eagerly (no fusion); FSDP's parameter gathers
+        do not overlap compute (on CPU there are no side streams: FSDP2 issues and waits for each
+        gather on the compute thread)."""
         return calib.with_(
             intra_node_efficiency=1.0,
             inter_node_efficiency=1.0,
             collective_base_latency_s=0.0,
             fuse_elementwise=False,
             fuse_sibling_gemms=False,
+            zero3_prefetch_overlap=False,
         )
 
-    def optimizer_bytes_per_param(self, graph: OpGraph, rates: Any, calib: Calibration) -> float:
-        """The measured AdamW step as the cost model's bytes per parameter: per element, plus the
-        per-tensor cost spread over the model's mean tensor size."""
+    def optimizer_bytes_per_param(
+        self, graph: OpGraph, rates: Any, calib: Calibration, *, zero_stage: int = 0, dp: int = 1
+    ) -> float:
+        """The measured AdamW step as the cost model's bytes per (sharded) parameter: per element,
+        plus the per-tensor cost spread over the model's mean tensor size (a DTensor's under
+        ZeRO-2/3, whose tensors are 1/dp of the size: each rank still steps every tensor)."""
         tensors = max(len(graph.params), 1)
         elems = sum(math.prod(p["shape"]) for p in graph.params.values()) or 1
-        per_elem = self.layout.optimizer_s_per_element + self.layout.optimizer_s_per_tensor * tensors / elems
+        lay = self.layout
+        if zero_stage >= 2 and dp > 1:
+            per_tensor, elems = lay.optimizer_s_per_sharded_tensor, elems / dp
+        else:
+            per_tensor, elems = lay.optimizer_s_per_tensor, elems / (dp if zero_stage == 1 else 1)
+        per_elem = lay.optimizer_s_per_element + per_tensor * tensors / elems
         return per_elem * rates.hbm_bytes_per_s * calib.hbm_efficiency
 
 

@@ -21,7 +21,11 @@ cheap):
   :class:`~autopar.runtime.engines.ShardedOptimizer`, FSDP2).
 * :mod:`autopar.runtime.recompute`: full and selective activation recompute (checkpointed block
   segments, outlined attention-score regions).
-* :mod:`autopar.runtime.state`: full (unsharded) state dicts and gradients, gathered and scattered.
+* :mod:`autopar.runtime.state`: full (unsharded) state dicts, gradients and optimizer state,
+  gathered and scattered.
+* :mod:`autopar.runtime.checkpoint`: atomic DCP checkpoints with a manifest, resharded on load
+  (:func:`~autopar.runtime.checkpoint.save_checkpoint`, :func:`~autopar.runtime.checkpoint.load_checkpoint`,
+  :func:`~autopar.runtime.checkpoint.resolve`, :func:`~autopar.runtime.checkpoint.list_checkpoints`).
 * :mod:`autopar.runtime.rank_code`: :func:`~autopar.runtime.rank_code.render`, a rank's program as
   readable Python.
 """

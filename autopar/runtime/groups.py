@@ -104,7 +104,19 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    backend, timeout = "nccl" if cuda else "gloo", datetime.timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps its agent's store across restarts, so a restarted group would read the
+        # dead attempt's addresses (gloo: "connection refused"): key each attempt apart.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout
+        )
+        store = dist.PrefixStore(f"autopar/attempt_{attempt}", agent)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     log.info(
         "initialised %s rank %d/%d from the environment",
         dist.get_backend(),

@@ -24,7 +24,12 @@ def splittable(plan: Plan, num_blocks: int) -> bool:
 def pipeline_sum_s(cost: PredictedCost, m: int) -> float:
     """``sum_s T_s`` of a ``v = 1`` candidate from its breakdown: step = m max + (Σ - max) + sync."""
     b = cost.breakdown_s
-    pipe = cost.step_time_s - b.get("dp_comm_exposed", 0.0) - b.get("optimizer", 0.0) - b.get("step_overhead", 0.0)
+    pipe = (
+        cost.step_time_s
+        - b.get("dp_comm_exposed", 0.0)
+        - b.get("optimizer", 0.0)
+        - b.get("step_overhead", 0.0)
+    )
     bubble = b.get("pp_bubble", 0.0)
     return bubble + (pipe - bubble) / m
 

@@ -1,0 +1,137 @@
+"""Profiled planning on this machine (:mod:`autopar.estimator.local`): what the measured numbers
+change in the estimate, where they apply, and the whole loop on real gloo ranks: ``compile`` with no
+plan measures its own layout, plans with it, and ``measured()`` / the report put the prediction
+next to the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import autopar
+from autopar.cluster import Cluster
+from autopar.core.errors import PlanError
+from autopar.core.plan import Plan
+from autopar.estimator import estimate
+from autopar.estimator.local import LayoutCalibration, LocalProfile, apply
+from autopar.models.gpt import GPT, GPTConfig, gpt_loss
+from autopar.testing.dist import run_ranks
+from autopar.tracing import trace
+
+B = 4
+
+
+def _graph():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(hidden=32, layers=2, heads=4, vocab=64, seq=8))
+    x = torch.randint(0, 64, (B, 8))
+    return trace(model, (x, x), loss_fn=gpt_loss)
+
+
+def _layout(ranks: int, slowdown: float = 2.0) -> LayoutCalibration:
+    return LayoutCalibration(
+        ranks=ranks, threads=1, machine="test", slowdown=slowdown, latency_s=1e-4,
+        bandwidth_bytes_per_s=1e9, optimizer_s_per_element=1e-8, optimizer_s_per_tensor=1e-5,
+        step_overhead_s=3e-4,
+    )  # fmt: skip
+
+
+def _profiled(graph, ranks: int, fixed_share: float) -> Cluster:
+    """Every op 1 ms forward, 2 ms backward at the graph's batch, ``fixed_share`` of it fixed."""
+    names = [n.name for n in graph.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    times = {n: (1e-3, 2e-3, fixed_share * 1e-3, fixed_share * 2e-3) for n in names}
+    prof = LocalProfile(layout=_layout(ranks), op_times=times, graph_batch=B)
+    return apply(Cluster.local(ranks), graph, prof)
+
+
+def _compute(graph, cluster, mbs: int) -> float:
+    cost = estimate(graph, cluster, Plan.manual(global_batch=B, micro_batch_size=mbs))
+    return cost.breakdown_s["compute"]
+
+
+def test_fixed_parts_make_micro_batching_cost_what_the_profile_measured():
+    graph = _graph()
+    proportional = _profiled(graph, 1, fixed_share=0.0)
+    whole, quarters = _compute(graph, proportional, B), _compute(graph, proportional, 1)
+    assert quarters == pytest.approx(whole, rel=1e-9)  # no fixed part: splitting the batch is free
+    fixed = _profiled(graph, 1, fixed_share=1.0)
+    assert _compute(graph, fixed, 1) == pytest.approx(4 * _compute(graph, fixed, B), rel=1e-9)
+    # the layout's slowdown multiplies every op: the same ops at slowdown 2 against the sum at 1
+    ops = sum(1 for n in graph.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+    assert whole <= 2.0 * ops * 3e-3 * (1 + 1e-9)
+    assert whole > 0.5 * 2.0 * ops * 3e-3  # most ops are in a block, the stem or the head
+
+
+def test_profiled_optimizer_and_step_overhead_are_the_measured_ones():
+    graph = _graph()
+    cost = estimate(graph, _profiled(graph, 1, 0.5), Plan.manual(global_batch=B))
+    params = sum(torch.Size(p["shape"]).numel() for p in graph.params.values())
+    expected = 1e-8 * params + 1e-5 * len(graph.params)
+    assert cost.breakdown_s["optimizer"] == pytest.approx(expected, rel=1e-6)
+    assert cost.breakdown_s["step_overhead"] == pytest.approx(3e-4)
+    assert cost.step_time_s == pytest.approx(sum(cost.breakdown_s.values()), rel=1e-9)
+
+
+def test_a_profile_applies_only_to_its_own_layout():
+    graph = _graph()
+    plain = estimate(graph, Cluster.local(2), Plan.manual(dp=2, global_batch=B))
+    _profiled(graph, 1, 0.5)  # attaches a 1-rank profile to the graph
+    assert (
+        estimate(graph, Cluster.local(2), Plan.manual(dp=2, global_batch=B)).step_time_s == plain.step_time_s
+    )
+    gpu = Cluster.preset("dgx-a100-80g", nodes=1)
+    with pytest.raises(PlanError, match="not a local CPU cluster"):
+        autopar.plan(graph, gpu, global_batch=8, profile=True, progress=False)
+
+
+def _train_unplanned() -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(hidden=32, layers=2, heads=4, vocab=64, seq=8))
+    x = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
+    compiled = autopar.compile(
+        model, autopar.Cluster.local(2), example_inputs=(x, x), loss_fn=gpt_loss, global_batch=8
+    )
+    for _ in range(3):
+        compiled.step((x, x))
+    measured = compiled.measured()
+    path = Path(os.environ["AUTOPAR_CACHE"]) / f"report-{torch.distributed.get_rank()}.html"
+    compiled.report(path, measured=measured)
+    return {"plan": compiled.plan.to_json(), "measured": measured, "html": path.read_text()}
+
+
+def test_compile_without_a_plan_profiles_this_machine_and_reports_predicted_vs_measured():
+    out = run_ranks(_train_unplanned, 2, timeout_s=120)[0]
+    plan = Plan.from_json(out["plan"])
+    prof = plan.search["profiled"]
+    assert prof["ranks"] == 2 and prof["profiled_ops"] > 20 and prof["compute_slowdown"] >= 1.0
+    assert "profiled on this machine (2 ranks" in plan.explain()
+    m = out["measured"]
+    assert m["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s)
+    assert len(m["components_per_rank"]) == 2 and len(m["memory_bytes_per_rank"]) == 2
+    for c in m["components_per_rank"]:
+        assert c["step_s"] > 0 and c["compute_s"] > 0 and c["optimizer_s"] > 0
+        assert c["compute_s"] + c["optimizer_s"] + c["other_s"] == pytest.approx(c["step_s"], rel=1e-6)
+    assert "Predicted vs measured step per rank" in out["html"]
+    layouts = list((Path(os.environ["AUTOPAR_CACHE"]) / "layouts").glob("*ranks2.json"))
+    assert len(layouts) == 1 and json.loads(layouts[0].read_text())["ranks"] == 2
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autopar", *args], capture_output=True, text=True, timeout=300, env=os.environ
+    )
+
+
+def test_cli_plan_profile_uses_the_measured_layout_and_refuses_other_clusters():
+    model = "gpt:hidden=32,layers=2,heads=4,vocab=64,seq=8"
+    ok = _cli("plan", model, "--cluster", "local:2", "--global-batch", "8", "--profile", "--verbose")
+    assert ok.returncode == 0, ok.stderr
+    assert "profiled on this machine (2 ranks" in ok.stdout
+    bad = _cli("plan", model, "--cluster", "dgx-a100-80g", "--global-batch", "8", "--profile")
+    assert bad.returncode == 2 and "--profile measures this machine" in bad.stderr

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,11 +34,18 @@ from autopar.cluster import Cluster
 from autopar.core.errors import CheckpointError, InputError, NonFiniteError, PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
+from autopar.lower import TPContext, rng
 from autopar.lower import batchnorm as batchnorm_module
-from autopar.lower import rng
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
-from autopar.runtime.engines import apply_data_parallel, apply_recompute, build_optimizer
+from autopar.runtime.engines import (
+    apply_data_parallel,
+    apply_recompute,
+    build_optimizer,
+    expert_names,
+    expert_params,
+    sync_expert_grads,
+)
 from autopar.runtime.failure import FailureReporter, defer_termination, guard, root_cause
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
 from autopar.runtime.memory import current_rss_bytes, peak_rss_bytes
@@ -92,6 +98,8 @@ def compile(  # noqa: A001 - the public name autopar.compile
     nan_check: str = "loss",
     profile: bool | None = None,
     resume_from: str | os.PathLike | None = None,
+    replan_after: int | None = None,
+    replan_threshold: float = 0.25,
 ) -> ParallelModule:
     """Compile ``model`` for ``cluster`` under ``plan`` (see the module docstring).
 
@@ -117,9 +125,16 @@ def compile(  # noqa: A001 - the public name autopar.compile
     ``resume_from``: a checkpoint directory written by :meth:`ParallelModule.save` (or its root:
     the newest complete one), under any plan and world size; the model, the optimizer state, the
     step count and the RNG state continue from it (docs/checkpoints.md).
+
+    ``replan_after``: live re-planning (:meth:`ParallelModule.maybe_replan`). After this many
+    steps, if the slowest rank's median step time is off the plan's prediction by more than
+    ``replan_threshold`` (relative; a plan without a prediction is always checked), re-plan with
+    numbers measured on this machine and move the state in memory to the new plan when it is
+    predicted at least 5% faster. Needs ``Cluster.local(N)``; recorded on ``compiled.replans``.
     """
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
+    _check_replan(replan_after, replan_threshold, cluster, mode)
     if nan_check not in NAN_CHECKS:
         raise InputError(f"nan_check={nan_check!r}: choose one of {', '.join(map(repr, NAN_CHECKS))}")
     _check_optimizer(optimizer)
@@ -128,7 +143,9 @@ def compile(  # noqa: A001 - the public name autopar.compile
     if plan is None and os.environ.get(PLAN_ENV):
         plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
     if plan is None:
-        plan = _plan(model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode, profile)
+        plan = _plan(
+            model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode, profile, timeout_s
+        )
     if plan.world_size != world:
         raise PlanError(
             f"the plan ({plan.summary()}) uses {plan.world_size} ranks but the cluster has {world} "
@@ -161,10 +178,30 @@ def compile(  # noqa: A001 - the public name autopar.compile
         resume_from = os.environ[RESUME_ENV]  # set by `autopar run PLAN.json --resume CKPT`
     if resume_from is not None:
         module.load(resume_from)
+    module.replan_after, module.replan_threshold = replan_after, replan_threshold
     return module
 
 
 NAN_CHECKS = ("loss", "grads", "off")
+
+
+def _check_replan(after: int | None, threshold: float, cluster: Cluster | int, mode: str) -> None:
+    if after is None:
+        return
+    if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+        raise InputError(
+            f"replan_after={after!r}: the number of measured steps before re-planning (int >= 1)"
+        )
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
+        raise InputError(
+            f"replan_threshold={threshold!r}: a relative error >= 0 (0.25: 25% off the prediction)"
+        )
+    if isinstance(cluster, int) or mode != "train":
+        raise InputError(
+            "replan_after re-plans a training run with the planner, which needs mode='train' and an "
+            f"autopar.Cluster (got {'the device count ' + str(cluster) if isinstance(cluster, int) else mode!r}); "
+            f"pass autopar.Cluster.local(ranks=...)"
+        )
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -213,9 +250,10 @@ def _plan(
     global_batch: int,
     mode: str,
     profile: bool | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Plan:
-    """The planner's plan, computed on rank 0 and broadcast (a time-limited search may differ by rank).
-    In profiled mode every rank first measures the layout (the real processes), then rank 0 plans."""
+    """The planner's plan, the same on every rank (:func:`autopar.runtime.replan.plan_in_job`:
+    under torchrun the running ranks measure the layout, nothing is spawned)."""
     if isinstance(cluster, int):
         raise PlanError(
             "autopar.compile without a plan asks the planner, which needs an autopar.Cluster (got the "
@@ -223,34 +261,21 @@ def _plan(
             f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch})"
         )
     from autopar.estimator import local
+    from autopar.runtime.replan import plan_in_job  # lazy: loads the estimator
 
+    init_from_env(timeout_s)  # under torchrun: plan with the job's ranks, never spawn more
     if profile is None:
         profile = local.is_local(cluster)
-    layout: bool | local.LayoutCalibration = bool(profile)
-    if profile and dist.is_initialized() and dist.get_world_size() == cluster.num_devices:
-        layout = local.calibrate_in_group()
-    box: list = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        from autopar.solve import plan as planner  # lazy: the solver loads pulp
-
-        inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
-        args = (*inputs, *targets) if mode == "train" else inputs
-        chosen = planner(
-            model,
-            cluster,
-            global_batch=global_batch,
-            mode=mode,
-            example_inputs=args,
-            loss_fn=loss_fn if mode == "train" else None,
-            num_targets=len(targets) if mode == "train" else None,
-            progress=False,
-            profile=layout,
-        )
-        box[0] = chosen.to_json()
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    log.info("planner chose %s", box[0])
-    return Plan.from_json(box[0])
+    return plan_in_job(
+        model,
+        cluster,
+        example_inputs=example_inputs,
+        loss_fn=loss_fn,
+        num_targets=num_targets,
+        global_batch=global_batch,
+        mode=mode,
+        profile=bool(profile),
+    )
 
 
 class ParallelModule:
@@ -276,8 +301,29 @@ class ParallelModule:
         self.seed = seed
         self.nan_check = nan_check
         self.cluster = cluster
+        # What a live re-plan rebuilds from (maybe_replan / replan_to; runtime/replan.py).
+        self._source_model = model
+        self._rebuild = dict(
+            cluster=cluster,
+            example_inputs=example_inputs,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            mode=mode,
+            num_targets=num_targets,
+            seed=seed,
+            timeout_s=timeout_s,
+            batchnorm=batchnorm,
+            nan_check=nan_check,
+        )
+        self.replans: list[dict] = []
+        """Every live re-planning check (:class:`autopar.runtime.replan.Replan` as a dict)."""
+        self.replan_after: int | None = None
+        self.replan_threshold = 0.25
         self._step_times_s: list[float] = []
         self._optimizer_times_s: list[float] = []
+        self._step_parts: list[dict[str, float]] = []
+        self._last_optimizer_s = 0.0
+        self._tp_contexts: list[TPContext] = []
         self._rss_at_start = current_rss_bytes()
         self.mode = mode
         self.timeout_s = timeout_s
@@ -347,13 +393,24 @@ class ParallelModule:
 
     def _build(self, rank: int) -> None:
         tp_group = self._groups.group("tp") if self._groups else None
-        prog = build_program(self._gm, self.plan, rank, self.input_names, tp_group=tp_group)
+        ep_group = self._groups.group("ep") if self._groups else None  # expert parallelism (lower/expert.py)
+        prog = build_program(
+            self._gm, self.plan, rank, self.input_names, tp_group=tp_group, ep_group=ep_group
+        )
         self._sync_batch_norm(prog, self._groups.group("dp") if self._groups else None)
         self._buffer_slots = batchnorm_module.buffer_slots(prog)
         self._check_ties(prog)
         self.device = _device()
         modules = [self._wrap(stage.to(self.device), prog) for stage in prog.stages]
         self._program, self._module = prog, modules[0]
+        self._tp_contexts = list(  # the lowered graphs' tensor-parallel handles (timed collectives)
+            {
+                id(c): c
+                for stage in prog.stages
+                for m in stage.modules()
+                if isinstance(c := getattr(m, "autopar_tp", None), TPContext)
+            }.values()
+        )
         params = list({id(p): p for mod in modules for p in mod.parameters()}.values())
         dp_group = self._groups.group("dp") if self._groups and self.plan.dp > 1 else None
         self._optimizer = (
@@ -385,7 +442,10 @@ class ParallelModule:
         if self.plan.dp == 1:
             return stage
         dp_group = self._groups.group("dp")
-        return apply_data_parallel(stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage)
+        ignore = expert_names(stage, prog.slots)  # reduced over edp by sync_expert_grads
+        return apply_data_parallel(
+            stage, dp_group, self.device, prog.block_segments, self.plan.zero_stage, ignore
+        )
 
     def _check_ties(self, prog: RankProgram) -> None:
         """Weights held by several pipeline stages (tied embeddings; T5's shared embedding, read by
@@ -425,14 +485,111 @@ class ParallelModule:
             raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
         batch = self._checked(batch, "step()")
         self._require_runtime()
+        if self.replan_after and not self.replans and len(self._step_times_s) >= self.replan_after:
+            self.maybe_replan()  # before the step: the last step's gradients stay readable
         start = time.perf_counter()
+        comm0 = sum(c.comm_s for c in self._tp_contexts)
         with guard(self._reporter, f"step {self._step}", self.timeout_s), _explain_index_errors(batch):
             loss, bad = self._train_step(batch)
         self._step_times_s.append(time.perf_counter() - start)
+        self._record_parts(sum(c.comm_s for c in self._tp_contexts) - comm0)
         self._step += 1
         if bad is not None:
             raise bad
         return loss
+
+    # ------------------------------------------------------------------------------ live re-planning
+    def maybe_replan(self, *, threshold: float | None = None) -> dict:
+        """Compare the measured step time with the plan's prediction; when it is off by more than
+        ``threshold`` (default ``replan_threshold``), re-plan with numbers measured on this machine
+        and move to the new plan if it is predicted faster (collective; runtime/replan.py). The
+        check is returned, logged and appended to :attr:`replans`; ``compile(replan_after=N)``
+        runs it once, at the start of the step after N measured steps. A move does not carry the
+        last step's gradients (the next step starts from zero gradients anyway)."""
+        from autopar.runtime import replan  # lazy: loads the estimator and the solver
+
+        self._require_runtime()
+        threshold = self.replan_threshold if threshold is None else threshold
+        if not isinstance(threshold, (int, float)) or threshold < 0:
+            raise InputError(f"threshold={threshold!r}: a relative error >= 0 (0.25: 25% off the prediction)")
+        if self.cluster is None:
+            raise InputError(
+                "maybe_replan() needs the autopar.Cluster the module was compiled for, not a count"
+            )
+        measured = replan.measured_step_time_s(self._step_times_s)
+        predicted = self.plan.predicted.step_time_s if self.plan.predicted is not None else None
+        candidate, t0 = None, time.perf_counter()
+        if predicted is None or abs(measured - predicted) > threshold * predicted:
+            candidate = replan.replan_measured(
+                self._source_model,
+                self.cluster,
+                self.plan,
+                **{k: self._rebuild[k] for k in ("example_inputs", "loss_fn", "num_targets", "mode")},
+            )
+        record = replan.decide(
+            step=self._step,
+            measured_s=measured,
+            predicted_s=replan.current_prediction_s(self.plan, candidate) or 0.0,
+            threshold=threshold,
+            current=self.plan,
+            candidate=candidate,
+        )
+        record.replan_s = time.perf_counter() - t0
+        if record.decision == "moved":
+            record.move_s = self._move_to(Plan.from_json(candidate.plan_json))
+        return self._record_replan(record)
+
+    def replan_to(self, plan: Plan, *, reason: str = "requested") -> dict:
+        """Move the running training to ``plan`` in memory (collective): gather the full state,
+        rebuild this rank's program for ``plan`` on the same ranks, scatter the state into it.
+        Recorded in :attr:`replans` like a re-plan of :meth:`maybe_replan`."""
+        from autopar.runtime import replan  # lazy: loads the estimator and the solver
+
+        self._require_runtime()
+        measured = replan.measured_step_time_s(self._step_times_s)
+        predicted = self.plan.predicted.step_time_s if self.plan.predicted is not None else 0.0
+        record = replan.Replan(
+            step=self._step,
+            measured_step_time_s=measured,
+            predicted_step_time_s=predicted,
+            threshold=0.0,
+            off=abs(measured - predicted) / predicted if predicted else float("inf"),
+            decision="moved",
+            reason=reason,
+            from_plan=self.plan.summary(),
+            to_plan=plan.summary(),
+        )
+        record.move_s = self._move_to(plan)
+        return self._record_replan(record)
+
+    def _move_to(self, plan: Plan) -> float:
+        """Adopt ``plan`` in place (the user holds this object): a module built for it from the
+        original model, loaded with this one's full state (parameters, optimizer, step, RNG)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if plan.world_size != world or plan.global_batch != self.plan.global_batch:
+            raise PlanError(
+                f"cannot move to {plan.summary()} (global batch {plan.global_batch}): the running job "
+                f"has {world} ranks and global batch {self.plan.global_batch}"
+            )
+        t0 = time.perf_counter()
+        state = self.full_state_dict()
+        fresh = ParallelModule(self._source_model, plan, **self._rebuild)
+        fresh.load_full_state_dict(state)
+        kept = {
+            "replans": self.replans,
+            "replan_after": self.replan_after,
+            "replan_threshold": self.replan_threshold,
+        }
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(kept)
+        return time.perf_counter() - t0
+
+    def _record_replan(self, record: Any) -> dict:
+        entry = record.to_dict()
+        self.replans.append(entry)
+        level = logging.WARNING if record.decision == "moved" else logging.INFO
+        log.log(level, "live re-planning after step %d: %s (%s)", record.step, record.decision, record.reason)
+        return entry
 
     def _checked(self, batch: Any, what: str) -> tuple:
         """The batch as a tuple, checked against the traced example on every rank alike (so a bad
@@ -507,12 +664,15 @@ class ParallelModule:
         else:
             losses = self._pipeline.run(inputs, side, True)
         self._sync_tied_grads()
+        if self.plan.ep > 1:
+            sync_expert_grads(expert_params(self._program.slots), self._groups.group("edp"), self.plan.dp)
         loss = self._global_loss(losses)
         bad = self._non_finite(loss)
         if bad is None:
             t0 = time.perf_counter()
             self._optimizer.step()
             self._optimizer_times_s.append(time.perf_counter() - t0)
+            self._last_optimizer_s = self._optimizer_times_s[-1]
         return loss, bad
 
     def _sync_tied_grads(self) -> None:
@@ -761,7 +921,7 @@ class ParallelModule:
             mem = [None] * self.plan.world_size
             dist.all_gather_object(mem, peak)
             out["memory_bytes_per_rank"] = mem
-            mine = self._components(out.get("events", []))
+            mine = self._components()
             every: list = [None] * self.plan.world_size
             dist.all_gather_object(every, mine)
             out["components_per_rank"] = every
@@ -770,23 +930,35 @@ class ParallelModule:
                 "step_time_s": self.plan.predicted.step_time_s,
                 "breakdown_s": dict(self.plan.predicted.breakdown_s),
             }
+        if self.replans:
+            out["replans"] = [dict(r) for r in self.replans]
         return out
 
-    def _components(self, events: list[dict]) -> dict[str, float]:
-        """This rank's median step split as the cost model splits it: its own forward/backward
-        work (the pipeline events of its stage), the optimizer step, and the rest (collectives,
-        waiting for other stages, the runtime's own work)."""
-        step = statistics.median(self._step_times_s[1:] or self._step_times_s or [0.0])
-        opt = statistics.median(self._optimizer_times_s[1:] or self._optimizer_times_s or [0.0])
-        stage = self.plan.coords(self.rank).get("pp", 0)
-        mine = [e for e in events if e["stage"] == stage]
-        compute = sum(e["end_s"] - e["start_s"] for e in mine)
-        return {
+    def _record_parts(self, tp_comm_s: float) -> None:
+        """The step just run split as the cost model splits it: this rank's forward/backward work
+        (its pipeline events, less the tensor-parallel collectives issued inside them), those
+        collectives, the optimizer step, and the rest (DP/ZeRO sync, p2p and waiting for other
+        stages, the runtime's own work)."""
+        events = (self._pipeline.events if self._pipeline is not None else self._events).events
+        work = sum(e["end_s"] - e["start_s"] for e in events)
+        step = self._step_times_s[-1]
+        opt, self._last_optimizer_s = self._last_optimizer_s, 0.0
+        compute = max(work - tp_comm_s, 0.0)
+        self._step_parts.append({
             "step_s": step,
             "compute_s": compute,
+            "tp_comm_s": tp_comm_s,
             "optimizer_s": opt,
-            "other_s": max(step - compute - opt, 0.0),
-        }
+            "other_s": max(step - compute - tp_comm_s - opt, 0.0),
+        })  # fmt: skip
+
+    def _components(self) -> dict[str, float]:
+        """The parts of this rank's median step (after the first): one step's parts, so they add
+        up to its time."""
+        parts = self._step_parts[1:] or self._step_parts
+        if not parts:
+            return {k: 0.0 for k in ("step_s", "compute_s", "tp_comm_s", "optimizer_s", "other_s")}
+        return sorted(parts, key=lambda p: p["step_s"])[len(parts) // 2]
 
     def _pipeline_events(self) -> list[dict]:
         """The last step's timeline of this rank's pipeline (collective over pp); virtual stage

@@ -10,7 +10,11 @@ nodes and compares the predicted iteration time with the published one,
     python benchmarks/fidelity.py --crossval      # fit on half the rows, test on the other half
     python benchmarks/fidelity.py --markdown      # tables for docs/cost_model.md
     python benchmarks/fidelity.py --sets          # also the sets beyond SC'21 (benchmarks/data/), per
-                                                  # set, and the leave-one-set-out fit
+                                                  # set, the rows the data file excludes (with its
+                                                  # reasons), and the leave-one-set-out fit
+
+The SC'21 rows are modelled as they ran: explicit (non-flash) attention and the 2021 software's
+ZeRO-3 gathers at the per-GPU NIC rate (``FRAMEWORK``, cost_models.hardware.FRAMEWORKS).
 
 It also checks memory: every published plan fits in 80 GB and the same model with tp = pp = 1
 does not (with the overflow in bytes).
@@ -93,11 +97,18 @@ _GRAPHS: dict[tuple, object] = {}
 
 
 def graph_for(row: Row):
-    """build_model on meta (fp16, Megatron's dropout 0.1) -> trace at the row's micro-batch size."""
+    """build_model on meta (fp16, Megatron's dropout 0.1, explicit attention) -> trace at the row's
+    micro-batch size."""
     key = (row.hidden, row.heads, row.layers, row.mbs)
     if key not in _GRAPHS:
         cfg = GPTConfig(
-            hidden=row.hidden, layers=row.layers, heads=row.heads, vocab=VOCAB, seq=SEQ, dropout=0.1
+            hidden=row.hidden,
+            layers=row.layers,
+            heads=row.heads,
+            vocab=VOCAB,
+            seq=SEQ,
+            dropout=0.1,
+            fused_attention=False,  # Megatron-LM 2021: explicit scaled-masked softmax, no flash
         )
         model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=row.mbs, dtype=torch.float16)
         _GRAPHS[key] = autopar.trace(model, inputs, loss_fn=loss_fn)
@@ -125,14 +136,25 @@ def cluster_for(row: Row) -> Cluster:
     return Cluster.preset("dgx-a100-80g", nodes=row.gpus // 8)
 
 
+FRAMEWORK = "megatron-deepspeed-2021"
+"""The SC'21 rows' software (cost_models.hardware.FRAMEWORKS): Megatron-LM and DeepSpeed ZeRO-3."""
+
+
+def sc21_calibration(base: Calibration, framework: str = FRAMEWORK) -> Calibration:
+    """``base`` under the SC'21 software (DGX A100 80GB is the reference kind: constants unchanged)."""
+    return calibration_for("a100-80g", base, framework=framework)
+
+
 @dataclass
 class Case:
     row: Row
     work: Workload
     plan: Plan
     cluster: Cluster
+    framework: str = FRAMEWORK
 
     def predict_s(self, calib: Calibration) -> float:
+        calib = sc21_calibration(calib, self.framework)
         return step_time(self.work.spec, self.work.rates, calib).step_time_s
 
     def error(self, calib: Calibration) -> float:
@@ -156,6 +178,7 @@ ABLATIONS = {
     "perfect overlap (max)": {"overlap_sharpness": 64.0},
     "no overlap (sum)": {"overlap_sharpness": 1.0},
     "hierarchy-blind p2p": {"pp_scatter_gather": False},
+    "ZeRO-3 at node NIC rate": {"framework": "megatron"},
 }
 """Switch one modelled effect off (constants not refitted) to show what each term is worth."""
 
@@ -165,8 +188,13 @@ def ablation_lines(rows: list[Row], markdown: bool) -> list[str]:
     plain = head[0].ljust(24) + "".join(h.rjust(9) for h in head[1:])
     lines = ["| " + " | ".join(head) + " |\n|" + "---|" * len(head) if markdown else plain]
     for name, change in ABLATIONS.items():
+        change = dict(change)
+        framework = change.pop("framework", FRAMEWORK)
         calib = DEFAULT.with_(**change)
-        stats = table_stats(build_cases(rows, calib), calib)
+        cases = build_cases(rows, calib)
+        for c in cases:
+            c.framework = framework
+        stats = table_stats(cases, calib)
         cells = [name] + [f"{x * 100:.1f}%" for t in ("T1", "T2", "Z3") for x in stats[t]]
         plain = cells[0].ljust(24) + "".join(c.rjust(9) for c in cells[1:])
         lines.append("| " + " | ".join(cells) + " |" if markdown else plain)
@@ -335,6 +363,16 @@ def set_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[
     return lines
 
 
+def excluded_lines() -> list[str]:
+    """The published rows left out of the sets, with the data file's reasons (never silent)."""
+    from fidelity_sets import excluded_rows
+
+    rows = excluded_rows()
+    out = [f"excluded: {len(rows)} published rows (benchmarks/data/mpt_llm_foundry.json 'excluded'):"]
+    out += [f"  {e['set']} line {e['source_line']}: {e['reason']}" for e in rows]
+    return out if rows else []
+
+
 def loso_lines(sets: dict[str, list], markdown: bool) -> list[str]:
     """Fit the FITTED constants on every other set, test on the one left out."""
     head = ("left out", *FITTED, "mean |error|", "max |error|")
@@ -397,8 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets:
         sets = set_cases(args.max_seq)
         print("\n".join(set_lines(sets, calib, args.markdown)))
+        print("\n".join(excluded_lines()))
         print()
         print("\n".join(loso_lines(sets, args.markdown)))
+        print()
+        from fidelity_moe import moe_fidelity_lines  # the mixture-of-experts rows (docs/moe_cost.md)
+
+        print("\n".join(moe_fidelity_lines()))
         print()
     stats = table_stats(cases, calib)
     limits = {"T1": (0.05, 0.10), "T2": (0.05, 0.10), "Z3": (0.15, 0.15)}

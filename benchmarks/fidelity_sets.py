@@ -55,15 +55,24 @@ class Run:
         return KIND_OF_PRESET[self.preset]
 
 
+def excluded_rows(path: Path = MPT) -> list[dict]:
+    """The published rows the data file excludes, each with its set, source line and reason."""
+    return list(json.loads(path.read_text()).get("excluded", {}).get("rows", []))
+
+
 def load_mpt(path: Path = MPT, *, max_seq: int | None = None) -> list[Run]:
-    """The llm-foundry MPT sweep: one Run per published row (``max_seq`` drops longer rows)."""
+    """The llm-foundry MPT sweep: one Run per published row (``max_seq`` drops longer rows; the
+    rows of :func:`excluded_rows` are left out)."""
     d = json.loads(path.read_text())
     shapes, cols, src = d["shapes"], d["columns"], d["sources"]["llm_foundry_readme"].split(":")[0]
+    skip = {(e["set"], e["source_line"]) for e in excluded_rows(path)}
     runs = []
     for name, s in d["sets"].items():
         for cells in s["rows"]:
             r = dict(zip(cols, cells))
             if max_seq is not None and r["seq"] > max_seq:
+                continue
+            if (name, r["source_line"]) in skip:
                 continue
             shape = shapes[r["model"]]
             runs.append(

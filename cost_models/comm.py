@@ -19,11 +19,23 @@ Ring algorithms (NCCL's default for large messages)::
 Tree all-reduce (NCCL double binary tree): ``a0 + 2 ceil(log2 n) a + 2 D / B``; ``auto`` takes the
 faster of ring and tree, as NCCL's tuner does.
 
-Placement: a group inside one node uses the intra-node link. A *flat* ring that spans nodes runs at
-the slowest link on the ring, the inter-node one. A *hierarchical* all-reduce (intra-node
+Placement: a group inside one node uses the intra-node link. A *flat* ring that spans nodes enters
+and leaves each node once, so with ``Calibration.ring_node_nics`` (NCCL's channels, one NIC each)
+its bandwidth is ``B = min(r B_nic, B_intra)`` (:func:`ring_bandwidth_bytes_per_s`; the tree uses
+the same ``B``); without it, the per-GPU NIC ``B_nic`` (every step crosses a NIC: the SC'21 ZeRO-3
+rows of Narayanan et al. Table 2, DeepSpeed 2021). A *hierarchical* all-reduce (intra-node
 reduce-scatter, inter-node all-reduce of ``D / r`` across the ``n / r`` nodes, intra-node
-all-gather) is available by name; the fidelity data (ZeRO-3 rows of Narayanan et al. Table 2) are
-reproduced by the flat model, which is what ``auto`` uses.
+all-gather, in series) is available by name; ``auto`` uses the flat ring or the tree.
+
+A *hierarchical* all-to-all (Tutel's 2D / DeepSpeed-MoE's hierarchical all-to-all) first exchanges
+inside each node, so that each rank holds what its node sends to the rank with the same local index
+on every other node, then runs one inter-node all-to-all per local index::
+
+    all_to_all (hierarchical)   2 a0 + (r-1) a_intra + (r-1)/r D / B_intra
+                                     + (n/r - 1) a_inter + (n/r - 1)/(n/r) D / B_inter
+
+It sends the same bytes across nodes as the flat one in fewer, larger messages (``n/r - 1`` instead
+of ``n - r`` per rank), at the price of a second pass over NVLink; ``auto`` stays flat (NCCL's).
 """
 
 from __future__ import annotations
@@ -94,10 +106,25 @@ def _flat_link(group: GroupSpec) -> tuple[LinkSpec, bool]:
     return group.intra, False
 
 
+def ring_bandwidth_bytes_per_s(group: GroupSpec, calib: Calibration = DEFAULT) -> float:
+    """Bus bandwidth of one rank of a ring (or tree) over ``group``.
+
+    Inside a node: the intra-node link. Across nodes, with ``calib.ring_node_nics`` (NCCL): each
+    node is entered and left once per ring, so a node's network traffic equals *one* rank's, and
+    NCCL's channels spread it over the NICs of the group's ``r`` ranks on that node (one NIC per
+    channel on a rail-optimised fabric): ``min(r * B_nic, B_intra)``, the intra-node ring still
+    carrying every byte. Without it every ring step crosses a NIC: ``B_nic``."""
+    link, is_inter = _flat_link(group)
+    bw = _bandwidth(link, is_inter, calib)
+    if is_inter and calib.ring_node_nics:
+        bw = min(group.ranks_per_node * bw, _bandwidth(group.intra, False, calib))
+    return bw
+
+
 def _ring(kind: str, nbytes: float, group: GroupSpec, calib: Calibration) -> float:
     n = group.size
-    link, is_inter = _flat_link(group)
-    a, bw, a0 = link.latency_s, _bandwidth(link, is_inter, calib), calib.collective_base_latency_s
+    link, _ = _flat_link(group)
+    a, bw, a0 = link.latency_s, ring_bandwidth_bytes_per_s(group, calib), calib.collective_base_latency_s
     if kind == "all_reduce":
         return a0 + 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
     if kind in ("all_gather", "reduce_scatter"):
@@ -121,12 +148,12 @@ def _all_to_all_transfer_s(nbytes: float, group: GroupSpec, calib: Calibration) 
 
 def _tree_all_reduce(nbytes: float, group: GroupSpec, calib: Calibration) -> float:
     n = group.size
-    link, is_inter = _flat_link(group)
+    link, _ = _flat_link(group)
     steps = 2 * math.ceil(math.log2(n))
     return (
         calib.collective_base_latency_s
         + steps * link.latency_s
-        + 2 * nbytes / _bandwidth(link, is_inter, calib)
+        + 2 * nbytes / ring_bandwidth_bytes_per_s(group, calib)
     )
 
 
@@ -141,6 +168,15 @@ def _hierarchical_all_reduce(nbytes: float, group: GroupSpec, calib: Calibration
         + _ring("all_reduce", nbytes / r, inter, calib)
         + _ring("all_gather", nbytes, intra, calib)
     )
+
+
+def _hierarchical_all_to_all(nbytes: float, group: GroupSpec, calib: Calibration) -> float:
+    r = group.ranks_per_node
+    if not group.spans_nodes or r == 1:
+        return _ring("all_to_all", nbytes, group, calib)
+    intra = GroupSpec(size=r, ranks_per_node=r, intra=group.intra)
+    inter = GroupSpec(size=group.nodes, ranks_per_node=1, intra=group.intra, inter=group.inter)
+    return _ring("all_to_all", nbytes, intra, calib) + _ring("all_to_all", nbytes, inter, calib)
 
 
 def p2p_time_s(nbytes: float, link: LinkSpec, *, inter: bool, calib: Calibration = DEFAULT) -> float:
@@ -177,8 +213,12 @@ def collective_time_s(
             return _hierarchical_all_reduce(nbytes, group, calib)
         ring = _ring(kind, nbytes, group, calib)
         return ring if algorithm == "ring" else min(ring, _tree_all_reduce(nbytes, group, calib))
+    if kind == "all_to_all" and algorithm == "hierarchical":
+        return _hierarchical_all_to_all(nbytes, group, calib)
     if algorithm in ("tree", "hierarchical"):
-        raise ValueError(f"algorithm {algorithm!r} is only modelled for all_reduce, not {kind}")
+        raise ValueError(
+            f"algorithm {algorithm!r} is only modelled for all_reduce (and hierarchical for all_to_all), not {kind}"
+        )
     return _ring(kind, nbytes, group, calib)
 
 

@@ -58,6 +58,16 @@ class Calibration:
     """*fitted* (band 0.5-0.96). Achievable bandwidth / NIC line rate across nodes. nccl-tests on HDR
     InfiniBand reach ~23-24 GB/s per 25 GB/s port; the ZeRO-3 rows of Narayanan et al. Table 2
     (communication-bound at 768-2240 GPUs) pin it down, and the fit ends at the band's top."""
+    ring_node_nics: bool = True
+    """A ring (or tree) over ``r`` ranks per node on ``N`` nodes moves each node's share of the data
+    across the network once per ring, through the NICs of its ``r`` ranks (NCCL: one channel per
+    NIC, rail-optimised fabrics): its bus bandwidth is ``min(r * B_nic, B_nvlink)``, not the per-GPU
+    NIC rate (:func:`cost_models.comm.ring_bandwidth_bytes_per_s`). Measured: 3 nodes x 8 A100 with
+    4 HDR NICs each (100 GB/s per node, 12.5 GB/s per GPU) reach an all-reduce bus bandwidth of
+    84.8 GB/s on average and 96 GB/s at the peak (NVIDIA/nccl-tests issue 119); two A100 nodes with
+    8 x 100 Gb/s NICs reach 600 Gb/s, which the NCCL maintainers call "roughly matching our
+    expectation" (NVIDIA/nccl issue 495). ``False``: every ring step crosses a NIC (the per-GPU
+    rate; DeepSpeed ZeRO-3 in 2021, :data:`cost_models.hardware.FRAMEWORKS`)."""
     collective_base_latency_s: float = 8.4e-6
     """Fixed latency per collective call (NCCL src/graph/tuning.cc baseLat, Ring/Simple)."""
     tp_comm_overlap: float = 0.0

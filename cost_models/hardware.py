@@ -6,12 +6,18 @@ not training runs), and the training-level factors the fit owns stay kind-indepe
 
     gemm_max_efficiency(kind) = gemm_max_efficiency(fitted, A100) * gemm_isolated(kind) / gemm_isolated(A100)
 
-i.e. the fitted sustained-load factor (clocks, kernel gaps; 0.693 / 0.822 = 0.84 on A100) is assumed to
-carry over, and the kind's measured matmul ceiling replaces A100's. HBM, fused-attention and
-intra-node collective efficiencies are the kind's own measurements. Nothing here is fitted to the
+i.e. the fitted sustained-load factor (clocks, kernel gaps; 0.693 / 0.859 = 0.81 on A100) is assumed to
+carry over, and the kind's measured BF16 matmul ceiling replaces A100's. HBM, fused-attention and
+intra-node collective efficiencies are the kind's own measurements, used as they are (a kernel
+never streams faster than the kind's measured copy bandwidth). Nothing here is fitted to the
 validation rows (``benchmarks/data/``); ``benchmarks/fidelity.py --sets`` reports the error they give.
 
 Sources (read for this module; quoted figures are the source's, the ratios are derived):
+
+* ``MAMF``: github.com/stas00/ml-engineering, ``compute/accelerator/README.md``, "Maximum Achievable
+  Matmul FLOPS comparison table" (BF16 ``matmul``, best shape of a brute-force search, CUDA 12.1):
+  A100 SXM 267.9 of 312 TFLOPS (85.9%), H100 SXM 792.1 of 989 (80.1%). One source and one dtype
+  for both kinds (the BF16/FP16 the validation runs use).
 
 * ``AZ``: github.com/Azure/AI-benchmarking-guide @ 8fd0c6e1bd0f, ``Azure_Results/ND_A100_v4_results.md``,
   ``ND_H100_v5_results.md``, ``ND_H200_v5_results.md`` (cuBLASLt GEMM, BabelStream-style HBM copy,
@@ -20,7 +26,9 @@ Sources (read for this module; quoted figures are the source's, the ratios are d
   (``/work/shared/data/hardware.json`` ``achievable``).
 * ``NT149``: NVIDIA/nccl-tests issue 149: A100 NVSwitch all-reduce bus bandwidth ~230 GB/s.
 
-Worked example: ``calibration_for("h100-sxm").gemm_max_efficiency`` = 0.693 * 0.698 / 0.822 = 0.588.
+Worked example: ``calibration_for("h100-sxm").gemm_max_efficiency`` = 0.693 * 0.801 / 0.859 = 0.646.
+(Before the BF16 measurement was read, H100's ratio came from AZ's FP8 GEMM, 1382.2 of 1978.9 = 0.698,
+assumed for BF16: 0.588.)
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ class KindConstants:
     """Measured efficiencies of one device kind (fractions of its datasheet peaks)."""
 
     gemm_isolated: float
-    """Largest measured GEMM throughput / dense tensor peak, isolated cuBLASLt runs."""
+    """Largest measured BF16 GEMM throughput / dense BF16 peak, isolated runs (``MAMF``)."""
     hbm_efficiency: float
     """Measured stream copy bandwidth / datasheet HBM bandwidth."""
     fused_attention_efficiency: float
@@ -49,33 +57,36 @@ class KindConstants:
 
 KINDS: dict[str, KindConstants] = {
     "a100-80g": KindConstants(
-        gemm_isolated=256.5 / 312.0,
+        gemm_isolated=267.9 / 312.0,
         hbm_efficiency=1.61 / 2.039,
         fused_attention_efficiency=179.5 / 312.0,
         intra_node_efficiency=230.0 / 300.0,
         gemm_wave_elements=108 * 128 * 128,
-        source="AZ ND A100 v4 (A100-SXM4-80GB): FP16 GEMM 16384^3 256.5 TFLOPS of 312; HBM copy "
+        source="MAMF A100 SXM: BF16 matmul 267.9 TFLOPS of 312 (AZ ND A100 v4 FP16 GEMM 16384^3: 256.5); "
+        "AZ ND A100 v4 (A100-SXM4-80GB): HBM copy "
         "1.61 TB/s of 2.039; FlashAttention-2 (head dim 64) 179.5 TFLOPS; all-reduce busbw 231.6 GB/s "
         "at 8 GB (NT149: 230) of 300 GB/s; 108 SMs",
     ),
     "h100-sxm": KindConstants(
-        gemm_isolated=1382.2 / 1978.9,
+        gemm_isolated=792.1 / 989.4,
         hbm_efficiency=2.90 / 3.35,
         fused_attention_efficiency=327.9 / 989.4,
         intra_node_efficiency=370.0 / 450.0,
         gemm_wave_elements=132 * 128 * 128,
-        source="AZ ND H100 v5 (H100 80GB HBM3): GEMM 32768^3 1382.2 TFLOPS of 1978.9 -- measured in FP8; "
-        "no BF16 measurement was read, the FP8 ratio is ASSUMED to hold for BF16; HBM copy 2.90 TB/s of "
+        source="MAMF H100 SXM: BF16 matmul 792.1 TFLOPS of 989 (AZ ND H100 v5 measured FP8 only: 1382.2 "
+        "of 1978.9); AZ ND H100 v5 (H100 80GB HBM3): HBM copy 2.90 TB/s of "
         "3.35; FlashAttention-2 (head dim 128) 327.9 TFLOPS of 989.4; NT212 ring busbw 370 GB/s of 450 "
         "(AZ all-reduce 478.9 GB/s at 8 GB uses NVLS, which all-gather/reduce-scatter do not); 132 SMs",
     ),
     "h200": KindConstants(
-        gemm_isolated=1366.3 / 1978.9,
+        gemm_isolated=792.1 / 989.4,
         hbm_efficiency=4.01 / 4.8,
         fused_attention_efficiency=329.3 / 989.4,
         intra_node_efficiency=370.0 / 450.0,
         gemm_wave_elements=132 * 128 * 128,
-        source="AZ ND H200 v5: GEMM 16384^3 1366.3 TFLOPS of 1978.9 (FP8; ratio ASSUMED for BF16); HBM "
+        source="GEMM: H100's MAMF BF16 ratio ASSUMED (same GH100 die and SM count; no H200 BF16 "
+        "measurement read; AZ's FP8 GEMMs agree within 1%: H200 1366.3, H100 1382.2 of 1978.9); AZ ND "
+        "H200 v5: HBM "
         "copy 4.01 TB/s of 4.8; FlashAttention-2 (head dim 128) 329.3 TFLOPS; NVLink as H100 (NT212); "
         "132 SMs",
     ),
@@ -89,6 +100,7 @@ REFERENCE_KIND = "a100-80g"
 
 FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     "megatron": {},
+    "megatron-deepspeed-2021": {"ring_node_nics": False},
     "fsdp": {"fuse_elementwise": False, "zero3_regather_for_recompute": False},
     "composer": {
         "fuse_elementwise": False,
@@ -97,7 +109,13 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     },
 }
 """Software behaviour by training framework (no numbers fitted). ``megatron``: the defaults (fused
-kernels, DeepSpeed-style ZeRO-3). ``fsdp``: eager PyTorch with FSDP (llm-foundry, torchtitan without
+kernels, DeepSpeed-style ZeRO-3). ``megatron-deepspeed-2021``: the SC'21 software (Megatron-LM with
+DeepSpeed ZeRO-3, NCCL of 2021) whose ZeRO-3 rows (Narayanan et al. 2021, Table 2) move their
+gathers at the per-GPU NIC rate, not at the node-aggregate rate current NCCL reaches
+(``Calibration.ring_node_nics``): with aggregation those rows are predicted 50-70% too fast. This is
+an *inference from those rows* (no source says why; candidates: DeepSpeed's per-parameter gathers,
+NCCL 2.8's rings on 1536 ranks); it changes nothing for the PTD-P rows, whose data-parallel groups
+hold one rank per node. ``fsdp``: eager PyTorch with FSDP (llm-foundry, torchtitan without
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
@@ -117,7 +135,7 @@ def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = 
     if k is not None and k is not ref:
         changes.update(
             gemm_max_efficiency=base.gemm_max_efficiency * k.gemm_isolated / ref.gemm_isolated,
-            hbm_efficiency=base.hbm_efficiency * k.hbm_efficiency / ref.hbm_efficiency,
+            hbm_efficiency=k.hbm_efficiency,
             fused_attention_efficiency=k.fused_attention_efficiency,
             intra_node_efficiency=k.intra_node_efficiency,
             gemm_wave_elements=k.gemm_wave_elements,

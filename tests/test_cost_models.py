@@ -112,11 +112,36 @@ def test_groups_spanning_nodes_run_at_the_inter_node_link():
     assert ratio == pytest.approx(expected, rel=0.01)
 
 
-def test_hierarchical_all_reduce_beats_flat_ring_with_many_ranks_per_node():
+def test_hierarchical_all_reduce_beats_a_per_gpu_nic_ring_not_an_nccl_ring():
     g = GroupSpec(size=32, ranks_per_node=8, intra=NVLINK, inter=IB)
-    flat = collective_time_s("all_reduce", 2e9, g, algorithm="ring")
+    per_gpu = DEFAULT.with_(ring_node_nics=False)
+    flat_slow = collective_time_s("all_reduce", 2e9, g, algorithm="ring", calib=per_gpu)
     hier = collective_time_s("all_reduce", 2e9, g, algorithm="hierarchical")
-    assert hier < flat / 4  # inter-node traffic per GPU is 1/8 of the flat ring's
+    assert hier < flat_slow / 4  # inter-node traffic per GPU is 1/8 of a ring crossing a NIC per step
+    # An NCCL ring crosses each node boundary once: the node's 8 NICs carry one rank's traffic, so the
+    # flat ring moves over the network what the hierarchical one does, with the NVLink legs pipelined
+    # instead of in series.
+    flat = collective_time_s("all_reduce", 2e9, g, algorithm="ring")
+    assert flat < hier < 2 * flat
+
+
+def test_a_ring_across_nodes_uses_the_nics_of_its_ranks_on_each_node():
+    """nccl-tests issue 119: 3 nodes x 8 A100 with 4 HDR NICs (100 GB/s per node, 12.5 GB/s per GPU)
+    reach an all-reduce bus bandwidth of 84.8-96 GB/s: the node's NICs, not one GPU's share."""
+    nic_per_gpu = LinkSpec(bandwidth_bytes_per_s=12.5e9, latency_s=0.0)
+    g = GroupSpec(size=24, ranks_per_node=8, intra=NVLINK, inter=nic_per_gpu)
+    t = collective_time_s("all_reduce", 8e9, g, algorithm="ring", calib=NO_LATENCY)
+    busbw = 2 * 23 / 24 * 8e9 / t
+    assert 84e9 <= busbw <= 100e9
+    # one rank per node (a data-parallel group beside tp = 8): one NIC each
+    g1 = GroupSpec(size=3, ranks_per_node=1, intra=NVLINK, inter=nic_per_gpu)
+    t1 = collective_time_s("all_reduce", 8e9, g1, algorithm="ring", calib=NO_LATENCY)
+    assert 2 * 2 / 3 * 8e9 / t1 == pytest.approx(12.5e9 * DEFAULT.inter_node_efficiency)
+    # never faster than the NVLink ring the bytes also cross
+    fat = LinkSpec(bandwidth_bytes_per_s=100e9, latency_s=0.0)
+    g2 = GroupSpec(size=16, ranks_per_node=8, intra=NVLINK, inter=fat)
+    t2 = collective_time_s("all_gather", 8e9, g2, calib=NO_LATENCY)
+    assert 15 / 16 * 8e9 / t2 == pytest.approx(300e9 * DEFAULT.intra_node_efficiency)
 
 
 def test_tree_wins_for_small_messages_on_large_groups():
@@ -317,6 +342,7 @@ def test_device_kind_constants_are_the_measured_ratios_and_keep_the_reference_ki
     assert h100.gemm_max_efficiency == pytest.approx(DEFAULT.gemm_max_efficiency * ratio)
     assert 0.5 < h100.gemm_max_efficiency < DEFAULT.gemm_max_efficiency
     assert h100.fused_attention_efficiency == pytest.approx(327.9 / 989.4)
+    assert h100.hbm_efficiency == pytest.approx(2.90 / 3.35)  # never above the measured copy rate
     assert h100.intra_node_efficiency == pytest.approx(370 / 450)
     assert h100.gemm_wave_elements == 132 * 128 * 128
     for k in KINDS.values():
@@ -324,6 +350,30 @@ def test_device_kind_constants_are_the_measured_ratios_and_keep_the_reference_ki
             assert 0.2 < x < 1.0
     with pytest.raises(KeyError, match="unknown framework"):
         calibration_for("h100-sxm", framework="jax")
+
+
+def test_sc21_software_moves_zero3_gathers_at_the_per_gpu_nic_rate():
+    """Current NCCL rings use the node's NICs (DEFAULT); the SC'21 framework (DeepSpeed ZeRO-3, 2021)
+    does not, and only that changes: a full-node ZeRO-3 gather is 8x slower on the network under it,
+    a group with one rank per node (data parallelism beside tp = 8) is not affected."""
+    from cost_models.hardware import calibration_for
+
+    assert DEFAULT.ring_node_nics
+    sc21 = calibration_for("a100-80g", framework="megatron-deepspeed-2021")
+    assert sc21 == DEFAULT.with_(ring_node_nics=False)
+    nvlink, ib = (
+        LinkSpec(bandwidth_bytes_per_s=300e9, latency_s=0.0),
+        LinkSpec(bandwidth_bytes_per_s=25e9, latency_s=0.0),
+    )
+    full = GroupSpec(size=64, ranks_per_node=8, intra=nvlink, inter=ib)
+    rail = GroupSpec(size=8, ranks_per_node=1, intra=nvlink, inter=ib)
+    z = NO_LATENCY
+    slow = collective_time_s("all_gather", 8e9, full, calib=z.with_(ring_node_nics=False))
+    fast = collective_time_s("all_gather", 8e9, full, calib=z)
+    assert slow / fast == pytest.approx(8.0)
+    assert collective_time_s("all_gather", 8e9, rail, calib=z.with_(ring_node_nics=False)) == pytest.approx(
+        collective_time_s("all_gather", 8e9, rail, calib=z)
+    )
 
 
 def test_fused_attention_is_costed_not_dropped():

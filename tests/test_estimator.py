@@ -25,7 +25,12 @@ def gpt_graph(*, hidden=H, heads=A, layers=4, seq=S, batch=B, dtype=torch.float1
     key = (hidden, heads, layers, seq, batch, dtype, vocab, tuple(sorted(cfg.items())))
     if key not in _CACHE:
         config = GPTConfig(
-            hidden=hidden, layers=layers, heads=heads, vocab=vocab, seq=seq, **{"dropout": 0.1, **cfg}
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            vocab=vocab,
+            seq=seq,
+            **{"dropout": 0.1, "fused_attention": False, **cfg},
         )
         model, inputs, loss_fn = autopar.build_model(config, device="meta", batch=batch, dtype=dtype)
         _CACHE[key] = autopar.trace(model, inputs, loss_fn=loss_fn)

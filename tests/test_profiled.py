@@ -116,10 +116,34 @@ def test_compile_without_a_plan_profiles_this_machine_and_reports_predicted_vs_m
     assert len(m["components_per_rank"]) == 2 and len(m["memory_bytes_per_rank"]) == 2
     for c in m["components_per_rank"]:
         assert c["step_s"] > 0 and c["compute_s"] > 0 and c["optimizer_s"] > 0
-        assert c["compute_s"] + c["optimizer_s"] + c["other_s"] == pytest.approx(c["step_s"], rel=1e-6)
+        parts = c["compute_s"] + c["tp_comm_s"] + c["optimizer_s"] + c["other_s"]
+        assert parts == pytest.approx(c["step_s"], rel=1e-6)
     assert "Predicted vs measured step per rank" in out["html"]
     layouts = list((Path(os.environ["AUTOPAR_CACHE"]) / "layouts").glob("*ranks2.json"))
     assert len(layouts) == 1 and json.loads(layouts[0].read_text())["ranks"] == 2
+
+
+def _train_tp2() -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(hidden=32, layers=2, heads=4, vocab=64, seq=8))
+    x = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
+    plan = Plan.manual(tp=2, global_batch=8)
+    compiled = autopar.compile(
+        model, autopar.Cluster.local(2), plan=plan, example_inputs=(x, x), loss_fn=gpt_loss, global_batch=8
+    )
+    for _ in range(3):
+        compiled.step((x, x))
+    return compiled.measured()
+
+
+def test_tensor_parallel_collectives_are_measured_apart_from_compute():
+    """Under tp the lowered program's collectives are timed on their own (``tp_comm_s``), and the
+    parts still add up to the step."""
+    m = run_ranks(_train_tp2, 2, timeout_s=120)[0]
+    for c in m["components_per_rank"]:
+        assert c["tp_comm_s"] > 0 and c["compute_s"] > 0
+        parts = c["compute_s"] + c["tp_comm_s"] + c["optimizer_s"] + c["other_s"]
+        assert parts == pytest.approx(c["step_s"], rel=1e-6)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -126,7 +126,10 @@ def test_selective_region_is_outlined_and_recomputes_exactly():
 
 
 # ----------------------------------------------------------------------------------- memory
-MEMORY_CASE = functools.partial(gpt_case, layers=2, hidden=64, heads=4, seq=32, batch=B)
+# explicit attention: selective recompute drops the materialised scores, which SDPA never saves
+MEMORY_CASE = functools.partial(
+    gpt_case, layers=2, hidden=64, heads=4, seq=32, batch=B, fused_attention=False
+)
 
 
 def saved_activation_bytes(stage: nn.Module, args: list, side: dict) -> int:
@@ -183,7 +186,7 @@ def test_activation_memory_orders_none_selective_full_and_matches_the_estimator(
 # ----------------------------------------------------------------------------------- distinct
 def _observe(recompute: str, zero: int) -> dict:
     """What one rank of a dp=2 run holds under (recompute, zero): see the test below."""
-    case = gpt_case()
+    case = gpt_case(fused_attention=False)  # selective recompute needs materialised scores
     batch = case.make_batches(1)[0]
     made: list = []
 

@@ -21,7 +21,9 @@ from autopar.models.gpt import GPT, GPTConfig, gpt_loss
 from autopar.tracing import fx_trace
 from autopar.tracing.analyse import analyse
 
-TINY = GPTConfig(hidden=32, layers=2, heads=4, vocab=64, seq=8, dropout=0.0)
+TINY = GPTConfig(
+    hidden=32, layers=2, heads=4, vocab=64, seq=8, dropout=0.0, fused_attention=False
+)  # the explicit softmax form
 
 
 def _tiny_inputs(batch: int = 2, cfg: GPTConfig = TINY):

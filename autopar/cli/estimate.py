@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, seq=args.seq)
     chosen = [] if plan is not None else [k for k in PLAN_KEYS if k not in keys]
+    if "ep" in chosen and not _has_experts(loaded.model):  # ep is a degree of MoE models only
+        chosen.remove("ep")
     graph = None
     if loaded.num_layers is None:  # a user model without a config: count its blocks in the graph
         graph = loaded.trace(batch=1)
@@ -165,3 +167,10 @@ def render(
             f"{'fits':<26}{'NO':>14}  over by {gb_text(over, ',.2f')}: try recompute, zero, more pp/tp or a smaller mbs"
         )
     return "\n".join(lines)
+
+
+def _has_experts(model: object) -> bool:
+    """Whether the model has mixture-of-experts layers (built-in ``experts=``, HF Mixtral's
+    ``num_local_experts``, Qwen2-MoE's ``num_experts``), so expert parallelism is a free key."""
+    cfg = getattr(model, "config", None)
+    return any((getattr(cfg, k, 0) or 0) > 1 for k in ("experts", "num_local_experts", "num_experts"))

@@ -14,6 +14,7 @@ BREAKDOWN_LABELS = {
     "pp_bubble": "PP bubble",
     "dp_comm_exposed": "DP sync",
     "optimizer": "optimizer",
+    "ep_comm": "EP all-to-all",
 }
 
 
@@ -24,6 +25,13 @@ def _blocks_per_stage(plan) -> list[int]:
 def explain_text(plan) -> str:
     """A terminal table: the plan, its breakdown, the runner-ups and the rejected configurations."""
     lines = [f"plan: {plan.summary()}"]
+    if getattr(plan, "ep", 1) > 1:
+        lines.append(
+            f"expert parallelism: ep={plan.ep} folded into dp={plan.dp}; each MoE layer's experts are "
+            f"split over ep groups {plan.groups('ep')[:4]}{' ...' if len(plan.groups('ep')) > 4 else ''} "
+            f"(E/{plan.ep} per rank, tokens exchanged by all-to-all), expert gradients reduced over "
+            f"the dp/ep={plan.dp // plan.ep} ranks holding the same experts"
+        )
     if plan.predicted:
         p = plan.predicted
         lines.append(
@@ -36,6 +44,9 @@ def explain_text(plan) -> str:
         lines.append("(hand-written plan: no search to explain)")
         return "\n".join(lines)
     st = plan.search["stats"]
+    experts = plan.search.get("expert_parallel")
+    if experts:  # the planner's notes (autopar.solve.explain.expert_parallel_notes)
+        lines.append(f"why ep={experts['chosen']}: {experts['why']}")
     tensor_parallel = plan.search.get("tensor_parallel")
     if tensor_parallel:
         lines.append(

@@ -34,6 +34,7 @@ OP_KINDS = (
     "view",  # view, reshape, transpose, permute, split, chunk, getitem, contiguous, expand
     "reduction",  # sum, mean, max over a dim
     "loss",  # cross_entropy and friends
+    "moe",  # a whole mixture-of-experts layer (router, experts, combine), kept as one leaf region
     "other",
 )
 

@@ -2,9 +2,9 @@
 
 A plan says how one training (or inference) step is split over a device mesh:
 
-* ``mesh``: the mesh axes, outermost first. Axes are a list (``dp``, ``pp``, ``tp``; ``ep`` and
-  ``cp`` later), not three hard-coded fields. Rank layout is row-major over the axes, so the last
-  axis (``tp``) is innermost and stays inside a node. Example, 8 ranks, ``dp=2, pp=2, tp=2``::
+* ``mesh``: the mesh axes, outermost first. Axes are a list (``dp``, ``pp``, ``tp``; ``cp`` later),
+  not three hard-coded fields; expert parallelism is the field ``ep``, folded into dp. Rank layout
+  is row-major over the axes, so the last axis (``tp``) is innermost and stays inside a node. Example, 8 ranks, ``dp=2, pp=2, tp=2``::
 
       rank = ((dp_i * pp) + pp_i) * tp + tp_i
       tp groups  [[0,1],[2,3],[4,5],[6,7]]
@@ -14,6 +14,7 @@ A plan says how one training (or inference) step is split over a device mesh:
 * the pipeline: micro-batch size and count, schedule, virtual stages, and which stage (virtual
   stage, for interleaved schedules) each repeated block instance runs on;
 * memory knobs: activation recompute, sequence parallelism, ZeRO stage;
+* ``ep``: the expert-parallel degree, folded into dp (``groups("ep")``, ``groups("edp")``);
 * ``placements``: per graph node, the tensor-parallel placement of its output and parameters in
   DTensor's vocabulary (``Replicate()``, ``Shard(dim)``, ``Partial()``);
 * ``predicted``: what the cost model expects (filled by the planner / estimator).
@@ -231,6 +232,11 @@ class Plan:
     recompute: str = "none"
     sequence_parallel: bool = False
     zero_stage: int = 0
+    ep: int = 1
+    """Expert-parallel degree, folded into dp: each dp group splits into dp/ep replicas of ep
+    consecutive ranks that shard the experts of every MoE layer (E/ep each) and exchange tokens
+    with all-to-all; expert gradients are reduced over the dp/ep ranks holding the same experts
+    (``groups("edp")``). 1: experts replicated like every other parameter."""
     layer_stages: list[int] | None = None
     """Stage (virtual stage for interleaved) of each repeated-block instance, in order.
     ``None`` = split the blocks evenly. The stem goes with the first block, the head with the last."""
@@ -274,6 +280,14 @@ class Plan:
             raise PlanError("sp=1 needs tp > 1: sequence parallelism splits along the tensor-parallel axis")
         if self.micro_batch_size < 1:
             raise PlanError(f"mbs={self.micro_batch_size}: micro-batch size must be >= 1")
+        if isinstance(self.ep, bool) or not isinstance(self.ep, int) or self.ep < 1:
+            raise PlanError(f"ep={self.ep!r}: the expert-parallel degree must be a whole number >= 1")
+        if self.dp % self.ep:
+            raise PlanError(
+                f"ep={self.ep} does not divide dp={self.dp}: expert parallelism folds into data "
+                f"parallelism (each dp group splits into dp/ep replicas of ep ranks); choose ep in "
+                f"{[d for d in range(1, self.dp + 1) if self.dp % d == 0]} or a larger dp"
+            )
         per_pipeline = self.global_batch / self.dp
         if self.global_batch % self.dp or (self.global_batch // self.dp) % self.micro_batch_size:
             raise PlanError(
@@ -310,6 +324,10 @@ class Plan:
     def num_micro_batches(self) -> int:
         return self.global_batch // (self.dp * self.micro_batch_size)
 
+    def ep_index(self, rank: int) -> int:
+        """``rank``'s position in its expert-parallel group (which E/ep experts it holds)."""
+        return self.coords(rank).get("dp", 0) % self.ep
+
     def coords(self, rank: int) -> dict[str, int]:
         """Mesh coordinates of ``rank``, e.g. ``{'dp': 1, 'pp': 0, 'tp': 1}``."""
         out = {}
@@ -319,7 +337,17 @@ class Plan:
         return {a.name: out[a.name] for a in self.mesh}
 
     def groups(self, axis: str) -> list[list[int]]:
-        """Rank groups along ``axis``; a single-rank group per rank if the axis is absent."""
+        """Rank groups along ``axis``; a single-rank group per rank if the axis is absent.
+
+        ``ep`` and ``edp`` split each dp group (in dp order): ``ep`` groups are ``ep`` consecutive
+        members, ``edp`` groups the members with the same position in their ep group. Example,
+        ``dp=4, ep=2`` on 4 ranks: ep ``[[0,1],[2,3]]``, edp ``[[0,2],[1,3]]``."""
+        if axis in ("ep", "edp"):
+            out = []
+            for g in self.groups("dp"):
+                blocks = [g[i : i + self.ep] for i in range(0, len(g), self.ep)]
+                out += blocks if axis == "ep" else [list(col) for col in zip(*blocks)]
+            return out
         if axis not in [a.name for a in self.mesh]:
             return [[r] for r in range(self.world_size)]
         return rank_groups(self.mesh, axis)
@@ -382,6 +410,8 @@ class Plan:
         for f in fields(self):
             if f.name in ("version", "mesh", "placements", "predicted", "search"):
                 continue
+            if f.name == "ep" and self.ep == 1:
+                continue  # plans without experts read as they always did
             d[f.name] = getattr(self, f.name)
         d["placements"] = {k: v.to_dict() for k, v in self.placements.items()}
         d["predicted"] = asdict(self.predicted) if self.predicted else None
@@ -429,6 +459,7 @@ class Plan:
         """One line: ``dp=2 tp=2 pp=1 mbs=4 m=2 1f1b recompute=none sp=0 zero=0``."""
         axes = " ".join(f"{a.name}={a.size}" for a in self.mesh)
         vpp = f" vpp={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        axes += f" (ep={self.ep} in dp)" if self.ep > 1 else ""
         return (
             f"{axes} mbs={self.micro_batch_size} m={self.num_micro_batches} {self.schedule}{vpp} "
             f"recompute={self.recompute} sp={int(self.sequence_parallel)} zero={self.zero_stage}"

@@ -2,12 +2,14 @@
 
 This module is the one home of the rules a plan must follow: :func:`divisors`, the predicates
 :func:`tp_divides_heads`, :func:`pp_fits_layers`, :func:`batch_splits`, :func:`interleaving_fits`,
-:func:`sequence_parallel_allowed` and the checkers :func:`check_world_size`,
+:func:`sequence_parallel_allowed`, :func:`ep_fits`, :func:`moe_knobs_fit` and the checkers :func:`check_ep`,
+:func:`check_moe_knobs`, :func:`check_world_size`,
 :func:`check_tp_splits_heads`, :func:`check_tp_splits_width`. :func:`resolve_plan` (the CLI), the
 planner's search space (:mod:`autopar.solve.space`) and the estimator's validation
 (:mod:`autopar.estimator.stages`) all use them.
 
-Keys: ``dp tp pp`` (mesh degrees), ``mbs`` (micro-batch size), ``vpp`` (virtual pipeline stages),
+Keys: ``dp tp pp`` (mesh degrees), ``ep`` (expert parallelism, folded into dp: divides dp and the
+expert count), ``mbs`` (micro-batch size), ``vpp`` (virtual pipeline stages),
 ``schedule`` (gpipe | 1f1b | interleaved), ``recompute`` (none | selective | full), ``sp`` (sequence
 parallel 0 | 1), ``zero`` (ZeRO stage 0..3).
 
@@ -23,8 +25,8 @@ from autopar.core.errors import PlanError
 from autopar.core.plan import RECOMPUTE, SCHEDULES, Plan
 from autopar.core.text import did_you_mean
 
-PLAN_KEYS = ("dp", "tp", "pp", "mbs", "vpp", "schedule", "recompute", "sp", "zero")
-_DEGREE_KEYS = ("dp", "tp", "pp", "mbs", "vpp")
+PLAN_KEYS = ("dp", "tp", "pp", "ep", "mbs", "vpp", "schedule", "recompute", "sp", "zero")
+_DEGREE_KEYS = ("dp", "tp", "pp", "ep", "mbs", "vpp")
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
@@ -59,6 +61,51 @@ def interleaving_fits(num_micro_batches: int, pp: int) -> bool:
 def sequence_parallel_allowed(tp: int) -> bool:
     """Sequence parallelism splits along the tensor-parallel axis, so it needs ``tp > 1``."""
     return tp > 1
+
+
+def ep_fits(ep: int, dp: int, experts: int | None = None) -> bool:
+    """Expert parallelism folds into dp (``ep`` divides ``dp``) and shards every MoE layer's
+    experts evenly (``ep`` divides the expert count; None or 0: no constraint)."""
+    return dp % ep == 0 and not (experts and experts % ep)
+
+
+def moe_knobs_fit(*, ep: int, zero: int, sp: bool) -> bool:
+    """The knobs the expert-parallel runtime builds for a model with mixture-of-experts layers:
+    no sequence parallelism (the layer needs its tokens whole on every tp rank) and, with
+    ``ep > 1``, no ZeRO (ZeRO shards over the whole dp group, whose ep ranks hold different experts;
+    ZeRO over the expert-data-parallel ranks is not built). A dense model has no such rule."""
+    return not sp and not (ep > 1 and zero > 0)
+
+
+def check_moe_knobs(*, ep: int, zero: int, sp: bool) -> None:
+    """:func:`moe_knobs_fit` for a model with MoE layers, with a message naming the fix."""
+    if sp:
+        raise PlanError(
+            "sequence parallelism with MoE layers is not supported yet (the MoE layer needs its "
+            "tokens whole on every tp rank); use sp=0"
+        )
+    if ep > 1 and zero > 0:
+        raise PlanError(
+            f"zero={zero} with ep={ep}: ZeRO shards over the whole dp group, whose ep ranks hold "
+            "different experts (ZeRO over the expert-data-parallel ranks is not built); use zero=0 "
+            "with expert parallelism, or ep=1 with ZeRO"
+        )
+
+
+def check_ep(ep: int, dp: int, experts: list[int]) -> None:
+    """:func:`ep_fits` for every MoE layer's expert count, with a message naming the fix."""
+    if dp % ep:
+        raise PlanError(
+            f"ep={ep} does not divide dp={dp}: expert parallelism folds into data parallelism; "
+            f"choose ep in {_choices(divisors(dp))}"
+        )
+    for e in experts:
+        if e % ep:
+            ok = [d for d in divisors(e) if dp % d == 0]
+            raise PlanError(
+                f"ep={ep} does not divide the {e} experts of a MoE layer (each ep rank holds E/ep "
+                f"experts); choose ep in {_choices(ok)}"
+            )
 
 
 def check_world_size(plan: Plan, num_devices: int, cluster_name: str) -> None:
@@ -200,6 +247,12 @@ def resolve_plan(
             f"schedule=interleaved needs the {micro_batches} micro-batches per step (global batch "
             f"{global_batch} / (dp={dp} * mbs={mbs})) to be a multiple of pp={pp}; change mbs or the batch"
         )
+    ep = k.get("ep", 1)
+    if dp % ep:
+        raise PlanError(
+            f"ep={ep} does not divide dp={dp}: expert parallelism folds into data parallelism (the "
+            f"dp group splits into dp/ep replicas of ep ranks); choose ep in {_choices(divisors(dp))}"
+        )
     sp = k.get("sp", 0)
     if sp and not sequence_parallel_allowed(tp):
         raise PlanError("sp=1 needs tp > 1: sequence parallelism splits along the tensor-parallel axis")
@@ -214,6 +267,7 @@ def resolve_plan(
         recompute=k.get("recompute", "none"),
         sequence_parallel=bool(sp),
         zero_stage=k.get("zero", 0),
+        ep=ep,
     )
 
 
@@ -274,4 +328,5 @@ def plan_keys(plan: Plan) -> dict:
         "zero": plan.zero_stage,
         "micro_batches": plan.num_micro_batches,
         "global_batch": plan.global_batch,
+        **({"ep": plan.ep} if plan.ep > 1 else {}),
     }

@@ -9,17 +9,14 @@ Steps (each a small function below):
 
 1. **Validate** the plan against the cluster and the graph (device count, head / FFN / vocab
    divisibility by ``tp``). Errors name the value, the rule and the fix.
-2. **Tensor-parallel sharding.** With ``plan.placements`` empty, the Megatron default is derived from
-   the graph, not hard-coded per model: walking the nodes in order with every tensor either
-   replicated (R) or split over ``tp`` (S), a Linear reading an R tensor is *column-parallel*
-   (output S, weight split by rows), a Linear reading an S tensor is *row-parallel* (weight split by
-   columns, output all-reduced back to R); any other op outputs S if one of its inputs is S
-   (attention heads follow the q/k/v split). The embedding whose indices are a graph input is
-   vocab-parallel (output all-reduced), the LM head is column-parallel and the loss is
-   vocab-parallel (three all-reduces of one fp32 number per token). Collectives per layer:
-   forward, one all-reduce per row-parallel Linear; backward, one per distinct input of the
-   column-parallel Linears (GPT: 2 + 2). With sequence parallelism the R tensors are split along
-   the sequence instead, and each all-reduce becomes an all-gather / reduce-scatter pair.
+2. **Tensor-parallel sharding.** With ``plan.placements`` empty, the layout the lowering runs by
+   default (the sharding rules' Megatron-like placements, :func:`autopar.sharding.megatron_placements`,
+   then :func:`autopar.sharding.layout.choose`): per node the strategy, hence the share of its FLOPs
+   each rank runs, which GEMM dimension is divided (``column``: n, ``row``: k), whether what it saves
+   is split, which parameters are sharded, and the collectives the reshardings imply (GPT: per layer
+   one all-reduce per row-parallel Linear forward, one per distinct column-parallel input backward;
+   under sequence parallelism all-gather / reduce-scatter pairs). A hand-built OpGraph without an fx
+   module is costed by the Megatron walk over op kinds instead (:func:`autopar.estimator.tensor_parallel.megatron_walk`).
 3. **Workload per block type**: the first instance of each repeated block is costed once and
    multiplied by the number of instances on each stage. Memory-bound ops are fused the way
    Megatron's kernels (or torch.compile) fuse them (``Calibration.fuse_elementwise``): a tensor made
@@ -49,7 +46,11 @@ Public API (``from autopar.estimator import ...``):
 
 The modules are the steps and share their public helpers with each other only:
 :mod:`.tensor_parallel` (step 2), :mod:`.blocks` (steps 3-4), :mod:`.stages` (validation, stages,
-groups, memory, FLOPs), :mod:`.devices` (step 6); :mod:`.profile` is the profiler.
+groups, memory, FLOPs), :mod:`.devices` (step 6), :mod:`.moe` (mixture-of-experts nodes under
+``Plan.ep``: work, all-to-alls reported as ``breakdown_s["ep_comm"]``, expert memory, the
+all-to-all volume per step and the expert placement, the expert gradients' sync over edp
+(``expert_grad_sync``) and the MoE collectives per step (``moe_collectives``); docs/moe_cost.md);
+:mod:`.profile` is the profiler.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from typing import TYPE_CHECKING
 from autopar.cluster import Cluster
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan, PredictedCost
+from autopar.estimator import moe
 from autopar.estimator.blocks import Scale
 from autopar.estimator.devices import StageDevices, check_profiled, stage_devices, stage_groups
 from autopar.estimator.stages import (
@@ -121,6 +123,9 @@ class Workload:
     the workload with these instead of the caller's); None otherwise."""
     fixed_step_s: float = 0.0
     """Per-step cost outside the step model (profiled mode: the runtime's scalar loss all-reduce)."""
+    experts: moe.MoEMemory | None = None
+    """Expert parameters and dispatch buffers per block (mixture-of-experts graphs), for the memory
+    model (:func:`stage_memory`)."""
 
 
 def workload(
@@ -151,6 +156,7 @@ def workload(
         sp=plan.sequence_parallel and plan.tp > 1,
         graph_batch=graph.batch_size,
         act=act,
+        ep=plan.ep,
     )
     if plan.placements:
         # Placements are cached by identity: the planner costs many plans with one placements dict
@@ -163,6 +169,12 @@ def workload(
     stages = stage_works(graph, plan, tp, sc, calib, tp_key, dict(op_times or {}))
     pp_group = axis_group(plan, cluster, "pp")
     elem = 2.0 if key in ("fp16", "bf16", "fp8") else 4.0
+    groups = {axis: axis_group(plan, cluster, axis) for axis in ("tp", "dp")}
+    per_stage_groups = stage_groups(cluster, plan) if cluster.is_heterogeneous else None
+    if plan.ep > 1:  # the all-to-alls of MoE layers (autopar.estimator.moe)
+        groups["ep"] = moe.ep_group(plan, cluster)
+        for g in per_stage_groups or ():
+            g["ep"] = groups["ep"]
     spec = StepSpec(
         stages=tuple(stages),
         num_micro_batches=plan.num_micro_batches,
@@ -171,14 +183,15 @@ def workload(
         recompute=plan.recompute,
         mode=plan.mode,
         zero_stage=plan.zero_stage,
-        groups={axis: axis_group(plan, cluster, axis) for axis in ("tp", "dp")},
+        groups=groups,
         pp_link=pp_group.inter if pp_group.spans_nodes else pp_group.intra,
         pp_link_inter_node=pp_group.spans_nodes,
         tp=plan.tp,
         param_bytes=elem,
         grad_bytes=elem,
-        stage_groups=stage_groups(cluster, plan) if cluster.is_heterogeneous else None,
+        stage_groups=per_stage_groups,
     )
+    experts = moe.moe_memory(graph, plan, batch=sc.batch, act=act)
     kv_block = kv_bytes_per_block(graph, tp, sc) if (kv_cache and plan.mode != "train") else {}
     model_flops, hw_flops = step_flops(graph, plan, stages)
     rates = [s.rates(key) for s in placed]
@@ -201,7 +214,7 @@ def workload(
         peak_flops_per_s_total=peak_total,
         stages=stages,
         memory_per_stage=stage_memory(
-            stages, plan, elem, calib, [stage_kv_bytes(s, kv_block) for s in stages]
+            stages, plan, elem, calib, [stage_kv_bytes(s, kv_block) for s in stages], experts
         ),
         model_flops_per_step=model_flops,
         hardware_flops_per_step=hw_flops,
@@ -209,6 +222,7 @@ def workload(
         seq=_seq_len(graph),
         calib=calib if local is not None else None,
         fixed_step_s=local.layout.step_overhead_s if local is not None else 0.0,
+        experts=experts,
     )
 
 
@@ -245,6 +259,8 @@ def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration
     and fill a PredictedCost."""
     calib = w.calib or calib
     t = step_time(w.spec, w.rates, calib)
+    _split_ep_comm(t, w, plan, calib)
+    moe.expert_grad_sync(t, w, plan, cluster, calib)  # ep > 1: experts over edp, after the backward
     if w.fixed_step_s:
         t.step_time_s += w.fixed_step_s
         t.breakdown_s["step_overhead"] = w.fixed_step_s
@@ -281,6 +297,28 @@ def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration
         fits=all(u <= c for u, c in zip(totals, capacities)),
         extra=extra,
     )
+
+
+def _split_ep_comm(t, w: Workload, plan: Plan, calib: Calibration) -> None:
+    """Report the MoE all-to-alls, which the step model times with the block's tensor-parallel
+    collectives, as ``breakdown_s["ep_comm"]``: the worst stage's all-to-all seconds per micro-batch
+    times the micro-batches, moved out of ``tp_comm`` (the total does not change)."""
+    if w.spec.groups.get("ep") is None:
+        return
+    per = [s.total_s + p for s, p in zip(t.stage_times, t.stage_p2p_s)]
+    if plan.mode != "train":
+        per = [s.fwd_s + s.tp_fwd_s + p for s, p in zip(t.stage_times, t.stage_p2p_s)]
+    worst = max(range(len(per)), key=per.__getitem__)
+    ep_s = plan.num_micro_batches * moe.ep_seconds_per_micro_batch(
+        w.stages[worst],
+        w.spec.groups_of(worst).get("ep"),
+        recompute=plan.recompute,
+        mode=plan.mode,
+        calib=calib,
+    )
+    ep_s = min(ep_s, t.breakdown_s.get("tp_comm", 0.0))
+    t.breakdown_s["tp_comm"] = t.breakdown_s.get("tp_comm", 0.0) - ep_s
+    t.breakdown_s["ep_comm"] = ep_s
 
 
 def _binding_stage(totals: list[float], capacities: list[float], heterogeneous: bool) -> int:

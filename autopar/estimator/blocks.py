@@ -10,7 +10,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from autopar.core.ir import OpGraph, OpNode
-from autopar.estimator.tensor_parallel import DTYPE_BYTES, NodeShard, TPLayout, out_bytes, tensor_bytes
+from autopar.estimator import moe
+from autopar.estimator.tensor_parallel import (
+    DTYPE_BYTES,
+    NodeShard,
+    TPLayout,
+    cached,
+    out_bytes,
+    tensor_bytes,
+)
 from cost_models import BlockWork, Calibration, CommWork, OpWork
 from cost_models.compute import gemm_efficiency
 
@@ -39,6 +47,8 @@ class Scale:
     graph_batch: int
     act: float = 1.0
     """Activation dtype conversion (1.0 unless a fp32 graph is costed in 16-bit mixed precision)."""
+    ep: int = 1
+    """Expert-parallel degree (mixture-of-experts nodes: :mod:`autopar.estimator.moe`)."""
 
     def div(self, s: NodeShard) -> float:
         """How many ways a node's activations are split: tp when split, or replicated under SP."""
@@ -260,10 +270,13 @@ def _ancestors(ctx: BlockContext, start: str, names: set[str]) -> set[str]:
 
 def saved_activation_bytes(ctx: BlockContext) -> dict[str, float]:
     """Activation bytes kept per micro-batch under each recompute mode (module docstring, step 4)."""
-    by_name = {n.name: n for n in ctx.graph.nodes}
+    by_name = cached(ctx.graph, ("by_name",), lambda: {n.name: n for n in ctx.graph.nodes})
     total = dropped = 0.0
     for n in ctx.nodes:
-        saved = ctx.sc.saved(n.saved_bytes, ctx.tp.shard[n.name])
+        if moe.is_moe(n):
+            saved = moe.node_saved_bytes(n, batch=ctx.sc.batch, ep=ctx.sc.ep, tp=ctx.sc.tp, act=ctx.sc.act)
+        else:
+            saved = ctx.sc.saved(n.saved_bytes, ctx.tp.shard[n.name])
         total += saved
         if n.name in ctx.region:
             external = 0.0
@@ -284,6 +297,9 @@ def saved_activation_bytes(ctx: BlockContext) -> dict[str, float]:
 def _comms(ctx: BlockContext) -> list[CommWork]:
     out = []
     for n in ctx.nodes:
+        if moe.is_moe(n):
+            out += moe.node_comms(n, batch=ctx.sc.batch, ep=ctx.sc.ep, tp=ctx.sc.tp, act=ctx.sc.act)
+            continue
         for c in ctx.tp.comms.get(n.name, ()):
             nbytes = c.nbytes * ctx.sc.batch * (ctx.sc.act if c.nbytes else 1.0)
             out.append(
@@ -297,11 +313,16 @@ def _param_count(ctx: BlockContext) -> float:
     seen: set[str] = set()
     count = 0.0
     for n in ctx.nodes:
+        if moe.is_moe(n):  # experts / (ep tp), shared experts / tp, the router whole
+            if not seen.intersection(n.param_names):
+                count += moe.node_params(ctx.graph, n, ep=ctx.sc.ep, tp=ctx.sc.tp)[0]
+            seen.update(n.param_names)
+            continue
         for p in n.param_names:
             if p in seen or p not in ctx.graph.params:
                 continue
             seen.add(p)
-            count += math.prod(ctx.graph.params[p]["shape"]) / ctx.tp.shard[n.name].param_div
+            count += math.prod(ctx.graph.params[p]["shape"]) / ctx.tp.shard[n.name].div_of(p)
     return count
 
 
@@ -314,12 +335,21 @@ def block_work(ctx: BlockContext, name: str, recomputable: bool) -> BlockWork:
         saved = {"none": saved["none"]}
     return BlockWork(
         name=name,
-        ops=tuple(_with_measured(ctx, _gemm_ops(ctx) + _memory_ops(ctx))),
+        ops=tuple(_with_measured(ctx, _gemm_ops(ctx) + _memory_ops(ctx) + _moe_ops(ctx))),
         comms=tuple(_comms(ctx)),
         param_count=_param_count(ctx),
         saved_bytes=saved,
         recomputable=recomputable,
     )
+
+
+def _moe_ops(ctx: BlockContext) -> list[OpWork]:
+    """Router, experts and shared experts of the block's MoE regions (:mod:`autopar.estimator.moe`)."""
+    out: list[OpWork] = []
+    for n in ctx.nodes:
+        if moe.is_moe(n) and n.name not in ctx.measured:  # a profiled region keeps its measured time
+            out += moe.node_ops(n, batch=ctx.sc.batch, ep=ctx.sc.ep, tp=ctx.sc.tp, act=ctx.sc.act)
+    return out
 
 
 def _with_measured(ctx: BlockContext, ops: list[OpWork]) -> list[OpWork]:

@@ -13,6 +13,7 @@ from autopar.core.errors import PlanError
 from autopar.core.ir import OpGraph, OpNode
 from autopar.core.plan import Plan
 from autopar.core.plan_rules import check_tp_splits_heads, check_tp_splits_width, check_world_size
+from autopar.estimator import moe
 from autopar.estimator.blocks import BlockContext, Scale, block_work, saved_activation_bytes
 from autopar.estimator.devices import common_preferred_dtype, link_spec
 from autopar.estimator.tensor_parallel import TPLayout, cached, out_bytes
@@ -141,7 +142,7 @@ def _shared_params(graph: OpGraph, stem: list[OpNode], head: list[OpNode], tp: T
     """Elements (per device) of the parameters both the stem and the head use."""
     first = {p: n for n in stem for p in n.param_names if p in graph.params}
     both = {p: first[p] for n in head for p in n.param_names if p in first}
-    return sum(math.prod(graph.params[p]["shape"]) / tp.shard[n.name].param_div for p, n in both.items())
+    return sum(math.prod(graph.params[p]["shape"]) / tp.shard[n.name].div_of(p) for p, n in both.items())
 
 
 def _consumers(graph: OpGraph) -> dict[str, list[OpNode]]:
@@ -262,21 +263,37 @@ def validate_plan(graph: OpGraph, cluster: Cluster, plan: Plan) -> None:
     """The rules of :mod:`autopar.core.plan_rules` a plan must meet on ``cluster`` for ``graph``:
     its degrees use every device; ``tp`` divides the head counts and every Linear's width."""
     check_world_size(plan, cluster.num_devices, cluster.name)
+    moe.check_plan(graph, plan)
     tp = plan.tp
     if tp == 1 or plan.placements:
         return
     check_tp_splits_heads(tp, attention_heads(graph))
+    for width, where in cached(graph, ("linear_widths",), lambda: _linear_widths(graph)):
+        check_tp_splits_width(tp, width, where)
+
+
+def _linear_widths(graph: OpGraph) -> list[tuple[int, str]]:
+    """(output features, where) of every Linear, each distinct pair once."""
+    out = {}
     for n in graph.nodes:
         if n.op_kind == "linear" and n.gemm:
-            check_tp_splits_width(tp, n.gemm[2], n.module_path or n.name)
+            out.setdefault((n.gemm[2], n.module_path or n.name), None)
+    return list(out)
 
 
 # ------------------------------------------------------------------------------ memory
 def stage_memory(
-    stages: Sequence[StageWork], plan: Plan, elem: float, calib: Calibration, kv: list[float]
+    stages: Sequence[StageWork],
+    plan: Plan,
+    elem: float,
+    calib: Calibration,
+    kv: list[float],
+    experts: moe.MoEMemory | None = None,
 ) -> list[dict[str, float]]:
     """Bytes per device of each stage by category (:func:`cost_models.memory.stage_memory_bytes`):
-    ``elem`` bytes per parameter and gradient, ``kv`` the KV-cache bytes of each stage."""
+    ``elem`` bytes per parameter and gradient, ``kv`` the KV-cache bytes of each stage; ``experts``:
+    the expert parameters and dispatch buffers of mixture-of-experts blocks
+    (:func:`autopar.estimator.moe.memory_adjustment`)."""
     precision = mem.Precision(param_bytes=elem, grad_bytes=elem, optimizer_bytes=12.0 if elem == 2 else 8.0)
     out = []
     for r, stage in enumerate(stages):
@@ -285,24 +302,33 @@ def stage_memory(
             buffers += 2 * calib.dp_last_bucket_bytes  # DDP: the bucket being reduced + the next one
         if plan.zero_stage == 3 and plan.dp > 1:
             buffers += mem.zero3_gather_buffer_bytes(stage, elem)
-        out.append(
-            mem.stage_memory_bytes(
-                stage,
-                stage_index=r,
-                pp=plan.pp,
-                num_micro_batches=plan.num_micro_batches,
-                schedule=plan.schedule,
-                virtual_stages=plan.virtual_stages,
-                recompute=plan.recompute,
-                dp=plan.dp,
-                zero_stage=plan.zero_stage,
-                mode=plan.mode,
-                precision=precision,
-                comm_buffer_bytes=buffers,
-                kv_cache=kv[r],
-                reserved_bytes=calib.runtime_reserved_bytes,
-            )
+        by_kind = mem.stage_memory_bytes(
+            stage,
+            stage_index=r,
+            pp=plan.pp,
+            num_micro_batches=plan.num_micro_batches,
+            schedule=plan.schedule,
+            virtual_stages=plan.virtual_stages,
+            recompute=plan.recompute,
+            dp=plan.dp,
+            zero_stage=plan.zero_stage,
+            mode=plan.mode,
+            precision=precision,
+            comm_buffer_bytes=buffers,
+            kv_cache=kv[r],
+            reserved_bytes=calib.runtime_reserved_bytes,
         )
+        adjust = moe.memory_adjustment(
+            stage,
+            experts,
+            plan=plan,
+            param_bytes=precision.param_bytes,
+            grad_bytes=precision.grad_bytes,
+            optimizer_bytes=precision.optimizer_bytes,
+        )
+        for key, value in adjust.items():
+            by_kind[key] = by_kind.get(key, 0.0) + value
+        out.append(by_kind)
     return out
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch.fx
+
 from autopar.core.ir import OpGraph, OpNode
-from autopar.core.plan import NodePlacement, Partial, Plan, Shard
-from autopar.sharding import Normalized, ShardingGraph, functionalize, megatron_placements
+from autopar.core.plan import NodePlacement, Partial, Placement, Plan, Shard
+from autopar.sharding import Normalized, ShardingGraph, Strategy, functionalize, megatron_placements
 from autopar.sharding.fallback import replicated_ops, sharded_param_share
 from autopar.sharding.layout import choose, planned_collectives
 from autopar.sharding.reshard import BACKWARD_OF
@@ -36,9 +38,17 @@ class NodeShard:
     role: str = ""
     """``column``, ``row``, ``vocab_embedding``, ``vocab_loss`` or ''."""
     param_div: float = 1.0
+    """How many ways the node's sharded parameters are split (tp, or 1 when none is)."""
+    param_divs: dict[str, float] = field(default_factory=dict)
+    """Per parameter (the OpGraph's names) where it differs from ``param_div``: the replicated bias
+    of a row-parallel Linear."""
     saved_split: bool | None = None
     """Whether what it saves for backward is split; None = same as ``split`` (a column-parallel
     Linear saves its replicated input)."""
+
+    def div_of(self, param: str) -> float:
+        """How many ways parameter ``param`` (read by this node) is split."""
+        return self.param_divs.get(param, self.param_div)
 
     @property
     def saves_split(self) -> bool:
@@ -175,19 +185,97 @@ def _copy_to_instances(graph: OpGraph, comms: dict[str, list[CommWork]]) -> None
 
 
 def megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
-    """The Megatron placement derived from the graph (see the module docstring, step 2)."""
+    """The default tensor-parallel layout, costed as the lowering runs it: per node the strategy the
+    sharding rules choose (:func:`~autopar.sharding.megatron_placements` then
+    :func:`~autopar.sharding.layout.choose`, the one derivation the lowering also uses) and the
+    collectives it implies (:func:`layout_comms`). A hand-built OpGraph (no fx module) has no layout
+    to derive; the Megatron walk over its op kinds (:func:`megatron_walk`) stands in then, and
+    serves the tests as an independent oracle."""
 
     def derive() -> TPLayout:
-        layout = _derive_megatron_tp(graph, tp, sp)
-        comms = layout_comms(graph, tp, sp)
-        if comms is not None:
-            layout.comms = comms
-        return layout
+        shards = _layout_shards(graph, tp, sp)
+        if shards is None:
+            return megatron_walk(graph, tp, sp)
+        return TPLayout(shard=shards, comms=layout_comms(graph, tp, sp) or defaultdict(list))
 
     return cached(graph, ("megatron_tp", tp, sp), derive)
 
 
-def _derive_megatron_tp(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
+def _layout_shards(graph: OpGraph, tp: int, sp: bool) -> dict[str, NodeShard] | None:
+    """Per node, the :class:`NodeShard` of the strategy the default layout gives it, derived on the
+    stem, the first instance of each block type and the head, copied to later instances. Nodes the
+    layout does not place (views of metadata, getattr) follow their inputs."""
+    norm = _normalized(graph, collapsed=True)
+    if norm is None:
+        return None
+    sg = ShardingGraph(norm.gm, tp, normalized=norm)
+    choices, params = choose(sg, megatron_placements(sg, tp, sp))
+    pdiv = {name: float(tp) if isinstance(p, Shard) else 1.0 for name, p in params.items()}
+    placed: dict[str, NodeShard] = {}
+    sharded_out: dict[str, bool] = {}
+    for node, c in choices.items():
+        st = c.strategy
+        sharded_params = any(isinstance(p, Shard) for _, p in st.params)
+        role = st.name if st.name in ("column", "row") else ""  # the GEMM split the rules chose
+        placed[node.name] = NodeShard(
+            split=st.compute_fraction < 1.0,
+            role=role,
+            param_div=tp if sharded_params else 1.0,
+            saved_split=_saves_split(sg, node, st),
+        )
+        sharded_out[node.name] = isinstance(c.final, Shard)
+    twin = _twins(graph)
+    out: dict[str, NodeShard] = {}
+    for n in graph.nodes:
+        key = twin.get(n.name, n.name)
+        if key in placed:
+            out[n.name] = placed[key]
+            sharded_out[n.name] = sharded_out[key]
+        else:  # unplaced (metadata views): follows its inputs, as it aliases them
+            split = any(sharded_out.get(i, False) for i in n.inputs)
+            out[n.name] = NodeShard(split=split)
+            sharded_out[n.name] = split
+        if n.param_names:  # each parameter as the layout places it (a traced HF model reads its
+            # parameters through get_attr nodes of their own), a later instance by its twin's
+            twin_params = graph[key].param_names if key != n.name else n.param_names
+            divs = {p: pdiv.get(_canonical(sg, q), 1.0) for p, q in zip(n.param_names, twin_params)}
+            out[n.name] = dataclasses.replace(out[n.name], param_divs=divs)
+    return out
+
+
+def _canonical(sg: ShardingGraph, name: str) -> str:
+    """The layout's name of an OpGraph parameter: the traced wrapper's prefix, tied aliases resolved."""
+    full = MODEL_PREFIX + name
+    return sg.norm.aliases.get(full, full)
+
+
+def _param_divs(params: Iterable[tuple[str, Placement]], tp: int) -> dict[str, float]:
+    """Per parameter (the model's own name), tp when sharded, else 1."""
+    return {name.removeprefix(MODEL_PREFIX): float(tp) if isinstance(p, Shard) else 1.0 for name, p in params}
+
+
+def _saves_split(sg: ShardingGraph, node: torch.fx.Node, st: Strategy) -> bool:
+    """Whether what ``node`` saves for backward (its activation inputs) is split: some activation
+    input is required sharded (a column-parallel Linear saves its replicated input; parameters do
+    not count, they are not activations)."""
+    acts = [p for i, p in zip(sg.calls[node].inputs, st.inputs) if p is not None and not sg.is_param(i)]
+    return any(isinstance(p, Shard) for p in acts)
+
+
+def _twins(graph: OpGraph) -> dict[str, str]:
+    """Node of a later block instance -> its twin in the first instance."""
+    out: dict[str, str] = {}
+    for bt in graph.block_types.values():
+        first = bt.node_names[0] if bt.node_names else []
+        for names in bt.node_names[1:]:
+            out.update(zip(names, first))
+    return out
+
+
+def megatron_walk(graph: OpGraph, tp: int, sp: bool) -> TPLayout:
+    """Megatron's layout by a walk over op kinds (column Linear after replicated input, row Linear
+    after split input, vocabulary-parallel embedding and loss): the estimator's stand-in for a
+    hand-built OpGraph without an fx module, and a test oracle for :func:`megatron_tp`."""
     out = TPLayout()
     split: dict[str, bool] = {}
     column_inputs_seen: set[str] = set()
@@ -269,6 +357,7 @@ def tp_from_placements(graph: OpGraph, plan: Plan) -> TPLayout:
             split=split,
             role=role,
             param_div=tp if sharded_params else 1.0,
+            param_divs=_param_divs(pl.params.items(), tp),
             saved_split=False if role == "column" else None,
         )
         if layout is not None:

@@ -17,6 +17,11 @@ Public API (everything else in the package is internal to the lowering):
   :func:`autopar.lower.choose.conversion_calls` (the calls that perform one resharding).
 * :mod:`autopar.lower.parallel_ops`: the sharded ops (vocabulary-parallel embedding and cross
   entropy, sharded dropout, shape helpers); :func:`autopar.lower.rewrite.noncontiguous_layout`.
+* :mod:`autopar.lower.expert`: expert parallelism for mixture-of-experts regions:
+  :func:`~autopar.lower.expert.lower_experts` (swaps in :class:`~autopar.lower.expert.ExpertParallelMoE`,
+  experts split over ``ep``, tp inside each expert), :func:`~autopar.lower.expert.autopar_all_to_all`
+  (the autograd-aware all-to-all), :func:`~autopar.lower.expert.all_to_all_volume` (the all-to-alls
+  of a step and their bytes, what the estimator must cost) and :func:`~autopar.lower.expert.moe_layers`.
 * :mod:`autopar.lower.rng` (counter-based deterministic dropout) and
   :func:`autopar.lower.passes.replace_dropout` (puts it into a traced graph).
 

@@ -26,6 +26,9 @@ lowered graph module holds as its attribute ``autopar_tp`` and reads with a ``ge
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +55,18 @@ class TPContext:
 
     def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int):
         self.group, self.rank, self.world_size = group, rank, world_size
+        self.comm_s = 0.0
+        """Wall seconds this rank has spent in the tensor-parallel collectives (forward and
+        backward) since the module was lowered: the runtime's measured ``tp_comm``."""
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Adds the wall time of the block to :attr:`comm_s`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.comm_s += time.perf_counter() - t0
 
     def require_group(self, what: str) -> dist.ProcessGroup | None:
         if self.group is None and self.world_size > 1:
@@ -75,7 +90,8 @@ class TPContext:
 def _all_reduce(x: torch.Tensor, tp: TPContext, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     out = x.contiguous().clone()
     if tp.world_size > 1:
-        dist.all_reduce(out, op=op, group=tp.require_group("all_reduce"))
+        with tp.timed():
+            dist.all_reduce(out, op=op, group=tp.require_group("all_reduce"))
     return out
 
 
@@ -84,7 +100,8 @@ def _all_gather(x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((tp.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_into(out, x, tp.require_group("all_gather"))
+    with tp.timed():
+        _all_gather_into(out, x, tp.require_group("all_gather"))
     return out if dim == 0 else torch.cat(out.chunk(tp.world_size, dim=0), dim=dim)
 
 
@@ -95,7 +112,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPContext) -> torch.Tensor:
     chunks = x.chunk(tp.world_size, dim=dim)
     stacked = torch.cat(chunks, dim=0).contiguous() if dim != 0 else x.contiguous()
     out = torch.empty(chunks[0].shape, dtype=x.dtype, device=x.device)
-    _reduce_scatter_into(out, stacked, tp.require_group("reduce_scatter"))
+    with tp.timed():
+        _reduce_scatter_into(out, stacked, tp.require_group("reduce_scatter"))
     return out
 
 

@@ -21,6 +21,8 @@ from torch.distributed import ProcessGroup
 
 from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
+from autopar.lower.collectives import TPContext
+from autopar.lower.expert import ep_context, lower_experts
 from autopar.lower.invariants import check_enabled, check_program, mutation_counts
 from autopar.lower.segments import Units, find_units, split_segments, stage_of_segments
 from autopar.lower.stages import StageModule, build_stage
@@ -31,11 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shard:
-    """How a local parameter relates to the full one: chunk ``index`` of ``num_shards`` along ``dim``."""
+    """How a local parameter relates to the full one: chunk ``index`` of ``num_shards`` along ``dim``
+    (tensor parallelism), of the chunk ``ep_index`` of ``ep_shards`` along ``ep_dim`` (expert
+    parallelism: routed experts, :mod:`autopar.lower.expert`)."""
 
     dim: int | None = None
     num_shards: int = 1
     index: int = 0
+    ep_dim: int | None = None
+    ep_shards: int = 1
+    ep_index: int = 0
+
+    @property
+    def is_expert(self) -> bool:
+        """Split over the ep group: its gradient is reduced over edp, not dp."""
+        return self.ep_dim is not None and self.ep_shards > 1
 
 
 @dataclass
@@ -107,11 +119,20 @@ class RankProgram:
         return sorted(n for n, c in seen.items() if c > 1)
 
 
-def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group: ProcessGroup | None) -> LoweredGraph:
-    """Tensor-parallel lowering of a copy of ``gm`` for tp rank ``tp_index``."""
+def lower(
+    gm: torch.fx.GraphModule,
+    plan: Plan,
+    tp_index: int,
+    tp_group: ProcessGroup | None,
+    rank: int = 0,
+    ep_group: ProcessGroup | None = None,
+) -> LoweredGraph:
+    """Tensor-parallel lowering of a copy of ``gm`` for tp rank ``tp_index``, then the expert-parallel
+    lowering of its MoE regions for ``rank`` (:mod:`autopar.lower.expert`)."""
     gm = copy.deepcopy(gm)
     if plan.tp == 1:
-        return LoweredGraph(gm=gm, shards={}, code=gm.code)
+        experts = _lower_experts(gm, plan, rank, ep_group, TPContext(tp_group, tp_index, 1))
+        return LoweredGraph(gm=gm, shards=experts, code=gm.code)
     out = lower_tensor_parallel(gm, plan, tp_index, tp_group)
     specs = {**out.shards, **out.buffer_shards}  # buffers split with their channels (BatchNorm)
     shards = {
@@ -121,7 +142,18 @@ def lower(gm: torch.fx.GraphModule, plan: Plan, tp_index: int, tp_group: Process
     full = {name: spec.full_name for name, spec in specs.items()}
     gm_out = out.gm
     gm_out.meta.setdefault("autopar_full_names", {}).update(full)
+    shards.update(_lower_experts(gm_out, plan, rank, ep_group, TPContext(tp_group, tp_index, plan.tp)))
     return LoweredGraph(gm=gm_out, shards=shards, code=getattr(out, "code", gm_out.code))
+
+
+def _lower_experts(
+    gm: torch.fx.GraphModule, plan: Plan, rank: int, ep_group: ProcessGroup | None, tp: TPContext
+) -> dict[str, Shard]:
+    specs = lower_experts(gm, plan, ep_context(plan, rank, ep_group), tp)
+    return {
+        name: Shard(s.tp_dim, s.tp_shards, s.tp_index, s.ep_dim, s.ep_shards, s.ep_index)
+        for name, s in specs.items()
+    }
 
 
 def _check_units(units: Units | None, plan: Plan, num_stages: int) -> None:
@@ -146,10 +178,11 @@ def build_program(
     rank: int,
     model_input_names: Sequence[str],
     tp_group: ProcessGroup | None = None,
+    ep_group: ProcessGroup | None = None,
 ) -> RankProgram:
     coords = plan.coords(rank)
     mutations = mutation_counts(gm) if check_enabled() else None
-    lowered = lower(gm, plan, coords.get("tp", 0), tp_group)
+    lowered = lower(gm, plan, coords.get("tp", 0), tp_group, rank, ep_group)
     full_names = lowered.gm.meta.get("autopar_full_names", {})
     local_params = dict(lowered.gm.named_parameters())
     blocks = find_units(lowered.gm)

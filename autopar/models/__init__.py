@@ -8,6 +8,8 @@ Public API (what other packages import from here):
 
 * :mod:`autopar.models.gpt`: :class:`GPT`, :class:`GPTConfig` and :func:`gpt_loss`, the built-in
   decoder-only transformer;
+* :mod:`autopar.models.moe`: :class:`~autopar.models.moe.MoE` and :class:`~autopar.models.moe.MoEConfig`,
+  the mixture-of-experts layer (``GPTConfig(experts=E, ...)``), with :func:`~autopar.models.moe.swiglu`;
 * :mod:`autopar.models.presets`: :data:`PRESETS` (name -> :class:`Preset`, each with its source);
 * :mod:`autopar.models.zoo`: :func:`build_model` (a spec string ``gpt:...``, a preset name or
   ``file.py:factory``) and :class:`BuiltModel`, :func:`build_gpt`, :func:`load_factory`,

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopar.models.moe import MoE, MoEConfig
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -44,12 +46,35 @@ class GPTConfig:
     """``gelu`` or ``swiglu``."""
     dropout: float = 0.0
     """Dropout probability on attention probabilities and residual branches (Megatron's places)."""
-    fused_attention: bool = False
-    """Use ``scaled_dot_product_attention`` (scores not materialised) instead of explicit softmax."""
+    fused_attention: bool | None = None
+    """Use ``scaled_dot_product_attention`` (scores not materialised; costed as a flash kernel), what
+    users run today; ``False`` gives the explicit softmax form (2021-era comparisons, e.g. SC'21).
+    None (the default): fused unless ``dropout > 0``. SDPA's attention dropout is drawn inside the
+    kernel from the device generator, which autopar cannot reproduce across tensor-parallel shards
+    or pipeline stages, so a model with dropout gets the explicit form, whose dropout autopar draws
+    from counters (docs/compiler.md); pass ``True`` to force SDPA (then autopar warns that its
+    dropout stream differs from one device's)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output projection."""
     bias: bool = True
     """Biases in Linear layers (GPT-3: yes, Llama: no)."""
+    experts: int = 0
+    """Routed experts E of a mixture-of-experts MLP in every layer (0: the dense MLP)."""
+    top_k: int = 2
+    """Experts per token k (MoE only)."""
+    shared_experts: int = 0
+    """Always-on shared experts S (MoE only; DeepSeek-MoE / Qwen-MoE)."""
+    capacity_factor: float | None = None
+    """Expert capacity factor C (MoE only); None: no token dropping."""
+    moe_ffn: int | None = None
+    """Inner width of each expert; default ``ffn_resolved``."""
+    aux_coef: float = 0.01
+    """Weight of the load-balancing loss in the training loss (Switch Transformer's alpha = 1e-2)."""
+
+    @property
+    def attention_fused(self) -> bool:
+        """Whether attention runs as SDPA (``fused_attention``, resolved; see there)."""
+        return self.dropout == 0 if self.fused_attention is None else self.fused_attention
 
     def __post_init__(self) -> None:
         from autopar.core.errors import ModelSpecError
@@ -74,6 +99,21 @@ class GPTConfig:
             raise ModelSpecError(f"GPT act={self.act!r}: choose gelu or swiglu")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelSpecError(f"GPT dropout={self.dropout}: must be in [0, 1)")
+        if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 0:
+            raise ModelSpecError(f"GPT experts={self.experts!r}: must be an integer >= 0 (0: dense MLP)")
+        if self.experts:
+            self.moe_config()  # validates top_k, shared_experts, capacity_factor, moe_ffn
+
+    def moe_config(self) -> MoEConfig:
+        """The MoE layer's shape (only meaningful when ``experts > 0``)."""
+        return MoEConfig(
+            hidden=self.hidden,
+            ffn=self.moe_ffn or self.ffn_resolved,
+            experts=self.experts,
+            top_k=self.top_k,
+            shared_experts=self.shared_experts,
+            capacity_factor=self.capacity_factor,
+        )
 
     @property
     def kv_heads_resolved(self) -> int:
@@ -132,7 +172,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * hd, h, bias=cfg.bias, device=device)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.dropout_p = cfg.dropout
-        self.fused = cfg.fused_attention
+        self.fused = cfg.attention_fused
         self.rotary = cfg.rotary
         self.scale = 1.0 / math.sqrt(hd)
         if self.rotary:
@@ -188,7 +228,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer (pre-norm): the repeated block the planner solves once."""
+    """One transformer layer (pre-norm): the repeated block the planner solves once. With
+    ``experts > 0`` the MLP is a :class:`~autopar.models.moe.MoE` and the block returns
+    ``(x, aux)``, the layer's load-balancing loss per sequence."""
 
     def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -196,11 +238,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, device)
         self.drop_1 = nn.Dropout(cfg.dropout)
         self.ln_2 = _norm(cfg, device)
-        self.mlp = MLP(cfg, device)
+        self.moe = cfg.experts > 0
+        self.mlp = MoE(cfg.moe_config(), device) if self.moe else MLP(cfg, device)
         self.drop_2 = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x + self.drop_1(self.attn(self.ln_1(x)))
+        if self.moe:
+            y, aux = self.mlp(self.ln_2(x))
+            return x + self.drop_2(y), aux
         return x + self.drop_2(self.mlp(self.ln_2(x)))
 
 
@@ -209,6 +255,11 @@ class GPT(nn.Module):
 
     The loss is separate (``gpt_loss``) so that the model is an ordinary ``nn.Module`` and
     ``autopar.trace`` / ``autopar.compile`` get it through their ``loss_fn`` argument.
+
+    Mixture of experts (``experts > 0``), in training mode: ``forward`` returns ``(logits, aux)``
+    with ``aux = aux_coef * sum over layers`` of each sequence's load-balancing loss (``[b]``), and
+    ``gpt_loss`` adds ``aux.mean()``; the aux loss crosses pipeline stages as an ordinary activation.
+    In eval mode it returns the logits only.
     """
 
     def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
@@ -237,18 +288,33 @@ class GPT(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             x = x + self.pos_emb(positions)
         x = self.emb_drop(x)
+        aux = None
         for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(self.ln_f(x))
+            if self.config.experts:
+                x, layer_aux = layer(x)
+                aux = layer_aux if aux is None else aux + layer_aux
+            else:
+                x = layer(x)
+        logits = self.lm_head(self.ln_f(x))
+        if aux is not None and self.training:
+            return logits, aux * self.config.aux_coef
+        return logits
 
 
-def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over all positions."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def gpt_loss(logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over all positions (plus the mean of a mixture-of-experts
+    model's weighted load-balancing loss, when ``logits`` is ``(logits, aux)``)."""
+    aux = None
+    if isinstance(logits, tuple):
+        logits, aux = logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return loss if aux is None else loss + aux.mean()
 
 
 def _init_weights(module: nn.Module) -> None:
     # GPT-2's scheme: N(0, 0.02) weights, zero biases.
+    if isinstance(module, MoE):
+        module.reset_parameters()
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:

@@ -81,6 +81,28 @@ _add("llama3-8b", "Llama 3 8B", _LLAMA3, hidden=4096, layers=32, heads=32, ffn=1
 _add("llama3-70b", "Llama 3 70B", _LLAMA3, hidden=8192, layers=80, heads=64, ffn=28672, **_LLAMA_STYLE)
 _add("llama3-405b", "Llama 3 405B", _LLAMA3, hidden=16384, layers=126, heads=128, ffn=53248, **_LLAMA_STYLE)
 
+# Mixture of experts. Mixtral 8x7B: Jiang et al. 2024, 'Mixtral of Experts' (arXiv:2401.04088),
+# Table 1 (dim 4096, 32 layers, 32 heads, 8 kv heads, hidden_dim 14336, vocab 32000, 8 experts, top-2);
+# its context is 32768 tokens, the preset traces at 4096 (a common training length).
+_MOE_STYLE = {k: v for k, v in _LLAMA_STYLE.items() if k not in ("vocab", "seq", "kv_heads")}
+_MIXTRAL = "Jiang et al. 2024, 'Mixtral of Experts', arXiv:2401.04088, Table 1"
+_add(
+    "mixtral-8x7b", "Mixtral 8x7B (46.7B parameters, 12.9B active)", _MIXTRAL,
+    hidden=4096, layers=32, heads=32, kv_heads=8, vocab=32000, seq=4096, ffn=14336,
+    experts=8, top_k=2, **_MOE_STYLE,
+)  # fmt: skip
+# Qwen1.5-MoE-A2.7B, Hugging Face Qwen/Qwen1.5-MoE-A2.7B config.json: hidden_size 2048, 24 layers,
+# 16 heads (16 kv), vocab 151936, 60 experts of moe_intermediate_size 1408, 4 per token, and a
+# shared expert of 5632 = 4 x 1408 (4 shared experts here). The built-in layer renormalises the top-k
+# weights and has no sigmoid gate on the shared expert (Qwen's norm_topk_prob=false and
+# shared_expert_gate): the same shapes and costs, not the same function.
+_QWEN_MOE = "Hugging Face Qwen/Qwen1.5-MoE-A2.7B config.json (Qwen team 2024)"
+_add(
+    "qwen-moe-a2.7b", "Qwen1.5-MoE-A2.7B-style: 60 experts, top-4, 4 shared experts", _QWEN_MOE,
+    hidden=2048, layers=24, heads=16, kv_heads=16, vocab=151936, seq=4096, ffn=1408, experts=60, top_k=4,
+    shared_experts=4, **_MOE_STYLE,
+)  # fmt: skip
+
 _add(
     "gpt2-small",
     "GPT-2 small 124M",

@@ -83,6 +83,9 @@ SIZE_LIMITS = {
     "ffn": 1_048_576,
     "vocab": 4_194_304,
     "seq": 1_048_576,
+    "experts": 65_536,
+    "top_k": 65_536,
+    "moe_ffn": 1_048_576,
 }
 """Largest value of each GPT size field a spec may give (8-32x the largest published models: Llama 3
 405B has hidden 16384, 126 layers, 128 heads, ffn 53248, vocab 128256). Beyond them tracing would

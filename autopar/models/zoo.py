@@ -3,7 +3,9 @@
 Spec forms::
 
     gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,norm=layernorm|rmsnorm,
-        act=gelu|swiglu,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1]
+        act=gelu|swiglu,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1,
+        experts=E,top_k=K,shared_experts=S,capacity_factor=C,moe_ffn=F,aux_coef=A]
+                                  experts=E > 0: a mixture-of-experts MLP in every layer
     gpt3-175b                     a preset (``list_models()``); ``gpt:175b`` means ``gpt3-175b``
     gpt3-175b:layers=2,dropout=0  a preset with fields overridden
     path/to/file.py:factory       your own model (see :func:`load_factory`)
@@ -336,6 +338,9 @@ def count_params(cfg: GPTConfig) -> int:
     b = 1 if cfg.bias else 0
     attn = h * h + 2 * h * kv + h * h + b * (h + 2 * kv + h)
     mlp = (3 if cfg.act == "swiglu" else 2) * h * f + b * ((2 if cfg.act == "swiglu" else 1) * f + h)
+    if cfg.experts:  # router + E routed and S shared SwiGLU experts of width moe_ffn
+        moe = cfg.moe_config()
+        mlp = h * moe.experts + 3 * h * moe.ffn * (moe.experts + moe.shared_experts)
     norm = h if cfg.norm == "rmsnorm" else 2 * h
     layer = attn + mlp + 2 * norm
     emb = cfg.vocab * h + (0 if cfg.rotary else cfg.seq * h)
@@ -364,5 +369,10 @@ def list_models() -> dict[str, dict[str, Any]]:
             "seq": cfg.seq,
             "norm": cfg.norm,
             "act": cfg.act,
+            **(
+                {"experts": cfg.experts, "top_k": cfg.top_k, "shared_experts": cfg.shared_experts}
+                if cfg.experts
+                else {}
+            ),
         }
     return out

@@ -16,7 +16,7 @@ report shows, from :func:`autopar.report.context.gather`); :func:`load_plan` and
 :class:`ReportError` re-exported for the CLI. The modules inside: ``context`` gathers,
 ``tables``/``table``/``sharding_table`` make rows, ``bars``/``gantt``/``devmap``/``figures`` draw,
 ``html``/``terminal`` render, ``timeline`` simulates the schedule, ``measured`` checks a run's
-measurements. Numbers are written by :mod:`autopar.core.text`.
+measurements, ``experts`` adds the MoE placement, all-to-all volume and expert load. Numbers are written by :mod:`autopar.core.text`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autopar.cluster import Cluster
-from autopar.core.errors import AutoparError, PlanError
+from autopar.core.errors import AutoparError, PlanError, ReportError
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan, PredictedCost
 from autopar.core.text import gb_text
@@ -73,6 +73,9 @@ class ReportData:
     settings: dict = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     """Per report section: what is missing or approximate, and why."""
+    moe: dict | None = None
+    """Mixture-of-experts facts (:func:`autopar.report.experts.moe_facts`): from the graph or
+    stored; None for a dense model."""
 
     def note(self, section: str, text: str) -> None:
         self.notes.setdefault(section, []).append(text)
@@ -120,6 +123,9 @@ def attach_inputs(
     if graph is not None:
         stored["facts"] = graph_facts(graph)
         stored["sharding"] = sharding_table(plan, graph).to_dict()
+        moe = _moe_facts(plan, graph, cluster)
+        if moe is not None:
+            stored["moe"] = moe
         if cluster is not None:
             try:
                 stages, _ = _estimator_detail(graph, cluster, plan)
@@ -234,6 +240,34 @@ def _model(data: ReportData) -> None:
         data.sharding = Table.from_dict(stored["sharding"])
     else:
         data.sharding = sharding_table(data.plan, None)
+
+
+def _moe_facts(plan: Plan, graph: OpGraph, cluster: Cluster | None) -> dict | None:
+    """MoE facts with activations in the dtype the estimator costs on ``cluster``."""
+    from autopar.estimator.moe import moe_nodes
+    from autopar.report.experts import moe_facts
+
+    if not moe_nodes(graph):
+        return None
+    act = 1.0
+    if cluster is not None:
+        from autopar.estimator.stages import compute_dtype
+
+        act = compute_dtype(graph, cluster.device_kinds, None)[1]
+    return moe_facts(plan, graph, act=act)
+
+
+def _moe(data: ReportData) -> None:
+    if data.graph is not None:
+        data.moe = _moe_facts(data.plan, data.graph, data.cluster)
+    else:
+        data.moe = stored_inputs(data.plan).get("moe")
+    tokens = (data.measured or {}).get("expert_tokens")
+    if tokens and data.moe and len(tokens[0]) != data.moe["experts"]:
+        raise ReportError(
+            f"measured expert_tokens has {len(tokens[0])} counts per layer; the model has "
+            f"{data.moe['experts']} experts (one count each)"
+        )
 
 
 def _stage_devices(data: ReportData) -> None:
@@ -357,6 +391,7 @@ def gather(
     if data.cluster is None:
         data.note("device_map", "cluster unknown: devices drawn in rows of 8 (give --cluster)")
     _model(data)
+    _moe(data)
     _detail(data)
     _stage_devices(data)
     _timeline(data)

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from autopar.core.text import bytes_text, gb_text, seconds_text
-from autopar.report import bars, devmap, gantt
+from autopar.report import bars, devmap, experts, gantt
 from autopar.report import figures as F
 from autopar.report import tables as T
 from autopar.report.context import ReportData
@@ -98,6 +98,20 @@ def section_device_map(data: ReportData) -> str:
         "tensor-parallel group sits on consecutive devices of one node.</p>"
         + notes(data, "device_map")
         + table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"), data.stage_kinds))
+        + _experts(data)
+    )
+
+
+def _experts(data: ReportData) -> str:
+    """Mixture-of-experts models: the expert placement on the devices, its table, the all-to-all
+    volume per step and the measured load per expert (:mod:`autopar.report.experts`)."""
+    fig = experts.placement_figure(data.moe, data.plan, data.cluster)
+    if fig is None:
+        return ""
+    return (
+        '<h3 id="experts">Experts</h3>'
+        + img(fig, "expert placement")
+        + "".join(table(t) for t in experts.moe_tables(data.moe, data.plan, data.measured))
     )
 
 
@@ -174,7 +188,7 @@ def _components_table(data: ReportData) -> str:
     pred = predicted_components(data.predicted.breakdown_s)
     t = T.Table(
         "Predicted vs measured step per rank (median step; compute = this rank's forward and backward)",
-        ["rank", "stage", "step", "compute", "optimizer", "collectives, bubble, other"],
+        ["rank", "stage", "step", "compute", "TP collectives", "optimizer", "DP sync, p2p, bubble, other"],
     )
 
     def cell(p: float, m: float) -> str:
@@ -185,17 +199,38 @@ def _components_table(data: ReportData) -> str:
         s = data.plan.coords(rank).get("pp", 0)
         t.rows.append([
             str(rank), str(s), cell(data.predicted.step_time_s, c["step_s"]),
-            cell(pred["compute_s"], c["compute_s"]), cell(pred["optimizer_s"], c["optimizer_s"]),
-            cell(pred["other_s"], c["other_s"]),
+            cell(pred["compute_s"], c["compute_s"]), cell(pred["tp_comm_s"], c["tp_comm_s"]),
+            cell(pred["optimizer_s"], c["optimizer_s"]), cell(pred["other_s"], c["other_s"]),
         ])  # fmt: skip
     return table(t) + '<p class="caption">Each cell: predicted / measured (prediction error).</p>'
 
 
+def _replans_table(data: ReportData) -> str:
+    """The live re-planning checks of the run (compile(replan_after=N), runtime/replan.py)."""
+    replans = (data.measured or {}).get("replans")
+    if not replans:
+        return ""
+    t = T.Table(
+        "Live re-planning (measured step time against the prediction; re-planned with measured numbers)",
+        ["after step", "plan", "measured", "predicted", "off", "decision", "to plan", "why"],
+    )
+    for r in replans:
+        off = r.get("off")
+        t.rows.append([
+            str(r["step"]), r["from_plan"], seconds_text(r["measured_step_time_s"]),
+            seconds_text(r["predicted_step_time_s"]),
+            f"{100 * off:.0f}%" if isinstance(off, (int, float)) and off != float("inf") else "-",
+            r["decision"], r.get("to_plan") or "-", r["reason"],
+        ])  # fmt: skip
+    return table(t)
+
+
 def section_time(data: ReportData) -> str:
     if data.predicted is None:
-        return NO_COSTS
+        return _replans_table(data) or NO_COSTS
     return (
-        _components_table(data)
+        _replans_table(data)
+        + _components_table(data)
         + img(bars.breakdown(data), "step-time breakdown")
         + '<p class="caption">Compute and recompute of the slowest stage over all micro-batches, its exposed '
         "tensor-parallel and ZeRO collectives and p2p sends, the pipeline bubble (fill and drain), the "

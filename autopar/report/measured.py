@@ -13,7 +13,12 @@ The runtime (``compiled.report(path)``) or a user passes a plain dict; every key
       "components_per_rank": [                  # each rank's median step, split as the cost model
         {"step_s": 0.84, "compute_s": 0.6, "optimizer_s": 0.05, "other_s": 0.19}, ...
       ],
-      "predicted": {"step_time_s": 0.8, "breakdown_s": {...}}   # the plan's prediction (informative)
+      "predicted": {"step_time_s": 0.8, "breakdown_s": {...}},  # the plan's prediction (informative)
+      "replans": [                              # live re-planning checks (compiled.replans)
+        {"step": 2, "measured_step_time_s": 0.9, "predicted_step_time_s": 0.5, "decision": "moved",
+         "from_plan": "...", "to_plan": "...", "reason": "...", ...}, ...
+      ],
+      "expert_tokens": [[812, 790, ...], ...]   # MoE: routed slots per expert, one list per layer
     }
 
 :func:`check_measured` validates it and says which field is wrong.
@@ -26,8 +31,18 @@ import math
 from autopar.core.errors import ReportError
 from autopar.core.plan import Plan
 
-KEYS = ("step_time_s", "memory_bytes_per_rank", "events", "source", "components_per_rank", "predicted")
-COMPONENT_KEYS = ("step_s", "compute_s", "optimizer_s", "other_s")
+KEYS = (
+    "step_time_s",
+    "memory_bytes_per_rank",
+    "events",
+    "source",
+    "components_per_rank",
+    "predicted",
+    "replans",
+    "expert_tokens",
+)
+REPLAN_KEYS = ("step", "measured_step_time_s", "predicted_step_time_s", "decision", "from_plan", "reason")
+COMPONENT_KEYS = ("step_s", "compute_s", "tp_comm_s", "optimizer_s", "other_s")
 EVENT_KEYS = ("stage", "kind", "micro_batch", "start_s", "end_s")
 
 
@@ -103,14 +118,59 @@ def check_measured(measured: dict | None, plan: Plan) -> dict | None:
             else _number(c, f"components_per_rank[{r}]")
             for r, c in enumerate(comps)
         ]
+    replans = measured.get("replans")
+    if replans is not None:
+        out["replans"] = [_replan(r, i) for i, r in enumerate(_as_list(replans, "replans"))]
+    tokens = measured.get("expert_tokens")
+    if tokens is not None:
+        out["expert_tokens"] = _expert_tokens(tokens)
     return out
+
+
+def _expert_tokens(value: object) -> list[list[float]]:
+    """Per MoE layer, the routed token-expert slots of each expert (one list per layer, all of
+    the same length E)."""
+    layers = _as_list(value, "expert_tokens")
+    out = []
+    for i, row in enumerate(layers):
+        counts = _as_list(row, f"expert_tokens[{i}]")
+        if not counts:
+            raise ReportError(f"measured expert_tokens[{i}] is empty: one count per expert")
+        out.append([_number(v, f"expert_tokens[{i}][{e}]") for e, v in enumerate(counts)])
+    if len({len(r) for r in out}) > 1:
+        raise ReportError(
+            f"measured expert_tokens: layers list {sorted({len(r) for r in out})} experts; one count per expert"
+        )
+    return out
+
+
+def _as_list(value: object, where: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ReportError(f"measured {where} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _replan(r: object, i: int) -> dict:
+    where = f"replans[{i}]"
+    if not isinstance(r, dict):
+        raise ReportError(f"measured {where}: must be an object with {', '.join(REPLAN_KEYS)}")
+    for key in REPLAN_KEYS:
+        if key not in r:
+            raise ReportError(f"measured {where} is missing the field {key!r}")
+    if r["decision"] not in ("kept", "moved"):
+        raise ReportError(f"measured {where}.decision={r['decision']!r}: must be 'kept' or 'moved'")
+    for key in ("measured_step_time_s", "predicted_step_time_s"):
+        _number(r[key], f"{where}.{key}")
+    return dict(r)
 
 
 def predicted_components(breakdown_s: dict[str, float]) -> dict[str, float]:
     """The cost model's breakdown grouped as a run can measure it: compute (forward, backward and
-    recompute of the slowest stage), the optimizer step, and the rest (collectives, p2p, bubble,
-    per-step overhead)."""
+    recompute of the slowest stage), the tensor-parallel collectives (timed in the lowered
+    program's collective calls), the optimizer step, and the rest (DP/ZeRO sync, p2p, bubble,
+    per-step overhead: on CPU they run on the compute thread and are measured as one remainder)."""
     compute = breakdown_s.get("compute", 0.0) + breakdown_s.get("recompute", 0.0)
+    tp_comm = breakdown_s.get("tp_comm", 0.0)
     opt = breakdown_s.get("optimizer", 0.0)
-    other = sum(breakdown_s.values()) - compute - opt
-    return {"compute_s": compute, "optimizer_s": opt, "other_s": other}
+    other = sum(breakdown_s.values()) - compute - tp_comm - opt
+    return {"compute_s": compute, "tp_comm_s": tp_comm, "optimizer_s": opt, "other_s": other}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from autopar.report import experts
 from autopar.report import tables as T
 from autopar.report.context import ReportData
 
@@ -73,6 +74,7 @@ def render(data: ReportData) -> str:
         lines,
         _device_map(data),
         _table(T.layer_stage_table(data.plan, (data.facts or {}).get("num_blocks"), data.stage_kinds)),
+        *[_table(t) for t in experts.moe_tables(data.moe, data.plan, data.measured)],
         _schedule(data),
         _table(data.sharding),
         _table(T.alternatives_table(data)),

@@ -26,6 +26,11 @@ cheap):
 * :mod:`autopar.runtime.checkpoint`: atomic DCP checkpoints with a manifest, resharded on load
   (:func:`~autopar.runtime.checkpoint.save_checkpoint`, :func:`~autopar.runtime.checkpoint.load_checkpoint`,
   :func:`~autopar.runtime.checkpoint.resolve`, :func:`~autopar.runtime.checkpoint.list_checkpoints`).
+* :mod:`autopar.runtime.replan`: planning inside a job (:func:`~autopar.runtime.replan.plan_in_job`:
+  the layout measured by the running ranks, never spawned) and live re-planning
+  (:func:`~autopar.runtime.replan.replan_measured`, :func:`~autopar.runtime.replan.decide`,
+  :class:`~autopar.runtime.replan.Replan`), used by ``autopar.compile`` and
+  ``ParallelModule.maybe_replan``.
 * :mod:`autopar.runtime.rank_code`: :func:`~autopar.runtime.rank_code.render`, a rank's program as
   readable Python.
 """

@@ -80,9 +80,15 @@ def apply_recompute(stage: StageModule, block_segments: set[int], mode: str) -> 
     return changed
 
 
-def apply_ddp(stage: nn.Module, dp_group: dist.ProcessGroup, device: torch.device) -> nn.Module:
+def apply_ddp(
+    stage: nn.Module, dp_group: dist.ProcessGroup, device: torch.device, ignore: Iterable[str] = ()
+) -> nn.Module:
+    """DDP on the dp group; ``ignore``: parameter names (in ``stage``) DDP leaves alone (the routed
+    experts under expert parallelism, reduced by :func:`sync_expert_grads`)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(stage, list(ignore))
     return DistributedDataParallel(
         stage,
         process_group=dp_group,
@@ -118,14 +124,46 @@ def apply_data_parallel(
     device: torch.device,
     block_segments: set[int],
     zero_stage: int,
+    ignore: Iterable[str] = (),
 ) -> nn.Module:
     """The gradient engine of ``zero_stage`` (:data:`ZERO_ENGINES`); ZeRO-1's optimizer side is
-    :func:`build_optimizer`."""
+    :func:`build_optimizer`. ``ignore``: parameters whose gradients are not the dp group's to
+    reduce (expert-parallel experts: :func:`sync_expert_grads`)."""
     if zero_stage not in ZERO_ENGINES:
         raise ValueError(f"zero_stage={zero_stage}: choose one of {sorted(ZERO_ENGINES)}")
     if zero_stage >= 2:
+        if ignore:
+            raise ValueError("FSDP (zero_stage >= 2) cannot leave expert-parallel parameters out")
         return apply_fsdp(stage, dp_group, device, block_segments, zero_stage)
-    return apply_ddp(stage, dp_group, device)
+    return apply_ddp(stage, dp_group, device, ignore)
+
+
+def expert_params(slots: Iterable[Any]) -> list[torch.Tensor]:
+    """The parameters of ``slots`` (:class:`~autopar.lower.program.ParamSlot`) split over experts."""
+    return [slot.tensor() for slot in slots if slot.shard.is_expert]
+
+
+def expert_names(stage: nn.Module, slots: Iterable[Any]) -> list[str]:
+    """Names in ``stage`` of its expert-parallel parameters (what DDP must leave alone)."""
+    ids = {id(p) for p in expert_params(slots)}
+    return [name for name, p in stage.named_parameters() if id(p) in ids]
+
+
+def sync_expert_grads(params: Iterable[torch.Tensor], edp_group: dist.ProcessGroup | None, dp: int) -> None:
+    """Expert-parallel gradients: each arrives at its owner summed over its ep group's tokens (the
+    all-to-all's backward); sum it over the ranks holding the same experts (``edp``, dp/ep of them)
+    and divide by ``dp``, the mean the loss takes over data-parallel replicas."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if edp_group is not None:
+        dist.all_reduce(flat, group=edp_group)
+    flat /= dp
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # ------------------------------------------------------------------------------------ ZeRO-1

@@ -8,6 +8,9 @@ Rank layout is the plan's: row-major over ``plan.mesh``, ``tp`` innermost. For `
     dp groups  [[0,4],[1,5],[2,6],[3,7]]
     tie groups [[0,2],[1,3],[4,6],[5,7]]   (first and last pipeline stage: tied-weight gradients)
 
+With ``ep`` (folded into dp; ``dp=4, ep=2`` on 4 ranks): ep groups ``[[0,1],[2,3]]`` (the expert
+all-to-all), edp groups ``[[0,2],[1,3]]`` (ranks holding the same experts: their gradient sum).
+
 Every group gets the same ``timeout_s`` so a failed peer turns a collective into an error, never a hang.
 ``dist.new_group`` must be called by every rank for every group in the same order, so all groups of
 all axes are created on every rank and each rank keeps those that contain it.
@@ -77,6 +80,10 @@ class ProcessGroups:
 
 def _all_axis_groups(plan: Plan) -> dict[str, list[list[int]]]:
     out = {a.name: plan.groups(a.name) for a in plan.mesh if a.size > 1}
+    if plan.ep > 1:  # expert parallelism, folded into dp (core/plan.py: Plan.groups)
+        out["ep"] = plan.groups("ep")
+        if plan.dp // plan.ep > 1:
+            out["edp"] = plan.groups("edp")
     ties = tie_groups(plan)
     if ties:
         out["tie"] = ties

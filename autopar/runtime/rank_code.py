@@ -4,7 +4,8 @@ Three parts: the rank's stage module (fx code of the stage and of each segment i
 tensor-parallel collectives the lowering inserted), the step driver (this stage's pipeline actions
 with their sends and receives, in schedule order), and the gradient synchronisation
 (DDP all-reduce; ZeRO-1 all-reduce, sharded step and parameter all-gather; ZeRO-2/3 FSDP
-all-gather / reduce-scatter; tied-weight all-reduce) and loss reduction. Recomputed code is
+all-gather / reduce-scatter; tied-weight all-reduce; expert gradients over edp) and loss reduction.
+Expert-parallel MoE regions list their dispatch and combine all-to-alls after the stage code. Recomputed code is
 marked: a checkpointed block segment (``full``), an outlined score region (``selective``).
 Collective calls are spelled ``dist.<collective>(...)`` so they can be counted.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import textwrap
 
 from autopar.core.plan import Plan
+from autopar.lower.expert import ExpertParallelMoE
 from autopar.lower.program import RankProgram
 from autopar.lower.stages import StageSpec
 from autopar.runtime.engines import apply_recompute
@@ -47,13 +49,15 @@ def _header(prog: RankProgram, plan: Plan) -> list[str]:
     groups = describe_groups(plan, prog.rank)
     n_params = sum(p.numel() for st in prog.stages for p in st.parameters())
     sharded = sum(1 for s in prog.slots if s.shard.dim is not None and s.shard.num_shards > 1)
+    experts = sum(1 for s in prog.slots if s.shard.is_expert)
     coords = " ".join(f"{k}={v}" for k, v in prog.coords.items())
     return [
         f"# autopar program of rank {prog.rank} / {plan.world_size}   ({coords})",
         f"# plan: {plan.summary()}",
         "# groups: " + (", ".join(f"{k}={v}" for k, v in groups.items()) or "none (one rank)"),
         *(_stage_label(prog, plan, st.spec) for st in prog.stages),
-        f"# parameters: {n_params} elements in {len(prog.slots)} tensors, {sharded} tensor-parallel shards",
+        f"# parameters: {n_params} elements in {len(prog.slots)} tensors, {sharded} tensor-parallel shards"
+        + (f", {experts} expert-parallel shards" if experts else ""),
     ]
 
 
@@ -74,6 +78,23 @@ def _stage_code(prog: RankProgram) -> list[str]:
                 code = region.code.replace("def forward(self", f"def {name}(self", 1)
                 lines += [f"    # {name}: recompute=selective, checkpointed", _indent(code), ""]
     return lines
+
+
+def _expert_lines(prog: RankProgram, plan: Plan) -> list[str]:
+    """Each expert-parallel MoE region of this rank's stages, its all-to-alls spelled out
+    (:meth:`autopar.lower.expert.ExpertParallelMoE.describe`)."""
+    groups = describe_groups(plan, prog.rank)
+    ep, tp = groups.get("ep", [prog.rank]), groups.get("tp", [prog.rank])
+    lines = []
+    for stage in prog.stages:
+        for name, module in stage.named_modules():
+            if isinstance(module, ExpertParallelMoE):
+                lines += [*(f"    {line}" for line in module.describe(name, ep, tp)), ""]
+    return (
+        ["# MoE regions (expert parallelism, autopar/lower/expert.py): per micro-batch", *lines]
+        if lines
+        else []
+    )
 
 
 def _actions(prog: RankProgram, plan: Plan, train: bool) -> list:
@@ -149,6 +170,10 @@ def _sync_lines(prog: RankProgram, plan: Plan) -> list[str]:
     lines = _grad_sync_lines(prog, plan, dp) if plan.dp > 1 else []
     for name in prog.tied_names():
         lines.append(f"dist.all_reduce({name}.grad, group=tie{groups['tie']})  # tied across stages")
+    if plan.ep > 1 and any(s.shard.is_expert for s in prog.slots):
+        edp = groups.get("edp")
+        reduce = f"dist.all_reduce(expert_grads, group=edp{edp}); " if edp else ""
+        lines.append(f"{reduce}expert_grads /= {plan.dp}  # experts: not in DDP (sync_expert_grads)")
     if plan.dp > 1 and plan.zero_stage == 1:
         lines += [
             "optimizer.step()  # ZeRO-1: this rank's rows of each parameter and their optimizer state",
@@ -171,7 +196,7 @@ def render(prog: RankProgram, plan: Plan, *, train: bool, has_sample_ids: bool) 
     if train:  # list the code that runs: checkpointed segments, outlined score regions
         for stage in prog.stages:
             apply_recompute(stage, prog.block_segments, plan.recompute)
-    lines = _header(prog, plan) + [""] + _stage_code(prog)
+    lines = _header(prog, plan) + [""] + _stage_code(prog) + _expert_lines(prog, plan)
     fn = "train_step" if train else "infer"
     lines += [f"def {fn}(batch):"]
     body = [

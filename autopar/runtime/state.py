@@ -33,6 +33,17 @@ def _unshard_tp(t: torch.Tensor, slot: ParamSlot, groups: ProcessGroups | None) 
     return torch.cat(parts, dim=slot.shard.dim)
 
 
+def _unshard_ep(t: torch.Tensor, slot: ParamSlot, groups: ProcessGroups | None) -> torch.Tensor:
+    """Routed experts split over the ep group (autopar/lower/expert.py): all-gather along ep_dim."""
+    if not slot.shard.is_expert:
+        return t
+    if groups is None or groups.group("ep") is None:
+        raise AssertionError(f"{slot.full_name} is split over experts but there is no ep group")
+    parts = [torch.empty_like(t) for _ in range(slot.shard.ep_shards)]
+    dist.all_gather(parts, t.contiguous(), group=groups.group("ep"))
+    return torch.cat(parts, dim=slot.shard.ep_dim)
+
+
 def gather_full(slots: list[ParamSlot], groups: ProcessGroups | None, *, grads: bool = False) -> dict:
     """``{full_name: full tensor}`` of every parameter (or gradient) of the model, on every rank."""
     mine: dict[str, torch.Tensor] = {}
@@ -43,7 +54,7 @@ def gather_full(slots: list[ParamSlot], groups: ProcessGroups | None, *, grads: 
             t = torch.zeros_like(p)
         if _is_dtensor(t):
             t = t.full_tensor()
-        t = _unshard_tp(t.detach(), slot, groups)
+        t = _unshard_ep(_unshard_tp(t.detach(), slot, groups), slot, groups)
         mine[slot.full_name] = t.detach().clone().cpu()
     if groups is None or groups.group("pp") is None:
         return mine
@@ -63,6 +74,8 @@ def scatter_full(slots: list[ParamSlot], full: dict[str, torch.Tensor]) -> None:
         if slot.full_name not in full:
             raise KeyError(f"the state dict has no entry for parameter {slot.full_name}")
         value = full[slot.full_name]
+        if slot.shard.is_expert:
+            value = value.chunk(slot.shard.ep_shards, dim=slot.shard.ep_dim)[slot.shard.ep_index]
         if slot.shard.dim is not None and slot.shard.num_shards > 1:
             value = value.chunk(slot.shard.num_shards, dim=slot.shard.dim)[slot.shard.index]
         p = slot.tensor()
@@ -136,7 +149,7 @@ def gather_optimizer_full(
                     "(SGD momentum, Adam moments) can be gathered and re-sharded"
                 )
             t = value.full_tensor() if _is_dtensor(value) else value
-            full[key] = _unshard_tp(t.detach(), slot, groups).clone().cpu()
+            full[key] = _unshard_ep(_unshard_tp(t.detach(), slot, groups), slot, groups).clone().cpu()
         mine[slot.full_name] = full
     if groups is None or groups.group("pp") is None:
         return mine
@@ -153,6 +166,8 @@ def _local_value(value: torch.Tensor, slot: ParamSlot, p: torch.Tensor) -> torch
     """This rank's piece of a full, parameter-shaped state tensor (tp chunk, then FSDP shard)."""
     from torch.distributed.tensor import distribute_tensor
 
+    if slot.shard.is_expert:
+        value = value.chunk(slot.shard.ep_shards, dim=slot.shard.ep_dim)[slot.shard.ep_index]
     if slot.shard.dim is not None and slot.shard.num_shards > 1:
         value = value.chunk(slot.shard.num_shards, dim=slot.shard.dim)[slot.shard.index]
     if _is_dtensor(p):

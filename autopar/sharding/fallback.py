@@ -36,9 +36,14 @@ from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import module_path, shape
 from autopar.sharding.rules import conv_channel_dim, replicate_reason
 from autopar.tracing import opkinds
+from autopar.tracing.hf_moe import HFMoERegion
 
 Node = torch.fx.Node
 EXPERT_REASON = "expert grouped matmul: replicated, expert parallelism is not built"
+HF_MOE_REASON = (
+    "HuggingFace MoE block: whole on every tp rank (its experts split over ep only; the concatenated "
+    "gate_up_proj has no tensor-parallel split)"
+)
 _INDEXING = ("getitem", "select", "slice", "other", "reshape", "permute", "index_select", "gather")
 _GEMMS = ("linear", "matmul", "addmm")
 
@@ -196,6 +201,11 @@ def replicated_ops(
             continue
         if node in experts:
             out[node.name] = entry(node, "expert grouped matmul", EXPERT_REASON, [experts[node]])
+        elif node.op == "call_module" and opkinds.is_moe_region(sg.gm.get_submodule(str(node.target))):
+            region = sg.gm.get_submodule(str(node.target))
+            if sg.tp > 1 and isinstance(region, HFMoERegion):  # split over ep only (lower/expert.py)
+                out[node.name] = entry(node, region.config.block, HF_MOE_REASON, _params_read(sg, node))
+            continue  # its tp (and ep) split is the expert lowering's: autopar/lower/expert.py
         elif call.kind == "other" and (call.inputs or node.op == "call_module"):
             op = _op_name(sg, node)
             reason = f"no tensor-parallel sharding rule for {op}: run whole on every rank, inputs gathered"

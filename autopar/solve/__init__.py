@@ -4,7 +4,9 @@ Public API:
 
 * :func:`plan` (:mod:`.planner`): the fastest plan that fits, with runner-ups and explanations;
   :class:`~autopar.solve.planner.Search` is one run of its outer search and
-  :func:`~autopar.solve.planner.space_spec` the search space of a graph on a cluster.
+  :func:`~autopar.solve.planner.space_spec` the search space of a graph on a cluster;
+  :data:`~autopar.solve.planner.EP_ORDER` / :func:`~autopar.solve.planner.ep_orders` the second
+  mesh order costed for expert-parallel pipelines (ep groups inside a node).
 * :mod:`.space`: the outer search space (meshes, pipelines, memory knobs), built on the legality
   rules of :mod:`autopar.core.plan_rules`.
 * :mod:`.bounds`: the pruning bounds (B1-B4) the search uses, each a pure function.

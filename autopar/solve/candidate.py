@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from autopar.cluster import Cluster
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan, PredictedCost
+from autopar.core.plan_rules import mesh_label
 
 DEFAULT_ORDER = ("dp", "pp", "tp")
 """The mesh axis order, outermost first, of a candidate without an ``order`` key."""
@@ -83,6 +84,12 @@ class SearchView(Protocol):
         ...
 
 
+def label(keys: dict) -> str:
+    """A mesh's name in the search's notes: ``dp=8 tp=1 pp=1`` (`` ep=4`` with expert parallelism)."""
+    ep = keys.get("ep", 1)
+    return mesh_label(keys) + (f" ep={ep}" if ep > 1 else "")
+
+
 def make_plan(keys: dict, global_batch: int, mode: str, placements: dict | None = None) -> Plan:
     """The :class:`~autopar.core.plan.Plan` of a candidate's short keys."""
     return Plan.manual(
@@ -98,5 +105,6 @@ def make_plan(keys: dict, global_batch: int, mode: str, placements: dict | None 
         recompute=keys["recompute"],
         sequence_parallel=bool(keys["sp"]),
         zero_stage=keys["zero"],
+        ep=keys.get("ep", 1),
         mode=mode,
     )

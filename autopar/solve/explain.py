@@ -9,9 +9,9 @@ from __future__ import annotations
 from autopar.cluster import Cluster
 from autopar.core.explain import BREAKDOWN_LABELS
 from autopar.core.plan import Plan
-from autopar.core.plan_rules import mesh_label, plan_keys
+from autopar.core.plan_rules import plan_keys
 from autopar.core.text import bytes_text
-from autopar.solve.candidate import Candidate, SearchView
+from autopar.solve.candidate import Candidate, SearchView, label
 
 
 def _why_slower(best: Candidate, other: Candidate) -> str:
@@ -66,7 +66,7 @@ def _rejected(ranked: list[Candidate], search: SearchView) -> list[dict]:
     best = ranked[0]
     by_mesh: dict[str, list] = {}
     for c in search.fitting + search.overflowing:
-        by_mesh.setdefault(mesh_label(c.keys), []).append(c)
+        by_mesh.setdefault(label(c.keys), []).append(c)
     out = []
     for mesh, cands in by_mesh.items():
         fitting = [c for c in cands if c.cost.fits]
@@ -113,6 +113,64 @@ def attach_search(
             "num_devices": cluster.num_devices,
         },
     }
+    experts = expert_parallel_notes(best, search)
+    if experts:
+        plan.search["expert_parallel"] = experts
+
+
+def expert_parallel_notes(best: Candidate, search: SearchView) -> dict | None:
+    """Why this ``ep``: per expert-parallel degree costed, its best plan's step time, all-to-all
+    seconds and memory, or its smallest overflow; and a sentence weighing the chosen degree's
+    all-to-all cost against the expert memory it saves (None when no ``ep > 1`` was considered)."""
+    per_ep: dict[int, list[Candidate]] = {}
+    for c in search.fitting + search.overflowing:
+        per_ep.setdefault(c.keys.get("ep", 1), []).append(c)
+    if set(per_ep) <= {1}:
+        return None
+    rows = []
+    for ep, cands in sorted(per_ep.items()):
+        fitting = [c for c in cands if c.cost.fits]
+        c = min(fitting, key=lambda c: c.time_s) if fitting else min(cands, key=lambda c: c.overflow_bytes)
+        rows.append(
+            {
+                "ep": ep,
+                "fits": bool(fitting),
+                "step_time_s": c.time_s,
+                "ep_comm_s": c.cost.breakdown_s.get("ep_comm", 0.0),
+                "memory_bytes_per_device": c.cost.memory_bytes_per_device,
+                "summary": c.plan.summary(),
+            }
+        )
+    return {"chosen": best.keys.get("ep", 1), "options": rows, "why": _ep_why(best, rows)}
+
+
+def _ep_why(best: Candidate, rows: list[dict]) -> str:
+    ep = best.keys.get("ep", 1)
+    mine = next(r for r in rows if r["ep"] == ep)
+    lower = [r for r in rows if r["ep"] < ep]
+    higher = [r for r in rows if r["ep"] > ep]
+    parts = [
+        f"ep={ep}: all-to-all {mine['ep_comm_s']:.3g} s per step, "
+        f"{bytes_text(mine['memory_bytes_per_device'])} per device"
+    ]
+    for r in lower:
+        if not r["fits"]:
+            parts.append(
+                f"ep={r['ep']} does not fit ({bytes_text(r['memory_bytes_per_device'])}: more experts per rank)"
+            )
+        else:
+            parts.append(
+                f"ep={r['ep']} fits but is {100 * (r['step_time_s'] / mine['step_time_s'] - 1):+.1f}% step time"
+            )
+    for r in higher:
+        if r["fits"]:
+            parts.append(
+                f"ep={r['ep']} saves {bytes_text(max(0.0, mine['memory_bytes_per_device'] - r['memory_bytes_per_device']))} "
+                f"but its all-to-all takes {r['ep_comm_s']:.3g} s ({100 * (r['step_time_s'] / mine['step_time_s'] - 1):+.1f}% step time)"
+            )
+        else:
+            parts.append(f"ep={r['ep']} does not fit")
+    return "; ".join(parts)
 
 
 def infeasible_message(search: SearchView) -> tuple[str, dict]:

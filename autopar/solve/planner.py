@@ -34,6 +34,7 @@ The returned plan carries its runner-ups and why notable configurations lost or 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -42,14 +43,15 @@ from autopar.cluster import Cluster
 from autopar.core.errors import InfeasibleError, PlanError
 from autopar.core.ir import OpGraph
 from autopar.core.plan import Plan
-from autopar.core.plan_rules import check_keys, divisors, mesh_label
+from autopar.core.plan_rules import check_keys, check_moe_knobs, divisors
 from autopar.core.progress import Progress
 from autopar.estimator import attention_heads, kv_heads, predicted_cost, workload
 from autopar.estimator.local import LayoutCalibration
+from autopar.estimator.moe import expert_count
 from autopar.estimator.tensor_parallel import tp_coverage
 from autopar.solve import bounds, space
 from autopar.solve.bounds import splittable
-from autopar.solve.candidate import DEFAULT_ORDER, Candidate, SearchStats, make_plan
+from autopar.solve.candidate import DEFAULT_ORDER, Candidate, SearchStats, label, make_plan
 from autopar.solve.explain import attach_search, infeasible_message
 from autopar.solve.placements import choose
 from autopar.solve.refine import (
@@ -67,7 +69,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "Search", "SearchStats", "axis_orders", "make_plan", "plan", "space_spec"]
+__all__ = [
+    "EP_ORDER",
+    "Candidate",
+    "Search",
+    "SearchStats",
+    "axis_orders",
+    "ep_orders",
+    "make_plan",
+    "plan",
+    "space_spec",
+]
 
 
 def axis_orders(cluster: Cluster) -> list[tuple[str, ...]]:
@@ -76,6 +88,22 @@ def axis_orders(cluster: Cluster) -> list[tuple[str, ...]]:
     be sized to their devices; ``dp`` outermost mixes kinds inside a stage. Both are searched there
     (the key ``order`` of a candidate); one kind needs only the default."""
     return [("pp", "dp", "tp"), DEFAULT_ORDER] if cluster.is_heterogeneous else [DEFAULT_ORDER]
+
+
+EP_ORDER = ("pp", "dp", "tp")
+"""The extra mesh order searched for expert-parallel candidates with ``pp > 1`` on one device
+kind: with dp inside pp, an ep group (``ep`` consecutive dp ranks, ``Plan.groups("ep")``) is ``ep``
+ranks ``tp`` apart instead of ``pp tp`` apart, so it stays inside a node where the default order
+spreads it over ``pp`` nodes (Megatron-Core orders tp-cp-ep-dp-pp, pp outermost, for the same
+reason); the pipeline's sends then cross nodes instead. The estimator prices both."""
+
+
+def ep_orders(cluster: Cluster, order: tuple[str, ...], pp: int, ep: int) -> list[tuple[str, ...]]:
+    """The mesh orders to cost for one candidate found under ``order``: ``order``, and
+    :data:`EP_ORDER` too for an expert-parallel pipeline (``ep > 1``, ``pp > 1``) on one device kind."""
+    if ep > 1 and pp > 1 and not cluster.is_heterogeneous and order == DEFAULT_ORDER:
+        return [order, EP_ORDER]
+    return [order]
 
 
 class Search:
@@ -103,7 +131,9 @@ class Search:
         self.tp_choices: dict = {}
         """tp -> TpChoice: the placements the search uses at that tp (None: the rules default)."""
         self.block_s: dict[tuple, float] = {}
-        """(tp, sp, micro-batch) -> one block's time per micro-batch (no recompute, no ZeRO)."""
+        """(tp, sp, micro-batch, ep, ep group's placement) -> one block's time per micro-batch (no
+        recompute, no ZeRO). The ep group's all-to-alls sit in the block, and where the group lies
+        (inside a node or over several) depends on the mesh order and pp: it is part of the key."""
         self.misses: dict[str, tuple[float, dict]] = {}
         """Per mesh, the smallest overflow among screened knobs: (bytes over, keys)."""
 
@@ -122,7 +152,7 @@ class Search:
             cost = predicted_cost(work, plan, self.cluster, DEFAULT)
         except PlanError as e:
             self.stats.invalid += 1
-            self.stats.invalid_reasons.setdefault(mesh_label(keys), str(e))
+            self.stats.invalid_reasons.setdefault(label(keys), str(e))
             return None
         cand = Candidate(keys=keys, plan=plan, cost=cost, work=work)
         if cost.fits:
@@ -167,24 +197,30 @@ class Search:
         meshes = sorted(space.meshes(self.spec), key=lambda m: (-m[1], m[2]))  # likely winners first
         orders = axis_orders(self.cluster)
         self.stats.space_size = space.size(self.spec) * len(orders)
+        if not self.cluster.is_heterogeneous:  # the EP_ORDER twins of expert-parallel pipelines
+            self.stats.space_size += space.size(self.spec, expert_pipelines_only=True)
         self.progress.start("planning", total=len(meshes) * len(orders))
         for order, (dp, tp, pp) in ((o, m) for o in orders for m in meshes):
             twins: dict[tuple, Candidate] = {}  # (mbs, sp) -> the 1F1B pipeline's first candidate
             sps = sorted({sp for sp, _, _ in space.knobs(self.spec, tp, dp)})
+            eps = space.expert_degrees(self.spec, dp)
+            combos = [(sp, ep, o) for sp in sps for ep in eps for o in ep_orders(self.cluster, order, pp, ep)]
             for mbs, schedule, vpp in space.pipelines(self.spec, dp, pp):  # 1F1B before its twins
-                for sp in sps:
+                for sp, ep, mesh_order in combos:
                     if self.out_of_time():
                         self.progress.finish("time limit reached: returning the best plan so far")
                         return
                     base = dict(dp=dp, tp=tp, pp=pp, mbs=mbs, schedule=schedule, vpp=vpp, sp=sp)
-                    if order != DEFAULT_ORDER:
-                        base["order"] = order
-                    if self.skip(base, twins.get((mbs, sp))):
+                    if ep > 1:
+                        base["ep"] = ep
+                    if mesh_order != DEFAULT_ORDER:
+                        base["order"] = mesh_order
+                    if self.skip(base, twins.get((mbs, sp, ep, mesh_order))):
                         self.stats.pruned += self._num_knobs(base)
                         continue
                     first = self._knobs(base)
                     if first is not None and schedule == "1f1b":
-                        twins[mbs, sp] = first
+                        twins[mbs, sp, ep, mesh_order] = first
             self.progress.advance(f"dp={dp} tp={tp} pp={pp}  best {self.best_s:.3g}s")
         self.progress.finish(f"{self.stats.evaluated} plans costed")
 
@@ -195,7 +231,8 @@ class Search:
         return self.stats.status == "time_limit"
 
     def _num_knobs(self, base: dict) -> int:
-        return sum(1 for k in space.knobs(self.spec, base["tp"], base["dp"]) if k[0] == base["sp"])
+        knobs = space.knobs(self.spec, base["tp"], base["dp"], base.get("ep", 1))
+        return sum(1 for k in knobs if k[0] == base["sp"])
 
     def skip(self, base: dict, twin: Candidate | None) -> bool:
         """Whether no knob of this pipeline (``base``: its keys but recompute and ZeRO) can beat the
@@ -210,7 +247,7 @@ class Search:
         """B1 (:func:`~autopar.solve.bounds.pipeline_bound`) for the pipeline ``base`` from the
         block time learnt at its (tp, sp, micro-batch); 0 before one is known."""
         return bounds.pipeline_bound(
-            self.block_s.get((base["tp"], base["sp"], base["mbs"])),
+            self.block_s.get(self._block_key(base)),
             num_micro_batches=self.spec.global_batch // (base["dp"] * base["mbs"]),
             pp=base["pp"],
             vpp=base["vpp"],
@@ -220,11 +257,23 @@ class Search:
 
     def learn_block_time(self, first: Candidate) -> None:
         """Remember one block's time at ``first``'s (tp, sp, micro-batch), for :meth:`pipeline_bound`."""
-        key = (first.keys["tp"], first.keys["sp"], first.keys["mbs"])
+        key = self._block_key(first.keys)
         if key not in self.block_s and first.work is not None:
             t = block_time_s(first.work, first.plan.mode)
             if t is not None:
                 self.block_s[key] = t
+
+    def _block_key(self, keys: dict) -> tuple:
+        """The key of :attr:`block_s`: what one block's time depends on."""
+        ep = keys.get("ep", 1)
+        where = None
+        if ep > 1:  # the nodes the first ep group spans and its ranks per node
+            sizes = {"dp": keys["dp"], "pp": keys["pp"], "tp": keys["tp"]}
+            order = keys.get("order", DEFAULT_ORDER)
+            stride = math.prod(sizes[a] for a in order[order.index("dp") + 1 :])
+            nodes = {(i * stride) // self.cluster.devices_per_node for i in range(ep)}
+            where = (len(nodes), math.ceil(ep / len(nodes)))
+        return (keys["tp"], keys["sp"], keys["mbs"], ep, where)
 
     def _knobs(self, base: dict) -> Candidate | None:
         """Memory knobs for one (mesh, pipeline, sp), cheapest first; returns the first candidate.
@@ -233,7 +282,8 @@ class Search:
         (:meth:`knob_bound`); a knob that passes the bound is screened for memory with ``first``'s
         workload (its stages do not depend on recompute or ZeRO) and costed only if it fits under
         some split of the blocks."""
-        knobs = [(rc, z) for sp, rc, z in space.knobs(self.spec, base["tp"], base["dp"]) if sp == base["sp"]]
+        allowed = space.knobs(self.spec, base["tp"], base["dp"], base.get("ep", 1))
+        knobs = [(rc, z) for sp, rc, z in allowed if sp == base["sp"]]
         if not knobs:
             return None
         first = self.evaluate(dict(base, recompute=knobs[0][0], zero=knobs[0][1]))
@@ -264,7 +314,7 @@ class Search:
         overflow = max(used - cap for used, cap in zip(stage_totals(first.work, plan), capacity))
         if overflow <= 0:
             return True
-        mesh = mesh_label(keys)
+        mesh = label(keys)
         if mesh not in self.misses or overflow < self.misses[mesh][0]:
             self.misses[mesh] = (overflow, keys)
         return splittable(plan, self.num_blocks) and split_can_fit(first.work, plan, capacity)
@@ -272,10 +322,10 @@ class Search:
     def cost_closest_misses(self) -> None:
         """Cost the screened knob that came closest to fitting, for every mesh where nothing fits
         and nothing costed came closer (explanations and the infeasibility message use them)."""
-        fitting = {mesh_label(c.keys) for c in self.fitting}
+        fitting = {label(c.keys) for c in self.fitting}
         closest: dict[str, float] = {}
         for c in self.overflowing:
-            mesh = mesh_label(c.keys)
+            mesh = label(c.keys)
             closest[mesh] = min(closest.get(mesh, float("inf")), c.overflow_bytes)
         for mesh, (overflow, keys) in self.misses.items():
             if mesh not in fitting and overflow < closest.get(mesh, float("inf")):
@@ -431,6 +481,9 @@ def space_spec(
     heads = attention_heads(graph)
     fixed = check_keys(fixed or {})
     unshardable = _unshardable_tp(graph, cluster, fixed)
+    experts = expert_count(graph)
+    if experts:  # a fixed knob the expert-parallel runtime does not build: say so, do not search
+        check_moe_knobs(ep=fixed.get("ep", 1), zero=fixed.get("zero", 0), sp=bool(fixed.get("sp", 0)))
     return space.SpaceSpec(
         num_devices=cluster.num_devices,
         devices_per_node=cluster.devices_per_node,
@@ -443,6 +496,7 @@ def space_spec(
         fixed=fixed,
         unshardable_tp=unshardable,
         one_micro_batch=any(n.meta.get("batch_statistics") for n in graph.nodes),
+        experts=experts,
     )
 
 

@@ -179,7 +179,9 @@ def stage_totals(w: Workload, plan: Plan, stages: Sequence[StageWork] | None = N
     estimator counts them. The stages do not depend on recompute or ZeRO, so one workload serves
     every memory knob of a pipeline."""
     stages = w.stages if stages is None else stages
-    memory = stage_memory(stages, plan, w.spec.param_bytes, w.calib or DEFAULT, [0.0] * len(stages))
+    memory = stage_memory(
+        stages, plan, w.spec.param_bytes, w.calib or DEFAULT, [0.0] * len(stages), getattr(w, "experts", None)
+    )
     return [sum(m.values()) for m in memory]
 
 

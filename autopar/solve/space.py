@@ -12,9 +12,13 @@ over:
   per-replica batch for a model with train-mode BatchNorm (``one_micro_batch``);
 * ``schedule`` / ``vpp``: ``1f1b`` (and ``gpipe`` when asked), ``interleaved`` with ``vpp`` that
   splits each stage's blocks evenly and a micro-batch count that is a multiple of ``pp``;
+* ``ep`` (a model with mixture-of-experts layers): divisors of ``dp`` that divide the expert count
+  (expert parallelism folds into dp); 1 otherwise;
 * ``sp``: 0, and 1 when ``tp > 1``;
 * ``recompute`` × ``zero``: the memory knobs, ordered cheapest first (see :data:`MEMORY_KNOBS`);
-  ``zero`` only when ``dp > 1``.
+  ``zero`` only when ``dp > 1``;
+* a model with mixture-of-experts layers: only the knobs the expert-parallel runtime builds
+  (:func:`~autopar.core.plan_rules.moe_knobs_fit`: ``sp=0``, and ``zero=0`` when ``ep > 1``).
 
 The legality rules are :mod:`autopar.core.plan_rules`' (the ones ``autopar estimate --plan``
 applies); the rest (tp inside a node, an even split of the blocks per virtual stage, the caps) are
@@ -29,13 +33,25 @@ from dataclasses import dataclass
 from autopar.core.plan_rules import (
     batch_splits,
     divisors,
+    ep_fits,
     interleaving_fits,
+    moe_knobs_fit,
     pp_fits_layers,
     sequence_parallel_allowed,
     tp_divides_heads,
 )
 
-__all__ = ["MEMORY_KNOBS", "RECOMPUTE_ORDER", "SpaceSpec", "divisors", "knobs", "meshes", "pipelines", "size"]
+__all__ = [
+    "MEMORY_KNOBS",
+    "RECOMPUTE_ORDER",
+    "SpaceSpec",
+    "divisors",
+    "expert_degrees",
+    "knobs",
+    "meshes",
+    "pipelines",
+    "size",
+]
 
 # Memory knobs in the order the planner tries them: each later entry saves memory and (under the
 # cost model) never runs faster than the ones before it at the same mesh, so the first that fits
@@ -83,6 +99,9 @@ class SpaceSpec:
     one_micro_batch: bool = False
     """The model normalises with batch statistics (train-mode BatchNorm): ``mbs`` is the whole
     per-replica batch, as ``batchnorm="sync"`` needs (autopar/lower/batchnorm.py)."""
+    experts: int | None = None
+    """Routed experts of the model's mixture-of-experts layers (the smallest count); None: no MoE
+    layers, ``ep`` stays 1."""
 
 
 def _tp_options(s: SpaceSpec) -> list[int]:
@@ -109,6 +128,14 @@ def meshes(s: SpaceSpec) -> Iterator[tuple[int, int, int]]:
             if not batch_splits(s.global_batch, dp) or ("dp" in fixed and fixed["dp"] != dp):
                 continue
             yield dp, tp, pp
+
+
+def expert_degrees(s: SpaceSpec, dp: int) -> list[int]:
+    """``ep`` for a mesh with ``dp`` data-parallel ranks: divisors of dp that divide the experts."""
+    fixed = s.fixed or {}
+    if not s.experts:
+        return [1] if fixed.get("ep", 1) == 1 else []
+    return [ep for ep in divisors(dp) if ep_fits(ep, dp, s.experts) and fixed.get("ep", ep) == ep]
 
 
 def pipelines(s: SpaceSpec, dp: int, pp: int) -> Iterator[tuple[int, str, int]]:
@@ -144,11 +171,12 @@ def _schedules(s: SpaceSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
                 yield "interleaved", vpp
 
 
-def knobs(s: SpaceSpec, tp: int, dp: int) -> Iterator[tuple[int, str, int]]:
+def knobs(s: SpaceSpec, tp: int, dp: int, ep: int = 1) -> Iterator[tuple[int, str, int]]:
     """(sp, recompute, zero), memory knobs cheapest first; inference has no recompute or ZeRO.
 
     With ``dp = 1`` every ZeRO stage is ZeRO-0 (nothing to shard over), so only ``zero=0`` is
-    listed unless the user fixed another stage."""
+    listed unless the user fixed another stage. A model with MoE layers (``s.experts``) gets only
+    the knobs :func:`~autopar.core.plan_rules.moe_knobs_fit` allows at expert degree ``ep``."""
     fixed = s.fixed or {}
     sps = [0, 1] if sequence_parallel_allowed(tp) else [0]
     memory = MEMORY_KNOBS if s.mode == "train" else (("none", 0),)
@@ -162,12 +190,20 @@ def knobs(s: SpaceSpec, tp: int, dp: int) -> Iterator[tuple[int, str, int]]:
                 continue
             if "zero" in fixed and fixed["zero"] != zero:
                 continue
+            if s.experts and not moe_knobs_fit(ep=ep, zero=zero, sp=bool(sp)):
+                continue  # not built by the runtime (lower/expert.py refuses it): not offered
             yield sp, recompute, zero
 
 
-def size(s: SpaceSpec) -> int:
-    """Number of candidates before any pruning (for progress and the report)."""
+def size(s: SpaceSpec, *, expert_pipelines_only: bool = False) -> int:
+    """Number of candidates before any pruning (for progress and the report); with
+    ``expert_pipelines_only``, those with ``ep > 1`` and ``pp > 1`` only (the ones the planner also
+    costs under a second mesh order)."""
     n = 0
     for dp, tp, pp in meshes(s):
-        n += sum(1 for _ in pipelines(s, dp, pp)) * sum(1 for _ in knobs(s, tp, dp))
+        if expert_pipelines_only and pp == 1:
+            continue
+        eps = [ep for ep in expert_degrees(s, dp) if ep > 1 or not expert_pipelines_only]
+        pipes = sum(1 for _ in pipelines(s, dp, pp))
+        n += pipes * sum(sum(1 for _ in knobs(s, tp, dp, ep)) for ep in eps)
     return n

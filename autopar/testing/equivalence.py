@@ -193,6 +193,44 @@ def hf_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
     )
 
 
+def build_hf_moe(kind: str, seed: int) -> nn.Module:
+    """HuggingFace ``MixtralForCausalLM`` (``kind="mixtral"``) or ``Qwen2MoeForCausalLM``
+    (``"qwen2_moe"``: shared expert, ``norm_topk_prob=False``) from a small config: 2 layers, 4
+    experts, top-2, random init (the router re-drawn with std 0.5 so routing is far from ties)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+        max_position_embeddings=16, num_experts_per_tok=2, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=8, num_local_experts=4, **common)
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(
+            intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=4,
+            norm_topk_prob=False, **common,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"kind={kind!r}: choose 'mixtral' or 'qwen2_moe'")
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def hf_moe_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
+    """HuggingFace Mixtral or Qwen2-MoE (see :func:`build_hf_moe`) with the next-token loss."""
+    return Case(
+        name=f"hf-{kind}",
+        build=functools.partial(build_hf_moe, kind, 0),
+        make_batches=functools.partial(token_batches, 64, batch, seq),
+        loss_fn=lm_loss,
+        global_batch=batch,
+    )
+
+
 # ----------------------------------------------------------------------------------- runs
 def reference(case: Case) -> Trajectory:
     """The single-device run (see the module docstring)."""
@@ -297,6 +335,11 @@ def parallel_output(case: Case, plan: autopar.Plan) -> Any:
 
 def run_inference_plans(case: Case, plans: list[autopar.Plan]) -> list:
     return [parallel_output(case, plan) for plan in plans]
+
+
+def run_inference_jobs(jobs: list[tuple[Case, list[autopar.Plan]]]) -> list[list]:
+    """Rank function: the compiled inference output of several cases, each under several plans."""
+    return [run_inference_plans(case, plans) for case, plans in jobs]
 
 
 # ----------------------------------------------------------------------------------- compare

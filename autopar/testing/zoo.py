@@ -331,13 +331,15 @@ keep one micro-batch per data-parallel replica (``batchnorm="sync"``, docs/compi
 
 
 HF_MODELS = frozenset({"t5", "bart", "gpt2-dropout"})
-"""Export-traced HuggingFace models: each rank traces for seconds, so their checks use one 4-rank
-mix (dp=2 x tp=2) instead of two."""
+"""Export-traced HuggingFace models: each rank traces for seconds, so their checks use the pipeline
+and one 4-rank mix (dp=2 x tp=2, which composes the dp and tp paths the 2-rank plans check alone)."""
+
+HF_PLANS = ("pp2", "dp2tp2")
 
 
 def plans_for(name: str) -> tuple[str, ...]:
     """The plan kinds zoo model ``name`` is checked under."""
-    return tuple(k for k in PLANS if not (name in HF_MODELS and k == "dp2pp2"))
+    return HF_PLANS if name in HF_MODELS else PLANS
 
 
 def plan(name: str, kind: str, global_batch: int = 8) -> Any:

@@ -190,7 +190,10 @@ def _analyse_node(node: torch.fx.Node, gm: torch.fx.GraphModule, index: _ParamIn
         or (module is None and len(in_shapes) >= 3)
     )
     out_shape = tuple(first_out.shape) if first_out is not None and hasattr(first_out, "shape") else None
-    fwd, bwd = opkinds.flops(kind, name, in_shapes, out_shape, gemm, {"bias": has_bias})
+    extra: dict = {"bias": has_bias}
+    if kind == "moe" and in_shapes:
+        extra["moe"] = opkinds.moe_meta(module, math.prod(in_shapes[0][:-1]))
+    fwd, bwd = opkinds.flops(kind, name, in_shapes, out_shape, gemm, extra)
     bwd = _backward_flops(kind, fwd, bwd, tensor_in, first_out, bool(param_names))
 
     aliases = node.meta.get("aliases_input", kind == "view")
@@ -202,6 +205,8 @@ def _analyse_node(node: torch.fx.Node, gm: torch.fx.GraphModule, index: _ParamIn
 
     block = node.meta.get("autopar_block")
     meta = _op_meta(node, module, name)
+    if "moe" in extra:
+        meta["moe"] = extra["moe"]
     return OpNode(
         name=node.name,
         op_kind=kind,
@@ -288,8 +293,30 @@ def _block_tables(blocks: list[dict]) -> tuple[dict[str, BlockType], list[tuple[
     return block_types, block_order
 
 
-def _notes(nodes: list[OpNode], tracer: str) -> list[str]:
+def _notes(
+    nodes: list[OpNode], tracer: str, model: nn.Module | None = None, hf_moe: dict | None = None
+) -> list[str]:
     notes = []
+    hf_moe = hf_moe or {}
+    if hf_moe.get("regions"):
+        notes.append(
+            f"HuggingFace mixture-of-experts blocks kept as one 'moe' region each ({len(hf_moe['regions'])}: "
+            f"{', '.join(strip_prefix(p) for p in hf_moe['regions'][:4])}{' ...' if len(hf_moe['regions']) > 4 else ''}): "
+            "traced through the custom op autopar::hf_moe_region, run by autopar.tracing.hf_moe.HFMoERegion "
+            "(the block's routing and parameter names), split by expert parallelism when ep > 1"
+        )
+    inlined = sorted(
+        {type(m).__name__ for m in (model.modules() if model is not None else ()) if opkinds.is_moe_region(m)}
+    )
+    skipped = hf_moe.get("skipped", {})
+    if skipped or (inlined and not any(n.op_kind == "moe" for n in nodes)):
+        why = "; ".join(f"{strip_prefix(p)} ({r})" for p, r in list(skipped.items())[:3])
+        notes.append(
+            f"mixture-of-experts blocks ({', '.join(inlined)}) were traced by {tracer} as their individual "
+            "ops, not as one 'moe' region: their routing is costed as the ops it ran on the example "
+            "(data-dependent) and expert parallelism (ep > 1) cannot split them" + (f"; {why}" if why else "")
+        )
+        log.warning("%s", notes[-1])
     if any(n.op_kind == "attention" for n in nodes):
         notes.append(
             "fused attention (scaled_dot_product_attention): the s x s attention scores, softmax output "
@@ -334,7 +361,7 @@ def analyse(gm: torch.fx.GraphModule, model: nn.Module) -> OpGraph:
         batch_size=int(first_in.output_shape[0]) if first_in and first_in.output_shape else 0,
         tracer=info.get("tracer", "symbolic_trace"),
         gm=gm,
-        notes=_notes(nodes, info.get("tracer", "")),
+        notes=_notes(nodes, info.get("tracer", ""), model, info.get("hf_moe")),
     )
     return graph
 

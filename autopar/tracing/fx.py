@@ -8,6 +8,10 @@ Two tracers, tried in this order by ``tracer="auto"``:
   real-world models (HuggingFace) that symbolic tracing cannot; nodes are ATen ops
   (``aten.linear.default``), parameters are ``get_attr`` nodes.
 
+Mixture-of-experts layers stay one leaf region under both: autopar's own (``autopar_region = "moe"``)
+as a ``call_module`` leaf of symbolic tracing, HuggingFace's sparse MoE blocks under export through a
+custom op folded back into a ``call_module`` node afterwards (:mod:`autopar.tracing.hf_moe`).
+
 Both produce the graph of :class:`~autopar.tracing.wrap.ModelWithLoss`, so parameter names carry
 the prefix ``model.``. Each node's ``meta`` holds ``tensor_meta`` and ``val`` (shapes and dtypes from
 meta/fake tensors), ``nn_module_stack`` (module path; ``{key: (qualified name, type)}``, innermost
@@ -32,6 +36,7 @@ import torch.fx
 from torch import nn
 
 from autopar.core.errors import TraceError
+from autopar.tracing import opkinds
 from autopar.tracing.blocks import find_blocks, replication_templates
 from autopar.tracing.propagate import PropagationError, propagate
 from autopar.tracing.wrap import MODEL_PREFIX, wrap
@@ -88,6 +93,8 @@ class AutoparTracer(torch.fx.Tracer):
         self._leaf_names = {MODEL_PREFIX + x for x in leaves if isinstance(x, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if opkinds.is_moe_region(m):  # routing is data-dependent: the layer is one region
+            return True
         if module_qualified_name in self._leaf_names or (
             self._leaf_types and isinstance(m, self._leaf_types)
         ):
@@ -118,8 +125,13 @@ def _symbolic(wrapper: nn.Module, leaf_modules: Iterable) -> torch.fx.GraphModul
 
 
 def _export(wrapper: nn.Module, args: tuple) -> torch.fx.GraphModule:
-    ep = torch.export.export(wrapper, args, strict=False)
-    return ep.module()
+    from autopar.tracing.hf_moe import fold_regions, hf_moe_regions
+
+    with hf_moe_regions(wrapper) as skipped:  # HuggingFace MoE blocks: one region each
+        ep = torch.export.export(wrapper, args, strict=False)
+    gm = ep.module()
+    gm.meta["autopar_hf_moe"] = {"regions": fold_regions(gm), "skipped": skipped}
+    return gm
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -226,6 +238,7 @@ def fx_trace(
             "target_names": wrapper.target_names,
             "trace_s": time.perf_counter() - t0,
             "blocks": [b.as_dict() for b in blocks],
+            "hf_moe": gm.meta.pop("autopar_hf_moe", {}),
         }
         return gm
     _raise_untraceable(model, failures)

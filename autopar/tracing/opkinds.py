@@ -245,6 +245,53 @@ if hasattr(nn, "RMSNorm"):
 _MODULE_BASE = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
 
 
+MOE_REGION_TYPES = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+"""Class names of third-party mixture-of-experts layers recognised as one ``"moe"`` region
+(HuggingFace); autopar's own layer says so with the class attribute ``autopar_region = "moe"``."""
+
+
+def is_moe_region(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a mixture-of-experts layer traced as one leaf region (op kind ``moe``)."""
+    if module is None:
+        return False
+    return getattr(module, "autopar_region", None) == "moe" or type(module).__name__ in MOE_REGION_TYPES
+
+
+def moe_meta(module: nn.Module, tokens: int) -> dict:
+    """``{"experts", "top_k", "hidden", "ffn", "shared", "capacity_factor", "tokens", "gated"}`` of a
+    mixture-of-experts region over ``tokens`` tokens (``OpNode.meta["moe"]``, what the estimator
+    reads). ``shared`` counts shared experts of width ``ffn`` (a wider shared expert counts as
+    its width / ffn, rounded up); ``gated``: SwiGLU experts (three GEMMs each)."""
+    cfg = getattr(module, "config", None)
+    if getattr(module, "autopar_region", None) == "moe" and cfg is not None:
+        e, k, h, f = cfg.experts, cfg.top_k, cfg.hidden, cfg.ffn
+        shared, capacity = cfg.shared_experts, cfg.capacity_factor
+    else:  # HuggingFace: stacked experts gate_up_proj [E, 2f, h], down_proj [E, h, f]
+        experts = module.experts
+        e, two_f, h = experts.gate_up_proj.shape
+        f, k, capacity = two_f // 2, module.gate.top_k, None
+        block = getattr(module, "shared_expert", None)
+        shared = math.ceil(block.gate_proj.out_features / f) if block is not None else 0
+    return {
+        "experts": int(e), "top_k": int(k), "hidden": int(h), "ffn": int(f), "shared": int(shared),
+        "capacity_factor": capacity, "tokens": int(tokens), "gated": True,
+    }  # fmt: skip
+
+
+def moe_flops(meta: dict) -> tuple[float, float]:
+    """(forward, backward) FLOPs of a mixture-of-experts region under balanced routing: the router
+    GEMM ``2·T·h·E``, each token's ``k`` experts and the ``S`` shared ones at ``3 · 2·h·f`` each
+    (SwiGLU: gate, up and down projections), the gating and combine ``~(E + 2k)·T·h`` elementwise;
+    backward = 2 x forward (input and weight gradients). Dropped tokens are not discounted."""
+    t, h, f, e, k = meta["tokens"], meta["hidden"], meta["ffn"], meta["experts"], meta["top_k"]
+    gemms = 3 if meta.get("gated", True) else 2
+    router = 2.0 * t * h * e
+    experts = (k + meta["shared"]) * gemms * 2.0 * t * h * f
+    combine = 2.0 * k * t * h + 8.0 * t * e
+    fwd = router + experts + combine
+    return fwd, 2.0 * fwd
+
+
 def base_name(node: torch.fx.Node, module: nn.Module | None = None) -> str:
     """``linear`` for ``aten.linear.default``, ``F.linear``, ``nn.Linear``; ``view`` for ``x.view``."""
     target = node.target
@@ -285,6 +332,8 @@ def op_kind(node: torch.fx.Node, module: nn.Module | None = None) -> str:
     if node.op == "get_attr":
         return "param"
     if node.op == "call_module":
+        if is_moe_region(module):
+            return "moe"
         for cls, kind in _MODULE_KINDS:
             if isinstance(module, cls):
                 return kind
@@ -337,6 +386,8 @@ def flops(
     """(forward, backward) FLOPs; see the module docstring for the rules."""
     out_n = _numel(out_shape)
     in_n = _numel(in_shapes[0]) if in_shapes else 0
+    if kind == "moe" and "moe" in extra:
+        return moe_flops(extra["moe"])
     if kind in ("linear", "matmul") and gemm is not None:
         batch, m, n, k = gemm
         fwd = 2.0 * batch * m * n * k + (m * n if extra.get("bias") else 0)

@@ -12,6 +12,7 @@ nodes and compares the predicted iteration time with the published one,
     python benchmarks/fidelity.py --sets          # also the sets beyond SC'21 (benchmarks/data/), per
                                                   # set, the rows the data file excludes (with its
                                                   # reasons), and the leave-one-set-out fit
+    python benchmarks/fidelity.py --sets --rows   # plus every row of the V100 (Megatron-LM 2019) sets
 
 The SC'21 rows are modelled as they ran: explicit (non-flash) attention and the 2021 software's
 ZeRO-3 gathers at the per-GPU NIC rate (``FRAMEWORK``, cost_models.hardware.FRAMEWORKS).
@@ -331,11 +332,11 @@ def table_stats(cases: list[Case], calib: Calibration) -> dict[str, tuple[float,
 def set_cases(max_seq: int) -> dict[str, list]:
     """SC'21 (one set: its three tables) and each set of ``benchmarks/data/`` as cases whose
     ``error(base)`` applies the case's device-kind calibration on top of ``base``."""
-    from fidelity_sets import FRAMEWORK, build_set_cases, load_mpt
+    from fidelity_sets import build_set_cases, load_megatron2019, load_mpt
 
     out: dict[str, list] = {"sc21": [_Kinded(c, None) for c in build_cases(load_rows(DATA))]}
-    for c in build_set_cases(load_mpt(max_seq=max_seq)):
-        out.setdefault(c.run.set_name, []).append(_Kinded(c, c.run.kind, FRAMEWORK))
+    for c in build_set_cases(load_mpt(max_seq=max_seq) + load_megatron2019()):
+        out.setdefault(c.run.set_name, []).append(_Kinded(c, c.run.kind, c.run.framework))
     return out
 
 
@@ -361,6 +362,58 @@ def set_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[
         bias = sum(errs) / len(errs)
         lines.append(_row((name, len(errs), f"{mean:.1%}", f"{worst:.1%}", f"{bias:+.1%}"), markdown))
     return lines
+
+
+def v100_row_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[str]:
+    """Each Megatron-LM 2019 (DGX-2H, V100) row: plan, published and predicted step, error, where the
+    predicted time goes, and the row's citation."""
+    head = (
+        "set",
+        "run",
+        "tp",
+        "dp",
+        "mbs",
+        "published s",
+        "predicted s",
+        "error",
+        "compute+recompute",
+        "tp_comm",
+        "dp_comm",
+    )
+    lines = [_fmt_wide(head, markdown, header=True)]
+    for name, cases in sets.items():
+        if not name.startswith("megatron2019"):
+            continue
+        for k in cases:
+            run = k.case.run
+            calib = calibration_for(k.kind, base, framework=k.framework)
+            st = step_time(k.case.work.spec, k.case.work.rates, calib)
+            b = st.breakdown_s
+            cells = (
+                name,
+                run.label,
+                run.tp,
+                run.gpus // run.tp,
+                run.mbs,
+                f"{run.published_s:.3f}",
+                f"{st.step_time_s:.3f}",
+                f"{st.step_time_s / run.published_s - 1:+.1%}",
+                f"{b['compute'] + b['recompute']:.3f}",
+                f"{b['tp_comm']:.3f}",
+                f"{b['dp_comm_exposed']:.3f}",
+            )
+            lines.append(_fmt_wide(cells, markdown))
+            if not markdown:
+                lines.append(f"    {run.citation}")
+    return lines
+
+
+def _fmt_wide(cells, markdown: bool, header: bool = False) -> str:
+    cells = [str(x) for x in cells]
+    if markdown:
+        line = "| " + " | ".join(cells) + " |"
+        return line + "\n|" + "---|" * len(cells) if header else line
+    return cells[0].ljust(22) + cells[1].ljust(15) + "".join(c.rjust(12) for c in cells[2:])
 
 
 def excluded_lines() -> list[str]:
@@ -403,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablate", action="store_true", help="error with each modelled effect switched off")
     ap.add_argument("--sets", action="store_true", help="per-set errors beyond SC'21 and leave-one-set-out")
     ap.add_argument("--max-seq", type=int, default=4096, help="--sets: skip rows with a longer sequence")
+    ap.add_argument("--rows", action="store_true", help="--sets: print each V100 (Megatron-LM 2019) row")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -436,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = set_cases(args.max_seq)
         print("\n".join(set_lines(sets, calib, args.markdown)))
         print("\n".join(excluded_lines()))
+        if args.rows:
+            print()
+            print("\n".join(v100_row_lines(sets, calib, args.markdown)))
         print()
         print("\n".join(loso_lines(sets, args.markdown)))
         print()

@@ -15,6 +15,7 @@ import torch
 
 import autopar
 from autopar.cluster import Cluster
+from autopar.cluster.hardware import PRESETS
 from autopar.core.plan import Plan
 from autopar.estimator import Workload, workload
 from autopar.models import GPTConfig
@@ -23,11 +24,17 @@ from cost_models.hardware import calibration_for
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MPT = DATA_DIR / "mpt_llm_foundry.json"
+MEGATRON_2019 = DATA_DIR / "megatron_lm_2019_v100.json"
 
 FRAMEWORK = "composer"
 """llm-foundry trains in eager PyTorch with FSDP under Composer (cost_models.hardware.FRAMEWORKS)."""
 
-KIND_OF_PRESET = {"dgx-h100": "h100-sxm", "dgx-a100-80g": "a100-80g", "dgx-a100-40g": "a100-40g"}
+KIND_OF_PRESET = {
+    "dgx-h100": "h100-sxm",
+    "dgx-a100-80g": "a100-80g",
+    "dgx-a100-40g": "a100-40g",
+    "dgx-2h": "v100-sxm3-32g",
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,14 @@ class Run:
     preset: str
     published_s: float
     citation: str
+    tp: int = 1
+    """Tensor (Megatron model) parallel degree; ``gpus = tp * dp``."""
+    dtype: str = "bf16"
+    dropout: float = 0.0
+    attention: str = "fused"
+    """``fused`` (flash / SDPA) or ``explicit`` (materialised scores and softmax)."""
+    framework: str = FRAMEWORK
+    """The run's software (:data:`cost_models.hardware.FRAMEWORKS`)."""
 
     @property
     def kind(self) -> str:
@@ -97,12 +112,77 @@ def load_mpt(path: Path = MPT, *, max_seq: int | None = None) -> list[Run]:
     return runs
 
 
+def load_megatron2019(path: Path = MEGATRON_2019) -> list[Run]:
+    """Megatron-LM 2019 on DGX-2H (V100): the scaling study (published step from the paper's 39 TFLOPS
+    baseline and its efficiencies or speedups) and the GPT-2 training runs (time per epoch)."""
+    from cost_models.transformer import megatron_flops_per_iteration
+
+    d = json.loads(path.read_text())
+    seq, vocab = 1024, 51200
+    runs = []
+    scaling = d["tables"]["scaling"]
+    base_rate = scaling["baseline_tflops_per_gpu"] * 1e12
+    rows = [dict(zip(scaling["columns"], cells)) for cells in scaling["rows"]]
+    t_one = {}
+    for r in rows:  # the single-GPU baseline of each shape first: the strong-scaling rows divide it
+        if r["gpus"] == 1:
+            f = megatron_flops_per_iteration(
+                batch=r["batch"], seq=seq, layers=r["layers"], hidden=r["hidden"], vocab=vocab
+            )
+            t_one[(r["hidden"], r["layers"], r["batch"])] = f / base_rate
+    for r in rows:
+        if r["speedup"] is not None:
+            published = t_one[(r["hidden"], r["layers"], r["batch"])] / r["speedup"]
+        else:
+            f = megatron_flops_per_iteration(
+                batch=r["batch"], seq=seq, layers=r["layers"], hidden=r["hidden"], vocab=vocab
+            )
+            published = f / (r["gpus"] * base_rate * r["efficiency"])
+        runs.append(_megatron2019_run("megatron2019_scaling", r, seq, vocab, published))
+    epoch = d["tables"]["epoch"]
+    for cells in epoch["rows"]:
+        r = dict(zip(epoch["columns"], cells))
+        published = r["days_per_epoch"] * 86400.0 / epoch["iterations_per_epoch"]
+        runs.append(_megatron2019_run("megatron2019_epoch", r, seq, vocab, published))
+    return runs
+
+
+def _megatron2019_run(set_name: str, r: dict, seq: int, vocab: int, published_s: float) -> Run:
+    dp = r["gpus"] // r["mp"]
+    return Run(
+        set_name=set_name,
+        label=r["label"],
+        hidden=r["hidden"],
+        heads=r["heads"],
+        layers=r["layers"],
+        vocab=vocab,
+        seq=seq,
+        gpus=r["gpus"],
+        mbs=r["batch"] // dp,
+        grad_accum=1,
+        zero=0,
+        recompute="full",
+        preset="dgx-2h",
+        published_s=published_s,
+        citation=f"Shoeybi et al. 2019 (arXiv 1909.08053): {r['citation']}",
+        tp=r["mp"],
+        dtype="fp16",
+        dropout=0.1,
+        attention="explicit",
+        framework="megatron-2019",
+    )
+
+
 _GRAPHS: dict[tuple, object] = {}
 
 
-def graph_for(run: Run, attention: str = "fused"):
-    """MPT-like GPT on meta (bf16, no biases, learned positions, flash attention) at the micro-batch."""
-    key = (run.hidden, run.heads, run.layers, run.vocab, run.seq, run.mbs, attention)
+def graph_for(run: Run, attention: str | None = None):
+    """The run's GPT on meta at the micro-batch: MPT-like (bf16, no biases, learned positions, flash
+    attention) or, for the Megatron-LM 2019 rows, GPT-2-like (fp16, biases, dropout 0.1, explicit
+    attention). ``attention`` overrides the run's."""
+    attention = attention or run.attention
+    gpt2 = run.framework.startswith("megatron")
+    key = (run.hidden, run.heads, run.layers, run.vocab, run.seq, run.mbs, attention, run.dtype, run.dropout)
     if key not in _GRAPHS:
         cfg = GPTConfig(
             hidden=run.hidden,
@@ -110,18 +190,22 @@ def graph_for(run: Run, attention: str = "fused"):
             heads=run.heads,
             vocab=run.vocab,
             seq=run.seq,
-            bias=False,
+            bias=gpt2,
+            dropout=run.dropout,
             fused_attention=attention == "fused",
         )
-        model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=run.mbs, dtype=torch.bfloat16)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[run.dtype]
+        model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=run.mbs, dtype=dtype)
         _GRAPHS[key] = autopar.trace(model, inputs, loss_fn=loss_fn)
     return _GRAPHS[key]
 
 
 def plan_for(run: Run) -> Plan:
+    dp = run.gpus // run.tp
     return Plan.manual(
-        dp=run.gpus,
-        global_batch=run.gpus * run.mbs * run.grad_accum,
+        dp=dp,
+        tp=run.tp,
+        global_batch=dp * run.mbs * run.grad_accum,
         micro_batch_size=run.mbs,
         recompute=run.recompute,
         zero_stage=run.zero,
@@ -129,7 +213,10 @@ def plan_for(run: Run) -> Plan:
 
 
 def cluster_for(run: Run) -> Cluster:
-    return Cluster.preset(run.preset, nodes=max(1, run.gpus // 8))
+    per_node = PRESETS[run.preset].devices_per_node
+    if run.gpus < per_node:
+        return Cluster.preset(run.preset, devices=run.gpus)
+    return Cluster.preset(run.preset, nodes=run.gpus // per_node)
 
 
 @dataclass
@@ -145,12 +232,12 @@ class SetCase:
 
 
 def build_set_cases(
-    runs: list[Run], calib: Calibration | None = None, attention: str = "fused"
+    runs: list[Run], calib: Calibration | None = None, attention: str | None = None
 ) -> list[SetCase]:
     """Workloads are built once per run (under the run's device-kind calibration: fusion flags)."""
     out = []
     for run in runs:
-        c = calib or calibration_for(run.kind, framework=FRAMEWORK)
+        c = calib or calibration_for(run.kind, framework=run.framework)
         out.append(
             SetCase(run, workload(graph_for(run, attention), cluster_for(run), plan_for(run), calib=c))
         )

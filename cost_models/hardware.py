@@ -25,6 +25,8 @@ Sources (read for this module; quoted figures are the source's, the ratios are d
 * ``NT212``: NCCL maintainer in NVIDIA/nccl-tests issue 212: H100 NVLink ring bus bandwidth ~370 GB/s
   (``/work/shared/data/hardware.json`` ``achievable``).
 * ``NT149``: NVIDIA/nccl-tests issue 149: A100 NVSwitch all-reduce bus bandwidth ~230 GB/s.
+* V100: Markidis et al. 2018 (arXiv 1803.04014): cuBLAS FP16 GEMM on Tensor Cores up to 83 of 125
+  TFLOPS. No V100 HBM-copy or NCCL measurement was read: those stay the base calibration's (``None``).
 
 Worked example: ``calibration_for("h100-sxm").gemm_max_efficiency`` = 0.693 * 0.801 / 0.859 = 0.646.
 (Before the BF16 measurement was read, H100's ratio came from AZ's FP8 GEMM, 1382.2 of 1978.9 = 0.698,
@@ -43,13 +45,14 @@ class KindConstants:
     """Measured efficiencies of one device kind (fractions of its datasheet peaks)."""
 
     gemm_isolated: float
-    """Largest measured BF16 GEMM throughput / dense BF16 peak, isolated runs (``MAMF``)."""
-    hbm_efficiency: float
-    """Measured stream copy bandwidth / datasheet HBM bandwidth."""
-    fused_attention_efficiency: float
-    """Measured FlashAttention-2 throughput / dense 16-bit peak (forward + backward)."""
-    intra_node_efficiency: float
-    """Measured NCCL ring bus bandwidth / per-GPU NVLink bandwidth (one direction)."""
+    """Largest measured BF16 GEMM throughput / dense BF16 peak, isolated runs (``MAMF``; V100: FP16)."""
+    hbm_efficiency: float | None
+    """Measured stream copy bandwidth / datasheet HBM bandwidth (None: not measured, ``base`` kept)."""
+    fused_attention_efficiency: float | None
+    """Measured FlashAttention-2 throughput / dense 16-bit peak, forward + backward (None: no
+    measurement or no flash kernel on the kind; ``base`` kept)."""
+    intra_node_efficiency: float | None
+    """Measured NCCL ring bus bandwidth / per-GPU NVLink bandwidth, one direction (None: ``base`` kept)."""
     gemm_wave_elements: float
     """SMs x one 128 x 128 output tile: the work of one full wave (see :mod:`.compute`)."""
     source: str
@@ -95,12 +98,31 @@ KINDS: dict[str, KindConstants] = {
 but not its HBM figure (its 1.555 TB/s part was not measured in the sources: 80GB's ratio ASSUMED)."""
 KINDS["a100-40g"] = KINDS["a100-80g"]
 
+V100 = KindConstants(
+    gemm_isolated=83.0 / 125.0,
+    hbm_efficiency=None,
+    fused_attention_efficiency=None,
+    intra_node_efficiency=None,
+    gemm_wave_elements=80 * 128 * 128,
+    source="GEMM: Markidis et al. 2018, 'NVIDIA Tensor Core Programmability, Performance & Precision' "
+    "(IPDPSW, arXiv 1803.04014), abstract: cuBLAS GEMM on Tesla V100 Tensor Cores 'up to 83 Tflops/s' "
+    "in mixed precision of 125 (CUDA 9, the software generation of the 2019 runs); 80 SMs (V100 "
+    "datasheet). NOT measured in a source read: HBM copy, NCCL NVLink/NVSwitch bus bandwidth (base "
+    "kept: A100's 0.85 of HBM and 230/300 ring efficiency ASSUMED); no FlashAttention kernel exists for "
+    "Volta (sm70), so the V100 rows run explicit attention and the fused-attention constant is unused",
+)
+"""V100 (SXM2 16/32 GB and the DGX-2H's SXM3 32 GB): the GEMM ratio is of the part's own peak, so it
+applies to the SXM3's 130 TFLOPS as to the SXM2's 125 (same GV100 die and SM count)."""
+for _name in ("v100-16g", "v100-32g", "v100-sxm3-32g"):
+    KINDS[_name] = V100
+
 REFERENCE_KIND = "a100-80g"
 """The kind the fitted constants of :data:`cost_models.DEFAULT` were fitted on (SC'21, DGX A100)."""
 
 FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     "megatron": {},
     "megatron-deepspeed-2021": {"ring_node_nics": False},
+    "megatron-2019": {"fuse_elementwise": False, "dp_overlap": False},
     "fsdp": {"fuse_elementwise": False, "zero3_regather_for_recompute": False},
     "composer": {
         "fuse_elementwise": False,
@@ -115,7 +137,11 @@ gathers at the per-GPU NIC rate, not at the node-aggregate rate current NCCL rea
 (``Calibration.ring_node_nics``): with aggregation those rows are predicted 50-70% too fast. This is
 an *inference from those rows* (no source says why; candidates: DeepSpeed's per-parameter gathers,
 NCCL 2.8's rings on 1536 ranks); it changes nothing for the PTD-P rows, whose data-parallel groups
-hold one rank per node. ``fsdp``: eager PyTorch with FSDP (llm-foundry, torchtitan without
+hold one rank per node. ``megatron-2019``: Megatron-LM as of its 2019 paper (NVIDIA/Megatron-LM
+@ ebbe40cd, 2019-10): apex ``FusedLayerNorm`` and ``FusedAdam`` and a fused QKV GEMM, but GELU as a
+Python expression and an explicit softmax (no fused bias-GELU or scaled-masked-softmax kernels yet),
+and ``--DDP-impl local`` by default, whose gradient all-reduce runs after the backward (its hooks
+are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, torchtitan without
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
@@ -135,9 +161,12 @@ def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = 
     if k is not None and k is not ref:
         changes.update(
             gemm_max_efficiency=base.gemm_max_efficiency * k.gemm_isolated / ref.gemm_isolated,
-            hbm_efficiency=k.hbm_efficiency,
-            fused_attention_efficiency=k.fused_attention_efficiency,
-            intra_node_efficiency=k.intra_node_efficiency,
             gemm_wave_elements=k.gemm_wave_elements,
         )
+        measured = {
+            "hbm_efficiency": k.hbm_efficiency,
+            "fused_attention_efficiency": k.fused_attention_efficiency,
+            "intra_node_efficiency": k.intra_node_efficiency,
+        }
+        changes.update({name: value for name, value in measured.items() if value is not None})
     return base.with_(**changes) if changes else base

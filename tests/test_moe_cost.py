@@ -226,3 +226,28 @@ def test_inference_plans_consider_ep(big):
     chosen = autoplan(big, cluster, global_batch=16, mode="inference", progress=False, time_limit_s=30)
     assert chosen.mode == "inference"
     assert {r["ep"] for r in chosen.search["expert_parallel"]["options"]} >= {1, 2}
+
+
+def test_mixtral_8x22b_preset_sizes_and_megatron_flops():
+    """The preset behind the Megatron-MoE-ModelZoo rows (benchmarks/data/moe_published.json):
+    141B parameters, 39B active (Mistral AI's Mixtral 8x22B announcement, as quoted by the NeMo
+    Mixtral docs), and autopar's model FLOPs per step equal Megatron-LM's
+    ``num_floating_point_operations`` (training.py; non-causal attention term s/h, SwiGLU 3/2,
+    top-k, logits V/(2 l h)), which the published TFLOP/s figures are computed with."""
+    from autopar.models import PRESETS, GPTConfig, count_params
+
+    cfg = PRESETS["mixtral-8x22b"].config
+    total = count_params(GPTConfig(**cfg))
+    idle_experts = cfg["layers"] * (cfg["experts"] - cfg["top_k"]) * 3 * cfg["hidden"] * cfg["ffn"]
+    assert total / 1e9 == pytest.approx(141, rel=0.005)
+    assert (total - idle_experts) / 1e9 == pytest.approx(39, rel=0.01)
+
+    graph = load_model("mixtral-8x22b:layers=4,seq=4096").trace(1)
+    plan = Plan.manual(dp=8, ep=8, global_batch=8, micro_batch_size=1, zero_stage=0)
+    cost = estimate(graph, Cluster.parse("dgx-h100:8"), plan, dtype="bf16")
+    layers, h, f, s, v, batch = 4, cfg["hidden"], cfg["ffn"], 4096, cfg["vocab"], 8
+    megatron = (
+        12 * batch * s * layers * h * h
+        * (1 + f / h * cfg["top_k"] * 1.5 + cfg["kv_heads"] / cfg["heads"] + s / h + v / (2 * layers * h))
+    )  # fmt: skip
+    assert cost.model_flops_per_step == pytest.approx(megatron, rel=0.002)

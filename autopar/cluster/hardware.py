@@ -172,6 +172,17 @@ V100_32G = DeviceSpec(
     900e9,
     "NVIDIA Tesla V100 datasheet (SXM2): FP32 15.7 TFLOPS, tensor FP16 125 TFLOPS, 32 GB HBM2, 900 GB/s",
 )
+V100_SXM3_32G = DeviceSpec(
+    "v100-sxm3-32g",
+    {"fp32": 15.7e12 * 130 / 125, "fp16": 130e12},
+    32e9,
+    900e9,
+    "V100 SXM3 32GB as in the NVIDIA DGX-2H (450 W, higher clocks than SXM2): tensor FP16 130 TFLOPS "
+    "(Shoeybi et al. 2019, arXiv 1909.08053, sec. 5.1: 39 TFLOPS 'is 30% of the theoretical peak FLOPS "
+    "for a single GPU in a DGX-2H server' -> 130, derived); "
+    "FP32 the SXM2 datasheet's 15.7 scaled by the same clock ratio (derived); 32 GB HBM2, 900 GB/s "
+    "(V100 datasheet)",
+)
 A100_40G = DeviceSpec(
     "a100-40g",
     _A100_PEAKS,
@@ -241,7 +252,7 @@ def cpu_spec(cores: float = 1.0) -> DeviceSpec:
 
 
 DEVICES: dict[str, DeviceSpec] = {
-    d.name: d for d in (A100_40G, A100_80G, H100_SXM, H200, V100_16G, V100_32G, cpu_spec(1.0))
+    d.name: d for d in (A100_40G, A100_80G, H100_SXM, H200, V100_16G, V100_32G, V100_SXM3_32G, cpu_spec(1.0))
 }
 """Known device kinds by name. ``cpu`` is one core of this machine."""
 
@@ -283,6 +294,20 @@ NVLINK2_V100 = Link(
     NVLINK_HOP_LATENCY_S,
     "NVLink 2 hybrid cube-mesh: 6 links x 25 GB/s = 150 GB/s per V100 per direction (V100 datasheet "
     f"'300 GB/s' is bidirectional; not all pairs are direct); latency: {NCCL_TUNING_SOURCE}",
+)
+NVSWITCH_V100 = Link(
+    150e9,
+    NVLINK_HOP_LATENCY_S,
+    "NVLink 2 via NVSwitch (DGX-2/DGX-2H): 6 links x 25 GB/s = 150 GB/s per V100 per direction to any "
+    "other GPU of the node (Shoeybi et al. 2019 sec. 5: '300 GB/sec bandwidth between GPUs inside a "
+    f"server via NVSwitch', bidirectional); latency: {NCCL_TUNING_SOURCE}",
+)
+IB_EDR_DGX2 = Link(
+    100e9 / 16,
+    NET_HOP_LATENCY_S,
+    "DGX-2H: 8 InfiniBand EDR 100 Gb/s adapters per 16-GPU node = 100 GB/s per node (Shoeybi et al. "
+    "2019 sec. 5: '100 GB/sec of interconnect bandwidth between servers using 8 InfiniBand adapters "
+    f"per server') = 6.25 GB/s per GPU per direction; latency: {NCCL_TUNING_SOURCE}",
 )
 IB_HDR_PER_GPU = Link(
     25e9,
@@ -366,6 +391,14 @@ PRESETS: dict[str, Preset] = {
             intra_node=NVLINK2_V100,
             inter_node=AWS_P3_NET_PER_GPU,
             description="AWS p3.16xlarge: 8x V100 SXM2 16GB, NVLink hybrid cube-mesh, 25 Gb/s network",
+        ),
+        Preset(
+            name="dgx-2h",
+            device=V100_SXM3_32G,
+            devices_per_node=16,
+            intra_node=NVSWITCH_V100,
+            inter_node=IB_EDR_DGX2,
+            description="NVIDIA DGX-2H: 16x V100 SXM3 32GB, NVSwitch, 8x EDR 100 Gb/s IB (Megatron-LM 2019)",
         ),
     )
 }

@@ -91,6 +91,15 @@ _add(
     hidden=4096, layers=32, heads=32, kv_heads=8, vocab=32000, seq=4096, ffn=14336,
     experts=8, top_k=2, **_MOE_STYLE,
 )  # fmt: skip
+# Mixtral 8x22B: Mistral AI, Hugging Face mistralai/Mixtral-8x22B-v0.1 config.json (hidden_size 6144,
+# 56 layers, 48 heads, 8 kv heads, intermediate_size 16384, vocab 32768, 8 experts, top-2); the same
+# shape as Megatron-MoE-ModelZoo's model_configs/benchmarking/Mixtral-8x22B.yaml. Traced at 4096.
+_MIXTRAL_8X22B = "Hugging Face mistralai/Mixtral-8x22B-v0.1 config.json (Mistral AI 2024)"
+_add(
+    "mixtral-8x22b", "Mixtral 8x22B (141B parameters, 39B active)", _MIXTRAL_8X22B,
+    hidden=6144, layers=56, heads=48, kv_heads=8, vocab=32768, seq=4096, ffn=16384,
+    experts=8, top_k=2, **_MOE_STYLE,
+)  # fmt: skip
 # Qwen1.5-MoE-A2.7B, Hugging Face Qwen/Qwen1.5-MoE-A2.7B config.json: hidden_size 2048, 24 layers,
 # 16 heads (16 kv), vocab 151936, 60 experts of moe_intermediate_size 1408, 4 per token, and a
 # shared expert of 5632 = 4 x 1408 (4 shared experts here). The built-in layer renormalises the top-k

@@ -38,7 +38,7 @@ def _layout(ranks: int, slowdown: float = 2.0) -> LayoutCalibration:
     return LayoutCalibration(
         ranks=ranks, threads=1, machine="test", slowdown=slowdown, latency_s=1e-4,
         bandwidth_bytes_per_s=1e9, optimizer_s_per_element=1e-8, optimizer_s_per_tensor=1e-5,
-        step_overhead_s=3e-4,
+        step_overhead_s=3e-4, fsdp_unit_s=(2e-3, 5e-3),
     )  # fmt: skip
 
 
@@ -76,6 +76,18 @@ def test_profiled_optimizer_and_step_overhead_are_the_measured_ones():
     assert cost.breakdown_s["optimizer"] == pytest.approx(expected, rel=1e-6)
     assert cost.breakdown_s["step_overhead"] == pytest.approx(3e-4)
     assert cost.step_time_s == pytest.approx(sum(cost.breakdown_s.values()), rel=1e-9)
+
+
+def test_fsdp_costs_its_measured_overhead_per_unit_and_micro_batch():
+    """ZeRO-2/3 run FSDP2: each wrapped unit (the 2 blocks and the stage) costs the layout's
+    measured per-unit time per micro-batch on top of the step overhead; ZeRO-0/1 do not."""
+    graph = _graph()
+    cluster = _profiled(graph, 2, 0.5)
+    for zero, per_unit in ((0, 0.0), (1, 0.0), (2, 2e-3), (3, 5e-3)):
+        for mbs, m in ((B // 2, 1), (1, B // 2)):
+            plan = Plan.manual(dp=2, global_batch=B, micro_batch_size=mbs, zero_stage=zero)
+            cost = estimate(graph, cluster, plan)
+            assert cost.breakdown_s["step_overhead"] == pytest.approx(3e-4 + per_unit * 3 * m), (zero, mbs)
 
 
 def test_a_profile_applies_only_to_its_own_layout():

@@ -221,7 +221,7 @@ def workload(
         dtype=key,
         seq=_seq_len(graph),
         calib=calib if local is not None else None,
-        fixed_step_s=local.layout.step_overhead_s if local is not None else 0.0,
+        fixed_step_s=local.fixed_step_s(plan, _fsdp_units(stages)) if local is not None else 0.0,
         experts=experts,
     )
 
@@ -252,6 +252,12 @@ def estimate(
     calib = calib or DEFAULT
     w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache, op_times=op_times)
     return predicted_cost(w, plan, cluster, calib)
+
+
+def _fsdp_units(stages: list) -> int:
+    """Modules FSDP2 wraps on the busiest rank under ZeRO-2/3 (runtime/engines.py): each repeated
+    block and the stage itself."""
+    return max(sum(c for b, c in s.blocks if b.recomputable) for s in stages) + 1
 
 
 def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration) -> PredictedCost:

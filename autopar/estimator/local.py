@@ -54,7 +54,7 @@ from cost_models import Calibration
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 5
 _AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20)
 _BIG_ELEMS = 1 << 21
 _SMALL = (64, 1024)  # 64 tensors of 1024 elements
@@ -93,6 +93,11 @@ class LayoutCalibration:
     """A scalar all-reduce (the runtime's global loss) and its synchronisation, once per step."""
     optimizer_s_per_sharded_tensor: float = 0.0
     """AdamW step per DTensor-sharded parameter (ZeRO-2/3 run FSDP2, whose parameters are DTensors)."""
+    fsdp_unit_s: tuple[float, float] = (0.0, 0.0)
+    """FSDP2's own cost per wrapped unit and micro-batch (forward and backward hooks, the unit's
+    all-gathers and reduce-scatter issued and waited for on the compute thread, DTensor
+    bookkeeping), for ZeRO-2 and ZeRO-3: a model of ``_FSDP_UNITS`` small blocks stepped with and
+    without ``fully_shard`` (the collectives' bytes are charged by the link model on top)."""
     measured_at: str = ""
     source: dict = field(default_factory=dict)
     """The raw measurements (sizes and times) the numbers were fitted on."""
@@ -104,7 +109,9 @@ class LayoutCalibration:
     def from_json(cls, d: dict) -> LayoutCalibration:
         if d.get("version") != LAYOUT_VERSION:
             raise AutoparError(f"layout calibration version {d.get('version')!r}; expected {LAYOUT_VERSION}")
-        return cls(**{k: v for k, v in d.items() if k != "version"})
+        fields = {k: v for k, v in d.items() if k != "version"}
+        fields["fsdp_unit_s"] = tuple(fields.get("fsdp_unit_s", (0.0, 0.0)))
+        return cls(**fields)
 
 
 def machine_key() -> str:
@@ -185,18 +192,27 @@ def _measure_layout(rank: int, ranks: int) -> dict:
     out["kernel_alone_s"] = statistics.median(alones)
     out["kernel_together_s"] = statistics.median(togethers)
     out["slowdown_rounds"] = ratios
-    # all_reduce at several sizes (the slowest rank's fastest of 10)
+
+    # all_reduce at several sizes, issued as the runtime issues them: right after a compute kernel,
+    # so a call includes the ranks' arrival skew (the first to arrive waits for the last). What a
+    # collective adds to the step is its transfer plus the expected skew: the mean over ranks of
+    # each rank's median time (back-to-back calls would leave the skew out)
+    def mean_over_ranks(t: float) -> float:
+        v = torch.tensor([t], dtype=torch.float64)
+        dist.all_reduce(v)
+        return float(v) / ranks
+
     out["all_reduce"] = {}
     for size in _AR_SIZES:
         x = torch.ones(size // 4)
         samples = []
         for i in range(12):
-            dist.barrier()
+            kernel()
             t0 = time.perf_counter()
             dist.all_reduce(x)
             if i >= 2:
                 samples.append(time.perf_counter() - t0)
-        out["all_reduce"][size] = slowest(min(samples))  # least contended, as for the compute
+        out["all_reduce"][size] = mean_over_ranks(statistics.median(samples))
     # the step's scalar loss all-reduce
     s = torch.zeros(1)
     out["scalar_all_reduce_s"] = slowest(_median_time(lambda: dist.all_reduce(s), 20))
@@ -228,7 +244,37 @@ def _measure_layout(rank: int, ranks: int) -> dict:
         opt = torch.optim.AdamW(sharded, lr=1e-4)
         dist.barrier()
         out["adamw_dtensor_s_per_tensor"] = slowest(_median_time(opt.step, 5)) / len(sharded)
+        plain = _fsdp_probe(None, mesh, slowest)
+        for stage in (2, 3):
+            per = (_fsdp_probe(stage, mesh, slowest) - plain) / (_FSDP_UNITS + 1)
+            out[f"fsdp{stage}_unit_s"] = max(per, 0.0)
     return out
+
+
+_FSDP_UNITS = 8
+
+
+def _fsdp_probe(zero_stage: int | None, mesh: Any, slowest: Callable[[float], float]) -> float:
+    """Forward + backward of ``_FSDP_UNITS`` blocks of 6 small Linears (12 tensors, like a
+    transformer layer's), each block and the root under ``fully_shard`` (None: plain)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(6)]) for _ in range(_FSDP_UNITS)]
+    model = torch.nn.Sequential(*blocks)
+    if zero_stage is not None:
+        for b in blocks:
+            fully_shard(b, mesh=mesh, reshard_after_forward=zero_stage == 3)
+        fully_shard(model, mesh=mesh, reshard_after_forward=zero_stage == 3)
+    x = torch.randn(8, 32)
+
+    def step() -> None:
+        model(x).sum().backward()
+
+    dist.barrier()
+    samples = [_median_time(step, 5) for _ in range(3)]
+    return slowest(min(samples))
 
 
 def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
@@ -262,6 +308,7 @@ def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
         optimizer_s_per_tensor=per_tensor,
         step_overhead_s=raw["scalar_all_reduce_s"],
         optimizer_s_per_sharded_tensor=raw.get("adamw_dtensor_s_per_tensor", per_tensor),
+        fsdp_unit_s=(raw.get("fsdp2_unit_s", 0.0), raw.get("fsdp3_unit_s", 0.0)),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         source={k: v for k, v in raw.items()},
     )
@@ -432,6 +479,16 @@ class LocalProfile:
                 f"the profile was measured at batch {self.graph_batch}, the graph has batch {graph_batch}"
             )
         return {n: tuple(k * v for v in t) for n, t in self.op_times.items()}  # type: ignore[misc]
+
+    def fixed_step_s(self, plan: Any, units: int) -> float:
+        """The runtime's fixed costs per step on this machine: the loss all-reduce, and under
+        ZeRO-2/3 (FSDP2, dp > 1) FSDP's own cost per wrapped unit (``units`` on the busiest rank)
+        and micro-batch (each micro-batch's forward gathers every unit again)."""
+        lay = self.layout
+        out = lay.step_overhead_s
+        if plan.zero_stage >= 2 and plan.dp > 1:
+            out += lay.fsdp_unit_s[plan.zero_stage - 2] * units * plan.num_micro_batches
+        return out
 
     def calibration(self, calib: Calibration) -> Calibration:
         """Cost-model constants for this machine: gloo's measured link is used as is (no NCCL

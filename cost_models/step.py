@@ -330,12 +330,13 @@ def optimizer_step_s(
         return 0.0
     dp = step.groups.get("dp")
     shard = dp.size if (dp is not None and step.zero_stage >= 1) else 1
-    if isinstance(device, DeviceRates):
-        params = max(s.param_count for s in step.stages) / shard
-        return params * calib.optimizer_bytes_per_param / (device.hbm_bytes_per_s * calib.hbm_efficiency)
+    # ZeRO-1 (autopar's ShardedOptimizer) packs this rank's rows into one buffer for the all-gather
+    # and copies the gathered parameters back: 5/dp + 2 passes over the parameter bytes
+    copies = (5 / shard + 2) * step.param_bytes if step.zero_stage == 1 and shard > 1 else 0.0
+    per_param = calib.optimizer_bytes_per_param / shard + copies
     rates = stage_rates(step, device)
     return max(
-        s.param_count / shard * calib.optimizer_bytes_per_param / (r.hbm_bytes_per_s * calib.hbm_efficiency)
+        s.param_count * per_param / (r.hbm_bytes_per_s * calib.hbm_efficiency)
         for s, r in zip(step.stages, rates)
     )
 

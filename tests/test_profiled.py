@@ -5,6 +5,7 @@ next to the run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,3 +172,20 @@ def test_cli_plan_profile_uses_the_measured_layout_and_refuses_other_clusters():
     assert "profiled on this machine (2 ranks" in ok.stdout
     bad = _cli("plan", model, "--cluster", "dgx-a100-80g", "--global-batch", "8", "--profile")
     assert bad.returncode == 2 and "--profile measures this machine" in bad.stderr
+
+
+def test_oversubscribed_slowdown_follows_how_many_ranks_compute_at_once():
+    """4 ranks on 2 cores: a plan whose ranks never wait sees the busy slowdown; a pipeline rank
+    idles in the bubble, so fewer ranks share the cores (A = N m / (m + p - 1)); with no more ranks
+    than cores the measured slowdown stands."""
+    lay = dataclasses.replace(_layout(4, slowdown=1.3), slowdown_busy=2.4, cores=2)
+    prof = LocalProfile(layout=lay, op_times={}, graph_batch=B)
+    assert prof.slowdown_for(Plan.manual(dp=4, global_batch=16)) == pytest.approx(2.4)
+    pp4 = Plan.manual(pp=4, global_batch=16, micro_batch_size=2)  # m = 8
+    assert prof.slowdown_for(pp4) == pytest.approx(1.2 * 4 * (8 / 11) / 2)
+    deep = Plan.manual(pp=4, global_batch=16, micro_batch_size=16)  # m = 1: one rank busy at a time
+    assert prof.slowdown_for(deep) == pytest.approx(1.2)
+    two = LocalProfile(
+        layout=dataclasses.replace(_layout(2, 1.3), slowdown_busy=2.0, cores=2), op_times={}, graph_batch=B
+    )
+    assert two.slowdown_for(Plan.manual(dp=2, global_batch=16)) == pytest.approx(1.3)

@@ -142,7 +142,7 @@ def workload(
     calib = calib or DEFAULT
     local = profiled_for(graph, cluster) if op_times is None else None
     if local is not None:  # profiled mode (autopar.estimator.local): measured numbers of this machine
-        op_times = local.times_for(graph.batch_size)
+        op_times = local.times_for(graph.batch_size, local.slowdown_for(plan))
         calib = local.calibration(calib)
     if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
         calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)

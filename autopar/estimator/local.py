@@ -54,7 +54,7 @@ from cost_models import Calibration
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 _AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20)
 _BIG_ELEMS = 1 << 21
 _SMALL = (64, 1024)  # 64 tensors of 1024 elements
@@ -93,6 +93,12 @@ class LayoutCalibration:
     """A scalar all-reduce (the runtime's global loss) and its synchronisation, once per step."""
     optimizer_s_per_sharded_tensor: float = 0.0
     """AdamW step per DTensor-sharded parameter (ZeRO-2/3 run FSDP2, whose parameters are DTensors)."""
+    slowdown_busy: float = 0.0
+    """Like ``slowdown``, but every rank computing without pause (its wall time over a loop of
+    kernels, not each kernel's median): what ranks that never wait see when there are more of them
+    than cores. 0: not measured (use ``slowdown``)."""
+    cores: int = 0
+    """CPU cores of the machine (0: unknown)."""
     fsdp_unit_s: tuple[float, float] = (0.0, 0.0)
     """FSDP2's own cost per wrapped unit and micro-batch (forward and backward hooks, the unit's
     all-gathers and reduce-scatter issued and waited for on the compute thread, DTensor
@@ -192,6 +198,15 @@ def _measure_layout(rank: int, ranks: int) -> dict:
     out["kernel_alone_s"] = statistics.median(alones)
     out["kernel_together_s"] = statistics.median(togethers)
     out["slowdown_rounds"] = ratios
+    # all ranks busy without pause: a loop's wall time per kernel (time slices included)
+    busy = []
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(9):
+            kernel()
+        busy.append(slowest((time.perf_counter() - t0) / 9) / max(out["kernel_alone_s"], 1e-9))
+    out["slowdown_busy_rounds"] = busy
 
     # all_reduce at several sizes, issued as the runtime issues them: right after a compute kernel,
     # so a call includes the ranks' arrival skew (the first to arrive waits for the last). What a
@@ -309,6 +324,8 @@ def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
         step_overhead_s=raw["scalar_all_reduce_s"],
         optimizer_s_per_sharded_tensor=raw.get("adamw_dtensor_s_per_tensor", per_tensor),
         fsdp_unit_s=(raw.get("fsdp2_unit_s", 0.0), raw.get("fsdp3_unit_s", 0.0)),
+        slowdown_busy=max(min(raw.get("slowdown_busy_rounds") or [0.0]), 0.0),
+        cores=os.cpu_count() or 0,
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         source={k: v for k, v in raw.items()},
     )
@@ -471,9 +488,27 @@ class LocalProfile:
             "profile_batch": self.graph_batch,
         }
 
-    def times_for(self, graph_batch: int) -> dict[str, tuple[float, float, float, float]]:
-        """The op times with the layout's slowdown applied (the estimator's ``op_times``)."""
-        k = self.layout.slowdown
+    def slowdown_for(self, plan: Any) -> float:
+        """The compute slowdown ``plan`` sees. With no more ranks than cores it is the measured
+        ``slowdown``. With more (N ranks on C cores) it depends on how many ranks compute at once:
+        A = N * u, where u is the share of the step a rank computes (1 without a pipeline; a
+        pipeline rank idles in the bubble: u = m / (m + (p-1)/v)); the busy measurement gives the
+        memory contention per core (``slowdown_busy / (N/C)``), times the time-slicing A/C."""
+        lay = self.layout
+        cores = lay.cores or os.cpu_count() or 1
+        if not lay.slowdown_busy or lay.ranks <= cores:
+            return lay.slowdown
+        m, p, v = plan.num_micro_batches, plan.pp, plan.virtual_stages
+        busy = 1.0 if p == 1 else m / (m + (p - 1) / v)
+        per_core = max(lay.slowdown_busy / (lay.ranks / cores), 1.0)
+        return per_core * max(lay.ranks * busy / cores, 1.0)
+
+    def times_for(
+        self, graph_batch: int, slowdown: float | None = None
+    ) -> dict[str, tuple[float, float, float, float]]:
+        """The op times with the slowdown applied (the layout's, or ``slowdown``: the estimator's
+        ``op_times``)."""
+        k = self.layout.slowdown if slowdown is None else slowdown
         if graph_batch != self.graph_batch:
             raise AutoparError(
                 f"the profile was measured at batch {self.graph_batch}, the graph has batch {graph_batch}"

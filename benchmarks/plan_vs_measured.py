@@ -142,6 +142,10 @@ def measure_one(keys: dict, args: dict, tokens: torch.Tensor, targets: torch.Ten
 
 def measure(n: int, args: dict) -> list[dict]:
     plans = plan_keys(n, args)
+    graph, cluster, _ = profiled(n, args, args["refresh"])
+    choice = keys_of(autopar.plan(graph, cluster, global_batch=args["batch"], progress=False))
+    if choice not in plans:  # the planner's choice is measured too when it lies outside the grid
+        plans.append(choice)
     print(f"measuring {len(plans)} plans on {n} ranks ...", file=sys.stderr, flush=True)
     return run_local(measure_all, n, args=(plans, args), timeout_s=600)[0]
 
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = {n: measure(n, a) for n in a["ranks"]}
     results, missed = {}, []
     for n, rows in measured.items():
-        results[n] = evaluate(n, rows, a, a["refresh"] and not a["load"])
+        # measure() has calibrated the layout already; with --load, --refresh measures it again
+        results[n] = evaluate(n, rows, a, bool(a["refresh"] and a["load"]))
         missed += show(n, results[n])
     if a["save"]:
         with open(a["save"], "w") as f:

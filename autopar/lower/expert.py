@@ -134,6 +134,17 @@ def _slice(t: torch.Tensor, dim: int | None, shards: int, index: int) -> torch.T
     return t.chunk(shards, dim=dim)[index]
 
 
+def local_experts(experts: int, ep: EPContext, where: str) -> tuple[int, int]:
+    """(experts this ep rank holds, the first one's index): a contiguous ``experts / ep`` block."""
+    if experts % ep.world_size:
+        raise PlanError(
+            f"ep={ep.world_size} does not divide the {experts} experts of {where}; choose an ep that "
+            "divides the expert count"
+        )
+    count = experts // ep.world_size
+    return count, ep.rank * count
+
+
 class ExpertParallelMoE(nn.Module):
     """One rank's part of a MoE layer under ``ep`` x ``tp``: the router and this rank's slices of
     the experts; forward as :class:`autopar.models.moe.MoE` with the all-to-all dispatch/combine
@@ -145,18 +156,12 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         cfg = moe.config
         self.config, self.ep, self.tp = cfg, ep, tp
-        if cfg.experts % ep.world_size:
-            raise PlanError(
-                f"ep={ep.world_size} does not divide the {cfg.experts} experts of a MoE layer; choose an "
-                "ep that divides the expert count"
-            )
         if cfg.ffn % tp.world_size:
             raise PlanError(
                 f"tp={tp.world_size} does not divide the expert width ffn={cfg.ffn}; choose a tp that "
                 "divides it"
             )
-        self.local_experts = cfg.experts // ep.world_size
-        self.first_expert = ep.rank * self.local_experts
+        self.local_experts, self.first_expert = local_experts(cfg.experts, ep, "a MoE layer")
         self.router = moe.router
         self.shards: dict[str, ExpertShard] = {}
         for name, p in moe.named_parameters():
@@ -269,13 +274,7 @@ class HFExpertParallelMoE(ExpertParallelMoE):
         nn.Module.__init__(self)
         spec = region.config
         self.config, self.ep, self.tp = spec, ep, TPContext(None, 0, 1)
-        if spec.experts % ep.world_size:
-            raise PlanError(
-                f"ep={ep.world_size} does not divide the {spec.experts} experts of {spec.block}; choose an "
-                "ep that divides the expert count"
-            )
-        self.local_experts = spec.experts // ep.world_size
-        self.first_expert = ep.rank * self.local_experts
+        self.local_experts, self.first_expert = local_experts(spec.experts, ep, spec.block)
         self.gate = region.gate
         if spec.shared_ffn:
             self.shared_expert, self.shared_expert_gate = region.shared_expert, region.shared_expert_gate

@@ -34,7 +34,7 @@ from autopar.cluster import Cluster
 from autopar.core.errors import CheckpointError, InputError, NonFiniteError, PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
-from autopar.lower import TPContext, rng
+from autopar.lower import TPContext, moe_aux, rng
 from autopar.lower import batchnorm as batchnorm_module
 from autopar.lower.passes import SAMPLE_IDS, replace_dropout
 from autopar.lower.program import RankProgram, build_program
@@ -351,6 +351,7 @@ class ParallelModule:
         self._has_sample_ids = replace_dropout(self._gm, train=self._train, seed=seed)
         self.batchnorm = batchnorm
         batchnorm_module.check_plan(self._gm, plan, batchnorm)
+        moe_aux.check_plan(self._gm, plan)
         self._key_to_traced = self._map_state_keys()
         self._optimizer_fn = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self._step = 0
@@ -429,10 +430,12 @@ class ParallelModule:
             )
 
     def _sync_batch_norm(self, prog: RankProgram, dp_group: dist.ProcessGroup | None) -> None:
-        """Train-mode BatchNorm over the dp group (``batchnorm="sync"``), see lower/batchnorm.py."""
+        """Batch statistics over the dp group: train-mode BatchNorm (``batchnorm="sync"``, see
+        lower/batchnorm.py) and HuggingFace MoE's load-balancing loss (lower/moe_aux.py)."""
         size = self.plan.dp if self.batchnorm == "sync" else 1
         stats = batchnorm_module.DPStats(dp_group, size)
         batchnorm_module.apply(prog.stages, stats, always=self._train and self.plan.recompute != "none")
+        moe_aux.apply(prog.stages, batchnorm_module.DPStats(dp_group, self.plan.dp))  # HF MoE aux loss
 
     def _wrap(self, stage: nn.Module, prog: RankProgram) -> nn.Module:
         """Recompute, then the dp engine of the ZeRO stage (training only; see runtime/engines.py)."""

@@ -249,7 +249,7 @@ def test_rank_code_and_all_to_all_count_match_the_runtime():
 
 
 def test_huggingface_moe_blocks_are_reported_not_silently_split():
-    """HuggingFace Mixtral blocks that cannot be kept as one region (here output_router_logits=True,
+    """HuggingFace Mixtral blocks that cannot be kept as one region (here router jitter in training,
     see autopar/tracing/hf_moe.py; supported blocks: tests/test_moe_hf.py) trace (torch.export) as
     their ops: the graph says so, and a plan with ep > 1 is refused instead of running the experts
     replicated."""
@@ -261,7 +261,7 @@ def test_huggingface_moe_blocks_are_reported_not_silently_split():
     cfg = transformers.MixtralConfig(
         hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64, max_position_embeddings=16, num_local_experts=4, num_experts_per_tok=2,
-        bos_token_id=0, eos_token_id=0, output_router_logits=True,
+        bos_token_id=0, eos_token_id=0, router_jitter_noise=0.1,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     tokens = torch.randint(0, 64, (2, 8))

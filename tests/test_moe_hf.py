@@ -25,6 +25,7 @@ from autopar.testing.equivalence import (  # noqa: E402
     build_hf_moe,
     check_jobs,
     hf_moe_case,
+    lm_aux_loss,
     lm_loss,
     reference_output,
     run_inference_jobs,
@@ -109,20 +110,47 @@ def test_tp_reports_the_block_whole_on_every_tp_rank():
 
 
 def test_unsupported_blocks_are_named_and_ep_refused():
-    """output_router_logits=True (HF's batch-global aux loss) keeps the block inlined; the note names
-    it and why, and ep > 1 is refused."""
+    """A training Mixtral block with router jitter (random input noise) stays inlined ops; the note
+    names it and why, and ep > 1 is refused."""
     model = build_hf_moe("mixtral", 0)
-    model.config.output_router_logits = True
+    for layer in model.model.layers:
+        layer.mlp.jitter_noise = 0.1
     tokens = _tokens()
     graph = autopar.trace(model, (tokens, tokens.clone()), loss_fn=lm_loss)
     assert not any(n.op_kind == "moe" for n in graph.nodes)
-    assert any("output_router_logits" in note and "model.layers.0.mlp" in note for note in graph.notes)
+    assert any("router_jitter_noise" in note and "model.layers.0.mlp" in note for note in graph.notes)
     compiled = autopar.compile(
         model, 2, example_inputs=(tokens, tokens), loss_fn=lm_loss, plan=Plan.manual(dp=2, ep=2, global_batch=2),
         global_batch=2,
     )  # fmt: skip
     with pytest.raises(PlanError, match="no mixture-of-experts region"):
         compiled.rank_code(0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_balancing_loss_traces_as_one_batch_statistic(kind):
+    """output_router_logits=True: the blocks stay regions (returning their router logits), HF's
+    load-balancing loss becomes one op marked as a batch statistic, and the traced loss equals the
+    eager model's (cross entropy plus the weighted aux loss)."""
+    model = build_hf_moe(kind, 0, aux=True)
+    tokens = _tokens()
+    graph = autopar.trace(model, (tokens, tokens.clone()), loss_fn=lm_aux_loss)
+    assert [n.block for n in graph.nodes if n.op_kind == "moe"] == [0, 1]
+    balance = [n for n in graph.nodes if "hf_balance_loss" in n.name]
+    assert len(balance) == 1 and balance[0].meta.get("batch_statistics")
+    expected = lm_aux_loss(model(tokens), tokens)
+    assert expected.item() > lm_loss(model(tokens), tokens).item()  # the aux term is in the loss
+    torch.testing.assert_close(graph.gm(tokens, tokens), expected)
+
+
+def test_load_balancing_loss_refuses_micro_batches():
+    """No micro-batch sees the whole batch: more than one per replica is refused, with the fix."""
+    case = hf_moe_case("mixtral", aux=True)
+    with pytest.raises(PlanError, match=r"load-balancing loss.*micro_batch_size=4"):
+        autopar.compile(
+            case.build(), 2, example_inputs=case.make_batches(1)[0], loss_fn=case.loss_fn,
+            plan=P(dp=2, ep=2), global_batch=B,
+        )  # fmt: skip
 
 
 def test_rank_code_shows_the_hf_exchanges():
@@ -140,16 +168,23 @@ def test_rank_code_shows_the_hf_exchanges():
 # ------------------------------------------------------------------------------ expert parallelism
 @pytest.mark.multiproc
 def test_two_ranks_hf_moe_expert_parallel_matches_one_device():
+    """ep=2, with and without HF's load-balancing loss (its statistics summed over the replicas)."""
     jobs = [(hf_moe_case(kind), [P(dp=2, ep=2)]) for kind in KINDS]
+    jobs += [(hf_moe_case(kind, aux=True), [P(dp=2, ep=2, micro_batch_size=4)]) for kind in KINDS]
     check_jobs(run_ranks(run_jobs, 2, args=(jobs,)), jobs)
 
 
 @pytest.mark.multiproc
 def test_four_ranks_hf_moe_ep_composes_with_dp_tp_pp():
-    """ep=2 x dp=2 (experts reduced over edp), x tp=2 (the block whole on each tp rank), x pp=2."""
-    jobs = [
-        (hf_moe_case("mixtral"), [P(dp=4, ep=2), P(dp=2, pp=2, ep=2)]),
-        (hf_moe_case("qwen2_moe"), [P(dp=4, ep=2), P(dp=2, tp=2, ep=2)]),
+    """ep=2 x dp=2 (experts reduced over edp), x tp=2 (the block whole on each tp rank), x pp=2,
+    for both models with the load-balancing loss (one micro-batch per replica), and without it
+    under micro-batches."""
+    whole = dict(micro_batch_size=4)  # global batch 8 over dp=2: one micro-batch per replica
+    aux_plans = [P(dp=4, ep=2), P(dp=2, tp=2, ep=2, **whole), P(dp=2, pp=2, ep=2, **whole)]
+    jobs = [(hf_moe_case(kind, aux=True), aux_plans) for kind in KINDS]
+    jobs += [
+        (hf_moe_case("mixtral"), [P(dp=2, tp=2, ep=2), P(dp=2, pp=2, ep=2)]),
+        (hf_moe_case("qwen2_moe"), [P(dp=4, ep=2), P(dp=2, pp=2, ep=2)]),
     ]
     check_jobs(run_ranks(run_jobs, 4, args=(jobs,)), jobs)
 

@@ -55,8 +55,9 @@ CTX_ATTR = "autopar_dp"
 
 
 class DPStats:
-    """The group BatchNorm statistics are summed over: ``group`` (None for a dry lowering) of
-    ``world_size`` ranks (1: this rank's own statistics)."""
+    """The group batch statistics are summed over (BatchNorm; the MoE load-balancing loss,
+    lower/moe_aux.py): ``group`` (None for a dry lowering) of ``world_size`` ranks (1: this rank's
+    own statistics)."""
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int):
         self.group, self.world_size = group, world_size
@@ -64,7 +65,8 @@ class DPStats:
     def require_group(self) -> dist.ProcessGroup | None:
         if self.group is None and self.world_size > 1:
             raise RuntimeFailure(
-                "BatchNorm statistics need the data-parallel process group, but this program was "
+                "batch statistics (BatchNorm, the MoE load-balancing loss) need the data-parallel "
+                "process group, but this program was "
                 "built dry (for rank_code); build it again with the dp group to run it"
             )
         return self.group
@@ -300,11 +302,7 @@ def _rewrite(gm: torch.fx.GraphModule, dp: DPStats) -> int:
     found = [(n, a) for n in gm.graph.nodes if (a := _uses_batch_stats(n, gm)) is not None]
     if not found:
         return 0
-    setattr(gm, CTX_ATTR, dp)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # not a tensor or module: a handle, read as is
-        ctx = gm.graph.get_attr(CTX_ATTR)
+    ctx = attach_context(gm, CTX_ATTR, dp)
     for node, args in found:
         with gm.graph.inserting_before(node):
             call_args, kwargs = _call_module(gm, node, args) if "module" in args else _call_function(gm, args)
@@ -315,6 +313,15 @@ def _rewrite(gm: torch.fx.GraphModule, dp: DPStats) -> int:
     gm.graph.lint()
     gm.recompile()
     return len(found)
+
+
+def attach_context(gm: torch.fx.GraphModule, attr: str, dp: DPStats) -> torch.fx.Node:
+    """Set ``gm.<attr> = dp`` and return a ``get_attr`` node reading it (before the first op)."""
+    setattr(gm, attr, dp)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # not a tensor or module: a handle, read as is
+        return gm.graph.get_attr(attr)
 
 
 def _call_module(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict) -> tuple[tuple, dict]:

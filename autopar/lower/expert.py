@@ -268,7 +268,8 @@ class HFExpertParallelMoE(ExpertParallelMoE):
     Routing and the expert function are the block's (:mod:`autopar.tracing.hf_moe`), dispatch and
     combine :class:`ExpertParallelMoE`'s. With ``tp > 1`` the block runs whole on every tp rank
     (experts split over ep only: the concatenated ``gate_up_proj`` does not split along one dim).
-    Returns the block's output (no aux loss)."""
+    Returns the block's output, and its router logits over this rank's tokens when the model
+    outputs them (``output_router_logits``: read by the load-balancing loss, lower/moe_aux.py)."""
 
     def __init__(self, region: HFMoERegion, ep: EPContext):
         nn.Module.__init__(self)
@@ -286,10 +287,10 @@ class HFExpertParallelMoE(ExpertParallelMoE):
             self.experts.register_parameter(name, nn.Parameter(local, requires_grad=full.requires_grad))
             self.shards[f"experts.{name}"] = ExpertShard(0, ep.world_size, ep.rank, None, 1, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         spec = self.config
         flat = x.reshape(-1, spec.hidden)
-        weights, index = hf_moe.route(flat, self.gate.weight, spec)
+        weights, index, logits = hf_moe.route(flat, self.gate.weight, spec)
         slots = self.routed_experts(flat, index.reshape(1, -1), None)  # slot i*k+j: token i's j-th
         y = (slots.view(-1, spec.top_k, spec.hidden) * weights.unsqueeze(-1)).sum(1).to(flat.dtype)
         if spec.shared_ffn:
@@ -301,7 +302,7 @@ class HFExpertParallelMoE(ExpertParallelMoE):
                 self.shared_expert_gate.weight,
             ]
             y = y + hf_moe.shared_output(flat, shared, spec)
-        return y.view(x.shape)
+        return (y.view(x.shape), logits) if spec.router_logits else y.view(x.shape)
 
     def describe(self, name: str, ep_ranks: Sequence[int], tp_ranks: Sequence[int]) -> list[str]:
         lines = super().describe(name, ep_ranks, list(tp_ranks)[:1])  # whole on every tp rank

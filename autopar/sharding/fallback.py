@@ -36,13 +36,17 @@ from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import module_path, shape
 from autopar.sharding.rules import conv_channel_dim, replicate_reason
 from autopar.tracing import opkinds
-from autopar.tracing.hf_moe import HFMoERegion
+from autopar.tracing.hf_moe import HFMoERegion, hf_balance_loss
 
 Node = torch.fx.Node
 EXPERT_REASON = "expert grouped matmul: replicated, expert parallelism is not built"
 HF_MOE_REASON = (
     "HuggingFace MoE block: whole on every tp rank (its experts split over ep only; the concatenated "
     "gate_up_proj has no tensor-parallel split)"
+)
+BALANCE_REASON = (
+    "HuggingFace MoE load-balancing loss: whole on every tp rank (the router logits it reads are "
+    "whole there); its statistics are summed over dp (autopar/lower/moe_aux.py)"
 )
 _INDEXING = ("getitem", "select", "slice", "other", "reshape", "permute", "index_select", "gather")
 _GEMMS = ("linear", "matmul", "addmm")
@@ -206,6 +210,8 @@ def replicated_ops(
             if sg.tp > 1 and isinstance(region, HFMoERegion):  # split over ep only (lower/expert.py)
                 out[node.name] = entry(node, region.config.block, HF_MOE_REASON, _params_read(sg, node))
             continue  # its tp (and ep) split is the expert lowering's: autopar/lower/expert.py
+        elif node.op == "call_function" and node.target is hf_balance_loss._opoverload:
+            out[node.name] = entry(node, "hf_balance_loss", BALANCE_REASON, [])
         elif call.kind == "other" and (call.inputs or node.op == "call_module"):
             op = _op_name(sg, node)
             reason = f"no tensor-parallel sharding rule for {op}: run whole on every rank, inputs gathered"

@@ -193,16 +193,29 @@ def hf_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
     )
 
 
-def build_hf_moe(kind: str, seed: int) -> nn.Module:
+def lm_aux_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`lm_loss` plus ``AUX_COEF`` times the model's load-balancing loss (``out.aux_loss``,
+    HuggingFace MoE models with ``output_router_logits=True``)."""
+    return lm_loss(out, labels) + AUX_COEF * out.aux_loss
+
+
+AUX_COEF = 0.1
+"""Weight of the load-balancing loss in :func:`lm_aux_loss` (HuggingFace's default, 0.001, would
+leave its gradient below the tests' tolerance)."""
+
+
+def build_hf_moe(kind: str, seed: int, aux: bool = False) -> nn.Module:
     """HuggingFace ``MixtralForCausalLM`` (``kind="mixtral"``) or ``Qwen2MoeForCausalLM``
     (``"qwen2_moe"``: shared expert, ``norm_topk_prob=False``) from a small config: 2 layers, 4
-    experts, top-2, random init (the router re-drawn with std 0.5 so routing is far from ties)."""
+    experts, top-2, random init (the router re-drawn with std 0.5 so routing is far from ties).
+    ``aux``: ``output_router_logits=True`` (the model returns its load-balancing loss)."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
         max_position_embeddings=16, num_experts_per_tok=2, bos_token_id=0, eos_token_id=0,
+        output_router_logits=aux,
     )  # fmt: skip
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=8, num_local_experts=4, **common)
@@ -220,13 +233,14 @@ def build_hf_moe(kind: str, seed: int) -> nn.Module:
     return model
 
 
-def hf_moe_case(kind: str, batch: int = 8, seq: int = 8) -> Case:
-    """HuggingFace Mixtral or Qwen2-MoE (see :func:`build_hf_moe`) with the next-token loss."""
+def hf_moe_case(kind: str, batch: int = 8, seq: int = 8, aux: bool = False) -> Case:
+    """HuggingFace Mixtral or Qwen2-MoE (see :func:`build_hf_moe`) with the next-token loss, plus
+    its load-balancing loss when ``aux`` (:func:`lm_aux_loss`)."""
     return Case(
-        name=f"hf-{kind}",
-        build=functools.partial(build_hf_moe, kind, 0),
+        name=f"hf-{kind}{'-aux' if aux else ''}",
+        build=functools.partial(build_hf_moe, kind, 0, aux),
         make_batches=functools.partial(token_batches, 64, batch, seq),
-        loss_fn=lm_loss,
+        loss_fn=lm_aux_loss if aux else lm_loss,
         global_batch=batch,
     )
 

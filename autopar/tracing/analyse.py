@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from autopar.core.ir import BlockType, OpGraph, OpNode
-from autopar.tracing import opkinds
+from autopar.tracing import hf_moe, opkinds
 from autopar.tracing.blocks import node_module_path, strip_prefix
 from autopar.tracing.fx import fx_trace, is_user_file
 from autopar.tracing.wrap import MODEL_PREFIX
@@ -255,6 +255,8 @@ def uses_batch_statistics(node: torch.fx.Node, module: nn.Module | None) -> bool
     micro-batch per replica for such models; see autopar/lower/batchnorm.py)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.training or module.running_mean is None
+    if node.op == "call_function" and node.target is hf_moe.hf_balance_loss._opoverload:
+        return True  # HuggingFace's MoE load-balancing loss (autopar/lower/moe_aux.py)
     name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
     if name not in ("batch_norm", "batch_norm.default"):
         return False
@@ -304,6 +306,13 @@ def _notes(
             f"{', '.join(strip_prefix(p) for p in hf_moe['regions'][:4])}{' ...' if len(hf_moe['regions']) > 4 else ''}): "
             "traced through the custom op autopar::hf_moe_region, run by autopar.tracing.hf_moe.HFMoERegion "
             "(the block's routing and parameter names), split by expert parallelism when ep > 1"
+        )
+    if any(n.meta.get("base") == "hf_balance_loss" for n in nodes):
+        notes.append(
+            "HuggingFace's MoE load-balancing loss (output_router_logits=True) is one op, "
+            "autopar::hf_balance_loss: a statistic of the whole batch, summed over data-parallel "
+            "replicas so the loss equals one device's; plans keep one micro-batch per replica "
+            "(autopar/lower/moe_aux.py)"
         )
     inlined = sorted(
         {type(m).__name__ for m in (model.modules() if model is not None else ()) if opkinds.is_moe_region(m)}

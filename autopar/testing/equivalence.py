@@ -233,13 +233,25 @@ def build_hf_moe(kind: str, seed: int, aux: bool = False) -> nn.Module:
     return model
 
 
-def hf_moe_case(kind: str, batch: int = 8, seq: int = 8, aux: bool = False) -> Case:
+def padded_token_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 3) -> list[tuple]:
+    """``(tokens, attention_mask, targets)`` per step; every third sequence left-padded by 3."""
+    out = []
+    for tokens, targets in token_batches(vocab, batch, seq, steps, seed):
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[::3, :3] = 0
+        out.append((tokens, mask, targets))
+    return out
+
+
+def hf_moe_case(kind: str, batch: int = 8, seq: int = 8, aux: bool = False, padded: bool = False) -> Case:
     """HuggingFace Mixtral or Qwen2-MoE (see :func:`build_hf_moe`) with the next-token loss, plus
-    its load-balancing loss when ``aux`` (:func:`lm_aux_loss`)."""
+    its load-balancing loss when ``aux`` (:func:`lm_aux_loss`); ``padded``: the model also takes an
+    attention mask (:func:`padded_token_batches`), which the load-balancing loss weights by."""
+    batches = padded_token_batches if padded else token_batches
     return Case(
-        name=f"hf-{kind}{'-aux' if aux else ''}",
+        name=f"hf-{kind}{'-aux' if aux else ''}{'-padded' if padded else ''}",
         build=functools.partial(build_hf_moe, kind, 0, aux),
-        make_batches=functools.partial(token_batches, 64, batch, seq),
+        make_batches=functools.partial(batches, 64, batch, seq),
         loss_fn=lm_aux_loss if aux else lm_loss,
         global_batch=batch,
     )

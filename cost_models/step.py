@@ -16,9 +16,12 @@ interleaved 1F1B all have the same critical path, they differ in memory)::
 
     T_pipe = m * max_s t_s + (sum_s t_s - max_s t_s) / v      bubble = (p - 1) / (v m) for equal stages
 
-Data parallelism adds the exposed gradient reduction (all-reduce, or reduce-scatter + all-gather
-of the updated parameters under ZeRO-1/2) after the last backward; with DDP-style overlap the
-reduction hides behind the last micro-batch's backward except for the last bucket. The optimizer
+Data parallelism adds the exposed gradient reduction after the last backward: an all-reduce
+(ZeRO-0); the all-reduce and then an all-gather of the updated rows (ZeRO-1 as autopar's runtime
+runs it: DDP, then ``ShardedOptimizer``); a reduce-scatter and an all-gather of the updated
+parameters (ZeRO-2, FSDP2). With DDP-style overlap the reduction hides behind the last
+micro-batch's backward except for the last bucket; the all-gather after the optimizer step is
+exposed. The optimizer
 step is memory-bound: ``optimizer_bytes_per_param * params_per_device / (W * eff_hbm)``.
 
 Inference: forward only, the same pipeline formula with forward times (a filled and drained
@@ -311,6 +314,12 @@ def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibratio
         if step.zero_stage == 0:
             reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
             after_s = 0.0
+        elif step.zero_stage == 1:
+            # What autopar's ZeRO-1 runs: DDP's bucketed all-reduce of the gradients (overlapped with
+            # backward like ZeRO-0), then, after the sharded optimizer step, the all-gather of every
+            # rank's updated rows (autopar.runtime.engines.ShardedOptimizer), exposed.
+            reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
+            after_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)
         else:
             reduce_s = collective_time_s("reduce_scatter", grads, dp, calib=calib)
             after_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)

@@ -284,6 +284,27 @@ def test_data_parallel_sync_hides_behind_backward_except_the_last_bucket():
     assert no_overlap == pytest.approx(raw)
 
 
+def test_zero1_and_zero2_charge_the_collectives_their_engines_run():
+    """ZeRO-1 runs DDP (the all-reduce, overlapped like ZeRO-0) and then ShardedOptimizer's
+    all-gather of the updated rows; ZeRO-2 (FSDP2) a reduce-scatter and an all-gather."""
+    dp = GroupSpec(size=4, ranks_per_node=4, intra=NVLINK)
+    block = BlockWork(name="layer", param_count=1e8, saved_bytes={"none": 0})
+    stage = StageWork(blocks=((block, 10),))
+    off = DEFAULT.with_(dp_overlap=False)
+
+    def exposed(zero: int) -> float:
+        spec = StepSpec(stages=(stage,), num_micro_batches=1, groups={"dp": dp}, zero_stage=zero)
+        return step_time(spec, A100, off).breakdown_s["dp_comm_exposed"]
+
+    reduce = collective_time_s("all_reduce", 2e9, dp)
+    gather = collective_time_s("all_gather", 2e9, dp)
+    scatter = collective_time_s("reduce_scatter", 2e9, dp)
+    assert exposed(0) == pytest.approx(reduce)
+    assert exposed(1) == pytest.approx(reduce + gather)
+    assert exposed(2) == pytest.approx(scatter + gather)
+    assert exposed(1) > exposed(2)
+
+
 def test_zero3_gathers_parameters_three_times_with_full_recompute():
     dp = GroupSpec(size=64, ranks_per_node=1, intra=NVLINK, inter=IB)
     block = BlockWork(name="layer", param_count=1e9, saved_bytes={"none": 0, "full": 0})

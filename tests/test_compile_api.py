@@ -147,3 +147,44 @@ def test_rank_code_of_an_interleaved_pipeline_sends_at_every_virtual_stage_bound
         assert _count(code, r"dist\.send\(") == 3 * m
         assert _count(code, r"dist\.recv\(") == 3 * m
         assert f"class Stage{rank}:" in code and f"class Stage{rank + 2}:" in code
+
+
+def _compile_repeatedly(times: int) -> list:
+    """Rank function: compile plans of 4 ranks ``times`` times over and step once each; the gloo
+    threads (I/O loops and workers) this process holds after each compile."""
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    case = gpt_case()
+    batch = case.make_batches(1)[0]
+    plans = [
+        autopar.Plan.manual(dp=2, tp=2, global_batch=case.global_batch),
+        autopar.Plan.manual(dp=2, pp=2, global_batch=case.global_batch),
+    ]
+    counts, groups = [], []
+    for i in range(times):
+        compiled = autopar.compile(
+            case.build(), 4, example_inputs=batch, loss_fn=case.loss_fn, plan=plans[i % 2],
+            global_batch=case.global_batch,
+        )  # fmt: skip
+        compiled.step(batch)
+        groups.append(compiled._groups.group("dp"))
+        names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+        counts.append(sum(n.startswith(("gloo", "pt_gloo")) for n in names))
+    dist.barrier()
+    return counts, groups[0] is groups[-2]
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_recompiling_reuses_the_process_groups():
+    """Compiling again in the same job (live re-planning, notebooks, benchmarks) reuses the mesh's
+    process groups: each gloo group keeps threads that wake up while idle, and a benchmark that
+    compiled ~100 plans in one launch ran 2x slower by its end before groups were reused."""
+    from autopar.testing.dist import run_ranks
+
+    for counts, same_dp_group in run_ranks(_compile_repeatedly, 4, args=(6,)):
+        assert counts[1:] == [counts[1]] * 5, counts  # both plans' groups exist after two compiles
+        assert same_dp_group

@@ -14,6 +14,15 @@ all-to-all), edp groups ``[[0,2],[1,3]]`` (ranks holding the same experts: their
 Every group gets the same ``timeout_s`` so a failed peer turns a collective into an error, never a hang.
 ``dist.new_group`` must be called by every rank for every group in the same order, so all groups of
 all axes are created on every rank and each rank keeps those that contain it.
+
+Groups are created once per (ranks, timeout) and default process group, and reused by later
+compiles in the same process (:func:`mesh_group`). Each gloo group keeps its own I/O loop and
+worker threads for as long as it lives, and those threads wake up even when idle: measured on this
+2-core machine, 20 compiles of 4-rank plans left 36 loop and 72 worker threads per process, whose
+idle wake-ups took 6.5 % of a core per rank (0.5 % before), and a benchmark compiling ~100 plans
+in one launch ran its second pass about 2x slower than its first. Every rank calls
+:func:`build_process_groups` with the same plans in the same order, so every rank finds the same
+groups in the cache and calls ``new_group`` for the same new ones: the collective order holds.
 """
 
 from __future__ import annotations
@@ -133,6 +142,24 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     return True
 
 
+_MESH_GROUPS: dict[tuple[tuple[int, ...], float], dist.ProcessGroup] = {}
+_MESH_GROUPS_WORLD: list = [None]
+"""The default process group the cached groups belong to (a new one clears the cache)."""
+
+
+def mesh_group(ranks: list[int], timeout_s: float) -> dist.ProcessGroup:
+    """``dist.new_group(ranks)``, created once per default process group (see the module docstring).
+    Collective on first use, like ``new_group``."""
+    world = dist.distributed_c10d._get_default_group()
+    if _MESH_GROUPS_WORLD[0] is not world:
+        _MESH_GROUPS.clear()
+        _MESH_GROUPS_WORLD[0] = world
+    key = (tuple(ranks), float(timeout_s))
+    if key not in _MESH_GROUPS:
+        _MESH_GROUPS[key] = dist.new_group(list(ranks), timeout=datetime.timedelta(seconds=timeout_s))
+    return _MESH_GROUPS[key]
+
+
 def build_process_groups(plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessGroups:
     """Create the groups of ``plan`` on the initialised default process group (collective call)."""
     if not dist.is_initialized():
@@ -146,11 +173,10 @@ def build_process_groups(plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S) ->
             f"the plan needs {plan.world_size} ranks ({plan.summary()}) but {world} processes were "
             f"launched; launch {plan.world_size} processes or choose a plan for {world}"
         )
-    timeout = datetime.timedelta(seconds=timeout_s)
     pg = ProcessGroups(plan=plan, rank=rank, timeout_s=timeout_s)
     for axis, groups in _all_axis_groups(plan).items():
         for g in groups:
-            handle = dist.new_group(g, timeout=timeout)
+            handle = mesh_group(g, timeout_s)
             if rank in g:
                 pg.groups[axis] = handle
                 pg.ranks[axis] = list(g)

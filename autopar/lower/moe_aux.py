@@ -32,13 +32,9 @@ from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
 from autopar.lower.batchnorm import DPStats, attach_context
 from autopar.tracing import hf_moe
+from autopar.tracing.hf_moe import is_balance_loss
 
 CTX_ATTR = "autopar_dp_aux"
-
-
-def is_balance_loss(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is the traced load-balancing loss (``autopar::hf_balance_loss``)."""
-    return node.op == "call_function" and node.target is torch.ops.autopar.hf_balance_loss.default
 
 
 class _SumOverReplicas(torch.autograd.Function):

@@ -36,7 +36,7 @@ from autopar.sharding.graph import ShardingGraph
 from autopar.sharding.ops import module_path, shape
 from autopar.sharding.rules import conv_channel_dim, replicate_reason
 from autopar.tracing import opkinds
-from autopar.tracing.hf_moe import HFMoERegion, hf_balance_loss
+from autopar.tracing.hf_moe import HFMoERegion, is_balance_loss
 
 Node = torch.fx.Node
 EXPERT_REASON = "expert grouped matmul: replicated, expert parallelism is not built"
@@ -210,7 +210,7 @@ def replicated_ops(
             if sg.tp > 1 and isinstance(region, HFMoERegion):  # split over ep only (lower/expert.py)
                 out[node.name] = entry(node, region.config.block, HF_MOE_REASON, _params_read(sg, node))
             continue  # its tp (and ep) split is the expert lowering's: autopar/lower/expert.py
-        elif node.op == "call_function" and node.target is hf_balance_loss._opoverload:
+        elif is_balance_loss(node):
             out[node.name] = entry(node, "hf_balance_loss", BALANCE_REASON, [])
         elif call.kind == "other" and (call.inputs or node.op == "call_module"):
             op = _op_name(sg, node)

@@ -255,7 +255,7 @@ def uses_batch_statistics(node: torch.fx.Node, module: nn.Module | None) -> bool
     micro-batch per replica for such models; see autopar/lower/batchnorm.py)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.training or module.running_mean is None
-    if node.op == "call_function" and node.target is hf_moe.hf_balance_loss._opoverload:
+    if hf_moe.is_balance_loss(node):
         return True  # HuggingFace's MoE load-balancing loss (autopar/lower/moe_aux.py)
     name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
     if name not in ("batch_norm", "batch_norm.default"):

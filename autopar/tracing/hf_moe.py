@@ -343,6 +343,11 @@ def _balance_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202 - torch.
 hf_balance_loss.register_autograd(_balance_backward, setup_context=_balance_setup)
 
 
+def is_balance_loss(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the traced load-balancing loss (``autopar::hf_balance_loss``)."""
+    return node.op == "call_function" and node.target is hf_balance_loss._opoverload
+
+
 def _traced_balance_loss(
     gate_logits: tuple[torch.Tensor, ...] | None,
     num_experts: int | None = None,
@@ -486,6 +491,7 @@ __all__ = [
     "hf_balance_loss",
     "hf_moe_region",
     "hf_moe_region_logits",
+    "is_balance_loss",
     "hf_moe_regions",
     "moe_forward",
     "route",

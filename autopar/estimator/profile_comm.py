@@ -131,6 +131,17 @@ def _result(ranks: int, times: dict) -> dict:
     ts = [times[s] for s in sizes]
     latency_s, bandwidth = _fit(sizes, ts, ranks)
     bus = [2 * (ranks - 1) / ranks * s / t for s, t in zip(sizes, ts, strict=True)]
+    fit = f"ring fit over {len(sizes)} sizes"
+    if bandwidth == float("inf"):
+        # Times that do not grow with size are noise (a busy machine), not an infinitely fast link:
+        # take the largest message's bus bandwidth, no latency, and say so.
+        bandwidth, latency_s = bus[-1], 0.0
+        fit = f"times did not grow with size ({_times_text(sizes, ts)}); bus bandwidth of the largest message"
+        log.warning(
+            "gloo all_reduce over %d ranks: %s. The machine was probably busy; rerun on a quiet machine.",
+            ranks,
+            fit,
+        )
     log.info("gloo all_reduce over %d ranks: %.3g B/s per link, %.3g s per hop", ranks, bandwidth, latency_s)
     return {
         "ranks": ranks,
@@ -140,6 +151,10 @@ def _result(ranks: int, times: dict) -> dict:
         "link": {
             "bandwidth_bytes_per_s": bandwidth,
             "latency_s": latency_s,
-            "source": f"measured: gloo all_reduce, {ranks} local ranks, ring fit over {len(sizes)} sizes",
+            "source": f"measured: gloo all_reduce, {ranks} local ranks, {fit}",
         },
     }
+
+
+def _times_text(sizes: Sequence[int], times: Sequence[float]) -> str:
+    return ", ".join(f"{s / 1024:.0f} KiB: {t * 1e3:.2f} ms" for s, t in zip(sizes, times, strict=True))

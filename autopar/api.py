@@ -662,7 +662,14 @@ class ParallelModule:
         if self._pipeline is None:
             self._events.reset()
             losses = run_accumulation(
-                self._module, self._program.stage.spec, inputs, side, m, True, self._events
+                self._module,
+                self._program.stage.spec,
+                inputs,
+                side,
+                m,
+                True,
+                self._events,
+                keep_gathered=self.plan.zero_stage == 2,
             )
         else:
             losses = self._pipeline.run(inputs, side, True)

@@ -128,7 +128,8 @@ def _ring(kind: str, nbytes: float, group: GroupSpec, calib: Calibration) -> flo
     if kind == "all_reduce":
         return a0 + 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
     if kind in ("all_gather", "reduce_scatter"):
-        return a0 + (n - 1) * a + (n - 1) / n * nbytes / bw
+        scale = calib.all_gather_time_scale if kind == "all_gather" else calib.reduce_scatter_time_scale
+        return a0 + (n - 1) * a + scale * (n - 1) / n * nbytes / bw
     if kind in ("broadcast", "reduce"):
         return a0 + (n - 1) * a + nbytes / bw
     if kind == "all_to_all":

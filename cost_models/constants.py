@@ -68,6 +68,12 @@ class Calibration:
     8 x 100 Gb/s NICs reach 600 Gb/s, which the NCCL maintainers call "roughly matching our
     expectation" (NVIDIA/nccl issue 495). ``False``: every ring step crosses a NIC (the per-GPU
     rate; DeepSpeed ZeRO-3 in 2021, :data:`cost_models.hardware.FRAMEWORKS`)."""
+    all_gather_time_scale: float = 1.0
+    """The bandwidth term of a ring all-gather, times this. 1 for NCCL, whose all-gather and
+    reduce-scatter reach the all-reduce's bus bandwidth (nccl-tests); the profiled mode measures
+    gloo's (``autopar.estimator.local``), which runs each kind its own way."""
+    reduce_scatter_time_scale: float = 1.0
+    """The same for reduce-scatter."""
     collective_base_latency_s: float = 8.4e-6
     """Fixed latency per collective call (NCCL src/graph/tuning.cc baseLat, Ring/Simple)."""
     tp_comm_overlap: float = 0.0
@@ -82,6 +88,16 @@ class Calibration:
     zero3_prefetch_overlap: bool = True
     """ZeRO-3 / FSDP prefetch the next layer's parameters while computing this one, so gathers overlap
     compute (DeepSpeed ``prefetch_bucket_size``, FSDP ``forward_prefetch``)."""
+    zero_fsdp2: bool = False
+    """ZeRO-2/3 run as autopar's runtime runs them: FSDP2 ``fully_shard`` per repeated block and per
+    stage (each a unit with its own collectives), gradients reduce-scattered on the last micro-batch
+    only; ZeRO-2 keeps the parameters gathered through the step (one gather per unit); ZeRO-3
+    gathers for each forward and backward, except that ``torch.distributed.pipelining``'s 1F1B
+    schedules keep them gathered from a backward to the next forward (stage ``s`` of ``p``:
+    ``m + min(m, p - s)`` gathers per step, :func:`cost_models.step.zero3_counts`). False:
+    DeepSpeed's ZeRO (the SC'21 rows): every micro-batch gathers in forward and backward and
+    reduce-scatters, ZeRO-2 syncs each stage as one message. Set by the profiled mode
+    (``autopar.estimator.local``), whose runs are autopar's own."""
     zero3_regather_for_recompute: bool = True
     """ZeRO-3 gathers a block's parameters a third time for its recomputed forward (DeepSpeed ZeRO-3
     under Megatron's checkpointing, the SC'21 rows). PyTorch FSDP runs the checkpointed forward inside

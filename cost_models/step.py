@@ -168,6 +168,7 @@ def _zero3_time(
     recompute: str,
     bytes_per_param: tuple[float, float],
     calib: Calibration,
+    counts: tuple[float, float] = (2.0, 1.0),
 ) -> float:
     if dp_group is None or dp_group.size == 1 or block.param_count == 0:
         return 0.0
@@ -175,8 +176,22 @@ def _zero3_time(
     gather = collective_time_s("all_gather", block.param_count * param_b, dp_group, calib=calib)
     scatter = collective_time_s("reduce_scatter", block.param_count * grad_b, dp_group, calib=calib)
     regather = recompute == "full" and block.recomputable and calib.zero3_regather_for_recompute
-    gathers = 3 if regather else 2
-    return gathers * gather + scatter
+    gathers, scatters = counts
+    return (gathers + (1 if regather else 0)) * gather + scatters * scatter
+
+
+def zero3_counts(step: StepSpec, index: int | None, calib: Calibration) -> tuple[float, float]:
+    """ZeRO-3's all-gathers and reduce-scatters of a block per micro-batch on stage ``index`` (the
+    regather for recompute apart): DeepSpeed's two and one; autopar's FSDP2
+    (``calib.zero_fsdp2``) reduce-scatters once per step and, under a 1F1B pipeline, skips the
+    gather of every forward that follows a backward (see ``Calibration.zero_fsdp2``)."""
+    if not calib.zero_fsdp2:
+        return 2.0, 1.0
+    m, p = step.num_micro_batches, len(step.stages)
+    if p == 1 or step.schedule == "gpipe":
+        return 2.0, 1.0 / m
+    first = min(m, p - (index or 0))  # forwards that do not follow a backward (warm-up, then one)
+    return 1.0 + first / m, 1.0 / m
 
 
 def block_time(
@@ -188,8 +203,10 @@ def block_time(
     zero_stage: int = 0,
     bytes_per_param: tuple[float, float] = (2.0, 2.0),
     calib: Calibration = DEFAULT,
+    zero3: tuple[float, float] = (2.0, 1.0),
 ) -> BlockTime:
-    """Time of one block for one micro-batch on one device."""
+    """Time of one block for one micro-batch on one device; ``zero3``: ZeRO-3's all-gathers and
+    reduce-scatters per micro-batch (:func:`zero3_counts`)."""
     fwd = bwd = rec = 0.0
     for op in block.ops:
         f, b = op_time_s(op, device, calib)
@@ -200,7 +217,11 @@ def block_time(
         ):
             rec += f
     tp_fwd, tp_rec, tp_bwd = _tp_times(block, groups, recompute, calib)
-    zero = _zero3_time(block, groups.get("dp"), recompute, bytes_per_param, calib) if zero_stage == 3 else 0.0
+    zero = (
+        _zero3_time(block, groups.get("dp"), recompute, bytes_per_param, calib, zero3)
+        if zero_stage == 3
+        else 0.0
+    )
     compute = fwd + bwd + rec
     exposed = overlapped_s(compute, zero, calib) - compute if calib.zero3_prefetch_overlap else zero
     return BlockTime(
@@ -272,6 +293,7 @@ def stage_time(
     ``step.stage_groups``)."""
     total = BlockTime()
     groups = step.groups_of(index)
+    zero3 = zero3_counts(step, index, calib)
     for block, count in stage.blocks:
         t = block_time(
             block,
@@ -281,6 +303,7 @@ def stage_time(
             zero_stage=step.zero_stage,
             bytes_per_param=(step.param_bytes, step.grad_bytes),
             calib=calib,
+            zero3=zero3,
         )
         total = total + t.scaled(count)
     return total
@@ -302,6 +325,14 @@ def stage_p2p_s(stage: StageWork, step: StepSpec, calib: Calibration, index: int
     return per_mb if calib.pp_p2p_blocking else 0.0
 
 
+def fsdp_units(stage: StageWork) -> list[tuple[float, int]]:
+    """(parameters, instances) of the units FSDP2 wraps on a stage: each repeated (recomputable)
+    block, and the stage itself holding the rest (embeddings, head, final norm)."""
+    blocks = [(b.param_count, c) for b, c in stage.blocks if b.recomputable and b.param_count]
+    rest = stage.param_count - sum(n * c for n, c in blocks)
+    return blocks + ([(rest, 1)] if rest > 0 else [])
+
+
 def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibration) -> float:
     """The data-parallel gradient sync left exposed after the last backward (the worst stage's)."""
     dp = step.groups.get("dp")
@@ -320,6 +351,15 @@ def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibratio
             # rank's updated rows (autopar.runtime.engines.ShardedOptimizer), exposed.
             reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
             after_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)
+        elif calib.zero_fsdp2:  # ZeRO-2 as FSDP2 runs it: each unit its own reduce-scatter and gather
+            units = fsdp_units(stage)
+            reduce_s = sum(
+                c * collective_time_s("reduce_scatter", n * step.grad_bytes, dp, calib=calib)
+                for n, c in units
+            )
+            after_s = sum(
+                c * collective_time_s("all_gather", n * step.param_bytes, dp, calib=calib) for n, c in units
+            )
         else:
             reduce_s = collective_time_s("reduce_scatter", grads, dp, calib=calib)
             after_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)

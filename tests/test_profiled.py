@@ -43,11 +43,12 @@ def _layout(ranks: int, slowdown: float = 2.0) -> LayoutCalibration:
     )  # fmt: skip
 
 
-def _profiled(graph, ranks: int, fixed_share: float) -> Cluster:
-    """Every op 1 ms forward, 2 ms backward at the graph's batch, ``fixed_share`` of it fixed."""
+def _profiled(graph, ranks: int, fixed_share: float, **layout) -> Cluster:
+    """Every op 1 ms forward, 2 ms backward at the graph's batch, ``fixed_share`` of it fixed;
+    ``layout``: fields of the layout other than ``_layout``'s."""
     names = [n.name for n in graph.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     times = {n: (1e-3, 2e-3, fixed_share * 1e-3, fixed_share * 2e-3) for n in names}
-    prof = LocalProfile(layout=_layout(ranks), op_times=times, graph_batch=B)
+    prof = LocalProfile(layout=dataclasses.replace(_layout(ranks), **layout), op_times=times, graph_batch=B)
     return apply(Cluster.local(ranks), graph, prof)
 
 
@@ -185,7 +186,64 @@ def test_oversubscribed_slowdown_follows_how_many_ranks_compute_at_once():
     assert prof.slowdown_for(pp4) == pytest.approx(1.2 * 4 * (8 / 11) / 2)
     deep = Plan.manual(pp=4, global_batch=16, micro_batch_size=16)  # m = 1: one rank busy at a time
     assert prof.slowdown_for(deep) == pytest.approx(1.2)
+    # measured with as many ranks computing as cores (the rest waiting): that end is no longer guessed
+    measured = LocalProfile(layout=dataclasses.replace(lay, slowdown_cores=1.1), op_times={}, graph_batch=B)
+    assert measured.slowdown_for(Plan.manual(dp=4, global_batch=16)) == pytest.approx(2.4)
+    assert measured.slowdown_for(pp4) == pytest.approx(1.1 + (2.4 - 1.1) * (4 * 8 / 11 - 2) / 2)
+    assert measured.slowdown_for(deep) == pytest.approx(1.1)
     two = LocalProfile(
         layout=dataclasses.replace(_layout(2, 1.3), slowdown_busy=2.0, cores=2), op_times={}, graph_batch=B
     )
     assert two.slowdown_for(Plan.manual(dp=2, global_batch=16)) == pytest.approx(1.3)
+
+
+def _raw_layout(ranks: int, bandwidth: float, latency: float, gather: float, scatter: float) -> dict:
+    """Raw layout measurements of a machine whose collectives follow the ring model exactly: all-
+    reduce at ``bandwidth``/``latency``, all-gather and reduce-scatter ``gather``/``scatter`` times
+    slower per byte; FSDP-3's probe costs 1 ms per unit plus the collectives the model charges."""
+    sizes = (1 << 10, 16 << 10, 2 << 20, 8 << 20, 32 << 20)
+    hops = 2 * (ranks - 1)
+
+    def ring(size: float, scale: float) -> float:
+        return (ranks - 1) * latency + scale * (ranks - 1) / ranks * size / bandwidth
+
+    unit = 6 * (32 * 32 + 32) * 4
+    return {
+        "kernel_alone_s": 1e-3, "kernel_together_s": 2e-3, "slowdown_rounds": [2.0], "slowdown_busy_rounds": [2.2],
+        "slowdown_cores_rounds": [1.3, 1.1],
+        "all_reduce": {s: hops * latency + hops / ranks * s / bandwidth for s in sizes},
+        "all_gather": {s: ring(s, gather) for s in sizes[-2:]},
+        "reduce_scatter": {s: ring(s, scatter) for s in sizes[-2:]},
+        "scalar_all_reduce_s": 1e-4, "adamw_big_s": 1e-2, "adamw_small_s": 3e-3,
+        "fsdp2_unit_s": 4e-3 + ring(unit, gather) + ring(unit, scatter),
+        "fsdp3_unit_s": 1e-3 + 2 * ring(unit, gather) + ring(unit, scatter),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_layout_fit_recovers_the_machine_it_was_measured_on(ranks):
+    """The link from the all-reduce, each collective kind's own scale, the partial-activity
+    slowdown (least contended round), and FSDP's framework cost per unit with the collectives the
+    cost model charges per unit taken out (they would be counted twice)."""
+    from autopar.estimator.local import fit_layout
+
+    lay = fit_layout(ranks, 1, _raw_layout(ranks, 1e9, 1e-3, gather=4.0, scatter=2.5))
+    assert lay.bandwidth_bytes_per_s == pytest.approx(1e9, rel=1e-6)
+    assert lay.latency_s == pytest.approx(1e-3, rel=1e-6)
+    assert lay.all_gather_scale == pytest.approx(4.0, rel=1e-6)
+    assert lay.reduce_scatter_scale == pytest.approx(2.5, rel=1e-6)
+    assert lay.slowdown_cores == pytest.approx(1.1)
+    assert lay.fsdp_unit_s == pytest.approx((4e-3, 1e-3), rel=1e-6)
+
+
+def test_profiled_collectives_cost_their_measured_scale():
+    """A layout whose all-gather measured 3x the ring model's time per byte makes ZeRO-1's
+    exposed parameter all-gather cost 3x the bandwidth term; the all-reduce is untouched."""
+    graph = _graph()
+    plan = Plan.manual(dp=2, global_batch=B, zero_stage=1)
+    costs = {}
+    for scale in (1.0, 3.0):
+        cluster = _profiled(graph, 2, 0.5, all_gather_scale=scale)
+        costs[scale] = estimate(graph, cluster, plan).breakdown_s["dp_comm_exposed"]
+    param_bytes = 4 * graph.num_params
+    assert costs[3.0] - costs[1.0] == pytest.approx(2 * 0.5 * param_bytes / 1e9, rel=1e-6)

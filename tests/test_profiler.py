@@ -111,13 +111,13 @@ def test_measure_collectives_fits_a_link():
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_the_ring_fit_recovers_the_link_it_was_timed_on(ranks):
-    from autopar.estimator.profile_comm import _result
+    from autopar.estimator.profile_comm import fit_times
 
     bandwidth, latency = 2e9, 30e-6
     hops = 2 * (ranks - 1)
     sizes = (4096, 1 << 20, 4 << 20, 16 << 20)
     times = {d: hops * latency + hops / ranks * d / bandwidth for d in sizes}
-    link = _result(ranks, times)["link"]
+    link = fit_times(ranks, times)["link"]
     assert link["bandwidth_bytes_per_s"] == pytest.approx(bandwidth, rel=1e-9)
     assert link["latency_s"] == pytest.approx(latency, rel=1e-9)
     assert "ring fit over 4 sizes" in link["source"]
@@ -125,11 +125,11 @@ def test_the_ring_fit_recovers_the_link_it_was_timed_on(ranks):
 
 def test_times_that_do_not_grow_with_size_are_reported_not_taken_as_an_infinite_link(caplog):
     """A busy machine can time 4 MiB faster than 4 KiB; the fit must not return an infinite bandwidth."""
-    from autopar.estimator.profile_comm import _result
+    from autopar.estimator.profile_comm import fit_times
 
     times = {4096: 4.4e-3, 4 << 20: 3.2e-3}
     with caplog.at_level("WARNING"):
-        link = _result(2, times)["link"]
+        link = fit_times(2, times)["link"]
     assert link["bandwidth_bytes_per_s"] == pytest.approx((4 << 20) / 3.2e-3)
     assert link["latency_s"] == 0.0
     assert "did not grow with size" in link["source"] and "rerun on a quiet machine" in caplog.text

@@ -46,7 +46,7 @@ TWO_RANK_JOBS = [
             P(dp=2, recompute="selective"),
             P(tp=2, recompute="selective"),
             P(dp=2, zero_stage=1),
-            P(dp=2, zero_stage=2, micro_batch_size=4),
+            P(dp=2, zero_stage=2),  # two micro-batches: parameters kept gathered between them
             P(dp=2, zero_stage=3, recompute="selective"),
         ],
     ),
@@ -93,6 +93,97 @@ def test_zero1_rows_cover_each_parameter_exactly_once():
         for world in (2, 3, 4):
             owned = [r for rank in range(world) for r in range(*shard_rows(rows, world, rank))]
             assert owned == list(range(rows)), (rows, world)
+
+
+ODD_SHAPES = ((5,), (7, 3), (), (4, 4), (1, 6), (2,))
+
+
+def _zero1_against_adamw() -> list[float]:
+    """Rank function: ``ShardedOptimizer`` over the world and plain AdamW step the same parameters
+    with the same (replicated) gradients three times; the largest difference after each step."""
+    import torch.distributed as dist
+
+    from autopar.runtime.engines import ShardedOptimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g) for s in ODD_SHAPES]
+    plain = [nn.Parameter(t.clone()) for t in start]
+    sharded = [nn.Parameter(t.clone()) for t in start]
+    ref = torch.optim.AdamW(plain, lr=0.1)
+    zero = ShardedOptimizer(lambda ps: torch.optim.AdamW(ps, lr=0.1), sharded, dist.group.WORLD)
+    gaps = []
+    for _ in range(3):
+        for a, b in zip(plain, sharded, strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        ref.step()
+        zero.step()
+        gaps.append(max(float((a - b).abs().max()) for a, b in zip(plain, sharded, strict=True)))
+    return gaps
+
+
+@pytest.mark.multiproc
+def test_zero1_steps_parameters_whose_rows_do_not_divide_like_one_optimizer():
+    """3 ranks: rows 5, 7, 4, 1 and 2 split unevenly (a rank may own none), a 0-dim parameter is
+    one row; the all-gathered parameters equal plain AdamW's on every rank, bit for bit."""
+    for gaps in run_ranks(_zero1_against_adamw, 3):
+        assert gaps == [0.0, 0.0, 0.0]
+
+
+def _fsdp_collectives(plans: list[dict]) -> list[tuple[int, int]]:
+    """Rank function: the all-gathers and reduce-scatters FSDP2 issues in one training step (the
+    second) of each plan, counted at ``torch.distributed``'s entry points it calls."""
+    import torch.distributed as dist
+
+    case = gpt_case(layers=3)
+    out = []
+    for kw in plans:
+        batches = case.make_batches(2)
+        compiled = autopar.compile(
+            case.build(), dist.get_world_size(), plan=P(**kw), example_inputs=batches[0],
+            loss_fn=case.loss_fn, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), global_batch=B,
+        )  # fmt: skip
+        compiled.step(batches[0])
+        counts = [0, 0]
+        gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+
+        def counted(i, fn, counts=counts):
+            def call(*a, **k):
+                counts[i] += 1
+                return fn(*a, **k)
+
+            return call
+
+        dist.all_gather_single, dist.reduce_scatter_single = counted(0, gather), counted(1, scatter)
+        try:
+            compiled.step(batches[1])
+        finally:
+            dist.all_gather_single, dist.reduce_scatter_single = gather, scatter
+        out.append(tuple(counts))
+    return out
+
+
+@pytest.mark.multiproc
+def test_fsdp_issues_the_gathers_and_reduce_scatters_the_cost_model_charges():
+    """ZeRO-2 and ZeRO-3 under dp=2 with one and two micro-batches: per FSDP unit (3 blocks and
+    the stage), the runtime's collectives per step equal the cost model's count per micro-batch
+    (``zero3_counts``; ZeRO-2: one of each per step) times the micro-batches."""
+    from cost_models import DEFAULT, BlockWork, StageWork, StepSpec
+    from cost_models.step import zero3_counts
+
+    plans = [{"dp": 2, "zero_stage": z, "micro_batch_size": mbs} for z in (2, 3) for mbs in (4, 2)]
+    measured = run_ranks(_fsdp_collectives, 2, args=(plans,))[0]
+    units = 3 + 1
+    stage = StageWork(blocks=((BlockWork(name="b", param_count=1.0), 3),))
+    for kw, (gathers, scatters) in zip(plans, measured, strict=True):
+        m = B // 2 // kw["micro_batch_size"]
+        if kw["zero_stage"] == 2:
+            want = (units, units)
+        else:
+            spec = StepSpec(stages=(stage,), num_micro_batches=m, zero_stage=3)
+            per_ag, per_rs = zero3_counts(spec, 0, DEFAULT.with_(zero_fsdp2=True))
+            want = (round(units * m * per_ag), round(units * m * per_rs))
+        assert (gathers, scatters) == want, (kw, m)
 
 
 # ----------------------------------------------------------------------------------- region

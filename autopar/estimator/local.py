@@ -50,11 +50,11 @@ from autopar.core.ir import OpGraph
 from autopar.core.progress import Progress
 from autopar.estimator.profile import profile
 from autopar.estimator.profile_comm import free_port
-from cost_models import Calibration
+from cost_models import Calibration, GroupSpec, LinkSpec, collective_time_s
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 _AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20)
 """All-reduce sizes measured: the two largest set the bandwidth (their difference cancels the
 latency and the arrival skew), the two smallest the latency. Up to 2 MiB only, a least-squares
@@ -103,11 +103,17 @@ class LayoutCalibration:
     than cores. 0: not measured (use ``slowdown``)."""
     cores: int = 0
     """CPU cores of the machine (0: unknown)."""
+    slowdown_cores: float = 0.0
+    """With more ranks than cores: the slowdown with as many ranks computing as there are cores and
+    the others waiting (what a pipeline's ranks see while some idle in the bubble). 0: not measured."""
+    all_gather_scale: float = 1.0
+    """All-gather's measured time per byte over the ring model's at ``bandwidth_bytes_per_s``."""
+    reduce_scatter_scale: float = 1.0
+    """The same for reduce-scatter."""
     fsdp_unit_s: tuple[float, float] = (0.0, 0.0)
-    """FSDP2's own cost per wrapped unit and micro-batch (forward and backward hooks, the unit's
-    all-gathers and reduce-scatter issued and waited for on the compute thread, DTensor
-    bookkeeping), for ZeRO-2 and ZeRO-3: a model of ``_FSDP_UNITS`` small blocks stepped with and
-    without ``fully_shard`` (the collectives' bytes are charged by the link model on top)."""
+    """FSDP2's own cost per wrapped unit and micro-batch, for ZeRO-2 and ZeRO-3: a model of
+    ``_FSDP_UNITS`` small blocks stepped with and without ``fully_shard``, less the collectives the
+    cost model charges for a unit itself (:func:`_fsdp_framework_s`): hooks, DTensor bookkeeping."""
     measured_at: str = ""
     source: dict = field(default_factory=dict)
     """The raw measurements (sizes and times) the numbers were fitted on."""
@@ -188,7 +194,7 @@ def _measure_layout(rank: int, ranks: int) -> dict:
     kernel = reference_kernel()
     out: dict = {}
     # compute: rank 0 alone on the process CPU clock (what the profiler measures), then all ranks at
-    # once on the wall clock; five rounds, the least contended one counts (_fit_layout): a burst of
+    # once on the wall clock; five rounds, the least contended one counts (fit_layout): a burst of
     # other load on the machine inflates a round, never deflates it, as runs keep their fastest time
     ratios, alones, togethers = [], [], []
     for _ in range(5):
@@ -211,6 +217,15 @@ def _measure_layout(rank: int, ranks: int) -> dict:
             kernel()
         busy.append(slowest((time.perf_counter() - t0) / 9) / max(out["kernel_alone_s"], 1e-9))
     out["slowdown_busy_rounds"] = busy
+    # more ranks than cores: as many computing as there are cores, the others waiting at the barrier
+    cores = os.cpu_count() or 1
+    if ranks > cores:
+        partial = []
+        for _ in range(5):
+            dist.barrier()
+            t = _median_time(kernel, 7) if rank < cores else 0.0
+            partial.append(slowest(t) / max(out["kernel_alone_s"], 1e-9))
+        out["slowdown_cores_rounds"] = partial
 
     # all_reduce at several sizes, issued as the runtime issues them: right after a compute kernel,
     # so a call includes the ranks' arrival skew (the first to arrive waits for the last). What a
@@ -232,6 +247,25 @@ def _measure_layout(rank: int, ranks: int) -> dict:
             if i >= 2:
                 samples.append(time.perf_counter() - t0)
         out["all_reduce"][size] = mean_over_ranks(statistics.median(samples))
+    # all-gather and reduce-scatter at the two sizes that set the all-reduce's bandwidth: gloo runs
+    # each kind its own way (its ring all-reduce is not two of its all-gathers), so each kind's
+    # bandwidth term is scaled by what it measured against the ring model (_collective_scales)
+    out["all_gather"], out["reduce_scatter"] = {}, {}
+    for size in _AR_SIZES[-2:]:
+        full = torch.ones(size // 4 // ranks * ranks)
+        part = torch.ones(full.numel() // ranks)
+        for kind in ("all_gather", "reduce_scatter"):
+            samples = []
+            for i in range(8):
+                kernel()
+                t0 = time.perf_counter()
+                if kind == "all_gather":
+                    dist.all_gather_into_tensor(full, part)
+                else:
+                    dist.reduce_scatter_tensor(part, full)
+                if i >= 2:
+                    samples.append(time.perf_counter() - t0)
+            out[kind][size] = mean_over_ranks(statistics.median(samples))
     # the step's scalar loss all-reduce
     s = torch.zeros(1)
     out["scalar_all_reduce_s"] = slowest(_median_time(lambda: dist.all_reduce(s), 20))
@@ -271,6 +305,8 @@ def _measure_layout(rank: int, ranks: int) -> dict:
 
 
 _FSDP_UNITS = 8
+_FSDP_UNIT_BYTES = 6 * (32 * 32 + 32) * 4
+"""Parameter bytes of one probe unit (6 fp32 ``Linear(32, 32)``)."""
 
 
 def _fsdp_probe(zero_stage: int | None, mesh: Any, slowest: Callable[[float], float]) -> float:
@@ -296,7 +332,44 @@ def _fsdp_probe(zero_stage: int | None, mesh: Any, slowest: Callable[[float], fl
     return slowest(min(samples))
 
 
-def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
+def local_calibration(layout: LayoutCalibration, calib: Calibration) -> Calibration:
+    """Cost-model constants for this machine: gloo's measured link is used as is (no NCCL
+    efficiency or base latency on top), all-gather and reduce-scatter at their measured scale; ops
+    run eagerly (no fusion); FSDP's parameter gathers do not overlap compute (on CPU there are no
+    side streams: FSDP2 issues and waits for each gather on the compute thread); ZeRO runs as
+    autopar's runtime runs it (``Calibration.zero_fsdp2``)."""
+    return calib.with_(
+        all_gather_time_scale=layout.all_gather_scale,
+        reduce_scatter_time_scale=layout.reduce_scatter_scale,
+        intra_node_efficiency=1.0,
+        inter_node_efficiency=1.0,
+        collective_base_latency_s=0.0,
+        fuse_elementwise=False,
+        fuse_sibling_gemms=False,
+        zero3_prefetch_overlap=False,
+        zero_fsdp2=True,
+    )
+
+
+def _fsdp_framework_s(layout: LayoutCalibration, measured_s: float, gathers: int) -> float:
+    """FSDP's cost per unit and micro-batch less the collectives the cost model charges for a unit
+    by itself (``gathers`` all-gathers, 1 for ZeRO-2 and 2 for ZeRO-3, and a reduce-scatter of its
+    parameters, :func:`cost_models.step.zero3_counts` and ``dp_exposed_s``), evaluated for the
+    probe's unit on the probe's group: what is left is FSDP's framework work (hooks, DTensor
+    bookkeeping, buffer copies)."""
+    group = GroupSpec(
+        size=layout.ranks,
+        ranks_per_node=layout.ranks,
+        intra=LinkSpec(bandwidth_bytes_per_s=layout.bandwidth_bytes_per_s, latency_s=layout.latency_s),
+    )
+    calib = local_calibration(layout, Calibration())
+    charged = gathers * collective_time_s("all_gather", _FSDP_UNIT_BYTES, group, calib=calib)
+    charged += collective_time_s("reduce_scatter", _FSDP_UNIT_BYTES, group, calib=calib)
+    return max(measured_s - charged, 0.0)
+
+
+def fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
+    """The layout's numbers from its raw measurements (what ``_measure_layout`` returns)."""
     sizes = sorted(raw["all_reduce"])
     ts = [raw["all_reduce"][s] for s in sizes]
     # time = c0 + c1 * size: the slope from the two largest messages (latency and skew cancel),
@@ -308,12 +381,13 @@ def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
     c0 = statistics.median(t - c1 * x for x, t in zip(sizes[:2], ts[:2]))
     bandwidth = (hops / ranks) / c1
     latency = max(c0, 0.0) / hops
+    gather_scale, scatter_scale = (_collective_scale(raw.get(k), ranks, bandwidth) for k in _SCALED)
     # AdamW: big = T + E*N_big ; small = K*T + E*K*n_small
     k, n_small = _SMALL
     e = (raw["adamw_big_s"] - raw["adamw_small_s"] / k) / (_BIG_ELEMS - n_small)
     e = max(e, raw["adamw_big_s"] / _BIG_ELEMS / 2)
     per_tensor = max((raw["adamw_small_s"] - e * k * n_small) / k, 0.0)
-    return LayoutCalibration(
+    layout = LayoutCalibration(
         ranks=ranks,
         threads=threads,
         machine=machine_key(),
@@ -329,10 +403,34 @@ def _fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
         optimizer_s_per_sharded_tensor=raw.get("adamw_dtensor_s_per_tensor", per_tensor),
         fsdp_unit_s=(raw.get("fsdp2_unit_s", 0.0), raw.get("fsdp3_unit_s", 0.0)),
         slowdown_busy=max(min(raw.get("slowdown_busy_rounds") or [0.0]), 0.0),
+        slowdown_cores=max(min(raw.get("slowdown_cores_rounds") or [0.0]), 0.0),
+        all_gather_scale=gather_scale,
+        reduce_scatter_scale=scatter_scale,
         cores=os.cpu_count() or 0,
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         source={k: v for k, v in raw.items()},
     )
+    if ranks > 1:
+        two, three = layout.fsdp_unit_s
+        layout.fsdp_unit_s = (_fsdp_framework_s(layout, two, 1), _fsdp_framework_s(layout, three, 2))
+    return layout
+
+
+_SCALED = ("all_gather", "reduce_scatter")
+_SCALE_BAND = (0.25, 8.0)
+
+
+def _collective_scale(times: dict | None, ranks: int, bandwidth: float) -> float:
+    """A kind's measured time per byte (slope between its two sizes: latency and skew cancel) over
+    the ring model's ``(n-1)/n / bandwidth`` at the all-reduce's bandwidth, clamped to
+    ``_SCALE_BAND``; 1.0 when not measured or without a slope (noise)."""
+    if not times or len(times) < 2:
+        return 1.0
+    sizes = sorted(times, key=int)
+    slope = (times[sizes[-1]] - times[sizes[-2]]) / (int(sizes[-1]) - int(sizes[-2]))
+    if slope <= 0:
+        return 1.0
+    return min(max(slope / ((ranks - 1) / ranks / bandwidth), _SCALE_BAND[0]), _SCALE_BAND[1])
 
 
 def calibrate_layout(
@@ -351,7 +449,7 @@ def calibrate_layout(
     bar = Progress(enabled=progress)
     bar.start(f"measuring {ranks} local process(es): compute contention, gloo all-reduce, AdamW", 1)
     raw = _spawn_layout(ranks, threads, timeout_s) if ranks > 1 else _single_layout(threads)
-    cal = _fit_layout(max(ranks, 2), threads, raw)
+    cal = fit_layout(max(ranks, 2), threads, raw)
     cal.ranks = ranks
     bar.advance("done")
     bar.finish(
@@ -381,7 +479,7 @@ def calibrate_in_group(*, refresh: bool = False) -> LayoutCalibration:
         if rank == 0:
             log.info("measuring %d local ranks: compute contention, gloo all-reduce, AdamW", ranks)
         raw = _measure_layout(rank, ranks)
-        cal = _fit_layout(ranks, torch.get_num_threads(), raw)
+        cal = fit_layout(ranks, torch.get_num_threads(), raw)
         if rank == 0:
             _save_layout(path, cal)
         box = [cal.to_json()]
@@ -496,8 +594,10 @@ class LocalProfile:
         """The compute slowdown ``plan`` sees. With no more ranks than cores it is the measured
         ``slowdown``. With more (N ranks on C cores) it depends on how many ranks compute at once:
         A = N * u, where u is the share of the step a rank computes (1 without a pipeline; a
-        pipeline rank idles in the bubble: u = m / (m + (p-1)/v)); the busy measurement gives the
-        memory contention per core (``slowdown_busy / (N/C)``), times the time-slicing A/C."""
+        pipeline rank idles in the bubble: u = m / (m + (p-1)/v)). Measured at A = C
+        (``slowdown_cores``) and at A = N (the busy measurement: memory contention per core
+        ``slowdown_busy / (N/C)`` times the time-slicing N/C), linear in between, and
+        ``slowdown_cores`` below C. Without ``slowdown_cores``: contention times A/C."""
         lay = self.layout
         cores = lay.cores or os.cpu_count() or 1
         if not lay.slowdown_busy or lay.ranks <= cores:
@@ -505,7 +605,15 @@ class LocalProfile:
         m, p, v = plan.num_micro_batches, plan.pp, plan.virtual_stages
         busy = 1.0 if p == 1 else m / (m + (p - 1) / v)
         per_core = max(lay.slowdown_busy / (lay.ranks / cores), 1.0)
-        return per_core * max(lay.ranks * busy / cores, 1.0)
+        active = lay.ranks * busy
+        if not lay.slowdown_cores:
+            return per_core * max(active / cores, 1.0)
+        # measured at both ends: ``cores`` ranks computing (slowdown_cores) and all of them; between
+        # the two the time-slicing grows linearly with the ranks computing at once
+        everyone = per_core * lay.ranks / cores
+        return lay.slowdown_cores + (everyone - lay.slowdown_cores) * max(active - cores, 0.0) / (
+            lay.ranks - cores
+        )
 
     def times_for(
         self, graph_batch: int, slowdown: float | None = None
@@ -530,18 +638,8 @@ class LocalProfile:
         return out
 
     def calibration(self, calib: Calibration) -> Calibration:
-        """Cost-model constants for this machine: gloo's measured link is used as is (no NCCL
-        efficiency or base latency on top); ops run eagerly (no fusion); FSDP's parameter gathers
-        do not overlap compute (on CPU there are no side streams: FSDP2 issues and waits for each
-        gather on the compute thread)."""
-        return calib.with_(
-            intra_node_efficiency=1.0,
-            inter_node_efficiency=1.0,
-            collective_base_latency_s=0.0,
-            fuse_elementwise=False,
-            fuse_sibling_gemms=False,
-            zero3_prefetch_overlap=False,
-        )
+        """Cost-model constants for this machine (:func:`local_calibration`)."""
+        return local_calibration(self.layout, calib)
 
     def optimizer_bytes_per_param(
         self, graph: OpGraph, rates: Any, calib: Calibration, *, zero_stage: int = 0, dp: int = 1
@@ -639,6 +737,7 @@ __all__ = [
     "calibrate_in_group",
     "calibrate_layout",
     "is_local",
+    "local_calibration",
     "machine_key",
     "profile_model",
     "threads_per_rank",

@@ -123,10 +123,11 @@ def measure_collectives(
                 p.kill()
     if status != "ok":
         raise RuntimeFailure(f"measure_collectives failed: {payload}")
-    return _result(ranks, payload)
+    return fit_times(ranks, payload)
 
 
-def _result(ranks: int, times: dict) -> dict:
+def fit_times(ranks: int, times: dict) -> dict:
+    """``measure_collectives``'s result from its times per size (the ring fit, see the module doc)."""
     sizes = sorted(times)
     ts = [times[s] for s in sizes]
     latency_s, bandwidth = _fit(sizes, ts, ranks)

@@ -216,6 +216,16 @@ class ShardedOptimizer:
             if hi > lo:
                 self.shards[i] = nn.Parameter(_rows(p)[lo:hi], requires_grad=p.requires_grad)
         self.optimizer = factory(list(self.shards.values()))
+        # per dtype and device: (parameter index, this rank's rows [lo, hi), zero padding up to c rows)
+        self._kinds: dict[tuple, list[tuple[int, int, int, torch.Tensor | None]]] = {}
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, p in enumerate(self.params):
+            rows = _rows(p)
+            lo, hi = self._bounds(p)
+            c = math.ceil(rows.shape[0] / self.world)
+            missing = (c - (hi - lo)) * (rows[0].numel() if rows.shape[0] else 0)
+            pad = torch.zeros(missing, dtype=p.dtype, device=p.device) if missing else None
+            self._kinds.setdefault((p.dtype, p.device), []).append((i, lo, hi, pad))
 
     def _bounds(self, p: torch.Tensor) -> tuple[int, int]:
         return shard_rows(_rows(p).shape[0], self.world, self.rank)
@@ -250,29 +260,38 @@ class ShardedOptimizer:
         self._gather()
 
     def _gather(self) -> None:
-        """All-gather the updated rows: one padded flat buffer per dtype and device."""
-        by_kind: dict[tuple, list[int]] = {}
-        for i, p in enumerate(self.params):
-            by_kind.setdefault((p.dtype, p.device), []).append(i)
-        for (dtype, device), members in by_kind.items():
-            pieces, sizes = [], []
-            for i in members:
-                rows = _rows(self.params[i])
-                c = math.ceil(rows.shape[0] / self.world)
-                size = c * rows[0].numel() if rows.shape[0] else 0
-                piece = torch.zeros(size, dtype=dtype, device=device)
-                lo, hi = self._bounds(self.params[i])
-                piece[: (hi - lo) * rows[0].numel() if rows.shape[0] else 0] = rows[lo:hi].reshape(-1)
-                pieces.append(piece)
-                sizes.append(size)
-            send = torch.cat(pieces)
-            out = torch.empty(self.world * send.numel(), dtype=dtype, device=device)
-            dist.all_gather_single(out, send, group=self.group)
-            table = out.view(self.world, send.numel())
-            offset = 0
-            with torch.no_grad():
-                for i, size in zip(members, sizes):
+        """All-gather the updated rows: one padded flat buffer per dtype and device, packed with one
+        ``cat`` and unpacked with one ``_foreach_copy_`` (per-tensor Python work is views only: with
+        68 tensors, an op per tensor each way cost 8 ms on 2 ranks and 30 ms on 4 of a 2-core CPU)."""
+        with torch.no_grad():
+            for (dtype, device), members in self._kinds.items():
+                pieces: list[torch.Tensor] = []
+                for i, lo, hi, pad in members:
+                    pieces.append(_rows(self.params[i])[lo:hi].reshape(-1))
+                    if pad is not None:
+                        pieces.append(pad)
+                n = sum(x.numel() for x in pieces)
+                if (
+                    dtype,
+                    device,
+                ) not in self._buffers:  # kept: a fresh buffer faults its pages in every step
+                    self._buffers[(dtype, device)] = (
+                        torch.empty(n, dtype=dtype, device=device),
+                        torch.empty(self.world, n, dtype=dtype, device=device),
+                    )
+                send, out = self._buffers[(dtype, device)]
+                torch.cat(pieces, out=send)
+                dist.all_gather_single(out.view(-1), send, group=self.group)
+                dst, src, offset = [], [], 0
+                for i, _lo, _hi, _pad in members:
                     rows = _rows(self.params[i])
-                    full = table[:, offset : offset + size].reshape(-1)[: rows.numel()]
-                    rows.copy_(full.view_as(rows))
+                    size = math.ceil(rows.shape[0] / self.world) * (rows[0].numel() if rows.shape[0] else 0)
+                    part = out[:, offset : offset + size]
+                    if size * self.world == rows.numel():  # rows divide evenly: a (world, size) view
+                        dst.append(rows.view(self.world, size))
+                        src.append(part)
+                    elif size:
+                        rows.view(-1).copy_(part.reshape(-1)[: rows.numel()])
                     offset += size
+                if dst:
+                    torch._foreach_copy_(dst, src)

@@ -54,8 +54,12 @@ def _identity_loss(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """DDP: skip the all-reduce except on the last micro-batch. FSDP2: the same via its flag."""
+def _no_sync(module: nn.Module, last: bool, keep_gathered: bool = False) -> contextlib.AbstractContextManager:
+    """DDP: skip the all-reduce except on the last micro-batch. FSDP2: the same via its flag;
+    with ``keep_gathered`` (ZeRO-2) the parameters also stay gathered after a backward that is not
+    the last, as ``PipelineStage`` keeps them under ``pp > 1``, so each unit gathers once per step
+    (``cost_models.step``). ZeRO-3 reshards after every backward: keeping its parameters would hold
+    all of them at once, the memory it is chosen to save."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
@@ -63,6 +67,8 @@ def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager
         return module.no_sync()
     if isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(last)
+        if keep_gathered:
+            module.set_reshard_after_backward(last)
     return contextlib.nullcontext()
 
 
@@ -106,8 +112,10 @@ def run_accumulation(
     m: int,
     train: bool,
     events: Events | None = None,
+    keep_gathered: bool = False,
 ) -> list:
-    """pp == 1: forward (and backward) of ``m`` micro-batches; returns per-micro-batch outputs."""
+    """pp == 1: forward (and backward) of ``m`` micro-batches; returns per-micro-batch outputs.
+    ``keep_gathered``: ZeRO-2's parameters stay gathered between micro-batches (:func:`_no_sync`)."""
     events = events or Events(spec.index)
     names = list(side)
     chunks = split_micro_batches(tuple(inputs) + tuple(side[k] for k in names), m)
@@ -118,7 +126,7 @@ def run_accumulation(
             with torch.no_grad(), events.record("F", i):
                 outs.append(module(*args, **kw))
             continue
-        with _no_sync(module, i == m - 1):
+        with _no_sync(module, i == m - 1, keep_gathered):
             with events.record("F", i):
                 loss = module(*args, **kw)
             with events.record("B", i):

@@ -11,27 +11,43 @@ Batches: ``step(batch)`` takes the *global* batch ``(inputs..., targets...)`` (t
 samples is taken as the share itself. The returned loss is the mean over the global batch, the
 same number on every rank. Inference: ``module(inputs...)`` returns the full output (all samples)
 on every rank.
+
+Public API: :func:`compile`, :class:`ParallelModule`. Its parts live in the package's modules:
+the argument and input checks (:mod:`autopar.api.checks`), the step measurements and ``measured()``
+(:mod:`autopar.api.measure`), live re-planning (:mod:`autopar.api.replanning`), state dicts and
+checkpoints (:mod:`autopar.api.state`); ``ParallelModule`` inherits the methods of the last three.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopar.api.checks import (
+    check_optimizer,
+    check_replan,
+    check_scalar_loss,
+    check_sequence_length,
+    explain_index_errors,
+    first_samples,
+    non_finite_grads,
+    num_devices,
+    plan_with_planner,
+)
+from autopar.api.measure import MeasuredMethods, StepMeasurements
+from autopar.api.replanning import ReplanMethods
+from autopar.api.state import StateMethods
 from autopar.cluster import Cluster
-from autopar.core.errors import CheckpointError, InputError, NonFiniteError, PlanError, RuntimeFailure
+from autopar.core.errors import InputError, NonFiniteError, PlanError, RuntimeFailure
 from autopar.core.plan import Plan
 from autopar.core.plan_file import load_plan
 from autopar.lower import TPContext, moe_aux, rng
@@ -46,20 +62,13 @@ from autopar.runtime.engines import (
     expert_params,
     sync_expert_grads,
 )
-from autopar.runtime.failure import FailureReporter, defer_termination, guard, root_cause
+from autopar.runtime.failure import FailureReporter, defer_termination, guard
 from autopar.runtime.groups import DEFAULT_TIMEOUT_S, ProcessGroups, build_process_groups, init_from_env
-from autopar.runtime.memory import current_rss_bytes, peak_rss_bytes
 from autopar.runtime.microbatch import check_batch, data_parallel_share, merge_micro_batches
 from autopar.runtime.pipeline import Events, Pipeline, run_accumulation
 from autopar.runtime.rank_code import render
 from autopar.runtime.schedule import for_plan
-from autopar.runtime.state import (
-    gather_full,
-    gather_optimizer_full,
-    scatter_full,
-    scatter_optimizer_full,
-)
-from autopar.tracing import MODEL_PREFIX, fx_trace, trace
+from autopar.tracing import MODEL_PREFIX, fx_trace
 from autopar.tracing.wrap import split_inputs
 
 log = logging.getLogger(__name__)
@@ -68,17 +77,6 @@ PLAN_ENV = "AUTOPAR_PLAN"
 """Path of a plan file for ``compile(plan=None)``; set by ``autopar run PLAN.json``."""
 RESUME_ENV = "AUTOPAR_RESUME"
 """Checkpoint for ``compile(resume_from=None)``; set by ``autopar run PLAN.json --resume CKPT``."""
-
-
-def _num_devices(cluster: Cluster | int) -> int:
-    if isinstance(cluster, int):
-        return cluster
-    n = getattr(cluster, "num_devices", None)
-    if callable(n):
-        n = n()
-    if not isinstance(n, int):
-        raise PlanError(f"cluster {cluster!r} has no device count; pass an autopar.Cluster or an int")
-    return n
 
 
 def compile(  # noqa: A001 - the public name autopar.compile
@@ -134,16 +132,16 @@ def compile(  # noqa: A001 - the public name autopar.compile
     """
     if mode not in ("train", "inference"):
         raise PlanError(f"mode={mode!r}: choose 'train' or 'inference'")
-    _check_replan(replan_after, replan_threshold, cluster, mode)
+    check_replan(replan_after, replan_threshold, cluster, mode)
     if nan_check not in NAN_CHECKS:
         raise InputError(f"nan_check={nan_check!r}: choose one of {', '.join(map(repr, NAN_CHECKS))}")
-    _check_optimizer(optimizer)
-    _check_sequence_length(model, example_inputs, loss_fn, num_targets)
-    world = _num_devices(cluster)
+    check_optimizer(optimizer)
+    check_sequence_length(model, example_inputs, loss_fn, num_targets)
+    world = num_devices(cluster)
     if plan is None and os.environ.get(PLAN_ENV):
         plan = load_plan(os.environ[PLAN_ENV])  # set by `autopar run PLAN.json`
     if plan is None:
-        plan = _plan(
+        plan = plan_with_planner(
             model, cluster, example_inputs, loss_fn, num_targets, global_batch, mode, profile, timeout_s
         )
     if plan.world_size != world:
@@ -185,100 +183,7 @@ def compile(  # noqa: A001 - the public name autopar.compile
 NAN_CHECKS = ("loss", "grads", "off")
 
 
-def _check_replan(after: int | None, threshold: float, cluster: Cluster | int, mode: str) -> None:
-    if after is None:
-        return
-    if isinstance(after, bool) or not isinstance(after, int) or after < 1:
-        raise InputError(
-            f"replan_after={after!r}: the number of measured steps before re-planning (int >= 1)"
-        )
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
-        raise InputError(
-            f"replan_threshold={threshold!r}: a relative error >= 0 (0.25: 25% off the prediction)"
-        )
-    if isinstance(cluster, int) or mode != "train":
-        raise InputError(
-            "replan_after re-plans a training run with the planner, which needs mode='train' and an "
-            f"autopar.Cluster (got {'the device count ' + str(cluster) if isinstance(cluster, int) else mode!r}); "
-            f"pass autopar.Cluster.local(ranks=...)"
-        )
-
-
-def _check_optimizer(optimizer: Any) -> None:
-    """An optimizer *instance* cannot be used: its parameters are the unsharded model's, while
-    each rank must optimise its own shards, so the optimizer is built after lowering."""
-    if optimizer is None or (callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer)):
-        return
-    raise InputError(
-        f"optimizer: expected a factory callable(params) -> torch.optim.Optimizer, got an instance of "
-        f"{type(optimizer).__name__}; each rank builds its optimizer over its own shards, so pass a "
-        "factory, e.g. functools.partial(torch.optim.AdamW, lr=...) or lambda params: "
-        "torch.optim.AdamW(params, lr=...)"
-    )
-
-
-_POSITION_LIMITS = ("seq", "n_positions", "block_size")
-"""Config fields that size a learned position table (autopar's GPT, GPT-2, nanoGPT): a longer
-input indexes past its end, an ``IndexError`` in the first step instead of a message here."""
-
-
-def _check_sequence_length(
-    model: nn.Module, example_inputs: Any, loss_fn: Callable | None, num_targets: int | None
-) -> None:
-    config = getattr(model, "config", None)
-    limits = [(k, getattr(config, k, None)) for k in _POSITION_LIMITS]
-    limits = [(k, v) for k, v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    if not limits:
-        return
-    field, limit = limits[0]
-    inputs, _ = split_inputs(example_inputs, loss_fn, num_targets)
-    for i, t in enumerate(inputs):
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point() and t.shape[1] > limit:
-            raise InputError(
-                f"example_inputs[{i}] has shape {list(t.shape)}: sequence length {t.shape[1]} (dim 1) "
-                f"exceeds the model's config.{field}={limit} (the length of its position table); "
-                f"pass sequences of at most {limit} tokens or build the model with {field}>={t.shape[1]}"
-            )
-
-
-def _plan(
-    model: nn.Module,
-    cluster: Cluster | int,
-    example_inputs: Sequence[Any],
-    loss_fn: Callable | None,
-    num_targets: int | None,
-    global_batch: int,
-    mode: str,
-    profile: bool | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> Plan:
-    """The planner's plan, the same on every rank (:func:`autopar.runtime.replan.plan_in_job`:
-    under torchrun the running ranks measure the layout, nothing is spawned)."""
-    if isinstance(cluster, int):
-        raise PlanError(
-            "autopar.compile without a plan asks the planner, which needs an autopar.Cluster (got the "
-            f"device count {cluster}); pass autopar.Cluster.local(ranks={cluster}) or "
-            f"plan=autopar.Plan.manual(dp=..., tp=..., pp=..., global_batch={global_batch})"
-        )
-    from autopar.estimator import local
-    from autopar.runtime.replan import plan_in_job  # lazy: loads the estimator
-
-    init_from_env(timeout_s)  # under torchrun: plan with the job's ranks, never spawn more
-    if profile is None:
-        profile = local.is_local(cluster)
-    return plan_in_job(
-        model,
-        cluster,
-        example_inputs=example_inputs,
-        loss_fn=loss_fn,
-        num_targets=num_targets,
-        global_batch=global_batch,
-        mode=mode,
-        profile=bool(profile),
-    )
-
-
-class ParallelModule:
+class ParallelModule(MeasuredMethods, ReplanMethods, StateMethods):
     """The compiled model on this rank. See the module docstring."""
 
     def __init__(
@@ -319,12 +224,8 @@ class ParallelModule:
         """Every live re-planning check (:class:`autopar.runtime.replan.Replan` as a dict)."""
         self.replan_after: int | None = None
         self.replan_threshold = 0.25
-        self._step_times_s: list[float] = []
-        self._optimizer_times_s: list[float] = []
-        self._step_parts: list[dict[str, float]] = []
-        self._last_optimizer_s = 0.0
+        self._measure = StepMeasurements()  # step times and their parts, for measured()
         self._tp_contexts: list[TPContext] = []
-        self._rss_at_start = current_rss_bytes()
         self.mode = mode
         self.timeout_s = timeout_s
         self._train = mode == "train"
@@ -335,7 +236,7 @@ class ParallelModule:
             config.use_cache = False
         inputs, targets = split_inputs(example_inputs, loss_fn, num_targets)
         # Trace at the micro-batch size: exported graphs (HuggingFace models) bake shapes in.
-        trace_args = _first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
+        trace_args = first_samples((*inputs, *targets) if self._train else inputs, plan.micro_batch_size)
         self._trace_args, self._loss_fn = trace_args, loss_fn
         self._gm = fx_trace(
             self._model,
@@ -347,7 +248,7 @@ class ParallelModule:
         self.input_names: list[str] = list(info["input_names"])
         self.target_names: list[str] = list(info["target_names"]) if self._train else []
         if self._train:
-            _check_scalar_loss(self._gm, loss_fn)
+            check_scalar_loss(self._gm, loss_fn)
         self._has_sample_ids = replace_dropout(self._gm, train=self._train, seed=seed)
         self.batchnorm = batchnorm
         batchnorm_module.check_plan(self._gm, plan, batchnorm)
@@ -488,83 +389,22 @@ class ParallelModule:
             raise RuntimeFailure("step() needs mode='train'; this module was compiled for inference")
         batch = self._checked(batch, "step()")
         self._require_runtime()
-        if self.replan_after and not self.replans and len(self._step_times_s) >= self.replan_after:
+        if self.replan_after and not self.replans and len(self._measure.step_times_s) >= self.replan_after:
             self.maybe_replan()  # before the step: the last step's gradients stay readable
         start = time.perf_counter()
         comm0 = sum(c.comm_s for c in self._tp_contexts)
-        with guard(self._reporter, f"step {self._step}", self.timeout_s), _explain_index_errors(batch):
+        with guard(self._reporter, f"step {self._step}", self.timeout_s), explain_index_errors(batch):
             loss, bad = self._train_step(batch)
-        self._step_times_s.append(time.perf_counter() - start)
-        self._record_parts(sum(c.comm_s for c in self._tp_contexts) - comm0)
+        self._measure.step_times_s.append(time.perf_counter() - start)
+        events = (self._pipeline.events if self._pipeline is not None else self._events).events
+        self._measure.record_parts(events, sum(c.comm_s for c in self._tp_contexts) - comm0)
         self._step += 1
         if bad is not None:
             raise bad
         return loss
 
     # ------------------------------------------------------------------------------ live re-planning
-    def maybe_replan(self, *, threshold: float | None = None) -> dict:
-        """Compare the measured step time with the plan's prediction; when it is off by more than
-        ``threshold`` (default ``replan_threshold``), re-plan with numbers measured on this machine
-        and move to the new plan if it is predicted faster (collective; runtime/replan.py). The
-        check is returned, logged and appended to :attr:`replans`; ``compile(replan_after=N)``
-        runs it once, at the start of the step after N measured steps. A move does not carry the
-        last step's gradients (the next step starts from zero gradients anyway)."""
-        from autopar.runtime import replan  # lazy: loads the estimator and the solver
-
-        self._require_runtime()
-        threshold = self.replan_threshold if threshold is None else threshold
-        if not isinstance(threshold, (int, float)) or threshold < 0:
-            raise InputError(f"threshold={threshold!r}: a relative error >= 0 (0.25: 25% off the prediction)")
-        if self.cluster is None:
-            raise InputError(
-                "maybe_replan() needs the autopar.Cluster the module was compiled for, not a count"
-            )
-        measured = replan.measured_step_time_s(self._step_times_s)
-        predicted = self.plan.predicted.step_time_s if self.plan.predicted is not None else None
-        candidate, t0 = None, time.perf_counter()
-        if predicted is None or abs(measured - predicted) > threshold * predicted:
-            candidate = replan.replan_measured(
-                self._source_model,
-                self.cluster,
-                self.plan,
-                **{k: self._rebuild[k] for k in ("example_inputs", "loss_fn", "num_targets", "mode")},
-            )
-        record = replan.decide(
-            step=self._step,
-            measured_s=measured,
-            predicted_s=replan.current_prediction_s(self.plan, candidate) or 0.0,
-            threshold=threshold,
-            current=self.plan,
-            candidate=candidate,
-        )
-        record.replan_s = time.perf_counter() - t0
-        if record.decision == "moved":
-            record.move_s = self._move_to(Plan.from_json(candidate.plan_json))
-        return self._record_replan(record)
-
-    def replan_to(self, plan: Plan, *, reason: str = "requested") -> dict:
-        """Move the running training to ``plan`` in memory (collective): gather the full state,
-        rebuild this rank's program for ``plan`` on the same ranks, scatter the state into it.
-        Recorded in :attr:`replans` like a re-plan of :meth:`maybe_replan`."""
-        from autopar.runtime import replan  # lazy: loads the estimator and the solver
-
-        self._require_runtime()
-        measured = replan.measured_step_time_s(self._step_times_s)
-        predicted = self.plan.predicted.step_time_s if self.plan.predicted is not None else 0.0
-        record = replan.Replan(
-            step=self._step,
-            measured_step_time_s=measured,
-            predicted_step_time_s=predicted,
-            threshold=0.0,
-            off=abs(measured - predicted) / predicted if predicted else float("inf"),
-            decision="moved",
-            reason=reason,
-            from_plan=self.plan.summary(),
-            to_plan=plan.summary(),
-        )
-        record.move_s = self._move_to(plan)
-        return self._record_replan(record)
-
+    # maybe_replan() and replan_to() are ReplanMethods' (replanning.py); the move is built here.
     def _move_to(self, plan: Plan) -> float:
         """Adopt ``plan`` in place (the user holds this object): a module built for it from the
         original model, loaded with this one's full state (parameters, optimizer, step, RNG)."""
@@ -587,13 +427,6 @@ class ParallelModule:
         self.__dict__.update(kept)
         return time.perf_counter() - t0
 
-    def _record_replan(self, record: Any) -> dict:
-        entry = record.to_dict()
-        self.replans.append(entry)
-        level = logging.WARNING if record.decision == "moved" else logging.INFO
-        log.log(level, "live re-planning after step %d: %s (%s)", record.step, record.decision, record.reason)
-        return entry
-
     def _checked(self, batch: Any, what: str) -> tuple:
         """The batch as a tuple, checked against the traced example on every rank alike (so a bad
         batch is an error here, before any collective, not a hang or a torch shape error)."""
@@ -615,7 +448,7 @@ class ParallelModule:
             return None
         names: list[str] = []
         if self.nan_check == "grads":
-            names = self._non_finite_grads()
+            names = non_finite_grads(self._program.slots, self._key_to_traced, self.device)
         if math.isfinite(loss) and not names:
             return None
         what = [] if math.isfinite(loss) else [f"the global loss is {loss}"]
@@ -630,27 +463,6 @@ class ParallelModule:
             step=self._step,
             parameters=names,
         )
-
-    def _non_finite_grads(self) -> list[str]:
-        """Original names of the parameters with a non-finite gradient, over all ranks."""
-        original = {traced: key for key, traced in self._key_to_traced.items()}
-        local = []
-        for slot in self._program.slots:
-            grad = slot.tensor().grad
-            if grad is None:
-                continue
-            grad = grad.to_local() if hasattr(grad, "to_local") else grad
-            if not bool(torch.isfinite(grad).all()):
-                local.append(original.get(slot.full_name, slot.full_name))
-        if not dist.is_initialized():
-            return local
-        flag = torch.tensor([float(bool(local))], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
-            return []
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
-        return list(dict.fromkeys(name for part in parts for name in part))
 
     def _train_step(self, batch: tuple) -> tuple[float, NonFiniteError | None]:
         dp_index = self.plan.coords(self.rank).get("dp", 0)
@@ -681,8 +493,8 @@ class ParallelModule:
         if bad is None:
             t0 = time.perf_counter()
             self._optimizer.step()
-            self._optimizer_times_s.append(time.perf_counter() - t0)
-            self._last_optimizer_s = self._optimizer_times_s[-1]
+            self._measure.optimizer_times_s.append(time.perf_counter() - t0)
+            self._measure.last_optimizer_s = self._measure.optimizer_times_s[-1]
         return loss, bad
 
     def _sync_tied_grads(self) -> None:
@@ -730,7 +542,7 @@ class ParallelModule:
             raise RuntimeFailure("calling the module runs inference; compile with mode='inference'")
         inputs = self._checked(inputs, "calling the module")
         self._require_runtime()
-        with guard(self._reporter, "inference", self.timeout_s), _explain_index_errors(inputs):
+        with guard(self._reporter, "inference", self.timeout_s), explain_index_errors(inputs):
             return self._infer(inputs)
 
     def _infer(self, inputs: tuple) -> Any:
@@ -759,238 +571,9 @@ class ParallelModule:
             out = merge_micro_batches(parts)
         return out
 
-    # ------------------------------------------------------------------------------ state
-    def _full(self, grads: bool) -> dict[str, torch.Tensor]:
-        self._require_runtime()
-        with guard(self._reporter, "gathering the full state", self.timeout_s):
-            slots = self._program.slots if grads else self._program.slots + self._buffer_slots
-            traced = gather_full(slots, self._groups, grads=grads)
-        return {key: traced[name] for key, name in self._key_to_traced.items() if name in traced}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full, unsharded state dict (original parameter names), on every rank (collective)."""
-        out = self._full(grads=False)
-        for key, value in self._model.state_dict().items():
-            out.setdefault(key, value.detach().clone())
-        return {key: out[key] for key in self._model.state_dict()}
-
-    def full_grads(self) -> dict[str, torch.Tensor]:
-        """Full gradients of the last step by original parameter name, on every rank (collective)."""
-        return self._full(grads=True)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a full state dict (as from the original model): each rank takes its shards."""
-        self._require_runtime()
-        traced = {}
-        for key, name in self._key_to_traced.items():
-            if key in state:
-                traced.setdefault(name, state[key])
-        with guard(self._reporter, "load_state_dict", self.timeout_s):
-            scatter_full(self._program.slots, traced)
-            scatter_full([s for s in self._buffer_slots if s.full_name in traced], traced)
-
-    @property
-    def global_step(self) -> int:
-        """Training steps taken, counting those of the checkpoint this module resumed from: the
-        data position of a loop that feeds one global batch per step."""
-        return self._step
-
-    def full_state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training, unsharded, on every rank (collective)::
-
-            {"model": state_dict(), "optim": {"state": {param key: {"step", "exp_avg", ...}},
-             "param_groups": [hyper-parameters]}, "step": int, "samples_seen": int,
-             "seed": int, "rng": {"torch_cpu": ByteTensor}}
-
-        ``optim`` is keyed by the original parameter names (the first name of a tied weight);
-        :func:`autopar.runtime.checkpoint.torch_optimizer_state` turns it into the index-keyed form
-        ``torch.optim.Optimizer.load_state_dict`` of the original model takes. Dropout masks are a
-        function of (seed, step, sample), so ``seed`` and ``step`` are the dropout RNG state."""
-        model = self.state_dict()
-        optim: dict[str, Any] = {"state": {}, "param_groups": []}
-        if self._optimizer is not None:
-            with guard(self._reporter, "gathering the optimizer state", self.timeout_s):
-                traced = gather_optimizer_full(self._optimizer, self._program.slots, self._groups)
-            for key, _ in self._model.named_parameters():  # tied weights: the first name only
-                name = self._key_to_traced.get(key)
-                if name in traced:
-                    optim["state"][key] = traced[name]
-            optim["param_groups"] = [
-                {k: v for k, v in group.items() if k != "params"} for group in self._optimizer.param_groups
-            ]
-        return {
-            "model": model,
-            "optim": optim,
-            "step": self._step,
-            "samples_seen": self._step * self.plan.global_batch,
-            "seed": self.seed,
-            "rng": {"torch_cpu": torch.get_rng_state()},
-        }
-
-    def load_full_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`full_state_dict` (of any plan): parameters, optimizer state, step, RNG."""
-        self.load_state_dict(state["model"])
-        optim = state.get("optim") or {}
-        if self._optimizer is not None and optim.get("state"):
-            traced = {
-                self._key_to_traced[k]: v for k, v in optim["state"].items() if k in self._key_to_traced
-            }
-            with guard(self._reporter, "loading the optimizer state", self.timeout_s):
-                scatter_optimizer_full(self._optimizer, self._program.slots, traced)
-        groups = optim.get("param_groups") or []
-        if self._optimizer is not None and groups:
-            if len(groups) != len(self._optimizer.param_groups):
-                log.warning(
-                    "the saved optimizer has %d parameter groups, this one %d: hyper-parameters "
-                    "(learning rate...) not restored",
-                    len(groups),
-                    len(self._optimizer.param_groups),
-                )
-            else:
-                for group, saved in zip(self._optimizer.param_groups, groups):
-                    group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        self._step = int(state.get("step", self._step))
-        if "torch_cpu" in state.get("rng", {}):
-            torch.set_rng_state(state["rng"]["torch_cpu"])
-        if state.get("seed", self.seed) != self.seed:
-            log.warning(
-                "the checkpoint was trained with seed=%s, this module has seed=%s: dropout masks will "
-                "differ from the saved run's; compile with seed=%s to continue it exactly",
-                state["seed"],
-                self.seed,
-                state["seed"],
-            )
-
-    def save(
-        self,
-        root: str | os.PathLike,
-        *,
-        keep: int | None = None,
-        extra: dict[str, Any] | None = None,
-        model_spec: str | None = None,
-    ) -> Path:
-        """Save the full training state as ``root/step-<N>`` (collective; docs/checkpoints.md):
-        DCP shard files written by all ranks in parallel, then a manifest, then one rename.
-        ``keep``: keep the newest ``keep`` checkpoints. ``extra``: JSON data of the caller's (its
-        data loader's position). ``model_spec``: the model's MODEL string, for ``autopar replan``."""
-        from autopar.runtime.checkpoint import describe_tensor, save_checkpoint
-
-        self._require_runtime()
-        if keep is not None and keep < 1:
-            raise CheckpointError(f"keep={keep}: keep at least the checkpoint being written (keep >= 1)")
-        state = {**self.full_state_dict(), "extra": dict(extra or {})}
-        info = {
-            "plan": json.loads(self.plan.to_json()),
-            "world_size": self.plan.world_size,
-            "global_batch": self.plan.global_batch,
-            "model_spec": model_spec,
-            "model": {k: describe_tensor(v) for k, v in state["model"].items()},
-        }
-        with guard(self._reporter, "saving a checkpoint", self.timeout_s):
-            return save_checkpoint(root, state, info, keep=keep)
-
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Load a checkpoint saved under any plan (collective); returns its manifest. The model,
-        the shard files and the format version are checked before anything is loaded, so a bad
-        checkpoint raises :class:`~autopar.core.errors.CheckpointError` and changes nothing."""
-        from autopar.runtime.checkpoint import load_checkpoint
-
-        self._require_runtime()
-        # Not under guard(): its checks raise the same CheckpointError on every rank, which guard
-        # would turn into a RuntimeFailure.
-        state, manifest = load_checkpoint(path, self._model.state_dict())
-        if manifest.get("global_batch") not in (None, self.plan.global_batch):
-            log.warning(
-                "checkpoint global_batch=%s, this plan's %s: step %d resumes at sample %s of the data",
-                manifest["global_batch"],
-                self.plan.global_batch,
-                state["step"],
-                state.get("samples_seen"),
-            )
-        self.load_full_state_dict(state)
-        return manifest
-
-    # ------------------------------------------------------------------------------ measurements
-    def measured(self) -> dict:
-        """This run's measurements for the plan report (collective): the median step time after the
-        first (warm-up) step, the last step's forward/backward timeline of this rank's pipeline
-        (seconds from each rank's step start), on CUDA the peak memory of every rank."""
-        times = sorted(self._step_times_s[1:] or self._step_times_s)
-        out: dict = {
-            "source": f"{self.plan.world_size} ranks, {len(self._step_times_s)} steps (first excluded)"
-        }
-        if times:
-            out["step_time_s"] = times[len(times) // 2]
-        if self._program is not None:
-            out["events"] = self._pipeline_events()
-        if self._program is not None and dist.is_initialized():
-            if self.device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(self.device)
-            else:  # CPU: the process's peak resident set grown since compile (an upper bound)
-                peak = max(peak_rss_bytes() - self._rss_at_start, 0)
-            mem = [None] * self.plan.world_size
-            dist.all_gather_object(mem, peak)
-            out["memory_bytes_per_rank"] = mem
-            mine = self._components()
-            every: list = [None] * self.plan.world_size
-            dist.all_gather_object(every, mine)
-            out["components_per_rank"] = every
-        if self.plan.predicted is not None:
-            out["predicted"] = {
-                "step_time_s": self.plan.predicted.step_time_s,
-                "breakdown_s": dict(self.plan.predicted.breakdown_s),
-            }
-        if self.replans:
-            out["replans"] = [dict(r) for r in self.replans]
-        return out
-
-    def _record_parts(self, tp_comm_s: float) -> None:
-        """The step just run split as the cost model splits it: this rank's forward/backward work
-        (its pipeline events, less the tensor-parallel collectives issued inside them), those
-        collectives, the optimizer step, and the rest (DP/ZeRO sync, p2p and waiting for other
-        stages, the runtime's own work)."""
-        events = (self._pipeline.events if self._pipeline is not None else self._events).events
-        work = sum(e["end_s"] - e["start_s"] for e in events)
-        step = self._step_times_s[-1]
-        opt, self._last_optimizer_s = self._last_optimizer_s, 0.0
-        compute = max(work - tp_comm_s, 0.0)
-        self._step_parts.append({
-            "step_s": step,
-            "compute_s": compute,
-            "tp_comm_s": tp_comm_s,
-            "optimizer_s": opt,
-            "other_s": max(step - compute - tp_comm_s - opt, 0.0),
-        })  # fmt: skip
-
-    def _components(self) -> dict[str, float]:
-        """The parts of this rank's median step (after the first): one step's parts, so they add
-        up to its time."""
-        parts = self._step_parts[1:] or self._step_parts
-        if not parts:
-            return {k: 0.0 for k in ("step_s", "compute_s", "tp_comm_s", "optimizer_s", "other_s")}
-        return sorted(parts, key=lambda p: p["step_s"])[len(parts) // 2]
-
-    def _pipeline_events(self) -> list[dict]:
-        """The last step's timeline of this rank's pipeline (collective over pp); virtual stage
-        ``v`` is reported as stage ``v % pp``, chunk ``v // pp``."""
-        mine = (self._pipeline.events if self._pipeline is not None else self._events).events
-        pp = self.plan.pp
-        if self.plan.virtual_stages > 1:
-            mine = [{**e, "stage": e["stage"] % pp, "chunk": e["stage"] // pp} for e in mine]
-        if self._groups is None or pp == 1:
-            return list(mine)
-        parts: list = [None] * pp
-        dist.all_gather_object(parts, mine, group=self._groups.group("pp"))
-        return [e for part in parts for e in part]
-
-    def report(self, path: str | os.PathLike, *, measured: dict | None = None) -> Path:
-        """Write the plan report (HTML) with this run's measurements overlaid; returns the path."""
-        from autopar.report import write_report  # lazy: optional, loads the figure code
-
-        loss_fn = self._loss_fn if self._train else None
-        n = len(self.target_names)
-        graph = trace(self._model, self._trace_args, loss_fn=loss_fn, num_targets=n)
-        return write_report(self.plan, path, cluster=self.cluster, graph=graph, measured=measured)
+    # ------------------------------------------------------------------------------ state, measurements
+    # state_dict() ... save(), load(): StateMethods (state.py); measured(), report():
+    # MeasuredMethods (measure.py).
 
     # ------------------------------------------------------------------------------ inspection
     def rank_code(self, rank: int) -> str:
@@ -1008,56 +591,6 @@ class ParallelModule:
 
     def __repr__(self) -> str:
         return f"ParallelModule({self.plan.summary()}, mode={self.mode})"
-
-
-def _check_scalar_loss(gm: torch.fx.GraphModule, loss_fn: Callable | None) -> None:
-    """Training needs one number to differentiate; a per-sample or per-token loss would fail in
-    backward (``grad can be implicitly created only for scalar outputs``)."""
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    value = output.args[0]
-    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    if shape is None or math.prod(shape) == 1:
-        return
-    source = "loss_fn" if loss_fn is not None else "the model (train mode without loss_fn)"
-    raise InputError(
-        f"{source} returned a tensor of shape {list(shape)} (at the micro-batch size); the loss must "
-        "be a scalar: reduce it, e.g. .mean() or reduction='mean'"
-    )
-
-
-@contextlib.contextmanager
-def _explain_index_errors(batch: tuple) -> Iterator[None]:
-    """An ``IndexError`` from an embedding lookup (``index out of range in self``) says nothing of
-    which input was out of range; name the inputs, their shapes and largest ids."""
-    try:
-        yield
-    except Exception as exc:
-        cause = root_cause(exc)
-        if not isinstance(cause, IndexError):
-            raise
-        seen = [
-            f"batch[{i}] shape {list(t.shape)} {t.dtype}"
-            + (f" max {int(t.max())}" if not t.is_floating_point() and t.numel() else "")
-            for i, t in enumerate(batch)
-            if isinstance(t, torch.Tensor)
-        ]
-        raise InputError(
-            f"an index lookup inside the model failed ({type(cause).__name__}: {cause}): an id at "
-            "least the size of an embedding table (token id >= vocab) or a sequence longer than the "
-            f"position table; the batch: {'; '.join(seen)}"
-        ) from exc
-
-
-def _first_samples(batch: tuple, n: int) -> tuple:
-    sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0}
-    if sizes and min(sizes) < n:
-        raise PlanError(
-            f"example_inputs hold {min(sizes)} samples but a micro-batch has {n}; pass at least "
-            "micro_batch_size samples (the graph is traced at the micro-batch shape)"
-        )
-    # Clones: two example inputs that are one tensor (labels=input_ids) would trace as aliases.
-    return tuple(t[:n].clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in batch)
 
 
 def _device() -> torch.device:

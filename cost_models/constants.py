@@ -68,13 +68,6 @@ class Calibration:
     8 x 100 Gb/s NICs reach 600 Gb/s, which the NCCL maintainers call "roughly matching our
     expectation" (NVIDIA/nccl issue 495). ``False``: every ring step crosses a NIC (the per-GPU
     rate; DeepSpeed ZeRO-3 in 2021, :data:`cost_models.hardware.FRAMEWORKS`)."""
-    collective_latency_by_interval: tuple[tuple[float, float], ...] = ()
-    """(compute seconds since the previous collective, per-hop latency seconds) points: the latency
-    of a block's blocking collectives (tensor, expert parallel) as a function of the compute
-    between them, linear between the points and flat beyond (``cost_models.step``). Empty: the
-    link's latency. The profiled mode measures two points: on gloo a collective issued after a
-    short kernel costs less than one after a long kernel (the ranks' arrival skew grows with the
-    work between calls), and a tensor-parallel block issues one every few milliseconds of compute."""
     all_gather_time_scale: float = 1.0
     """The bandwidth term of a ring all-gather, times this. 1 for NCCL, whose all-gather and
     reduce-scatter reach the all-reduce's bus bandwidth (nccl-tests); the profiled mode measures

@@ -36,7 +36,6 @@ optimizer step the slowest stage's ``params_s / (W_s * eff_hbm)``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -144,49 +143,15 @@ class BlockTime:
         return BlockTime(**{f: getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__})
 
 
-def interval_latency_s(interval_s: float, calib: Calibration) -> float | None:
-    """Per-hop latency of a blocking collective issued ``interval_s`` of compute after the previous
-    one (``calib.collective_latency_by_interval``, linear between its points and flat beyond);
-    None: the link's own."""
-    points = sorted(calib.collective_latency_by_interval)
-    if not points:
-        return None
-    if interval_s <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if interval_s <= x1:
-            return y0 + (y1 - y0) * (interval_s - x0) / (x1 - x0)
-    return points[-1][1]
-
-
-def _at_latency(group: GroupSpec, latency_s: float | None) -> GroupSpec:
-    if latency_s is None:
-        return group
-    intra = LinkSpec(bandwidth_bytes_per_s=group.intra.bandwidth_bytes_per_s, latency_s=latency_s)
-    inter = group.inter and LinkSpec(
-        bandwidth_bytes_per_s=group.inter.bandwidth_bytes_per_s, latency_s=latency_s
-    )
-    return dataclasses.replace(group, intra=intra, inter=inter)
-
-
 def _tp_times(
-    block: BlockWork,
-    groups: dict[str, GroupSpec],
-    recompute: str,
-    calib: Calibration,
-    compute_s: float = 0.0,
+    block: BlockWork, groups: dict[str, GroupSpec], recompute: str, calib: Calibration
 ) -> tuple[float, float, float]:
-    """Exposed (forward, recompute, backward) collective seconds of the block; ``compute_s``: its
-    forward + backward compute, spread evenly between its collectives (the interval that sets
-    their latency when ``calib.collective_latency_by_interval`` is given)."""
+    """Exposed (forward, recompute, backward) collective seconds of the block."""
     fwd = bwd = 0.0
-    calls = sum(c.count for c in block.comms if (g := groups.get(c.axis)) is not None and g.size > 1)
-    latency = interval_latency_s(compute_s / calls, calib) if calls else None
     for c in block.comms:
         group = groups.get(c.axis)
         if group is None or group.size == 1:
             continue
-        group = _at_latency(group, latency)
         t = collective_time_s(c.collective, c.nbytes, group, calib=calib) * c.count
         if c.phase == "fwd":
             fwd += t
@@ -251,7 +216,7 @@ def block_time(
             recompute == "full" or (recompute == "selective" and op.selective_recompute)
         ):
             rec += f
-    tp_fwd, tp_rec, tp_bwd = _tp_times(block, groups, recompute, calib, fwd + bwd)
+    tp_fwd, tp_rec, tp_bwd = _tp_times(block, groups, recompute, calib)
     zero = (
         _zero3_time(block, groups.get("dp"), recompute, bytes_per_param, calib, zero3)
         if zero_stage == 3

@@ -262,33 +262,6 @@ def test_tp_collectives_are_exposed_and_rerun_by_full_recompute():
     assert block_time(block, A100, {"tp": g}).tp_s == pytest.approx(4 * one)
 
 
-def test_tp_collective_latency_follows_the_compute_between_them():
-    """With latency-by-interval points, a block's collectives take the per-hop latency at its
-    compute per collective (linear between the points, flat beyond); bytes are charged as before."""
-    g = GroupSpec(size=2, ranks_per_node=2, intra=NVLINK)
-    comm = CommWork(name="ar", collective="all_reduce", nbytes=1e6, count=2)
-    bwd = CommWork(name="ar_b", collective="all_reduce", nbytes=1e6, phase="bwd", count=2)
-    op = OpWork(
-        name="mm", op_class="gemm", gemm=(1, 4096, 4096, 4096), measured_fwd_s=0.01, measured_bwd_s=0.012
-    )
-    block = BlockWork(name="layer", ops=(op,), comms=(comm, bwd), saved_bytes={"none": 0})
-    points = ((0.001, 1e-4), (0.011, 1.1e-3))
-    calib = NO_LATENCY.with_(collective_latency_by_interval=points)
-    t = block_time(block, A100, {"tp": g}, calib=calib)
-    interval = (t.fwd_s + t.bwd_s) / 4  # 5.5 ms: 5.5e-4 s per hop
-    at = GroupSpec(size=2, ranks_per_node=2, intra=LinkSpec(bandwidth_bytes_per_s=300e9, latency_s=5.5e-4))
-    assert interval == pytest.approx(0.0055)
-    assert t.tp_s == pytest.approx(4 * collective_time_s("all_reduce", 1e6, at, calib=calib))
-    flat = block_time(
-        block, A100, {"tp": g}, calib=NO_LATENCY.with_(collective_latency_by_interval=points[:1])
-    )
-    low = GroupSpec(size=2, ranks_per_node=2, intra=LinkSpec(bandwidth_bytes_per_s=300e9, latency_s=1e-4))
-    assert flat.tp_s == pytest.approx(4 * collective_time_s("all_reduce", 1e6, low, calib=calib))
-    assert block_time(block, A100, {"tp": g}, calib=NO_LATENCY).tp_s == pytest.approx(
-        4 * collective_time_s("all_reduce", 1e6, g, calib=NO_LATENCY)
-    )
-
-
 def test_overlap_is_between_max_and_sum():
     assert overlapped_s(1.0, 0.0) == 1.0
     both = overlapped_s(1.0, 1.0)

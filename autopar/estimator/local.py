@@ -54,14 +54,12 @@ from cost_models import Calibration, GroupSpec, LinkSpec, collective_time_s
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 8
 _AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20)
 """All-reduce sizes measured: the two largest set the bandwidth (their difference cancels the
 latency and the arrival skew), the two smallest the latency. Up to 2 MiB only, a least-squares
 slope through points dominated by latency and skew varied 5x between calibrations (2 ranks:
 0.65 and 3.27 GB/s; now 1.31-1.47 GB/s over three)."""
-_LATENCY_BYTES = 1 << 10
-"""The all-reduce timed after kernels of two lengths (latency by interval)."""
 _BIG_ELEMS = 1 << 21
 _SMALL = (64, 1024)  # 64 tensors of 1024 elements
 
@@ -108,9 +106,6 @@ class LayoutCalibration:
     slowdown_cores: float = 0.0
     """With more ranks than cores: the slowdown with as many ranks computing as there are cores and
     the others waiting (what a pipeline's ranks see while some idle in the bubble). 0: not measured."""
-    latency_by_interval: tuple[tuple[float, float], ...] = ()
-    """(compute seconds before the call, per-hop latency seconds) of a small all-reduce after a
-    short and after the reference kernel (``Calibration.collective_latency_by_interval``)."""
     all_gather_scale: float = 1.0
     """All-gather's measured time per byte over the ring model's at ``bandwidth_bytes_per_s``."""
     reduce_scatter_scale: float = 1.0
@@ -132,7 +127,6 @@ class LayoutCalibration:
             raise AutoparError(f"layout calibration version {d.get('version')!r}; expected {LAYOUT_VERSION}")
         fields = {k: v for k, v in d.items() if k != "version"}
         fields["fsdp_unit_s"] = tuple(fields.get("fsdp_unit_s", (0.0, 0.0)))
-        fields["latency_by_interval"] = tuple(tuple(p) for p in fields.get("latency_by_interval", ()))
         return cls(**fields)
 
 
@@ -162,10 +156,10 @@ def _layout_worker(rank: int, ranks: int, port: int, threads: int, timeout_s: fl
         queue.put(("error", f"rank {rank}: {e!r}"))
 
 
-def reference_kernel(rows: int = 256) -> Callable[[], object]:
-    """A small training-like workload (GEMMs, an activation, a norm, backward) over ``rows`` rows."""
+def reference_kernel() -> Callable[[], object]:
+    """A small training-like workload (GEMMs, an activation, a norm, backward)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 256, generator=g, requires_grad=True)
+    x = torch.randn(256, 256, generator=g, requires_grad=True)
     w1 = torch.randn(256, 1024, generator=g, requires_grad=True)
     w2 = torch.randn(1024, 256, generator=g, requires_grad=True)
 
@@ -272,26 +266,6 @@ def _measure_layout(rank: int, ranks: int) -> dict:
                 if i >= 2:
                     samples.append(time.perf_counter() - t0)
             out[kind][size] = mean_over_ranks(statistics.median(samples))
-    # a small all-reduce's wait by the compute before it: after the reference kernel and after a
-    # quarter of it, interleaved so both see the same machine (a block's tensor-parallel collectives
-    # come every few milliseconds of compute; the after-kernel latency above is the long end)
-    tiny = torch.ones(_LATENCY_BYTES // 4)
-    kernels = {"short": reference_kernel(64), "long": kernel}
-    waits: dict[str, list[float]] = {"short": [], "long": []}
-    lengths: dict[str, list[float]] = {"short": [], "long": []}
-    for i in range(14):
-        for name, k in kernels.items():
-            t0 = time.perf_counter()
-            k()
-            t1 = time.perf_counter()
-            dist.all_reduce(tiny)
-            if i >= 2:
-                lengths[name].append(t1 - t0)
-                waits[name].append(time.perf_counter() - t1)
-    out["latency_by_interval"] = [
-        [mean_over_ranks(statistics.median(lengths[n])), mean_over_ranks(statistics.median(waits[n]))]
-        for n in kernels
-    ]
     # the step's scalar loss all-reduce
     s = torch.zeros(1)
     out["scalar_all_reduce_s"] = slowest(_median_time(lambda: dist.all_reduce(s), 20))
@@ -365,7 +339,6 @@ def local_calibration(layout: LayoutCalibration, calib: Calibration) -> Calibrat
     side streams: FSDP2 issues and waits for each gather on the compute thread); ZeRO runs as
     autopar's runtime runs it (``Calibration.zero_fsdp2``)."""
     return calib.with_(
-        collective_latency_by_interval=layout.latency_by_interval,
         all_gather_time_scale=layout.all_gather_scale,
         reduce_scatter_time_scale=layout.reduce_scatter_scale,
         intra_node_efficiency=1.0,
@@ -409,13 +382,6 @@ def fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
     bandwidth = (hops / ranks) / c1
     latency = max(c0, 0.0) / hops
     gather_scale, scatter_scale = (_collective_scale(raw.get(k), ranks, bandwidth) for k in _SCALED)
-    transfer = (hops / ranks) * _LATENCY_BYTES / bandwidth
-    by_interval = tuple(
-        sorted(
-            (interval, max(wait - transfer, 0.0) / hops)
-            for interval, wait in raw.get("latency_by_interval", ())
-        )
-    )
     # AdamW: big = T + E*N_big ; small = K*T + E*K*n_small
     k, n_small = _SMALL
     e = (raw["adamw_big_s"] - raw["adamw_small_s"] / k) / (_BIG_ELEMS - n_small)
@@ -439,7 +405,6 @@ def fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
         slowdown_busy=max(min(raw.get("slowdown_busy_rounds") or [0.0]), 0.0),
         slowdown_cores=max(min(raw.get("slowdown_cores_rounds") or [0.0]), 0.0),
         all_gather_scale=gather_scale,
-        latency_by_interval=by_interval,
         reduce_scatter_scale=scatter_scale,
         cores=os.cpu_count() or 0,
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"),

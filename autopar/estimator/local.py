@@ -33,36 +33,33 @@ import logging
 import math
 import os
 import platform
-import queue as queue_module
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from autopar.cluster import Cluster, Link
-from autopar.core.errors import AutoparError, RuntimeFailure
+from autopar.core.errors import AutoparError
 from autopar.core.ir import OpGraph
 from autopar.core.progress import Progress
+from autopar.estimator.layout_probe import (
+    BIG_ELEMS,
+    FSDP_UNIT_BYTES,
+    SMALL_TENSORS,
+    measure_layout,
+    single_layout,
+    spawn_layout,
+)
 from autopar.estimator.profile import profile
-from autopar.estimator.profile_comm import free_port
 from cost_models import Calibration, GroupSpec, LinkSpec, collective_time_s
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 9
-_AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20)
-"""All-reduce sizes measured: the two largest set the bandwidth (their difference cancels the
-latency and the arrival skew), the two smallest the latency. Up to 2 MiB only, a least-squares
-slope through points dominated by latency and skew varied 5x between calibrations (2 ranks:
-0.65 and 3.27 GB/s; now 1.31-1.47 GB/s over three)."""
-_COLLECTIVE_ROUNDS = 3
-_BIG_ELEMS = 1 << 21
-_SMALL = (64, 1024)  # 64 tensors of 1024 elements
 
 
 def cache_dir() -> Path:
@@ -113,7 +110,7 @@ class LayoutCalibration:
     """The same for reduce-scatter."""
     fsdp_unit_s: tuple[float, float] = (0.0, 0.0)
     """FSDP2's own cost per wrapped unit and micro-batch, for ZeRO-2 and ZeRO-3: a model of
-    ``_FSDP_UNITS`` small blocks stepped with and without ``fully_shard``, less the collectives the
+    ``FSDP_UNITS`` small blocks stepped with and without ``fully_shard``, less the collectives the
     cost model charges for a unit itself (:func:`_fsdp_framework_s`): hooks, DTensor bookkeeping."""
     measured_at: str = ""
     source: dict = field(default_factory=dict)
@@ -134,206 +131,6 @@ class LayoutCalibration:
 def machine_key() -> str:
     """Which machine the numbers belong to: CPU model, core count, torch version."""
     return f"{platform.processor() or platform.machine()}:{os.cpu_count()}cores:torch{torch.__version__}"
-
-
-def _layout_worker(rank: int, ranks: int, port: int, threads: int, timeout_s: float, queue: Any) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=ranks,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        out = _measure_layout(rank, ranks)
-        dist.barrier()
-        if rank == 0:
-            queue.put(("ok", out))
-        dist.destroy_process_group()
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises a typed error
-        queue.put(("error", f"rank {rank}: {e!r}"))
-
-
-def reference_kernel() -> Callable[[], object]:
-    """A small training-like workload (GEMMs, an activation, a norm, backward)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 256, generator=g, requires_grad=True)
-    w1 = torch.randn(256, 1024, generator=g, requires_grad=True)
-    w2 = torch.randn(1024, 256, generator=g, requires_grad=True)
-
-    def run() -> object:
-        y = torch.nn.functional.layer_norm(torch.nn.functional.gelu(x @ w1) @ w2, (256,))
-        y.sum().backward()
-        return y
-
-    return run
-
-
-def _median_time(
-    fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        samples.append(clock() - t0)
-    return statistics.median(samples)
-
-
-def _measure_layout(rank: int, ranks: int) -> dict:
-    import torch.distributed as dist
-
-    def slowest(t: float) -> float:
-        v = torch.tensor([t], dtype=torch.float64)
-        dist.all_reduce(v, op=dist.ReduceOp.MAX)
-        return float(v)
-
-    kernel = reference_kernel()
-    out: dict = {}
-    # compute: rank 0 alone on the process CPU clock (what the profiler measures), then all ranks at
-    # once on the wall clock; five rounds, the least contended one counts (fit_layout): a burst of
-    # other load on the machine inflates a round, never deflates it, as runs keep their fastest time
-    ratios, alones, togethers = [], [], []
-    for _ in range(5):
-        dist.barrier()
-        alone = slowest(_median_time(kernel, 7, time.process_time) if rank == 0 else 0.0)
-        dist.barrier()
-        together = slowest(_median_time(kernel, 7))
-        alones.append(alone)
-        togethers.append(together)
-        ratios.append(together / max(alone, 1e-9))
-    out["kernel_alone_s"] = statistics.median(alones)
-    out["kernel_together_s"] = statistics.median(togethers)
-    out["slowdown_rounds"] = ratios
-    # all ranks busy without pause: a loop's wall time per kernel (time slices included)
-    busy = []
-    for _ in range(3):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(9):
-            kernel()
-        busy.append(slowest((time.perf_counter() - t0) / 9) / max(out["kernel_alone_s"], 1e-9))
-    out["slowdown_busy_rounds"] = busy
-    # more ranks than cores: as many computing as there are cores, the others waiting at the barrier
-    cores = os.cpu_count() or 1
-    if ranks > cores:
-        partial = []
-        for _ in range(5):
-            dist.barrier()
-            t = _median_time(kernel, 7) if rank < cores else 0.0
-            partial.append(slowest(t) / max(out["kernel_alone_s"], 1e-9))
-        out["slowdown_cores_rounds"] = partial
-
-    # all_reduce at several sizes, issued as the runtime issues them: right after a compute kernel,
-    # so a call includes the ranks' arrival skew (the first to arrive waits for the last). What a
-    # collective adds to the step is its transfer plus the expected skew: the mean over ranks of
-    # each rank's median time (back-to-back calls would leave the skew out)
-    def mean_over_ranks(t: float) -> float:
-        v = torch.tensor([t], dtype=torch.float64)
-        dist.all_reduce(v)
-        return float(v) / ranks
-
-    def after_kernel(call: Callable[[], object], calls: int) -> float:
-        samples = []
-        for i in range(calls + 2):
-            kernel()
-            t0 = time.perf_counter()
-            call()
-            if i >= 2:
-                samples.append(time.perf_counter() - t0)
-        return mean_over_ranks(statistics.median(samples))
-
-    # all-gather and reduce-scatter at the two sizes that set the all-reduce's bandwidth: gloo runs
-    # each kind its own way (its ring all-reduce is not two of its all-gathers), so each kind's
-    # bandwidth term is scaled by what it measured against the ring model (_collective_scale).
-    # Three rounds over every size, each size keeping its fastest round: a burst of other load on
-    # the machine (this VM's neighbours) inflates a round, never deflates it (one round measured a
-    # 1 KiB all-reduce at 13 ms where the others measured 2-5 ms)
-    out["all_reduce"], out["all_gather"], out["reduce_scatter"] = {}, {}, {}
-    for _ in range(_COLLECTIVE_ROUNDS):
-        timed = {}
-        for size in _AR_SIZES:
-            x = torch.ones(size // 4)
-            timed["all_reduce", size] = after_kernel(lambda x=x: dist.all_reduce(x), 10)
-        for size in _AR_SIZES[-2:]:
-            full = torch.ones(size // 4 // ranks * ranks)
-            part = torch.ones(full.numel() // ranks)
-            timed["all_gather", size] = after_kernel(
-                lambda f=full, p=part: dist.all_gather_into_tensor(f, p), 6
-            )
-            timed["reduce_scatter", size] = after_kernel(
-                lambda f=full, p=part: dist.reduce_scatter_tensor(p, f), 6
-            )
-        for (kind, size), t in timed.items():
-            out[kind][size] = min(out[kind].get(size, t), t)
-    # the step's scalar loss all-reduce
-    s = torch.zeros(1)
-    out["scalar_all_reduce_s"] = slowest(_median_time(lambda: dist.all_reduce(s), 20))
-    # AdamW: one big tensor vs many small ones, every rank stepping at once
-    big = [torch.zeros(_BIG_ELEMS, requires_grad=True)]
-    small = [torch.zeros(_SMALL[1], requires_grad=True) for _ in range(_SMALL[0])]
-    for params in (big, small):
-        for p in params:
-            p.grad = torch.ones_like(p)
-    times = {}
-    for name, params in (("big", big), ("small", small)):
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        dist.barrier()
-        times[name] = slowest(_median_time(opt.step, 7))
-    out["adamw_big_s"], out["adamw_small_s"] = times["big"], times["small"]
-    # ZeRO-2/3 run FSDP2, whose parameters are DTensors: the optimizer dispatches every op per
-    # tensor through DTensor, a per-tensor cost far above the plain foreach loop's
-    if ranks > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        mesh = init_device_mesh("cpu", (ranks,))
-        sharded = [
-            torch.nn.Parameter(distribute_tensor(torch.zeros(_SMALL[1] * ranks), mesh, [Shard(0)]))
-            for _ in range(_SMALL[0] // 4)
-        ]
-        for p in sharded:
-            p.grad = distribute_tensor(torch.ones(_SMALL[1] * ranks), mesh, [Shard(0)])
-        opt = torch.optim.AdamW(sharded, lr=1e-4)
-        dist.barrier()
-        out["adamw_dtensor_s_per_tensor"] = slowest(_median_time(opt.step, 5)) / len(sharded)
-        plain = _fsdp_probe(None, mesh, slowest)
-        for stage in (2, 3):
-            per = (_fsdp_probe(stage, mesh, slowest) - plain) / (_FSDP_UNITS + 1)
-            out[f"fsdp{stage}_unit_s"] = max(per, 0.0)
-    return out
-
-
-_FSDP_UNITS = 8
-_FSDP_UNIT_BYTES = 6 * (32 * 32 + 32) * 4
-"""Parameter bytes of one probe unit (6 fp32 ``Linear(32, 32)``)."""
-
-
-def _fsdp_probe(zero_stage: int | None, mesh: Any, slowest: Callable[[float], float]) -> float:
-    """Forward + backward of ``_FSDP_UNITS`` blocks of 6 small Linears (12 tensors, like a
-    transformer layer's), each block and the root under ``fully_shard`` (None: plain)."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    blocks = [torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(6)]) for _ in range(_FSDP_UNITS)]
-    model = torch.nn.Sequential(*blocks)
-    if zero_stage is not None:
-        for b in blocks:
-            fully_shard(b, mesh=mesh, reshard_after_forward=zero_stage == 3)
-        fully_shard(model, mesh=mesh, reshard_after_forward=zero_stage == 3)
-    x = torch.randn(8, 32)
-
-    def step() -> None:
-        model(x).sum().backward()
-
-    dist.barrier()
-    samples = [_median_time(step, 5) for _ in range(3)]
-    return slowest(min(samples))
 
 
 def local_calibration(layout: LayoutCalibration, calib: Calibration) -> Calibration:
@@ -367,13 +164,13 @@ def _fsdp_framework_s(layout: LayoutCalibration, measured_s: float, gathers: int
         intra=LinkSpec(bandwidth_bytes_per_s=layout.bandwidth_bytes_per_s, latency_s=layout.latency_s),
     )
     calib = local_calibration(layout, Calibration())
-    charged = gathers * collective_time_s("all_gather", _FSDP_UNIT_BYTES, group, calib=calib)
-    charged += collective_time_s("reduce_scatter", _FSDP_UNIT_BYTES, group, calib=calib)
+    charged = gathers * collective_time_s("all_gather", FSDP_UNIT_BYTES, group, calib=calib)
+    charged += collective_time_s("reduce_scatter", FSDP_UNIT_BYTES, group, calib=calib)
     return max(measured_s - charged, 0.0)
 
 
 def fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
-    """The layout's numbers from its raw measurements (what ``_measure_layout`` returns)."""
+    """The layout's numbers from its raw measurements (what ``measure_layout`` returns)."""
     sizes = sorted(raw["all_reduce"])
     ts = [raw["all_reduce"][s] for s in sizes]
     # time = c0 + c1 * size: the slope from the two largest messages (latency and skew cancel),
@@ -387,9 +184,9 @@ def fit_layout(ranks: int, threads: int, raw: dict) -> LayoutCalibration:
     latency = max(c0, 0.0) / hops
     gather_scale, scatter_scale = (_collective_scale(raw.get(k), ranks, bandwidth) for k in _SCALED)
     # AdamW: big = T + E*N_big ; small = K*T + E*K*n_small
-    k, n_small = _SMALL
-    e = (raw["adamw_big_s"] - raw["adamw_small_s"] / k) / (_BIG_ELEMS - n_small)
-    e = max(e, raw["adamw_big_s"] / _BIG_ELEMS / 2)
+    k, n_small = SMALL_TENSORS
+    e = (raw["adamw_big_s"] - raw["adamw_small_s"] / k) / (BIG_ELEMS - n_small)
+    e = max(e, raw["adamw_big_s"] / BIG_ELEMS / 2)
     per_tensor = max((raw["adamw_small_s"] - e * k * n_small) / k, 0.0)
     layout = LayoutCalibration(
         ranks=ranks,
@@ -452,7 +249,7 @@ def calibrate_layout(
             log.warning("layout calibration cache %s unreadable (%s); measuring again", path, e)
     bar = Progress(enabled=progress)
     bar.start(f"measuring {ranks} local process(es): compute contention, gloo all-reduce, AdamW", 1)
-    raw = _spawn_layout(ranks, threads, timeout_s) if ranks > 1 else _single_layout(threads)
+    raw = spawn_layout(ranks, threads, timeout_s) if ranks > 1 else single_layout(threads)
     cal = fit_layout(max(ranks, 2), threads, raw)
     cal.ranks = ranks
     bar.advance("done")
@@ -482,7 +279,7 @@ def calibrate_in_group(*, refresh: bool = False) -> LayoutCalibration:
     if box[0] is None:
         if rank == 0:
             log.info("measuring %d local ranks: compute contention, gloo all-reduce, AdamW", ranks)
-        raw = _measure_layout(rank, ranks)
+        raw = measure_layout(rank, ranks)
         cal = fit_layout(ranks, torch.get_num_threads(), raw)
         if rank == 0:
             _save_layout(path, cal)
@@ -500,68 +297,6 @@ def _save_layout(path: Path, cal: LayoutCalibration) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(cal.to_json(), indent=1))
     tmp.replace(path)
-
-
-def _single_layout(threads: int) -> dict:
-    """One process: no collectives; compute and AdamW measured here with the rank's threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        kernel = reference_kernel()
-        alone = _median_time(kernel, 15, time.process_time if threads == 1 else time.perf_counter)
-        together = _median_time(kernel, 15)
-        big = [torch.zeros(_BIG_ELEMS, requires_grad=True)]
-        small = [torch.zeros(_SMALL[1], requires_grad=True) for _ in range(_SMALL[0])]
-        out = {"kernel_alone_s": alone, "kernel_together_s": together, "scalar_all_reduce_s": 0.0}
-        for name, params in (("big", big), ("small", small)):
-            for p in params:
-                p.grad = torch.ones_like(p)
-            out[f"adamw_{name}_s"] = _median_time(torch.optim.AdamW(params, lr=1e-4).step, 7)
-        out["all_reduce"] = {s: 1e-6 + s * 1e-12 for s in _AR_SIZES}  # unused with one rank
-        return out
-    finally:
-        torch.set_num_threads(before)
-
-
-def _spawn_layout(ranks: int, threads: int, timeout_s: float) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_layout_worker, args=(r, ranks, port, threads, timeout_s, queue), daemon=True)
-        for r in range(ranks)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s + 60
-    try:
-        while True:  # poll: a rank that dies (e.g. cannot import the caller's __main__) fails fast
-            try:
-                status, payload = queue.get(timeout=1.0)
-                break
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead or time.monotonic() > deadline:
-                    why = (
-                        f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]}"
-                        if dead
-                        else "timed out"
-                    )
-                    raise RuntimeFailure(
-                        f"calibrate_layout: no result from {ranks} local gloo ranks ({why}); is 127.0.0.1 "
-                        "reachable, the machine not overloaded, and the caller's script guarded by "
-                        "`if __name__ == '__main__':` (processes are spawned)?"
-                    ) from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeFailure(f"calibrate_layout failed: {payload}")
-    return payload
 
 
 # ------------------------------------------------------------------------------ the model

@@ -247,6 +247,18 @@ def batch_statistics_modules(gm: torch.fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def whole_batch_refusal(what: str, plan: Plan, otherwise: str) -> PlanError:
+    """The error for a statistic of the whole batch (``what``: which, and that it needs the whole
+    batch) under a plan that splits each replica's batch into micro-batches; ``otherwise``: the
+    user's other way out besides one micro-batch per replica."""
+    return PlanError(
+        f"{what}, but this plan ({plan.summary()}) runs {plan.num_micro_batches} micro-batches of "
+        f"{plan.micro_batch_size} samples per data-parallel replica and no micro-batch sees the whole "
+        f"batch. Use micro_batch_size={plan.global_batch // plan.dp} (global_batch/dp: one micro-batch "
+        f"per replica), or {otherwise}"
+    )
+
+
 def check_plan(gm: torch.fx.GraphModule, plan: Plan, policy: str) -> list[str]:
     """The BatchNorms of ``gm`` using batch statistics; raises :class:`PlanError` when ``plan``
     cannot give them the whole batch under ``policy="sync"``, warns under ``"local"`` when the
@@ -259,12 +271,10 @@ def check_plan(gm: torch.fx.GraphModule, plan: Plan, policy: str) -> list[str]:
         return modules
     names = _names(modules)
     if policy == "sync" and m > 1:
-        raise PlanError(
-            f"BatchNorm {names} normalises with the statistics of the whole batch, but this plan "
-            f"({plan.summary()}) runs {m} micro-batches of {plan.micro_batch_size} samples per "
-            "data-parallel replica and no micro-batch sees the whole batch. Use micro_batch_size="
-            f"{plan.global_batch // plan.dp} (global_batch/dp: one micro-batch per replica), or "
-            "batchnorm='local' (statistics per replica and micro-batch: the model's maths changes)"
+        raise whole_batch_refusal(
+            f"BatchNorm {names} normalises with the statistics of the whole batch",
+            plan,
+            "batchnorm='local' (statistics per replica and micro-batch: the model's maths changes)",
         )
     if policy == "local":
         log.warning(

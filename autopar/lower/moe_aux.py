@@ -28,9 +28,8 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
-from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
-from autopar.lower.batchnorm import DPStats, attach_context
+from autopar.lower.batchnorm import DPStats, attach_context, whole_batch_refusal
 from autopar.tracing import hf_moe
 from autopar.tracing.hf_moe import is_balance_loss
 
@@ -72,13 +71,11 @@ def check_plan(gm: torch.fx.GraphModule, plan: Plan) -> bool:
     found = any(is_balance_loss(n) for n in gm.graph.nodes)
     m = plan.num_micro_batches
     if found and m > 1:
-        raise PlanError(
+        raise whole_batch_refusal(
             "the model computes HuggingFace's MoE load-balancing loss (config.output_router_logits="
-            "True), a statistic of the whole batch over every layer's routing, but this plan "
-            f"({plan.summary()}) runs {m} micro-batches of {plan.micro_batch_size} samples per "
-            "data-parallel replica and no micro-batch sees the whole batch. Use micro_batch_size="
-            f"{plan.global_batch // plan.dp} (global_batch/dp: one micro-batch per replica), or set "
-            "output_router_logits=False and add a per-micro-batch auxiliary loss of your own"
+            "True), a statistic of the whole batch over every layer's routing",
+            plan,
+            "set output_router_logits=False and add a per-micro-batch auxiliary loss of your own",
         )
     return found
 

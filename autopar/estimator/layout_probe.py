@@ -8,7 +8,6 @@ this module measures, that one fits, caches and applies."""
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import statistics
 import time
 from collections.abc import Callable
@@ -17,8 +16,7 @@ from typing import Any
 
 import torch
 
-from autopar.core.errors import RuntimeFailure
-from autopar.estimator.profile_comm import free_port
+from autopar.estimator.profile_comm import spawn_ranks
 
 AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20)
 """All-reduce sizes measured: the two largest set the bandwidth (their difference cancels the
@@ -252,44 +250,8 @@ def single_layout(threads: int) -> dict:
 
 
 def spawn_layout(ranks: int, threads: int, timeout_s: float) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=layout_worker, args=(r, ranks, port, threads, timeout_s, queue), daemon=True)
-        for r in range(ranks)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s + 60
-    try:
-        while True:  # poll: a rank that dies (e.g. cannot import the caller's __main__) fails fast
-            try:
-                status, payload = queue.get(timeout=1.0)
-                break
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead or time.monotonic() > deadline:
-                    why = (
-                        f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]}"
-                        if dead
-                        else "timed out"
-                    )
-                    raise RuntimeFailure(
-                        f"calibrate_layout: no result from {ranks} local gloo ranks ({why}); is 127.0.0.1 "
-                        "reachable, the machine not overloaded, and the caller's script guarded by "
-                        "`if __name__ == '__main__':` (processes are spawned)?"
-                    ) from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeFailure(f"calibrate_layout failed: {payload}")
-    return payload
+    """:func:`measure_layout` on ``ranks`` spawned processes with ``threads`` threads each."""
+    return spawn_ranks("calibrate_layout", layout_worker, ranks, (threads, timeout_s), timeout_s)
 
 
 __all__ = [

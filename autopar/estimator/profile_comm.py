@@ -33,6 +33,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(what: str, target: Any, ranks: int, args: tuple, timeout_s: float) -> Any:
+    """Run ``target(rank, ranks, port, *args, queue)`` in ``ranks`` spawned processes forming a gloo
+    group on ``127.0.0.1:port``; returns the payload rank 0 puts as ``("ok", payload)``. Raises
+    :class:`~autopar.core.errors.RuntimeFailure` naming ``what`` when a rank reports an error,
+    dies (polled, so it fails fast: e.g. it cannot import the caller's ``__main__``) or nothing
+    arrives within ``timeout_s + 60``; the processes are then killed."""
+    import queue as queue_module
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=target, args=(r, ranks, port, *args, queue), daemon=True) for r in range(ranks)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s + 60
+    try:
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead or time.monotonic() > deadline:
+                    why = (
+                        f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]}"
+                        if dead
+                        else "timed out"
+                    )
+                    raise RuntimeFailure(
+                        f"{what}: no result from {ranks} local gloo ranks ({why}); is 127.0.0.1 reachable, "
+                        "the machine not overloaded, and the caller's script guarded by "
+                        "`if __name__ == '__main__':` (processes are spawned)?"
+                    ) from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeFailure(f"{what} failed: {payload}")
+    return payload
+
+
 def _worker(  # runs in a spawned process
     rank: int, ranks: int, port: int, sizes: Sequence[int], repeats: int, timeout_s: float, queue: Any
 ) -> None:
@@ -96,33 +143,14 @@ def measure_collectives(
     :class:`~autopar.core.errors.RuntimeFailure` if a rank fails or the group does not finish within
     ``timeout_s`` (the processes are then killed).
     """
-    import torch.multiprocessing as mp
 
     if ranks < 2 or len(sizes_bytes) < 2:
         raise RuntimeFailure(
             f"measure_collectives: ranks={ranks}, {len(sizes_bytes)} sizes; need ranks >= 2 and >= 2 sizes to fit"
         )
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    args = (ranks, port, tuple(sizes_bytes), repeats, timeout_s, queue)
-    procs = [ctx.Process(target=_worker, args=(r, *args), daemon=True) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    try:
-        status, payload = queue.get(timeout=timeout_s + 30)
-    except Exception as e:
-        raise RuntimeFailure(
-            f"measure_collectives: no result from {ranks} gloo ranks within {timeout_s + 30:.0f} s ({e!r}); "
-            "is 127.0.0.1 reachable and the machine not overloaded?"
-        ) from e
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeFailure(f"measure_collectives failed: {payload}")
+    payload = spawn_ranks(
+        "measure_collectives", _worker, ranks, (tuple(sizes_bytes), repeats, timeout_s), timeout_s
+    )
     return fit_times(ranks, payload)
 
 

@@ -25,6 +25,7 @@ from cost_models.hardware import calibration_for
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MPT = DATA_DIR / "mpt_llm_foundry.json"
 MEGATRON_2019 = DATA_DIR / "megatron_lm_2019_v100.json"
+NEMOTRON4 = DATA_DIR / "dgxc_nemotron4_h100.json"
 
 FRAMEWORK = "composer"
 """llm-foundry trains in eager PyTorch with FSDP under Composer (cost_models.hardware.FRAMEWORKS)."""
@@ -64,6 +65,14 @@ class Run:
     """``fused`` (flash / SDPA) or ``explicit`` (materialised scores and softmax)."""
     framework: str = FRAMEWORK
     """The run's software (:data:`cost_models.hardware.FRAMEWORKS`)."""
+    pp: int = 1
+    """Pipeline stages; ``gpus = tp * pp * dp``."""
+    vp: int = 1
+    """Virtual stages per pipeline rank (interleaved 1F1B when > 1)."""
+    kv_heads: int | None = None
+    ffn: int | None = None
+    tie_embeddings: bool = True
+    sequence_parallel: bool = False
 
     @property
     def kind(self) -> str:
@@ -147,6 +156,47 @@ def load_megatron2019(path: Path = MEGATRON_2019) -> list[Run]:
     return runs
 
 
+def load_nemotron4(path: Path = NEMOTRON4) -> list[Run]:
+    """dgxc-benchmarking's Nemotron-4 15B / 340B BF16 rows on DGX H100 (NeMo 25.02, Megatron-Core):
+    tensor parallelism with sequence parallelism and TP communication overlap, the distributed
+    optimizer (ZeRO-1), no recompute; the sources are in the data file."""
+    d = json.loads(path.read_text())
+    cite = d["sources"]["readme"].split(",")[0]
+    runs = []
+    for cells in d["rows"]:
+        r = dict(zip(d["columns"], cells))
+        shape = d["shapes"][r["model"]]
+        dp = r["gpus"] // (r["tp"] * r["pp"])
+        runs.append(
+            Run(
+                set_name="dgxc_nemotron4_h100",
+                label=f"{r['model']}/{r['gpus']}g",
+                hidden=shape["hidden"],
+                heads=shape["heads"],
+                layers=shape["layers"],
+                vocab=d["vocab"],
+                seq=d["seq"],
+                gpus=r["gpus"],
+                mbs=r["mbs"],
+                grad_accum=r["global_batch"] // (dp * r["mbs"]),
+                zero=1,
+                recompute="none",
+                preset="dgx-h100",
+                published_s=r["step_time_s"],
+                citation=f"{cite}, nemotron/README.md, 'Nemotron4 {r['model']} BF16', {r['gpus']} GPUs",
+                tp=r["tp"],
+                pp=r["pp"],
+                vp=r["vp"],
+                kv_heads=shape["kv_heads"],
+                ffn=shape["ffn"],
+                tie_embeddings=False,
+                sequence_parallel=r["tp"] > 1,
+                framework="nemo-2025",
+            )
+        )
+    return runs
+
+
 def _megatron2019_run(set_name: str, r: dict, seq: int, vocab: int, published_s: float) -> Run:
     dp = r["gpus"] // r["mp"]
     return Run(
@@ -183,6 +233,7 @@ def graph_for(run: Run, attention: str | None = None):
     attention = attention or run.attention
     gpt2 = run.framework.startswith("megatron")
     key = (run.hidden, run.heads, run.layers, run.vocab, run.seq, run.mbs, attention, run.dtype, run.dropout)
+    key += (run.kv_heads, run.ffn, run.tie_embeddings)
     if key not in _GRAPHS:
         cfg = GPTConfig(
             hidden=run.hidden,
@@ -193,6 +244,9 @@ def graph_for(run: Run, attention: str | None = None):
             bias=gpt2,
             dropout=run.dropout,
             fused_attention=attention == "fused",
+            kv_heads=run.kv_heads,
+            ffn=run.ffn,
+            tie_embeddings=run.tie_embeddings,
         )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[run.dtype]
         model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=run.mbs, dtype=dtype)
@@ -201,14 +255,18 @@ def graph_for(run: Run, attention: str | None = None):
 
 
 def plan_for(run: Run) -> Plan:
-    dp = run.gpus // run.tp
+    dp = run.gpus // (run.tp * run.pp)
     return Plan.manual(
         dp=dp,
         tp=run.tp,
+        pp=run.pp,
         global_batch=dp * run.mbs * run.grad_accum,
         micro_batch_size=run.mbs,
         recompute=run.recompute,
         zero_stage=run.zero,
+        sequence_parallel=run.sequence_parallel,
+        schedule="interleaved" if run.vp > 1 else "1f1b",
+        virtual_stages=run.vp,
     )
 
 

@@ -15,9 +15,10 @@ and frees recompute, sequence parallelism, ZeRO and the split.
     python benchmarks/plan_quality.py --json out.json
     python benchmarks/plan_quality.py --sets       # instead: rows of the sets beyond SC'21 (benchmarks/data/)
 
-``--sets`` plans a few rows of the llm-foundry MPT sweep (H100, A100 80GB, A100 40GB; FSDP as
-published) the same way: free plan against the published (dp = gpus, ZeRO-2/3, its micro-batch and
-recompute), both costed by the same estimator with the default constants.
+``--sets`` plans a few rows of the sets beyond SC'21 the same way (the llm-foundry MPT sweep on H100,
+A100 80GB and A100 40GB with FSDP; Nemotron-4 15B and 340B on H100 with Megatron-Core; Megatron-LM
+2019 on V100): free plan against the published one (its mesh, ZeRO stage, micro-batch and recompute),
+both costed by the same estimator with the default constants.
 
 Exit status 1 when a row fails (chosen plan does not fit or is predicted slower).
 """
@@ -229,21 +230,24 @@ SET_ROWS = (
     "mpt_a100_80g:13b/s2048/8g/mb2",
     "mpt_a100_80g:1b/s2048/8g/mb14",
     "mpt_a100_40g:7b/s2048/64g/mb18",
+    "dgxc_nemotron4_h100:15b/16g",
+    "dgxc_nemotron4_h100:340b/256g",
+    "megatron2019_scaling:8.3B-32h/512",
 )
 """One row per regime (large / small model, one node / many, each device kind)."""
 
 
 def run_set_rows() -> list[dict]:
     """Free plan vs the published FSDP plan on the rows of :data:`SET_ROWS`."""
-    from fidelity_sets import cluster_for, graph_for, load_mpt, plan_for
+    from fidelity_sets import cluster_for, graph_for, load_megatron2019, load_mpt, load_nemotron4, plan_for
 
     out = []
-    for run in load_mpt(max_seq=2048):
+    for run in load_mpt(max_seq=2048) + load_nemotron4() + load_megatron2019():
         if f"{run.set_name}:{run.label}" not in SET_ROWS:
             continue
         graph, cluster = graph_for(run), cluster_for(run)
         published = estimate(graph, cluster, plan_for(run))
-        gb = run.gpus * run.mbs * run.grad_accum
+        gb = run.gpus // (run.tp * run.pp) * run.mbs * run.grad_accum
         try:
             plan = autopar.plan(graph, cluster, global_batch=gb, progress=False)
         except AutoparError as e:

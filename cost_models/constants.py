@@ -55,9 +55,12 @@ class Calibration:
     """Achievable NCCL bus bandwidth / per-GPU NVLink bandwidth inside a node: 230 GB/s of 300 GB/s on
     A100 NVSwitch (NCCL maintainer, NVIDIA/nccl-tests issue 149)."""
     inter_node_efficiency: float = 0.96
-    """*fitted* (band 0.5-0.96). Achievable bandwidth / NIC line rate across nodes. nccl-tests on HDR
-    InfiniBand reach ~23-24 GB/s per 25 GB/s port; the ZeRO-3 rows of Narayanan et al. Table 2
-    (communication-bound at 768-2240 GPUs) pin it down, and the fit ends at the band's top."""
+    """Achievable bandwidth / NIC line rate across nodes: "24GB/s is the peak performance per 200G
+    NIC (12 GB/s for 100G NICs)" (NCCL maintainer, NVIDIA/nccl-tests issue 119, 2022-11-17), i.e.
+    24 / 25 GB/s; NDR 400 Gb/s NICs "should see 46-48GB/s per NIC" (nccl-tests issue 290), 0.92-0.96
+    of 50 GB/s. A measurement, not fitted: it used to be, and only SC'21's ZeRO-3 rows constrained
+    it (the fit ended at 0.96, the band's top); a fit without those rows drifted to 0.5 and broke
+    them (docs/cost_model.md, section 7)."""
     ring_node_nics: bool = True
     """A ring (or tree) over ``r`` ranks per node on ``N`` nodes moves each node's share of the data
     across the network once per ring, through the NICs of its ``r`` ranks (NCCL: one channel per
@@ -79,6 +82,14 @@ class Calibration:
     tp_comm_overlap: float = 0.0
     """Fraction of tensor-parallel collective time hidden behind compute. Megatron-LM (SC'21) runs the
     TP all-reduces synchronously on the critical path: 0."""
+    tp_comm_pipelined: bool = False
+    """Tensor-parallel all-gathers and reduce-scatters run in ``tp`` chunks pipelined with the GEMM
+    that consumes or produces them (Transformer Engine's userbuffers overlap, NeMo's
+    ``tp_comm_overlap=True``; Wang et al. 2023, "Overlap communication with dependent computation
+    via decomposition", ASPLOS): each chunk's transfer runs under the previous chunk's GEMM, so one
+    chunk of ``tp`` stays exposed: the exposed time is ``1 / tp`` of the collective's (in place of
+    ``1 - tp_comm_overlap``). Requires sequence parallelism in Megatron-Core, as in the runs that
+    use it."""
     dp_overlap: bool = True
     """Data-parallel gradient reduction overlaps the backward pass (PyTorch DDP buckets, which autopar
     lowers to; Megatron's ``--DDP-impl torch`` in Table 1 rows 1-4). The overlap window is the
@@ -111,6 +122,16 @@ class Calibration:
     and 640 GPUs, where compute and parameter gathers take about as long as each other."""
     pp_p2p_blocking: bool = True
     """Pipeline send/recv sit on the critical path (Megatron's ``send_forward_recv_backward`` waits)."""
+    pp_p2p_overlap_interleaved: bool = False
+    """Under the interleaved schedule, pipeline sends and receives run asynchronously under the next
+    chunk's compute and leave the critical path (Megatron-Core ``overlap_p2p_comm``, which NeMo's
+    ``MegatronCommOverlapCallback`` switches on whenever ``vp > 1``)."""
+    megatron_distributed_optimizer: bool = False
+    """ZeRO-1 as Megatron-Core's distributed optimizer runs it with NeMo's overlap settings
+    (``MegatronCommOverlapCallback``, data-parallel size > 1: ``overlap_grad_reduce``,
+    ``overlap_param_gather``, 128 MiB buckets): gradients are reduce-scattered (not all-reduced)
+    bucket by bucket under the backward, and the updated parameters all-gathered under the next
+    step's forward. False: autopar's own ZeRO-1 (DDP all-reduce, then an exposed all-gather)."""
     pp_scatter_gather: bool = True
     """Megatron's scatter/gather optimisation: with tp > 1 each TP rank sends only 1/tp of the
     activation across nodes, then an intra-node all-gather rebuilds it (Narayanan et al. §4.1)."""
@@ -155,7 +176,6 @@ class Calibration:
 
 FIT_BOUNDS = {
     "gemm_max_efficiency": (0.6, 0.9),
-    "inter_node_efficiency": (0.5, 0.96),
     "overlap_sharpness": (1.0, 8.0),
 }
 """The constants the fidelity fit may change, each within its physically plausible band (see the

@@ -56,6 +56,11 @@ class KindConstants:
     gemm_wave_elements: float
     """SMs x one 128 x 128 output tile: the work of one full wave (see :mod:`.compute`)."""
     source: str
+    native_attention_efficiency: float | None = None
+    """Throughput of the fused attention kernel written for the kind's own architecture, forward +
+    backward / dense 16-bit peak, where it differs from FlashAttention-2 (Hopper: FlashAttention-3
+    and cuDNN 9's fused attention, which Transformer Engine selects). None: FlashAttention-2 is
+    the kind's best kernel. Used by frameworks that run it (:data:`FRAMEWORKS` ``native_attention``)."""
 
 
 KINDS: dict[str, KindConstants] = {
@@ -76,6 +81,9 @@ KINDS: dict[str, KindConstants] = {
         fused_attention_efficiency=327.9 / 989.4,
         intra_node_efficiency=370.0 / 450.0,
         gemm_wave_elements=132 * 128 * 128,
+        native_attention_efficiency=1.5 * 327.9 / 989.4,
+        # FA3: Shah et al. 2024 (arXiv 2407.08608): 1.5-2.0x FlashAttention-2 in the forward, 1.5-1.75x in
+        # the backward on H100 (FP16/BF16); the lower bound of both, times the measured FA2 figure
         source="MAMF H100 SXM: BF16 matmul 792.1 TFLOPS of 989 (AZ ND H100 v5 measured FP8 only: 1382.2 "
         "of 1978.9); AZ ND H100 v5 (H100 80GB HBM3): HBM copy 2.90 TB/s of "
         "3.35; FlashAttention-2 (head dim 128) 327.9 TFLOPS of 989.4; NT212 ring busbw 370 GB/s of 450 "
@@ -87,6 +95,9 @@ KINDS: dict[str, KindConstants] = {
         fused_attention_efficiency=329.3 / 989.4,
         intra_node_efficiency=370.0 / 450.0,
         gemm_wave_elements=132 * 128 * 128,
+        native_attention_efficiency=1.5 * 329.3 / 989.4,
+        # FA3: Shah et al. 2024 (arXiv 2407.08608): 1.5-2.0x FlashAttention-2 in the forward, 1.5-1.75x in
+        # the backward on H100 (FP16/BF16); the lower bound of both, times the measured FA2 figure
         source="GEMM: H100's MAMF BF16 ratio ASSUMED (same GH100 die and SM count; no H200 BF16 "
         "measurement read; AZ's FP8 GEMMs agree within 1%: H200 1366.3, H100 1382.2 of 1978.9); AZ ND "
         "H200 v5: HBM "
@@ -129,6 +140,13 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
     },
+    "nemo-2025": {
+        "native_attention": True,
+        "tp_comm_pipelined": True,
+        "pp_p2p_overlap_interleaved": True,
+        "megatron_distributed_optimizer": True,
+        "dp_last_bucket_bytes": 128 * 2**20,
+    },
 }
 """Software behaviour by training framework (no numbers fitted). ``megatron``: the defaults (fused
 kernels, DeepSpeed-style ZeRO-3). ``megatron-deepspeed-2021``: the SC'21 software (Megatron-LM with
@@ -145,7 +163,14 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
-micro-batch (``Calibration.train_metric_passes``; sources there)."""
+micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-2025``: NeMo 2 on
+Megatron-Core with Transformer Engine (the dgxc-benchmarking rows, NeMo 25.02): Megatron's fused
+kernels, TE's fused attention (cuDNN; FlashAttention-3-class on Hopper: ``native_attention`` picks
+:attr:`KindConstants.native_attention_efficiency` where the kind has one) and TE's userbuffers
+tensor-parallel overlap, which NeMo's performance recipes switch on (``tp_comm_overlap=True``;
+``Calibration.tp_comm_pipelined``), and the data- and pipeline-parallel overlaps its
+``MegatronCommOverlapCallback`` sets (``megatron_distributed_optimizer``, 128 MiB buckets,
+``pp_p2p_overlap_interleaved``; NVIDIA/NeMo ``nemo/lightning/pytorch/callbacks/megatron_comm_overlap.py``)."""
 
 
 def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = "megatron") -> Calibration:
@@ -157,6 +182,7 @@ def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = 
     if framework not in FRAMEWORKS:
         raise KeyError(f"unknown framework {framework!r}; known: {sorted(FRAMEWORKS)}")
     changes: dict[str, float | bool] = dict(FRAMEWORKS[framework])
+    native_attention = bool(changes.pop("native_attention", False))
     k, ref = KINDS.get(kind), KINDS[REFERENCE_KIND]
     if k is not None and k is not ref:
         changes.update(
@@ -169,4 +195,6 @@ def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = 
             "intra_node_efficiency": k.intra_node_efficiency,
         }
         changes.update({name: value for name, value in measured.items() if value is not None})
+    if native_attention and k is not None and k.native_attention_efficiency is not None:
+        changes["fused_attention_efficiency"] = k.native_attention_efficiency
     return base.with_(**changes) if changes else base

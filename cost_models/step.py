@@ -48,7 +48,7 @@ from cost_models.compute import (
     roofline_time_s,
 )
 from cost_models.constants import DEFAULT, Calibration
-from cost_models.workload import BlockWork, OpWork, StageWork
+from cost_models.workload import BlockWork, CommWork, OpWork, StageWork
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
@@ -153,13 +153,25 @@ def _tp_times(
         if group is None or group.size == 1:
             continue
         t = collective_time_s(c.collective, c.nbytes, group, calib=calib) * c.count
+        t *= _exposed_fraction(c, group, calib)
         if c.phase == "fwd":
             fwd += t
         else:
             bwd += t
-    keep = 1.0 - calib.tp_comm_overlap
     rec = fwd if (block.recomputable and recompute == "full") else 0.0
-    return fwd * keep, rec * keep, bwd * keep
+    return fwd, rec, bwd
+
+
+PIPELINED_COLLECTIVES = ("all_gather", "reduce_scatter")
+"""The sequence-parallel collectives Transformer Engine's userbuffers pipeline with their GEMMs."""
+
+
+def _exposed_fraction(comm: CommWork, group: GroupSpec, calib: Calibration) -> float:
+    """Part of a block collective on the critical path: ``1 / tp`` when pipelined with its GEMM in
+    ``tp`` chunks (``calib.tp_comm_pipelined``), else ``1 - tp_comm_overlap``."""
+    if calib.tp_comm_pipelined and comm.axis == "tp" and comm.collective in PIPELINED_COLLECTIVES:
+        return 1.0 / group.size
+    return 1.0 - calib.tp_comm_overlap
 
 
 def _zero3_time(
@@ -322,6 +334,8 @@ def stage_p2p_s(stage: StageWork, step: StepSpec, calib: Calibration, index: int
         nbytes /= step.tp
     one = p2p_time_s(nbytes, step.pp_link, inter=step.pp_link_inter_node, calib=calib) + extra
     per_mb = (2 if step.mode == "train" else 1) * step.virtual_stages * one
+    if calib.pp_p2p_overlap_interleaved and step.virtual_stages > 1:
+        return 0.0
     return per_mb if calib.pp_p2p_blocking else 0.0
 
 
@@ -345,6 +359,10 @@ def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibratio
         if step.zero_stage == 0:
             reduce_s = collective_time_s("all_reduce", grads, dp, calib=calib)
             after_s = 0.0
+        elif step.zero_stage == 1 and calib.megatron_distributed_optimizer:
+            reduce_s = collective_time_s("reduce_scatter", grads, dp, calib=calib)
+            gather_s = collective_time_s("all_gather", stage.param_count * step.param_bytes, dp, calib=calib)
+            after_s = overlapped_s(t.fwd_s, gather_s, calib) - t.fwd_s  # under the next forward
         elif step.zero_stage == 1:
             # What autopar's ZeRO-1 runs: DDP's bucketed all-reduce of the gradients (overlapped with
             # backward like ZeRO-0), then, after the sharded optimizer step, the all-gather of every

@@ -506,3 +506,63 @@ def test_composer_train_metrics_reread_the_logits_once_per_pass():
     assert extra == pytest.approx(2 * (7 * logits / bandwidth + composer.kernel_overhead_s))
     assert op_time_s(norm, A100, composer) == op_time_s(norm, A100, fsdp)
     assert op_time_s(loss, A100, composer)[1] == op_time_s(loss, A100, fsdp)[1]  # no_grad: no backward
+
+
+def test_pipelined_tp_collectives_expose_one_chunk_of_tp():
+    """TE userbuffers (``tp_comm_pipelined``): a sequence-parallel all-gather or reduce-scatter split
+    into tp chunks under its GEMM leaves one chunk exposed; an all-reduce is not pipelined."""
+    g = GroupSpec(size=4, ranks_per_node=4, intra=NVLINK)
+    ag = CommWork(name="ag", collective="all_gather", nbytes=1e8)
+    rs = CommWork(name="rs", collective="reduce_scatter", nbytes=1e8, phase="bwd")
+    ar = CommWork(name="ar", collective="all_reduce", nbytes=1e8)
+    block = BlockWork(name="layer", comms=(ag, rs, ar), saved_bytes={"none": 0})
+    t_ag = collective_time_s("all_gather", 1e8, g)
+    t_rs = collective_time_s("reduce_scatter", 1e8, g)
+    t_ar = collective_time_s("all_reduce", 1e8, g)
+    plain = block_time(block, A100, {"tp": g})
+    assert plain.tp_s == pytest.approx(t_ag + t_rs + t_ar)
+    piped = block_time(block, A100, {"tp": g}, calib=DEFAULT.with_(tp_comm_pipelined=True))
+    assert piped.tp_fwd_s == pytest.approx(t_ag / 4 + t_ar)
+    assert piped.tp_bwd_s == pytest.approx(t_rs / 4)
+
+
+def test_megatron_distributed_optimizer_reduce_scatters_and_gathers_under_the_next_forward():
+    """ZeRO-1 as Megatron-Core runs it under NeMo (reduce-scatter in the backward, all-gather under
+    the next forward) leaves less exposed than autopar's ZeRO-1 (all-reduce, then an exposed gather),
+    and with no forward to hide under the gather is exposed whole."""
+    dp = GroupSpec(size=4, ranks_per_node=4, intra=NVLINK)
+    op = OpWork(name="gemm", op_class="gemm", gemm=(1, 8192, 8192, 8192))
+    block = BlockWork(name="layer", ops=(op,), param_count=1e8, saved_bytes={"none": 0})
+    spec = StepSpec(
+        stages=(StageWork(blocks=((block, 10),)),), num_micro_batches=1, groups={"dp": dp}, zero_stage=1
+    )
+    mcore = DEFAULT.with_(megatron_distributed_optimizer=True)
+    ours = step_time(spec, A100).breakdown_s["dp_comm_exposed"]
+    theirs = step_time(spec, A100, mcore).breakdown_s["dp_comm_exposed"]
+    assert 0 < theirs < ours
+    idle = BlockWork(name="layer", param_count=1e8, saved_bytes={"none": 0})
+    bare = StepSpec(
+        stages=(StageWork(blocks=((idle, 10),)),), num_micro_batches=1, groups={"dp": dp}, zero_stage=1
+    )
+    off = mcore.with_(dp_overlap=False)
+    expected = collective_time_s("reduce_scatter", 2e9, dp) + collective_time_s("all_gather", 2e9, dp)
+    assert step_time(bare, A100, off).breakdown_s["dp_comm_exposed"] == pytest.approx(expected)
+
+
+def test_nemo_2025_software_runs_hopper_attention_and_its_overlaps():
+    """``nemo-2025``: the kind's own fused attention where one exists (FlashAttention-3 class on
+    Hopper, 1.5x the measured FlashAttention-2; none on Ampere), TE's pipelined TP collectives,
+    Megatron's distributed optimizer and interleaved p2p overlap; the GEMM ceiling is the kind's."""
+    from cost_models.hardware import KINDS, calibration_for
+
+    nemo = calibration_for("h100-sxm", framework="nemo-2025")
+    h100 = calibration_for("h100-sxm")
+    assert nemo.fused_attention_efficiency == pytest.approx(
+        1.5 * KINDS["h100-sxm"].fused_attention_efficiency
+    )
+    assert nemo.gemm_max_efficiency == h100.gemm_max_efficiency
+    assert nemo.tp_comm_pipelined and nemo.megatron_distributed_optimizer and nemo.pp_p2p_overlap_interleaved
+    assert nemo.dp_last_bucket_bytes == 128 * 2**20
+    a100 = calibration_for("a100-80g", framework="nemo-2025")
+    assert KINDS["a100-80g"].native_attention_efficiency is None
+    assert a100.fused_attention_efficiency == DEFAULT.fused_attention_efficiency

@@ -332,10 +332,11 @@ def table_stats(cases: list[Case], calib: Calibration) -> dict[str, tuple[float,
 def set_cases(max_seq: int) -> dict[str, list]:
     """SC'21 (one set: its three tables) and each set of ``benchmarks/data/`` as cases whose
     ``error(base)`` applies the case's device-kind calibration on top of ``base``."""
-    from fidelity_sets import build_set_cases, load_megatron2019, load_mpt, load_nemotron4
+    from fidelity_sets import build_set_cases, load_gpt3_h100, load_megatron2019, load_mpt, load_nemotron4
 
     out: dict[str, list] = {"sc21": [_Kinded(c, None) for c in build_cases(load_rows(DATA))]}
-    for c in build_set_cases(load_mpt(max_seq=max_seq) + load_megatron2019() + load_nemotron4()):
+    runs = load_mpt(max_seq=max_seq) + load_megatron2019() + load_nemotron4() + load_gpt3_h100()
+    for c in build_set_cases(runs):
         out.setdefault(c.run.set_name, []).append(_Kinded(c, c.run.kind, c.run.framework))
     return out
 

@@ -26,6 +26,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 MPT = DATA_DIR / "mpt_llm_foundry.json"
 MEGATRON_2019 = DATA_DIR / "megatron_lm_2019_v100.json"
 NEMOTRON4 = DATA_DIR / "dgxc_nemotron4_h100.json"
+GPT3_H100 = DATA_DIR / "dgxc_gpt3_h100.json"
 
 FRAMEWORK = "composer"
 """llm-foundry trains in eager PyTorch with FSDP under Composer (cost_models.hardware.FRAMEWORKS)."""
@@ -73,6 +74,8 @@ class Run:
     ffn: int | None = None
     tie_embeddings: bool = True
     sequence_parallel: bool = False
+    bias: bool | None = None
+    """Linear biases; None: GPT-2-like (biases) for the Megatron-LM frameworks, MPT-like otherwise."""
 
     @property
     def kind(self) -> str:
@@ -191,7 +194,46 @@ def load_nemotron4(path: Path = NEMOTRON4) -> list[Run]:
                 ffn=shape["ffn"],
                 tie_embeddings=False,
                 sequence_parallel=r["tp"] > 1,
-                framework="nemo-2025",
+                framework="nemo-mcore",
+            )
+        )
+    return runs
+
+
+def load_gpt3_h100(path: Path = GPT3_H100) -> list[Run]:
+    """dgxc-benchmarking's GPT-3 175B BF16 rows on DGX H100 (NeMo Megatron 24.11 on Megatron-Core):
+    the same software features as :func:`load_nemotron4` (sources in the data file)."""
+    d = json.loads(path.read_text())
+    cite = d["sources"]["readme"].split(",")[0]
+    shape, lay = d["shape"], d["layout"]
+    runs = []
+    for gpus, step in d["rows"]:
+        dp = gpus // (lay["tp"] * lay["pp"])
+        runs.append(
+            Run(
+                set_name="dgxc_gpt3_h100",
+                label=f"175b/{gpus}g",
+                hidden=shape["hidden"],
+                heads=shape["heads"],
+                layers=shape["layers"],
+                vocab=shape["vocab"],
+                seq=shape["seq"],
+                gpus=gpus,
+                mbs=lay["mbs"],
+                grad_accum=lay["global_batch_per_gpu"] * gpus // (dp * lay["mbs"]),
+                zero=1,
+                recompute="none",
+                preset="dgx-h100",
+                published_s=step,
+                citation=f"{cite}, nemo_megatron/README_175b.md, 'NeMo Megatron 24.11 BF16', {gpus} GPUs",
+                tp=lay["tp"],
+                pp=lay["pp"],
+                vp=lay["vp"],
+                dropout=shape["dropout"],
+                attention="fused",
+                sequence_parallel=True,
+                bias=True,
+                framework="nemo-mcore",
             )
         )
     return runs
@@ -231,9 +273,9 @@ def graph_for(run: Run, attention: str | None = None):
     attention) or, for the Megatron-LM 2019 rows, GPT-2-like (fp16, biases, dropout 0.1, explicit
     attention). ``attention`` overrides the run's."""
     attention = attention or run.attention
-    gpt2 = run.framework.startswith("megatron")
+    gpt2 = run.framework.startswith("megatron") if run.bias is None else run.bias
     key = (run.hidden, run.heads, run.layers, run.vocab, run.seq, run.mbs, attention, run.dtype, run.dropout)
-    key += (run.kv_heads, run.ffn, run.tie_embeddings)
+    key += (run.kv_heads, run.ffn, run.tie_embeddings, gpt2)
     if key not in _GRAPHS:
         cfg = GPTConfig(
             hidden=run.hidden,

@@ -140,7 +140,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
     },
-    "nemo-2025": {
+    "nemo-mcore": {
         "native_attention": True,
         "tp_comm_pipelined": True,
         "pp_p2p_overlap_interleaved": True,
@@ -163,7 +163,7 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
-micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-2025``: NeMo 2 on
+micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-mcore``: NeMo 2 on
 Megatron-Core with Transformer Engine (the dgxc-benchmarking rows, NeMo 25.02): Megatron's fused
 kernels, TE's fused attention (cuDNN; FlashAttention-3-class on Hopper: ``native_attention`` picks
 :attr:`KindConstants.native_attention_efficiency` where the kind has one) and TE's userbuffers

@@ -550,12 +550,12 @@ def test_megatron_distributed_optimizer_reduce_scatters_and_gathers_under_the_ne
 
 
 def test_nemo_2025_software_runs_hopper_attention_and_its_overlaps():
-    """``nemo-2025``: the kind's own fused attention where one exists (FlashAttention-3 class on
+    """``nemo-mcore``: the kind's own fused attention where one exists (FlashAttention-3 class on
     Hopper, 1.5x the measured FlashAttention-2; none on Ampere), TE's pipelined TP collectives,
     Megatron's distributed optimizer and interleaved p2p overlap; the GEMM ceiling is the kind's."""
     from cost_models.hardware import KINDS, calibration_for
 
-    nemo = calibration_for("h100-sxm", framework="nemo-2025")
+    nemo = calibration_for("h100-sxm", framework="nemo-mcore")
     h100 = calibration_for("h100-sxm")
     assert nemo.fused_attention_efficiency == pytest.approx(
         1.5 * KINDS["h100-sxm"].fused_attention_efficiency
@@ -563,6 +563,37 @@ def test_nemo_2025_software_runs_hopper_attention_and_its_overlaps():
     assert nemo.gemm_max_efficiency == h100.gemm_max_efficiency
     assert nemo.tp_comm_pipelined and nemo.megatron_distributed_optimizer and nemo.pp_p2p_overlap_interleaved
     assert nemo.dp_last_bucket_bytes == 128 * 2**20
-    a100 = calibration_for("a100-80g", framework="nemo-2025")
+    a100 = calibration_for("a100-80g", framework="nemo-mcore")
     assert KINDS["a100-80g"].native_attention_efficiency is None
     assert a100.fused_attention_efficiency == DEFAULT.fused_attention_efficiency
+
+
+def _fidelity_sets():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_sets.py"
+    spec = importlib.util.spec_from_file_location("fidelity_sets_dgxc", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dgxc_rows_keep_the_published_layouts():
+    """The dgxc-benchmarking H100 rows: every GPU is in the layout (tp x pp x dp), the global batch is
+    the README's (Nemotron-4 15B: 4 per GPU, 340B: 1 per 4 GPUs; GPT-3: 2 per GPU), the 340B rows run
+    the launch script's VP 12 and all run NeMo's Megatron-Core software."""
+    fs = _fidelity_sets()
+    nemotron = {r.label: r for r in fs.load_nemotron4()}
+    gpt3 = {r.label: r for r in fs.load_gpt3_h100()}
+    assert len(nemotron) == 12 and len(gpt3) == 5
+    for r in [*nemotron.values(), *gpt3.values()]:
+        dp = r.gpus // (r.tp * r.pp)
+        assert dp * r.tp * r.pp == r.gpus
+        gbs = dp * r.mbs * r.grad_accum
+        per_gpu = {"15b": 4, "340b": 0.25, "175b": 2}[r.label.split("/")[0]]
+        assert gbs == per_gpu * r.gpus
+        assert r.framework == "nemo-mcore" and r.kind == "h100-sxm" and r.sequence_parallel and r.zero == 1
+    assert nemotron["340b/256g"].vp == 12 and nemotron["15b/16g"].vp == 1
+    assert nemotron["15b/16g"].published_s == 2.66 and gpt3["175b/128g"].published_s == 8.91

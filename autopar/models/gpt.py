@@ -8,6 +8,7 @@ exactly what the lowering localises when heads are split across tensor-parallel 
 
 GPT-3 style: learned position embeddings, LayerNorm, GELU, FFN = 4h (Brown et al. 2020).
 Llama style: RMSNorm, SwiGLU, rotary position embeddings, grouped-query attention (kv_heads).
+Qwen3 style: a head width ``head_dim`` apart from ``hidden // heads`` and RMSNorm on each q/k head.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class GPTConfig:
     layers: int
     """Number of transformer layers l."""
     heads: int
-    """Attention heads a; ``hidden`` must be a multiple."""
+    """Attention heads a; ``hidden`` must be a multiple unless ``head_dim`` is given."""
     vocab: int
     """Vocabulary size V."""
     seq: int
@@ -40,6 +41,14 @@ class GPTConfig:
     """MLP inner width; default 4h for GELU, the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
     kv_heads: int | None = None
     """Key/value heads for grouped-query attention; default = heads."""
+    head_dim: int | None = None
+    """Width d of one attention head; None: ``hidden // heads`` (GPT-3, Llama). Given, the head
+    width is decoupled from the model width: q and o project ``hidden <-> heads * d``, k and v
+    ``hidden -> kv_heads * d`` (Qwen3: d=128 with hidden 2048 and 32 heads, so q is 2048 -> 4096)."""
+    qk_norm: bool = False
+    """RMSNorm over the head width on every head of q and k, each with a learned weight of size
+    ``head_dim`` shared by its heads, applied after the projections and before the rotary embedding
+    (Qwen3's ``q_norm``/``k_norm``). Always RMSNorm, whatever ``norm`` says."""
     norm: str = "layernorm"
     """``layernorm`` or ``rmsnorm``."""
     act: str = "gelu"
@@ -83,11 +92,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelSpecError(f"GPT {name}={value!r}: must be a positive integer")
-        if self.hidden % self.heads:
-            raise ModelSpecError(
-                f"GPT hidden={self.hidden} is not divisible by heads={self.heads}; "
-                "choose heads that divide the hidden size"
-            )
+        self._check_head_dim()
         if self.heads % self.kv_heads_resolved:
             raise ModelSpecError(
                 f"GPT heads={self.heads} is not a multiple of kv_heads={self.kv_heads}; "
@@ -103,6 +108,27 @@ class GPTConfig:
             raise ModelSpecError(f"GPT experts={self.experts!r}: must be an integer >= 0 (0: dense MLP)")
         if self.experts:
             self.moe_config()  # validates top_k, shared_experts, capacity_factor, moe_ffn
+
+    def _check_head_dim(self) -> None:
+        from autopar.core.errors import ModelSpecError
+
+        hd = self.head_dim
+        if hd is not None and (isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0):
+            raise ModelSpecError(
+                f"GPT head_dim={hd!r}: must be a positive integer, or None for hidden // heads"
+            )
+        if hd is None and self.hidden % self.heads:
+            raise ModelSpecError(
+                f"GPT hidden={self.hidden} is not divisible by heads={self.heads}; "
+                "choose heads that divide the hidden size, or give head_dim explicitly"
+            )
+        if self.rotary and self.head_dim_resolved % 2:
+            raise ModelSpecError(
+                f"GPT head width {self.head_dim_resolved} is odd; rotary embeddings (norm=rmsnorm) "
+                "rotate pairs of features: choose an even head_dim"
+            )
+        if not isinstance(self.qk_norm, bool):
+            raise ModelSpecError(f"GPT qk_norm={self.qk_norm!r}: must be True or False")
 
     def moe_config(self) -> MoEConfig:
         """The MoE layer's shape (only meaningful when ``experts > 0``)."""
@@ -120,8 +146,9 @@ class GPTConfig:
         return self.kv_heads or self.heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def head_dim_resolved(self) -> int:
+        """Width of one attention head: ``head_dim``, or ``hidden // heads`` when None."""
+        return self.head_dim or self.hidden // self.heads
 
     @property
     def ffn_resolved(self) -> int:
@@ -164,12 +191,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
-        h, hd = cfg.hidden, cfg.head_dim
+        h, hd = cfg.hidden, cfg.head_dim_resolved
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads_resolved, hd
         self.q_proj = nn.Linear(h, cfg.heads * hd, bias=cfg.bias, device=device)
         self.k_proj = nn.Linear(h, self.kv_heads * hd, bias=cfg.bias, device=device)
         self.v_proj = nn.Linear(h, self.kv_heads * hd, bias=cfg.bias, device=device)
         self.o_proj = nn.Linear(cfg.heads * hd, h, bias=cfg.bias, device=device)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hd, device=device)
+            self.k_norm = RMSNorm(hd, device=device)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.dropout_p = cfg.dropout
         self.fused = cfg.attention_fused
@@ -183,8 +214,14 @@ class Attention(nn.Module):
         # Indexing, not unpacking: fx unpacks a traced shape by disassembling the caller's bytecode
         # (5 ms a layer, 0.5 s for GPT-3 175B).
         b, t = x.shape[0], x.shape[1]
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        if self.qk_norm:  # per head, over its width: [b, t, heads, d] normalised along d
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             # Computed from t rather than sliced from a cached table: slicing a buffer by a traced

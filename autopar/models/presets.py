@@ -112,6 +112,38 @@ _add(
     shared_experts=4, **_MOE_STYLE,
 )  # fmt: skip
 
+# Qwen3-30B-A3B (Qwen team 2025). Shape from Hugging Face configs of the Qwen3-MoE 30B-A3B architecture:
+# hidden_size 2048, num_hidden_layers 48, num_attention_heads 32, num_key_value_heads 4, head_dim 128
+# (so q projects 2048 -> 4096), vocab_size 151936, num_experts 128, num_experts_per_tok 8,
+# moe_intermediate_size 768, no shared expert (shared_expert_intermediate_size 0), norm_topk_prob true
+# (the built-in layer's renormalised top-k), rms_norm_eps 1e-6, tie_word_embeddings false,
+# use_qk_norm true, silu (SwiGLU) experts, no attention bias, mlp_only_layers empty: read in
+# https://huggingface.co/RTP-LLM/Qwen3-Coder-30B-A3B-Instruct-RTPurbo/blob/main/config.json (a copy of
+# Qwen3-Coder-30B-A3B, the same architecture) and in
+# https://gitcode.com/Ascend/MindSpeed-RL/blob/master/configs/model/qwen3_30b_a3b.yaml (num_layers 48,
+# hidden_size 2048, num_attention_heads 32, num_query_groups 4, kv_channels 128, qk_layernorm,
+# num_experts 128, moe_router_topk 8, moe_ffn_hidden_size 768, padded_vocab_size 151936,
+# untie_embeddings_and_output_weights, moe_aux_loss_coeff 0.001). Qwen/Qwen3-30B-A3B's own config.json
+# was not in the reference store, so these numbers are not read from it. Totals: 30.5B parameters,
+# 3.3B activated (the model card, as quoted by apxml.com/models/qwen3-30b-a3b). count_params gives
+# 30,532,122,624 (30.5B); less the 120 routed experts a token does not use in each layer,
+# 3,353,032,704 are active per token (3.35B counting the whole router and both embeddings; the card
+# says 3.3B and does not say what it counts).
+# Every layer is MoE (mlp_only_layers empty), so ffn=768 is the experts' width, as in qwen-moe-a2.7b.
+# Not modelled (same shapes and costs, not the same function): the rotary base (10000 here; 1e6 in
+# MindSpeed-RL's rotary_base) and Qwen3's global-batch load-balancing loss (per sequence here).
+# Its context is 40960 tokens (MindSpeed-RL's max_position_embeddings); the preset traces at 4096.
+_QWEN3_MOE = (
+    "Qwen3-30B-A3B (Qwen team 2025): Hugging Face Qwen3-MoE 30B-A3B config.json "
+    "(via RTP-LLM/Qwen3-Coder-30B-A3B-Instruct-RTPurbo) and MindSpeed-RL configs/model/qwen3_30b_a3b.yaml"
+)
+_add(
+    "qwen3-moe-30b-a3b", "Qwen3-30B-A3B: head_dim 128, QK-norm, 128 experts top-8 (30.5B, 3.3B active)",
+    _QWEN3_MOE,
+    hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, qk_norm=True, vocab=151936, seq=4096,
+    ffn=768, experts=128, top_k=8, aux_coef=0.001, **_MOE_STYLE,
+)  # fmt: skip
+
 _add(
     "gpt2-small",
     "GPT-2 small 124M",

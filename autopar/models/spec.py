@@ -80,6 +80,7 @@ SIZE_LIMITS = {
     "layers": 1_024,
     "heads": 1_024,
     "kv_heads": 1_024,
+    "head_dim": 4_096,
     "ffn": 1_048_576,
     "vocab": 4_194_304,
     "seq": 1_048_576,
@@ -88,9 +89,9 @@ SIZE_LIMITS = {
     "moe_ffn": 1_048_576,
 }
 """Largest value of each GPT size field a spec may give (8-32x the largest published models: Llama 3
-405B has hidden 16384, 126 layers, 128 heads, ffn 53248, vocab 128256). Beyond them tracing would
-not end (a billion layers are built one by one) or tensor sizes overflow; the limits are checked
-before anything is built."""
+405B has hidden 16384, 126 layers, 128 heads of width 128, ffn 53248, vocab 128256). Beyond them
+tracing would not end (a billion layers are built one by one) or tensor sizes overflow; the limits
+are checked before anything is built."""
 
 
 def check_spec_sizes(spec: str) -> None:

@@ -2,8 +2,8 @@
 
 Spec forms::
 
-    gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,norm=layernorm|rmsnorm,
-        act=gelu|swiglu,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1,
+    gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,head_dim=D,qk_norm=0|1,
+        norm=layernorm|rmsnorm,act=gelu|swiglu,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1,
         experts=E,top_k=K,shared_experts=S,capacity_factor=C,moe_ffn=F,aux_coef=A]
                                   experts=E > 0: a mixture-of-experts MLP in every layer
     gpt3-175b                     a preset (``list_models()``); ``gpt:175b`` means ``gpt3-175b``
@@ -333,10 +333,10 @@ def _as_built(spec: str, result: Any, batch: int) -> BuiltModel:
 
 def count_params(cfg: GPTConfig) -> int:
     """Closed-form parameter count of :class:`GPT` (tied embeddings counted once)."""
-    h, f, hd = cfg.hidden, cfg.ffn_resolved, cfg.head_dim
-    kv = cfg.kv_heads_resolved * hd
+    h, f, hd = cfg.hidden, cfg.ffn_resolved, cfg.head_dim_resolved
+    q, kv = cfg.heads * hd, cfg.kv_heads_resolved * hd  # q == h unless head_dim is decoupled
     b = 1 if cfg.bias else 0
-    attn = h * h + 2 * h * kv + h * h + b * (h + 2 * kv + h)
+    attn = h * q + 2 * h * kv + q * h + b * (q + 2 * kv + h) + (2 * hd if cfg.qk_norm else 0)
     mlp = (3 if cfg.act == "swiglu" else 2) * h * f + b * ((2 if cfg.act == "swiglu" else 1) * f + h)
     if cfg.experts:  # router + E routed and S shared SwiGLU experts of width moe_ffn
         moe = cfg.moe_config()

@@ -71,9 +71,10 @@ def _predict(row: dict):
         # autopar builds no ZeRO with ep > 1 (docs/moe.md); Megatron orders pp outermost (ep in a node)
         zero_stage=0 if row.get("ep", 1) > 1 else (3 if row.get("fsdp", 0) > 1 else 1),
         axis_order=("pp", "dp", "tp") if row.get("ep", 1) > 1 else ("dp", "pp", "tp"),
+        recompute=row.get("recompute", "none"),
         **({"virtual_stages": row["vp"], "schedule": "interleaved"} if row.get("vp", 1) > 1 else {}),
     )
-    calib = calibration_for(row["device"])
+    calib = calibration_for(row["device"], framework=row.get("framework", "megatron"))
     return estimate(graph, cluster, plan, calib=calib, dtype="bf16")
 
 
@@ -103,7 +104,7 @@ def moe_fidelity_lines(path: Path = DATA) -> list[str]:
             lines.append(f"{name:<48} {cells}  indicative, not counted: {r['why_not']}")
             continue
         errors.append(abs(err))
-        lines.append(f"{name:<48} {cells}")
+        lines.append(f"{name:<48} {cells}  {r.get('why_not', '')}".rstrip())
     if errors:
         mean = 100 * sum(errors) / len(errors)
         lines.append(f"mean |error| {mean:.1f}%, max {100 * max(errors):.1f}% over {len(errors)} rows")

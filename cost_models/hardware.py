@@ -140,6 +140,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
     },
+    "automodel": {"fuse_elementwise": False, "zero3_regather_for_recompute": False, "native_attention": True},
     "nemo-mcore": {
         "native_attention": True,
         "tp_comm_pipelined": True,
@@ -163,14 +164,18 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
-micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-mcore``: NeMo 2 on
-Megatron-Core with Transformer Engine (the dgxc-benchmarking rows, NeMo 25.02): Megatron's fused
+micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-mcore``: NeMo on
+Megatron-Core with Transformer Engine (the dgxc-benchmarking rows: NeMo Megatron 24.11 for GPT-3
+175B, NeMo 2 in the 25.02 container for Nemotron-4; both set the same features): Megatron's fused
 kernels, TE's fused attention (cuDNN; FlashAttention-3-class on Hopper: ``native_attention`` picks
 :attr:`KindConstants.native_attention_efficiency` where the kind has one) and TE's userbuffers
 tensor-parallel overlap, which NeMo's performance recipes switch on (``tp_comm_overlap=True``;
 ``Calibration.tp_comm_pipelined``), and the data- and pipeline-parallel overlaps its
 ``MegatronCommOverlapCallback`` sets (``megatron_distributed_optimizer``, 128 MiB buckets,
-``pp_p2p_overlap_interleaved``; NVIDIA/NeMo ``nemo/lightning/pytorch/callbacks/megatron_comm_overlap.py``)."""
+``pp_p2p_overlap_interleaved``; NVIDIA/NeMo ``nemo/lightning/pytorch/callbacks/megatron_comm_overlap.py``).
+``automodel``: NeMo AutoModel (eager PyTorch with FSDP2, Transformer Engine's RMSNorm, Linear and
+DotProductAttention, DeepEP; its performance summary's "TE" column): ``fsdp``'s behaviour with
+TE's fused attention (``native_attention``)."""
 
 
 def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = "megatron") -> Calibration:

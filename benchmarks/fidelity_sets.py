@@ -74,6 +74,8 @@ class Run:
     ffn: int | None = None
     tie_embeddings: bool = True
     sequence_parallel: bool = False
+    act: str = "gelu"
+    """The MLP activation (``GPTConfig.act``): ``gelu_tanh`` for code that writes GELU as arithmetic."""
     bias: bool | None = None
     """Linear biases; None: GPT-2-like (biases) for the Megatron-LM frameworks, MPT-like otherwise."""
 
@@ -261,6 +263,7 @@ def _megatron2019_run(set_name: str, r: dict, seq: int, vocab: int, published_s:
         dtype="fp16",
         dropout=0.1,
         attention="explicit",
+        act="gelu_tanh",  # megatron/model/utils.py gelu_impl: the tanh form as Python arithmetic
         framework="megatron-2019",
     )
 
@@ -275,7 +278,7 @@ def graph_for(run: Run, attention: str | None = None):
     attention = attention or run.attention
     gpt2 = run.framework.startswith("megatron") if run.bias is None else run.bias
     key = (run.hidden, run.heads, run.layers, run.vocab, run.seq, run.mbs, attention, run.dtype, run.dropout)
-    key += (run.kv_heads, run.ffn, run.tie_embeddings, gpt2)
+    key += (run.kv_heads, run.ffn, run.tie_embeddings, gpt2, run.act)
     if key not in _GRAPHS:
         cfg = GPTConfig(
             hidden=run.hidden,
@@ -289,6 +292,7 @@ def graph_for(run: Run, attention: str | None = None):
             kv_heads=run.kv_heads,
             ffn=run.ffn,
             tie_embeddings=run.tie_embeddings,
+            act=run.act,
         )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[run.dtype]
         model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=run.mbs, dtype=dtype)

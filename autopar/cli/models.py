@@ -9,7 +9,7 @@ import sys
 ORDER = 90
 
 SPEC_FORMS = (
-    "gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,norm=layernorm|rmsnorm,act=gelu|swiglu]",
+    "gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,norm=layernorm|rmsnorm,act=gelu|swiglu|gelu_tanh]",
     "PRESET                    a preset above (gpt:175b = gpt3-175b)",
     "PRESET:layers=2,dropout=0 a preset with GPTConfig fields overridden",
     "path/to/file.py:factory   your own model: factory() returns a model, (model, example_inputs, loss_fn)",

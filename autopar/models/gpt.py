@@ -22,6 +22,9 @@ from torch import nn
 
 from autopar.models.moe import MoE, MoEConfig
 
+ACTIVATIONS = ("gelu", "swiglu", "gelu_tanh")
+"""The MLP activations the built-in GPT offers (``GPTConfig.act``)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -52,7 +55,10 @@ class GPTConfig:
     norm: str = "layernorm"
     """``layernorm`` or ``rmsnorm``."""
     act: str = "gelu"
-    """``gelu`` or ``swiglu``."""
+    """``gelu``, ``swiglu``, or ``gelu_tanh``: GELU's tanh approximation written as arithmetic, the
+    form of GPT-2's code, Hugging Face's ``NewGELUActivation`` and Megatron-LM 2019's ``gelu_impl``
+    (``0.5 x (1 + tanh(0.79788 x (1 + 0.044715 x^2)))``): traced as nine elementwise ops, which an
+    eager run launches as nine kernels."""
     dropout: float = 0.0
     """Dropout probability on attention probabilities and residual branches (Megatron's places)."""
     fused_attention: bool | None = None
@@ -100,8 +106,8 @@ class GPTConfig:
             )
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ModelSpecError(f"GPT norm={self.norm!r}: choose layernorm or rmsnorm")
-        if self.act not in ("gelu", "swiglu"):
-            raise ModelSpecError(f"GPT act={self.act!r}: choose gelu or swiglu")
+        if self.act not in ACTIVATIONS:
+            raise ModelSpecError(f"GPT act={self.act!r}: choose one of {', '.join(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelSpecError(f"GPT dropout={self.dropout}: must be in [0, 1)")
         if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 0:
@@ -248,11 +254,17 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation as GPT-2-era code writes it (sqrt(2/pi) = 0.7978845608028654)."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, device: torch.device | str | None = None):
         super().__init__()
         h, f = cfg.hidden, cfg.ffn_resolved
         self.swiglu = cfg.act == "swiglu"
+        self.act = gelu_tanh if cfg.act == "gelu_tanh" else F.gelu
         self.fc1 = nn.Linear(h, f, bias=cfg.bias, device=device)
         if self.swiglu:
             self.gate = nn.Linear(h, f, bias=cfg.bias, device=device)
@@ -261,7 +273,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):

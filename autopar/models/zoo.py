@@ -3,7 +3,7 @@
 Spec forms::
 
     gpt:hidden=H,layers=L,heads=A,vocab=V,seq=S[,ffn=F,kv_heads=K,head_dim=D,qk_norm=0|1,
-        norm=layernorm|rmsnorm,act=gelu|swiglu,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1,
+        norm=layernorm|rmsnorm,act=gelu|swiglu|gelu_tanh,dropout=P,fused_attention=0|1,tie_embeddings=0|1,bias=0|1,
         experts=E,top_k=K,shared_experts=S,capacity_factor=C,moe_ffn=F,aux_coef=A]
                                   experts=E > 0: a mixture-of-experts MLP in every layer
     gpt3-175b                     a preset (``list_models()``); ``gpt:175b`` means ``gpt3-175b``

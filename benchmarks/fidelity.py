@@ -15,7 +15,11 @@ nodes and compares the predicted iteration time with the published one,
     python benchmarks/fidelity.py --sets --rows   # plus every row of the V100 (Megatron-LM 2019) sets
 
 The SC'21 rows are modelled as they ran: explicit (non-flash) attention and the 2021 software's
-ZeRO-3 gathers at the per-GPU NIC rate (``FRAMEWORK``, cost_models.hardware.FRAMEWORKS).
+ZeRO-3 gathers at the per-GPU NIC rate (``FRAMEWORK``, cost_models.hardware.FRAMEWORKS). The sets
+beyond SC'21 (``fidelity_sets.py``): llm-foundry's MPT sweep (H100, A100 80GB / 40GB; FSDP under
+Composer), Megatron-LM 2019 on DGX-2H (V100), and dgxc-benchmarking's Nemotron-4 15B/340B and
+GPT-3 175B on H100 (Megatron-Core under NeMo), each under its own software
+(``framework=`` of :func:`cost_models.hardware.calibration_for`).
 
 It also checks memory: every published plan fits in 80 GB and the same model with tp = pp = 1
 does not (with the overflow in bytes).

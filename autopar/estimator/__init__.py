@@ -37,6 +37,8 @@ Public API (``from autopar.estimator import ...``):
 * :func:`estimate`: graph + cluster + plan -> :class:`~autopar.core.plan.PredictedCost`; it is
   exactly :func:`workload` then :func:`predicted_cost` (:class:`Workload` holds what the first
   derives, reusable across calibrations and memory knobs).
+* :func:`default_calibration`: the constants a cluster is costed with when the caller names none
+  (its device kind's measured efficiencies, ``cost_models.hardware.calibration_for``).
 * :func:`validate_plan`: the plan rules of :mod:`autopar.core.plan_rules` checked against a traced
   graph (the degrees use every device, ``tp`` divides the heads and every Linear's width).
 * :func:`attention_heads` / :func:`kv_heads`: the head counts read off a traced graph (the
@@ -79,6 +81,7 @@ from autopar.estimator.stages import (
 )
 from autopar.estimator.tensor_parallel import cached, megatron_tp, tp_from_placements
 from cost_models import DEFAULT, Calibration, DeviceRates, StageWork, StepSpec, step_time
+from cost_models.hardware import calibration_for
 
 if TYPE_CHECKING:
     from autopar.estimator.local import LocalProfile as LocalProfileLike
@@ -86,6 +89,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Workload",
     "attention_heads",
+    "default_calibration",
     "estimate",
     "kv_heads",
     "predicted_cost",
@@ -119,13 +123,23 @@ class Workload:
     dtype: str
     seq: int
     calib: Calibration | None = None
-    """Profiled mode: the constants it replaces for this machine (:func:`predicted_cost` times
-    the workload with these instead of the caller's); None otherwise."""
+    """The workload's own constants, which :func:`predicted_cost` times it with instead of the
+    caller's: in profiled mode the ones measured on this machine; when the caller passed none, the
+    cluster's device-kind constants (:func:`default_calibration`); None when the caller chose."""
     fixed_step_s: float = 0.0
     """Per-step cost outside the step model (profiled mode: the runtime's scalar loss all-reduce)."""
     experts: moe.MoEMemory | None = None
     """Expert parameters and dispatch buffers per block (mixture-of-experts graphs), for the memory
     model (:func:`stage_memory`)."""
+
+
+def default_calibration(cluster: Cluster) -> Calibration:
+    """The constants a cluster is costed with when the caller names none: its device kind's measured
+    efficiencies (:func:`cost_models.hardware.calibration_for`; A100 and kinds without measurements
+    keep :data:`cost_models.DEFAULT`). A cluster mixing kinds keeps ``DEFAULT``: one calibration is
+    applied to every stage."""
+    kinds = cluster.device_kinds
+    return calibration_for(kinds[0].name) if len(kinds) == 1 else DEFAULT
 
 
 def workload(
@@ -138,8 +152,10 @@ def workload(
     kv_cache: bool = False,
     op_times: Mapping[str, tuple[float, float]] | None = None,
 ) -> Workload:
-    """Validate ``plan`` and turn graph + cluster + plan into the cost model's inputs."""
-    calib = calib or DEFAULT
+    """Validate ``plan`` and turn graph + cluster + plan into the cost model's inputs (``calib``:
+    the constants; by default the cluster's device kind's, :func:`default_calibration`)."""
+    chosen = calib is not None
+    calib = calib or default_calibration(cluster)
     local = profiled_for(graph, cluster) if op_times is None else None
     if local is not None:  # profiled mode (autopar.estimator.local): measured numbers of this machine
         op_times = local.times_for(graph.batch_size, local.slowdown_for(plan))
@@ -220,7 +236,7 @@ def workload(
         hardware_flops_per_step=hw_flops,
         dtype=key,
         seq=_seq_len(graph),
-        calib=calib if local is not None else None,
+        calib=calib if (local is not None or not chosen) else None,
         fixed_step_s=local.fixed_step_s(plan, _fsdp_units(stages)) if local is not None else 0.0,
         experts=experts,
     )
@@ -238,7 +254,8 @@ def estimate(
 ) -> PredictedCost:
     """Predicted step time, throughput and memory of ``plan`` for ``graph`` on ``cluster``.
 
-    ``calib``: the cost-model constants (default :data:`cost_models.DEFAULT`). ``dtype``: the compute
+    ``calib``: the cost-model constants (default: the cluster's device kind's,
+    :func:`default_calibration`). ``dtype``: the compute
     dtype key (``fp16``, ``bf16``, ``fp32``); by default the graph's, except that a fp32 graph is
     costed in the device's 16-bit dtype (mixed precision). ``kv_cache``: in inference mode, add the
     keys/values of every attention layer for the traced sequence length. ``op_times``: profiled
@@ -249,9 +266,8 @@ def estimate(
     :mod:`autopar.estimator.devices`). Raises
     :class:`~autopar.core.errors.PlanError` for a plan that does not fit the cluster or the model.
     """
-    calib = calib or DEFAULT
     w = workload(graph, cluster, plan, calib=calib, dtype=dtype, kv_cache=kv_cache, op_times=op_times)
-    return predicted_cost(w, plan, cluster, calib)
+    return predicted_cost(w, plan, cluster, calib or DEFAULT)
 
 
 def _fsdp_units(stages: list) -> int:

@@ -25,7 +25,7 @@ from autopar.sharding import ShardingGraph
 from autopar.solve.candidate import Candidate
 from autopar.solve.intra_op import CostModel, expand_placements, solve_placements
 from autopar.tracing.collapse import first_blocks_module
-from cost_models import collective_time_s
+from cost_models import DEFAULT, collective_time_s
 
 log = logging.getLogger(__name__)
 MIN_GAIN = 1e-3
@@ -87,7 +87,7 @@ def solve_for_tp(
     costs = CostModel(
         peak_flops_per_s=rates.peak_flops_per_s,
         hbm_bytes_per_s=rates.hbm_bytes_per_s,
-        collective_s=lambda kind, nbytes: collective_time_s(kind, nbytes, group),
+        collective_s=lambda kind, nbytes: collective_time_s(kind, nbytes, group, calib=w.calib or DEFAULT),
     )
     try:
         sg = ShardingGraph(first_blocks_module(graph), plan.tp)

@@ -20,7 +20,7 @@ import pytest
 from autopar.cluster import Cluster
 from autopar.core.errors import PlanError
 from autopar.core.plan import Plan
-from autopar.estimator import estimate, workload
+from autopar.estimator import default_calibration, estimate, workload
 from autopar.estimator.moe import all_to_all_volume, ep_group, expert_placement, moe_nodes
 from autopar.models.spec import load_model
 from autopar.solve import plan as autoplan
@@ -162,8 +162,9 @@ def test_ep_comm_is_the_all_to_all_time_of_each_layer(small):
     meta = moe_nodes(small)[0].meta["moe"]
     group = ep_group(plan, cluster)
     data = meta["tokens"] * meta["top_k"] * meta["hidden"] * 2
-    one = collective_time_s("all_to_all", meta["experts"] * 8, group) + 4 * collective_time_s(
-        "all_to_all", data, group
+    calib = default_calibration(cluster)  # H100's constants: what estimate() uses for this cluster
+    one = collective_time_s("all_to_all", meta["experts"] * 8, group, calib=calib) + 4 * collective_time_s(
+        "all_to_all", data, group, calib=calib
     )
     assert cost.breakdown_s["ep_comm"] == pytest.approx(plan.num_micro_batches * 4 * one)
 

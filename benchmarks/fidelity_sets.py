@@ -171,32 +171,16 @@ def load_nemotron4(path: Path = NEMOTRON4) -> list[Run]:
     for cells in d["rows"]:
         r = dict(zip(d["columns"], cells))
         shape = d["shapes"][r["model"]]
-        dp = r["gpus"] // (r["tp"] * r["pp"])
         runs.append(
-            Run(
-                set_name="dgxc_nemotron4_h100",
-                label=f"{r['model']}/{r['gpus']}g",
-                hidden=shape["hidden"],
-                heads=shape["heads"],
-                layers=shape["layers"],
-                vocab=d["vocab"],
-                seq=d["seq"],
-                gpus=r["gpus"],
-                mbs=r["mbs"],
-                grad_accum=r["global_batch"] // (dp * r["mbs"]),
-                zero=1,
-                recompute="none",
-                preset="dgx-h100",
-                published_s=r["step_time_s"],
-                citation=f"{cite}, nemotron/README.md, 'Nemotron4 {r['model']} BF16', {r['gpus']} GPUs",
-                tp=r["tp"],
-                pp=r["pp"],
-                vp=r["vp"],
-                kv_heads=shape["kv_heads"],
-                ffn=shape["ffn"],
+            _dgxc_run(
+                "dgxc_nemotron4_h100",
+                f"{r['model']}/{r['gpus']}g",
+                {**shape, "vocab": d["vocab"], "seq": d["seq"]},
+                r,
+                r["global_batch"],
+                r["step_time_s"],
+                f"{cite}, nemotron/README.md, 'Nemotron4 {r['model']} BF16', {r['gpus']} GPUs",
                 tie_embeddings=False,
-                sequence_parallel=r["tp"] > 1,
-                framework="nemo-mcore",
             )
         )
     return runs
@@ -208,37 +192,53 @@ def load_gpt3_h100(path: Path = GPT3_H100) -> list[Run]:
     d = json.loads(path.read_text())
     cite = d["sources"]["readme"].split(",")[0]
     shape, lay = d["shape"], d["layout"]
-    runs = []
-    for gpus, step in d["rows"]:
-        dp = gpus // (lay["tp"] * lay["pp"])
-        runs.append(
-            Run(
-                set_name="dgxc_gpt3_h100",
-                label=f"175b/{gpus}g",
-                hidden=shape["hidden"],
-                heads=shape["heads"],
-                layers=shape["layers"],
-                vocab=shape["vocab"],
-                seq=shape["seq"],
-                gpus=gpus,
-                mbs=lay["mbs"],
-                grad_accum=lay["global_batch_per_gpu"] * gpus // (dp * lay["mbs"]),
-                zero=1,
-                recompute="none",
-                preset="dgx-h100",
-                published_s=step,
-                citation=f"{cite}, nemo_megatron/README_175b.md, 'NeMo Megatron 24.11 BF16', {gpus} GPUs",
-                tp=lay["tp"],
-                pp=lay["pp"],
-                vp=lay["vp"],
-                dropout=shape["dropout"],
-                attention="fused",
-                sequence_parallel=True,
-                bias=True,
-                framework="nemo-mcore",
-            )
+    return [
+        _dgxc_run(
+            "dgxc_gpt3_h100",
+            f"175b/{gpus}g",
+            shape,
+            {**lay, "gpus": gpus},
+            lay["global_batch_per_gpu"] * gpus,
+            step,
+            f"{cite}, nemo_megatron/README_175b.md, 'NeMo Megatron 24.11 BF16', {gpus} GPUs",
+            dropout=shape["dropout"],
+            bias=True,
         )
-    return runs
+        for gpus, step in d["rows"]
+    ]
+
+
+def _dgxc_run(
+    set_name: str, label: str, shape: dict, lay: dict, global_batch: int, step_s: float, citation: str, **kw
+) -> Run:
+    """A dgxc-benchmarking row: a Megatron-Core run on DGX H100 with sequence parallelism, the
+    distributed optimizer (ZeRO-1) and no recompute, under ``nemo-mcore``."""
+    dp = lay["gpus"] // (lay["tp"] * lay["pp"])
+    return Run(
+        set_name=set_name,
+        label=label,
+        hidden=shape["hidden"],
+        heads=shape["heads"],
+        layers=shape["layers"],
+        vocab=shape["vocab"],
+        seq=shape["seq"],
+        gpus=lay["gpus"],
+        mbs=lay["mbs"],
+        grad_accum=global_batch // (dp * lay["mbs"]),
+        zero=1,
+        recompute="none",
+        preset="dgx-h100",
+        published_s=step_s,
+        citation=citation,
+        tp=lay["tp"],
+        pp=lay["pp"],
+        vp=lay["vp"],
+        kv_heads=shape.get("kv_heads"),
+        ffn=shape.get("ffn"),
+        sequence_parallel=lay["tp"] > 1,
+        framework="nemo-mcore",
+        **kw,
+    )
 
 
 def _megatron2019_run(set_name: str, r: dict, seq: int, vocab: int, published_s: float) -> Run:

@@ -129,7 +129,7 @@ class Calibration:
     megatron_distributed_optimizer: bool = False
     """ZeRO-1 as Megatron-Core's distributed optimizer runs it with NeMo's overlap settings
     (``MegatronCommOverlapCallback``, data-parallel size > 1: ``overlap_grad_reduce``,
-    ``overlap_param_gather``, 128 MiB buckets): gradients are reduce-scattered (not all-reduced)
+    ``overlap_param_gather``, buckets of 128 Mi parameters): gradients are reduce-scattered (not all-reduced)
     bucket by bucket under the backward, and the updated parameters all-gathered under the next
     step's forward. False: autopar's own ZeRO-1 (DDP all-reduce, then an exposed all-gather)."""
     pp_scatter_gather: bool = True

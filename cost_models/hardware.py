@@ -146,7 +146,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "tp_comm_pipelined": True,
         "pp_p2p_overlap_interleaved": True,
         "megatron_distributed_optimizer": True,
-        "dp_last_bucket_bytes": 128 * 2**20,
+        "dp_last_bucket_bytes": 2 * 128 * 2**20,  # 128 Mi parameters (MCore counts parameters), bf16
     },
 }
 """Software behaviour by training framework (no numbers fitted). ``megatron``: the defaults (fused
@@ -171,7 +171,8 @@ kernels, TE's fused attention (cuDNN; FlashAttention-3-class on Hopper: ``native
 :attr:`KindConstants.native_attention_efficiency` where the kind has one) and TE's userbuffers
 tensor-parallel overlap, which NeMo's performance recipes switch on (``tp_comm_overlap=True``;
 ``Calibration.tp_comm_pipelined``), and the data- and pipeline-parallel overlaps its
-``MegatronCommOverlapCallback`` sets (``megatron_distributed_optimizer``, 128 MiB buckets,
+``MegatronCommOverlapCallback`` sets (``megatron_distributed_optimizer``, buckets of 128 Mi
+parameters: Megatron-Core's ``bucket_size`` counts parameters, here of bf16 gradients,
 ``pp_p2p_overlap_interleaved``; NVIDIA/NeMo ``nemo/lightning/pytorch/callbacks/megatron_comm_overlap.py``).
 ``automodel``: NeMo AutoModel (eager PyTorch with FSDP2, Transformer Engine's RMSNorm, Linear and
 DotProductAttention, DeepEP; its performance summary's "TE" column): ``fsdp``'s behaviour with

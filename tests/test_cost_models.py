@@ -562,7 +562,7 @@ def test_nemo_2025_software_runs_hopper_attention_and_its_overlaps():
     )
     assert nemo.gemm_max_efficiency == h100.gemm_max_efficiency
     assert nemo.tp_comm_pipelined and nemo.megatron_distributed_optimizer and nemo.pp_p2p_overlap_interleaved
-    assert nemo.dp_last_bucket_bytes == 128 * 2**20
+    assert nemo.dp_last_bucket_bytes == 128 * 2**20 * 2  # 128 Mi bf16 gradients per bucket
     a100 = calibration_for("a100-80g", framework="nemo-mcore")
     assert KINDS["a100-80g"].native_attention_efficiency is None
     assert a100.fused_attention_efficiency == DEFAULT.fused_attention_efficiency

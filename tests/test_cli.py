@@ -113,6 +113,32 @@ def test_estimate_on_a_heterogeneous_cluster_costs_each_kind(tmp_path):
     assert set(out["extra"]["memory_capacity_bytes_per_stage"]) <= {80e9, 32e9}
 
 
+def test_estimate_software_prices_the_plan_as_that_software_runs_it(tmp_path):
+    """``--software nemo-mcore`` costs the plan with NeMo/Megatron-Core's behaviour on the kind's
+    constants: faster than autopar's own costing of the same sequence-parallel plan on H100 (TE's
+    pipelined TP collectives, Hopper's fused attention), the name in the output; an unknown name or
+    a cluster mixing kinds is a user error naming the choices."""
+    spec = "gpt:hidden=1024,layers=8,heads=16,vocab=8192,seq=1024,bias=0"
+    plan = "dp=4,tp=2,pp=1,mbs=2,vpp=1,schedule=1f1b,recompute=none,sp=1,zero=1"
+    args = ("estimate", spec, "--cluster", "dgx-h100", "--global-batch", "32", "--plan", plan, "--json")
+    own, nemo = (json.loads(autopar(*args, *extra).stdout) for extra in ((), ("--software", "nemo-mcore")))
+    assert own["software"] is None and nemo["software"] == "nemo-mcore"
+    assert nemo["step_time_s"] < own["step_time_s"]
+    assert nemo["breakdown_s"]["tp_comm"] < own["breakdown_s"]["tp_comm"]
+    assert_user_error(autopar(*args, "--software", "jax"), "--software 'jax' is not known", "nemo-mcore")
+    f = tmp_path / "mixed.yaml"
+    f.write_text(
+        "devices_per_node: 8\n"
+        "node_groups: [{nodes: 1, device: h100-sxm}, {nodes: 1, device: a100-80g}]\n"
+        "intra_node: {bandwidth_bytes_per_s: 300.0e9, latency_s: 5.0e-6}\n"
+        "inter_node: {bandwidth_bytes_per_s: 25.0e9, latency_s: 1.0e-5}\n"
+    )
+    mixed = autopar(
+        "estimate", spec, "--cluster", str(f), "--global-batch", "32", "--plan", plan, "--software", "fsdp"
+    )
+    assert_user_error(mixed, "mixes h100-sxm, a100-80g")
+
+
 # ------------------------------------------------------------------------------ framework
 def test_every_command_module_imports_and_registers():
     names = command_modules()

@@ -277,6 +277,17 @@ def test_fixed_keys_equal_exhaustive_search_over_the_rest(fixed):
     check_against_oracle("h64-l4", "2x4", 32, fixed=fixed)
 
 
+def test_a_fixed_vpp_above_the_planners_cap_is_searched():
+    """The planner tries up to 8 virtual stages itself; a user's larger vpp (here 12 on 24 layers and
+    2 stages, as Megatron's GPT-3 recipe runs 96 layers on 8) is searched, not an empty space."""
+    cfg = GPTConfig(hidden=64, layers=24, heads=4, vocab=128, seq=16, dropout=0.0)
+    model, inputs, loss_fn = autopar.build_model(cfg, device="meta", batch=1, dtype=torch.bfloat16)
+    graph = autopar.trace(model, inputs, loss_fn=loss_fn)
+    fixed = {"pp": 2, "vpp": 12, "schedule": "interleaved"}
+    plan = autopar.plan(graph, CLUSTERS["1x8"](), global_batch=32, fixed=fixed, progress=False)
+    assert (plan.pp, plan.virtual_stages, plan.schedule) == (2, 12, "interleaved")
+
+
 def test_inference_equals_exhaustive_search():
     check_against_oracle("h128-l3", "1x8", 16, mode="inference")
     check_against_oracle("h64-l4", "2x4", 8, mode="inference")

@@ -1,4 +1,4 @@
-"""``autopar estimate MODEL --cluster CLUSTER --global-batch B [--plan k=v,...] [--json]``.
+"""``autopar estimate MODEL --cluster CLUSTER --global-batch B [--plan k=v,...] [--software NAME] [--json]``.
 
 Builds the model on the ``meta`` device (nothing is allocated), traces it with its loss at the
 micro-batch size, resolves the plan keys (:func:`autopar.core.plan_rules.resolve_plan`) and prints what
@@ -52,16 +52,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="keys: dp tp pp mbs vpp schedule recompute sp zero (the planner chooses keys left out), "
         "or a plan file from `autopar plan --out`",
     )
+    p.add_argument(
+        "--software",
+        default=None,
+        metavar="NAME",
+        help="price the plan as NAME's software runs it, with the device kind's measured constants "
+        "(cost_models.hardware.FRAMEWORKS: megatron, nemo-mcore, fsdp, composer, automodel, megatron-2019, "
+        "megatron-deepspeed-2021); default: the cluster's kind, as autopar's planner costs it",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+
+
+def software_calibration(name: str | None, cluster: Cluster):
+    """``--software NAME``: the cost-model constants of NAME's software on the cluster's device kind
+    (None: the estimator's default). A typed error for an unknown name or a cluster mixing kinds."""
+    if name is None:
+        return None
+    from autopar.core.errors import InputError
+    from cost_models.hardware import FRAMEWORKS, calibration_for
+
+    if name not in FRAMEWORKS:
+        raise InputError(f"--software {name!r} is not known; choose one of: {', '.join(sorted(FRAMEWORKS))}")
+    kinds = cluster.device_kinds
+    if len(kinds) != 1:
+        names = ", ".join(k.name for k in kinds)
+        raise InputError(
+            f"--software prices one device kind's software, but cluster {cluster.name!r} mixes {names}; "
+            "estimate each kind's cluster on its own, or leave --software out"
+        )
+    return calibration_for(kinds[0].name, framework=name)
 
 
 def run(args: argparse.Namespace) -> int:
     from autopar.cluster import Cluster
     from autopar.core.plan_rules import PLAN_KEYS, parse_plan_arg, plan_keys, resolve_plan
 
-    # Before torch is imported and the model built: a bad cluster or plan key fails fast.
+    # Before torch is imported and the model built: a bad cluster, plan key or software fails fast.
     cluster = Cluster.parse(args.cluster)
+    calib = software_calibration(args.software, cluster)
     plan, keys = _plan_file(args.plan), {}
     if plan is None:
         keys = parse_plan_arg(args.plan)
@@ -101,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopar.estimator import estimate
 
-    cost = estimate(graph, cluster, plan)
+    cost = estimate(graph, cluster, plan, calib=calib)
     if args.json:
         out = {k: getattr(cost, k) for k in JSON_KEYS}
         out.update(
@@ -111,12 +140,17 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             seq=loaded.seq,
             cluster=cluster.to_dict(),
+            software=args.software,
         )
         out["extra"] = cost.extra
         json.dump(out, sys.stdout, indent=2, default=str)
         print()
         return 0
-    print(render(cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=chosen))
+    print(
+        render(
+            cost, plan, cluster, model=args.model, seq=loaded.seq, defaulted=chosen, software=args.software
+        )
+    )
     return 0
 
 
@@ -134,7 +168,14 @@ def _plan_file(text: str) -> Plan | None:
 
 # ------------------------------------------------------------------------------- output
 def render(
-    cost: PredictedCost, plan: Plan, cluster: Cluster, *, model: str, seq: int | None, defaulted: list[str]
+    cost: PredictedCost,
+    plan: Plan,
+    cluster: Cluster,
+    *,
+    model: str,
+    seq: int | None,
+    defaulted: list[str],
+    software: str | None = None,
 ) -> str:
     """The human-readable report of one estimate."""
     kinds = " + ".join(f"{g.nodes} x {cluster.devices_per_node} {g.device.name}" for g in cluster.node_groups)
@@ -143,6 +184,7 @@ def render(
         f"cluster  {cluster.name}: {kinds} = {cluster.num_devices} devices",
         f"plan     {plan.summary()}"
         + (f"   (chosen by the planner: {', '.join(defaulted)})" if defaulted else ""),
+        *([f"software {software} (cost_models.hardware.FRAMEWORKS)"] if software else []),
         "",
         f"{'step time':<26}{seconds_text(cost.step_time_s, fixed=True):>14}",
     ]

@@ -166,7 +166,9 @@ def _schedules(s: SpaceSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
             continue
         if not interleaving_fits(m, pp):
             continue
-        for vpp in range(2, s.max_virtual_stages + 1):
+        fixed_vpp = (s.fixed or {}).get("vpp")  # a user's vpp is searched even above the planner's cap
+        top = max(s.max_virtual_stages, fixed_vpp or 0)
+        for vpp in range(2, top + 1):
             if s.num_layers % (pp * vpp) == 0:
                 yield "interleaved", vpp
 

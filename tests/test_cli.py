@@ -89,6 +89,11 @@ def test_no_command_and_bad_arguments_exit_2():
         ("dgx-h100", "schedule=zigzag", ["schedule='zigzag': choose one of gpipe, 1f1b, interleaved"]),
         ("dgx-h100", "zero=4", ["ZeRO stage must be 0, 1, 2 or 3"]),
         ("dgx-h100", "tp", ["--plan item 'tp' is not key=value"]),
+        (
+            "dgx-h100:nodes=8",
+            "tp=4,pp=8,mbs=1,vpp=7,schedule=interleaved",
+            ["go with the keys you fixed (tp=4, pp=8, mbs=1, vpp=7, schedule=interleaved)", "fix fewer keys"],
+        ),
     ],
 )
 def test_estimate_rejects_bad_cluster_and_plan_keys(cluster, plan, fragments):

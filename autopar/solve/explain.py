@@ -178,6 +178,13 @@ def infeasible_message(search: SearchView) -> tuple[str, dict]:
     st = search.stats
     if not search.overflowing:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(st.invalid_reasons.items())[:3])
+        fixed = getattr(getattr(search, "spec", None), "fixed", None) or {}
+        if not reasons and fixed:
+            keys = ", ".join(f"{k}={v}" for k, v in fixed.items())
+            reasons = (
+                f"no mesh, micro-batch, schedule and memory knobs go with the keys you fixed ({keys}); "
+                "fix fewer keys, or check that they divide the cluster, the batch and the layers"
+            )
         return (f"no valid plan for this model, batch and cluster ({reasons or 'empty search space'})", {})
     c = min(search.overflowing, key=lambda c: c.overflow_bytes)
     message = (

@@ -43,6 +43,7 @@ from cost_models.comm import GroupSpec, LinkSpec, collective_time_s, p2p_time_s
 from cost_models.compute import (
     DeviceRates,
     gemm_backward_time_s,
+    gemm_efficiency,
     gemm_time_s,
     memory_op_time_s,
     roofline_time_s,
@@ -73,6 +74,13 @@ def is_loss_op(op: OpWork) -> bool:
     return op.op_class != "gemm" and op.name.startswith(LOSS_OP_PREFIXES)
 
 
+def attention_efficiency(score_gemm: tuple[float, float, float], calib: Calibration) -> float:
+    """Fraction of peak a fused attention kernel reaches: the flash kernel's measured efficiency
+    times the wave factor of its score product ``(batch, m, k)`` (a short sequence fills fewer SMs)."""
+    b, m, k = score_gemm
+    return calib.fused_attention_efficiency * gemm_efficiency(b, m, k, k, calib) / calib.gemm_max_efficiency
+
+
 def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> tuple[float, float]:
     """(forward, backward) seconds of ``op`` (all ``count`` copies)."""
     if op.op_class == "gemm":
@@ -95,7 +103,9 @@ def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> 
             fwd = memory_op_time_s(op.bytes_fwd, device, calib=calib)
             bwd = memory_op_time_s(bytes_bwd, device, calib=calib)
         else:
-            eff = op.efficiency
+            eff = (
+                op.efficiency if op.attention_gemm is None else attention_efficiency(op.attention_gemm, calib)
+            )
             fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, efficiency=eff, calib=calib)
             bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
     if op.measured_fwd_s is not None:
@@ -347,13 +357,17 @@ def fsdp_units(stage: StageWork) -> list[tuple[float, int]]:
     return blocks + ([(rest, 1)] if rest > 0 else [])
 
 
-def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibration) -> float:
+def dp_exposed_s(
+    step: StepSpec, stage_times: list[BlockTime], calib: Calibration | Sequence[Calibration]
+) -> float:
     """The data-parallel gradient sync left exposed after the last backward (the worst stage's)."""
     dp = step.groups.get("dp")
     if step.mode != "train" or dp is None or dp.size == 1 or step.zero_stage == 3:
         return 0.0
     worst = 0.0
+    calibs = stage_calibs(step, calib)
     for index, (stage, t) in enumerate(zip(step.stages, stage_times)):
+        calib = calibs[index]
         dp = step.groups_of(index).get("dp", dp)
         grads = stage.param_count * step.grad_bytes
         if step.zero_stage == 0:
@@ -390,7 +404,9 @@ def dp_exposed_s(step: StepSpec, stage_times: list[BlockTime], calib: Calibratio
 
 
 def optimizer_step_s(
-    step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration
+    step: StepSpec,
+    device: DeviceRates | Sequence[DeviceRates],
+    calib: Calibration | Sequence[Calibration],
 ) -> float:
     """The optimizer step of the stage that takes longest (all stages step at once)."""
     if step.mode != "train":
@@ -400,12 +416,23 @@ def optimizer_step_s(
     # ZeRO-1 (autopar's ShardedOptimizer) packs this rank's rows into one buffer for the all-gather
     # and copies the gathered parameters back: 5/dp + 2 passes over the parameter bytes
     copies = (5 / shard + 2) * step.param_bytes if step.zero_stage == 1 and shard > 1 else 0.0
-    per_param = calib.optimizer_bytes_per_param / shard + copies
     rates = stage_rates(step, device)
     return max(
-        s.param_count * per_param / (r.hbm_bytes_per_s * calib.hbm_efficiency)
-        for s, r in zip(step.stages, rates)
+        s.param_count
+        * (c.optimizer_bytes_per_param / shard + copies)
+        / (r.hbm_bytes_per_s * c.hbm_efficiency)
+        for s, r, c in zip(step.stages, rates, stage_calibs(step, calib))
     )
+
+
+def stage_calibs(step: StepSpec, calib: Calibration | Sequence[Calibration]) -> list[Calibration]:
+    """One Calibration per stage: ``calib`` repeated, or the per-stage sequence checked."""
+    if isinstance(calib, Calibration):
+        return [calib] * len(step.stages)
+    out = list(calib)
+    if len(out) != len(step.stages):
+        raise ValueError(f"{len(out)} calibrations for {len(step.stages)} stages")
+    return out
 
 
 def stage_rates(step: StepSpec, device: DeviceRates | Sequence[DeviceRates]) -> list[DeviceRates]:
@@ -422,17 +449,22 @@ def stage_rates(step: StepSpec, device: DeviceRates | Sequence[DeviceRates]) -> 
 
 
 def step_time(
-    step: StepSpec, device: DeviceRates | Sequence[DeviceRates], calib: Calibration = DEFAULT
+    step: StepSpec,
+    device: DeviceRates | Sequence[DeviceRates],
+    calib: Calibration | Sequence[Calibration] = DEFAULT,
 ) -> StepTime:
     """Predicted time of one optimizer step, with a breakdown whose parts sum to the total.
 
     ``device``: one :class:`DeviceRates` for every stage, or one per pipeline stage (heterogeneous
-    clusters)."""
+    clusters); ``calib`` likewise (each stage timed with its device kind's constants)."""
     rates = stage_rates(step, device)
+    calibs = stage_calibs(step, calib)
     if step.stage_groups is not None and len(step.stage_groups) != len(step.stages):
         raise ValueError(f"stage_groups has {len(step.stage_groups)} entries for {len(step.stages)} stages")
-    times = [stage_time(s, step, r, calib, index=i) for i, (s, r) in enumerate(zip(step.stages, rates))]
-    p2p = [stage_p2p_s(s, step, calib, i) for i, s in enumerate(step.stages)]
+    times = [
+        stage_time(s, step, r, c, index=i) for i, (s, r, c) in enumerate(zip(step.stages, rates, calibs))
+    ]
+    p2p = [stage_p2p_s(s, step, c, i) for i, (s, c) in enumerate(zip(step.stages, calibs))]
     m, v = step.num_micro_batches, step.virtual_stages
     if step.mode != "train":
         per = [t.fwd_s + t.tp_fwd_s + p for t, p in zip(times, p2p)]

@@ -37,8 +37,11 @@ class OpWork:
     input_grad: bool = True
     """The backward computes the first-operand gradient (False for the very first op)."""
     efficiency: float = 1.0
-    """Fraction of peak FLOP/s a ``roofline`` op reaches (fused attention: the GEMM efficiency of its
-    score product)."""
+    """Fraction of peak FLOP/s a ``roofline`` op reaches (ignored for fused attention, see below)."""
+    attention_gemm: tuple[float, float, float] | None = None
+    """A fused (flash) attention kernel: ``(batch, m, k)`` of its score product. It runs at
+    ``calib.fused_attention_efficiency`` times that GEMM's wave factor, taken from the calibration
+    it is timed under (so one workload can be timed on several device kinds)."""
     selective_recompute: bool = False
     """Recomputed under ``recompute='selective'`` (the attention-score region)."""
     count: float = 1.0

@@ -597,3 +597,27 @@ def test_dgxc_rows_keep_the_published_layouts():
         assert r.framework == "nemo-mcore" and r.kind == "h100-sxm" and r.sequence_parallel and r.zero == 1
     assert nemotron["340b/256g"].vp == 12 and nemotron["15b/16g"].vp == 1
     assert nemotron["15b/16g"].published_s == 2.66 and gpt3["175b/128g"].published_s == 8.91
+
+
+def test_each_stage_can_be_timed_with_its_own_constants():
+    """``step_time(spec, rates, calibs)`` with one Calibration per stage times stage s exactly as a
+    one-calibration call with ``calibs[s]`` does (fused attention included: its efficiency is the
+    calibration's at timing); a count that is not the stage count is refused."""
+    from cost_models.step import stage_time
+
+    attn = OpWork(
+        name="sdpa", op_class="roofline", flops_fwd=4e12, flops_bwd=8e12, attention_gemm=(32, 4096, 128)
+    )
+    gemm = OpWork(name="fc", op_class="gemm", gemm=(1, 8192, 8192, 8192))
+    block = BlockWork(name="layer", ops=(attn, gemm), param_count=1e8, saved_bytes={"none": 0})
+    stages = (StageWork(blocks=((block, 4),), p2p_bytes=1e7), StageWork(blocks=((block, 4),), p2p_bytes=1e7))
+    spec = StepSpec(stages=stages, num_micro_batches=4, pp_link=NVLINK)
+    slow = DEFAULT.with_(fused_attention_efficiency=0.3, gemm_max_efficiency=0.5)
+    both = step_time(spec, A100, (DEFAULT, slow))
+    for index, calib in enumerate((DEFAULT, slow)):
+        alone = stage_time(stages[index], spec, A100, calib, index=index)
+        assert both.stage_times[index] == alone
+    assert both.stage_times[1].compute_s > both.stage_times[0].compute_s
+    assert step_time(spec, A100, slow).step_time_s > both.step_time_s > step_time(spec, A100).step_time_s
+    with pytest.raises(ValueError, match="3 calibrations for 2 stages"):
+        step_time(spec, A100, (DEFAULT, slow, slow))

@@ -106,12 +106,12 @@ def test_v100_block_is_slower_by_the_peak_ratio():
 
 def test_each_stage_costs_what_it_costs_on_a_cluster_of_its_kind():
     """Stage 0 of the mixed cluster = stage 0 on 2 A100 nodes; stage 1 = stage 1 on 2 V100 nodes
-    (same plan, same links, same constants: a mixed cluster is costed with DEFAULT, a one-kind
-    cluster with its kind's unless told otherwise): time per micro-batch and memory."""
+    (same plan, same links, and each stage its own kind's constants, as a one-kind cluster of that
+    kind gets them): time per micro-batch and memory."""
     plan = pipeline(a100_blocks=10)
     mixed = estimate(gpt(), HETERO, plan)
     for stage, kind in ((0, "a100-80g"), (1, "v100-32g")):
-        same = estimate(gpt(), cluster(kind, kind), plan, calib=DEFAULT)
+        same = estimate(gpt(), cluster(kind, kind), plan)
         t = same.extra["stage_time_per_micro_batch_s"][stage]
         assert mixed.extra["stage_time_per_micro_batch_s"][stage] == pytest.approx(t, rel=1e-12)
         m = same.extra["memory_bytes_per_stage"][stage]

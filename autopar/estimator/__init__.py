@@ -28,7 +28,8 @@ Steps (each a small function below):
    besides its inputs; ``full`` keeps each layer's input only.
 5. **Step time and memory** from :func:`cost_models.step_time` and :mod:`cost_models.memory`.
 6. **Heterogeneous clusters** (:mod:`autopar.estimator.devices`): each pipeline stage is timed on
-   its own ranks' device kind (the slowest one if they mix kinds), has its own memory capacity and
+   its own ranks' device kind (the slowest one if they mix kinds) with that kind's constants
+   (:func:`stage_calibrations`), has its own memory capacity and
    its own tp/dp groups; the plan fits when every stage fits; MFU is against the sum of all
    devices' peaks.
 
@@ -38,7 +39,8 @@ Public API (``from autopar.estimator import ...``):
   exactly :func:`workload` then :func:`predicted_cost` (:class:`Workload` holds what the first
   derives, reusable across calibrations and memory knobs).
 * :func:`default_calibration`: the constants a cluster is costed with when the caller names none
-  (its device kind's measured efficiencies, ``cost_models.hardware.calibration_for``).
+  (its device kind's measured efficiencies, ``cost_models.hardware.calibration_for``);
+  :func:`stage_calibrations`: each pipeline stage's on a cluster mixing kinds.
 * :func:`validate_plan`: the plan rules of :mod:`autopar.core.plan_rules` checked against a traced
   graph (the degrees use every device, ``tp`` divides the heads and every Linear's width).
 * :func:`attention_heads` / :func:`kv_heads`: the head counts read off a traced graph (the
@@ -93,6 +95,7 @@ __all__ = [
     "estimate",
     "kv_heads",
     "predicted_cost",
+    "stage_calibrations",
     "stage_memory",
     "validate_plan",
     "workload",
@@ -126,6 +129,10 @@ class Workload:
     """The workload's own constants, which :func:`predicted_cost` times it with instead of the
     caller's: in profiled mode the ones measured on this machine; when the caller passed none, the
     cluster's device-kind constants (:func:`default_calibration`); None when the caller chose."""
+    stage_calibs: tuple[Calibration, ...] | None = None
+    """On a heterogeneous cluster, when the caller passed no constants: each pipeline stage's own
+    (its device kind's; ``DEFAULT`` for a stage that mixes kinds), which :func:`predicted_cost`
+    times the stages with. None otherwise."""
     fixed_step_s: float = 0.0
     """Per-step cost outside the step model (profiled mode: the runtime's scalar loss all-reduce)."""
     experts: moe.MoEMemory | None = None
@@ -136,10 +143,17 @@ class Workload:
 def default_calibration(cluster: Cluster) -> Calibration:
     """The constants a cluster is costed with when the caller names none: its device kind's measured
     efficiencies (:func:`cost_models.hardware.calibration_for`; A100 and kinds without measurements
-    keep :data:`cost_models.DEFAULT`). A cluster mixing kinds keeps ``DEFAULT``: one calibration is
-    applied to every stage."""
+    keep :data:`cost_models.DEFAULT`). A cluster mixing kinds gets ``DEFAULT`` here, and each of
+    its pipeline stages its own kind's constants when timed (:func:`stage_calibrations`)."""
     kinds = cluster.device_kinds
     return calibration_for(kinds[0].name) if len(kinds) == 1 else DEFAULT
+
+
+def stage_calibrations(placed: list[StageDevices]) -> tuple[Calibration, ...]:
+    """Each stage's constants on a heterogeneous cluster: its device kind's, ``DEFAULT`` where the
+    stage's ranks mix kinds (a stage is timed on its slowest kind's rates, whose efficiencies are
+    not one kind's)."""
+    return tuple(DEFAULT if s.mixed else calibration_for(s.kinds[0].name) for s in placed)
 
 
 def workload(
@@ -237,6 +251,7 @@ def workload(
         dtype=key,
         seq=_seq_len(graph),
         calib=calib if (local is not None or not chosen) else None,
+        stage_calibs=stage_calibrations(placed) if (cluster.is_heterogeneous and not chosen) else None,
         fixed_step_s=local.fixed_step_s(plan, _fsdp_units(stages)) if local is not None else 0.0,
         experts=experts,
     )
@@ -280,7 +295,7 @@ def predicted_cost(w: Workload, plan: Plan, cluster: Cluster, calib: Calibration
     """Time a :class:`Workload` under ``calib`` (the workload's own constants in profiled mode)
     and fill a PredictedCost."""
     calib = w.calib or calib
-    t = step_time(w.spec, w.rates, calib)
+    t = step_time(w.spec, w.rates, w.stage_calibs or calib)
     _split_ep_comm(t, w, plan, calib)
     moe.expert_grad_sync(t, w, plan, cluster, calib)  # ep > 1: experts over edp, after the backward
     if w.fixed_step_s:

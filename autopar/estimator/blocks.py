@@ -20,7 +20,6 @@ from autopar.estimator.tensor_parallel import (
     tensor_bytes,
 )
 from cost_models import BlockWork, Calibration, CommWork, OpWork
-from cost_models.compute import gemm_efficiency
 
 _MEMORY_KINDS = {
     "elementwise",
@@ -198,9 +197,7 @@ def _gemm_ops(ctx: BlockContext) -> list[OpWork]:
                     flops_fwd=n.flops_fwd * div,
                     flops_bwd=n.flops_bwd * div,
                     bytes_fwd=(n.bytes_read + n.bytes_written) * div * ctx.sc.act,
-                    efficiency=ctx.calib.fused_attention_efficiency
-                    * gemm_efficiency(b, m, k, k, ctx.calib)
-                    / ctx.calib.gemm_max_efficiency,
+                    attention_gemm=(b, m, k),
                     selective_recompute=n.name in ctx.region,
                 )
             )

@@ -191,7 +191,7 @@ def _estimator_detail(
     from cost_models import DEFAULT, step_time
 
     w = workload(graph, cluster, plan)
-    t = step_time(w.spec, w.rates, w.calib or DEFAULT)  # the workload's own constants
+    t = step_time(w.spec, w.rates, w.stage_calibs or w.calib or DEFAULT)  # the workload's own constants
     out = []
     for bt, p2p, mem in zip(t.stage_times, t.stage_p2p_s, w.memory_per_stage):
         out.append(

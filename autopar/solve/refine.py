@@ -88,22 +88,22 @@ def stage_problem(graph: OpGraph, cluster: Cluster, plan: Plan) -> StageProblem 
     syncs = []
     mem_n, mem_n1 = _memory_points(w, even, repeated)
     for s, (stage, (block, count)) in enumerate(zip(w.stages, repeated)):
-        rates = _rates(w, s)
-        t0 = stage_time(_with(stage, block, 0), w.spec, rates, calib, index=s)
-        t1 = stage_time(_with(stage, block, 1), w.spec, rates, calib, index=s)
+        rates, c = _rates(w, s), _calib(w, s, calib)
+        t0 = stage_time(_with(stage, block, 0), w.spec, rates, c, index=s)
+        t1 = stage_time(_with(stage, block, 1), w.spec, rates, c, index=s)
         per0, per1 = _per_micro_batch(t0, train), _per_micro_batch(t1, train)
         p.block_time_s.append(per1 - per0)
-        p.fixed_time_s.append(per0 + stage_p2p_s(stage, w.spec, calib, s))
+        p.fixed_time_s.append(per0 + stage_p2p_s(stage, w.spec, c, s))
         p.block_bytes.append(mem_n1[s] - mem_n[s])
         p.fixed_bytes.append(mem_n[s] - count * (mem_n1[s] - mem_n[s]))
         if train:
             one = [_one_stage(w.spec, s, _with(stage, block, k)) for k in (0, 1)]
-            o0, o1 = (optimizer_step_s(spec, rates, calib) for spec in one)
+            o0, o1 = (optimizer_step_s(spec, rates, c) for spec in one)
             p.optimizer_block_s.append(o1 - o0)
             p.optimizer_fixed_s.append(o0)
             syncs.append((stage, block, t0, t1 + t0.scaled(-1.0)))
     if train:
-        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, s, *syncs[s], k, calib))
+        p.sync_time_s = functools.cache(lambda s, k: _sync(w.spec, s, *syncs[s], k, _calib(w, s, calib)))
     return p
 
 
@@ -138,6 +138,11 @@ def _sync(
 ) -> float:
     """``D_s(k)``: the exposed data-parallel sync of stage ``index`` holding ``k`` blocks."""
     return dp_exposed_s(_one_stage(spec, index, _with(stage, block, k)), [t0 + block_t.scaled(k)], calib)
+
+
+def _calib(w: Workload, index: int, calib: Calibration) -> Calibration:
+    """Stage ``index``'s constants: its own on a heterogeneous cluster (``w.stage_calibs``), else ``calib``."""
+    return w.stage_calibs[index] if w.stage_calibs else calib
 
 
 def _one_stage(spec: StepSpec, index: int, stage: StageWork) -> StepSpec:
@@ -252,7 +257,9 @@ def unit_times(graph: OpGraph, w: Workload, plan: Plan) -> tuple[list[float], fl
 
     def time_of(block: BlockWork) -> float:
         one = StageWork(blocks=((block, 1),), p2p_bytes=0.0)
-        return _per_micro_batch(stage_time(one, w.spec, rates, w.calib or DEFAULT, index=0), train)
+        return _per_micro_batch(
+            stage_time(one, w.spec, rates, _calib(w, 0, w.calib or DEFAULT), index=0), train
+        )
 
     times = []
     for key, _ in graph.block_order:

@@ -64,3 +64,29 @@ def test_the_planner_predicts_what_estimate_predicts(graph):
     again = estimate(graph, h100, plan)
     assert plan.predicted.step_time_s == pytest.approx(again.step_time_s, rel=1e-6)
     assert plan.predicted.step_time_s != pytest.approx(estimate(graph, h100, plan, calib=DEFAULT).step_time_s)
+
+
+def test_the_autopar_software_entry_describes_what_the_profiled_mode_runs():
+    """``--software autopar`` and the profiled mode describe one runtime: the same unfused kernels,
+    separate sibling GEMMs and FSDP2 ZeRO (the profiled mode adds only this machine's links)."""
+    from autopar.estimator.local import LayoutCalibration, local_calibration
+    from cost_models.hardware import FRAMEWORKS
+
+    layout = LayoutCalibration(
+        ranks=2,
+        threads=1,
+        machine="test",
+        slowdown=1.0,
+        latency_s=1e-4,
+        bandwidth_bytes_per_s=1e9,
+        optimizer_s_per_element=1e-9,
+        optimizer_s_per_tensor=1e-6,
+        step_overhead_s=1e-3,
+    )
+    profiled = local_calibration(layout, DEFAULT)
+    entry = FRAMEWORKS["autopar"]
+    for name in ("fuse_elementwise", "fuse_sibling_gemms", "zero_fsdp2"):
+        assert entry[name] == getattr(profiled, name), name
+    autopar_h100 = calibration_for("h100-sxm", framework="autopar")
+    assert not autopar_h100.fuse_elementwise and autopar_h100.zero_fsdp2
+    assert autopar_h100.gemm_max_efficiency == calibration_for("h100-sxm").gemm_max_efficiency

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME",
         help="price the plan as NAME's software runs it, with the device kind's measured constants "
-        "(cost_models.hardware.FRAMEWORKS: megatron, nemo-mcore, fsdp, composer, automodel, megatron-2019, "
+        "(cost_models.hardware.FRAMEWORKS: autopar, megatron, nemo-mcore, fsdp, composer, automodel, megatron-2019, "
         "megatron-deepspeed-2021); default: the cluster's kind, as autopar's planner costs it",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")

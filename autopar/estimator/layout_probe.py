@@ -11,12 +11,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import torch
 
-from autopar.estimator.profile_comm import spawn_ranks
+from autopar.estimator.profile_comm import join_gloo, spawn_ranks
 
 AR_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20)
 """All-reduce sizes measured: the two largest set the bandwidth (their difference cancels the
@@ -31,15 +30,8 @@ SMALL_TENSORS = (64, 1024)  # 64 tensors of 1024 elements
 def layout_worker(rank: int, ranks: int, port: int, threads: int, timeout_s: float, queue: Any) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(threads)
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=ranks,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        join_gloo(rank, ranks, port, threads, timeout_s)
         out = measure_layout(rank, ranks)
         dist.barrier()
         if rank == 0:

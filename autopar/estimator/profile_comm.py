@@ -80,21 +80,30 @@ def spawn_ranks(what: str, target: Any, ranks: int, args: tuple, timeout_s: floa
     return payload
 
 
+def join_gloo(rank: int, ranks: int, port: int, threads: int, timeout_s: float) -> None:
+    """In a rank :func:`spawn_ranks` started: ``threads`` intra-op threads, then the local gloo group
+    on ``port`` (``timeout_s``: the process group's timeout, so a dead peer fails, never hangs)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=ranks,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
 def _worker(  # runs in a spawned process
     rank: int, ranks: int, port: int, sizes: Sequence[int], repeats: int, timeout_s: float, queue: Any
 ) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=ranks,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        join_gloo(rank, ranks, port, 1, timeout_s)
         times = {}
         for size in sizes:
             x = torch.ones(max(size // 4, 1))

@@ -13,6 +13,7 @@ nodes and compares the predicted iteration time with the published one,
                                                   # set, the rows the data file excludes (with its
                                                   # reasons), and the leave-one-set-out fit
     python benchmarks/fidelity.py --sets --rows   # plus every row of the V100 (Megatron-LM 2019) sets
+    python benchmarks/fidelity.py --sets --figure docs/img/fig-fidelity.png   # the parity plot
 
 The SC'21 rows are modelled as they ran: explicit (non-flash) attention and the 2021 software's
 ZeRO-3 gathers at the per-GPU NIC rate (``FRAMEWORK``, cost_models.hardware.FRAMEWORKS). The sets
@@ -444,6 +445,56 @@ def loso_lines(sets: dict[str, list], markdown: bool) -> list[str]:
     return lines
 
 
+def parity_figure(sets: dict[str, list], base: Calibration, path: Path) -> None:
+    """Two panels a person can read at a glance: predicted against published step time of every row
+    (log axes, one colour per set, the +-10 % band), and each set's row errors side by side with
+    the +-5 % and +-10 % lines (the issue's in-sample targets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ex) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.2]})
+    lo, hi = float("inf"), 0.0
+    for k, (name, cases) in enumerate(sets.items()):
+        pub = [_published_s(c) for c in cases]
+        err = [c.error(base) for c in cases]
+        pred = [p * (1.0 + e) for p, e in zip(pub, err)]
+        color = f"C{k % 10}"
+        ax.scatter(pub, pred, s=16, alpha=0.8, color=color, label=name)
+        lo, hi = min(lo, *pub, *pred), max(hi, *pub, *pred)
+        jitter = [k + 0.25 * ((i * 0.618) % 1 - 0.5) for i in range(len(err))]
+        ex.scatter(jitter, [100 * e for e in err], s=14, alpha=0.8, color=color)
+        mean = sum(abs(e) for e in err) / len(err)
+        ex.text(k, 100 * max(err) + 2, f"{mean:.1%}", ha="center", fontsize=7)
+    line = [lo / 1.2, hi * 1.2]
+    ax.plot(line, line, color="black", linewidth=1)
+    ax.fill_between(line, [x * 0.9 for x in line], [x * 1.1 for x in line], color="grey", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("published step time (s)")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title("predicted vs published (grey: within 10 %)")
+    ax.legend(fontsize=7, loc="upper left")
+    for y, style in ((5, ":"), (10, "--")):
+        for sign in (1, -1):
+            ex.axhline(sign * y, color="grey", linestyle=style, linewidth=1)
+    ex.axhline(0, color="black", linewidth=1)
+    ex.set_xticks(range(len(sets)))
+    ex.set_xticklabels(list(sets), rotation=35, ha="right", fontsize=8)
+    ex.set_ylabel("error of each row (%), + = predicted slower")
+    ex.set_title("row errors per set (number: mean |error|; lines: 5 % and 10 %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _published_s(case) -> float:
+    """The published step time of an SC'21 case or a set case."""
+    inner = case.case
+    return inner.row.published_s if hasattr(inner, "row") else inner.run.published_s
+
+
 def _row(cells, markdown: bool, header: bool = False) -> str:
     cells = [str(x) for x in cells]
     if markdown:
@@ -462,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", action="store_true", help="per-set errors beyond SC'21 and leave-one-set-out")
     ap.add_argument("--max-seq", type=int, default=4096, help="--sets: skip rows with a longer sequence")
     ap.add_argument("--rows", action="store_true", help="--sets: print each V100 (Megatron-LM 2019) row")
+    ap.add_argument("--figure", type=Path, help="--sets: write the predicted-vs-published parity plot (PNG)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -499,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print("\n".join(v100_row_lines(sets, calib, args.markdown)))
         print()
+        if args.figure:
+            parity_figure(sets, calib, args.figure)
+            print(f"parity plot: {args.figure}")
         print("\n".join(loso_lines(sets, args.markdown)))
         print()
         from fidelity_moe import moe_fidelity_lines  # the mixture-of-experts rows (docs/moe_cost.md)

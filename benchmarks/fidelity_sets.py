@@ -1,7 +1,8 @@
 """Validation sets beyond SC'21: published throughputs on other device kinds (``benchmarks/data/``).
 
-Each set is a list of :class:`Run`: a GPT-family shape, a data-parallel plan (FSDP as ZeRO-3 or
-ZeRO-2), a cluster preset and the published step time. ``benchmarks/fidelity.py --sets`` prints
+Each set is a list of :class:`Run`: a GPT-family shape, the published plan (data parallelism with
+FSDP as ZeRO-3 or ZeRO-2; or Megatron's tensor, pipeline and data parallelism), a cluster preset,
+the software it ran under and the published step time. ``benchmarks/fidelity.py --sets`` prints
 per-set errors and the leave-one-set-out fit; this module only turns the JSON into cases.
 """
 

@@ -132,6 +132,10 @@ class Calibration:
     ``overlap_param_gather``, buckets of 128 Mi parameters): gradients are reduce-scattered (not all-reduced)
     bucket by bucket under the backward, and the updated parameters all-gathered under the next
     step's forward. False: autopar's own ZeRO-1 (DDP all-reduce, then an exposed all-gather)."""
+    ep_dispatch_per_rank: bool = False
+    """Mixture-of-experts dispatch sends a token once to each rank holding any of its experts (DeepEP,
+    github.com/deepseek-ai/DeepEP: the dispatch layout marks which ranks a token goes to), not once
+    per expert as autopar's all-to-all does (:func:`cost_models.moe.ranks_per_token`)."""
     pp_scatter_gather: bool = True
     """Megatron's scatter/gather optimisation: with tp > 1 each TP rank sends only 1/tp of the
     activation across nodes, then an intra-node all-gather rebuilds it (Narayanan et al. §4.1)."""

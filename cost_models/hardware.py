@@ -140,7 +140,12 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
     },
-    "automodel": {"fuse_elementwise": False, "zero3_regather_for_recompute": False, "native_attention": True},
+    "automodel": {
+        "fuse_elementwise": False,
+        "zero3_regather_for_recompute": False,
+        "native_attention": True,
+        "ep_dispatch_per_rank": True,
+    },
     "autopar": {
         "fuse_elementwise": False,
         "fuse_sibling_gemms": False,
@@ -182,7 +187,7 @@ parameters: Megatron-Core's ``bucket_size`` counts parameters, here of bf16 grad
 ``pp_p2p_overlap_interleaved``; NVIDIA/NeMo ``nemo/lightning/pytorch/callbacks/megatron_comm_overlap.py``).
 ``automodel``: NeMo AutoModel (eager PyTorch with FSDP2, Transformer Engine's RMSNorm, Linear and
 DotProductAttention, DeepEP; its performance summary's "TE" column): ``fsdp``'s behaviour with
-TE's fused attention (``native_attention``). ``autopar``: autopar's own runtime on a GPU, as the
+TE's fused attention (``native_attention``) and DeepEP's dispatch (``ep_dispatch_per_rank``). ``autopar``: autopar's own runtime on a GPU, as the
 profiled mode runs it on this machine (``autopar.estimator.local.local_calibration``): the
 lowered fx graph's ops run eagerly (no elementwise fusion, sibling Linears as separate GEMMs),
 ZeRO-2/3 as FSDP2 (``zero_fsdp2``), the recomputed forward inside FSDP's gathered window. Not

@@ -146,6 +146,19 @@ def received_tokens(shape: MoEShape, ep: int, imbalance: float = 1.0) -> float:
     return shape.tokens * shape.top_k * rank_factor(shape, ep, imbalance)
 
 
+def ranks_per_token(shape: MoEShape, ep: int) -> float:
+    """Distinct ranks a token's ``k`` experts live on, in expectation, with the ``E`` experts split
+    evenly over ``ep`` ranks and the ``k`` chosen uniformly without repetition:
+    ``ep (1 - C(E - E/ep, k) / C(E, k))`` (Qwen3-30B-A3B: E=128, k=8, ep=8 gives 5.34)."""
+    if ep <= 1:
+        return 1.0
+    per_rank = shape.experts / ep
+    miss = 1.0  # probability that none of the k experts is on a given rank
+    for i in range(shape.top_k):
+        miss *= max(shape.experts - per_rank - i, 0.0) / (shape.experts - i)
+    return ep * (1.0 - miss)
+
+
 # ------------------------------------------------------------------------------------ time
 def _gemm(name: str, m: float, n: float, k: float, elem: float, count: float = 1.0) -> OpWork:
     return OpWork(
@@ -211,14 +224,24 @@ def all_to_all_sent_bytes(nbytes: float, ep: int) -> float:
 
 
 def moe_comms(
-    shape: MoEShape, *, ep: int = 1, tp: int = 1, imbalance: float = 1.0, elem_bytes: float = 2.0
+    shape: MoEShape,
+    *,
+    ep: int = 1,
+    tp: int = 1,
+    imbalance: float = 1.0,
+    elem_bytes: float = 2.0,
+    per_rank: bool = False,
 ) -> list[CommWork]:
     """The layer's collectives per micro-batch: all-to-alls on the ``ep`` axis (message: what the
     busiest rank exchanges, own share included; the hot rank receives ``rank_factor`` times the
-    balanced rows) and the expert tensor-parallel all-reduces."""
+    balanced rows) and the expert tensor-parallel all-reduces. ``per_rank``: a token travels once
+    to each rank holding any of its experts (DeepEP's dispatch), not once per expert: the data
+    all-to-alls carry :func:`ranks_per_token` / ``k`` of the rows."""
     out: list[CommWork] = []
     if ep > 1:
         factor = rank_factor(shape, ep, imbalance)
+        if per_rank:
+            factor *= ranks_per_token(shape, ep) / shape.top_k
         for name, nbytes in all_to_all_calls(shape, mode="train", elem_bytes=elem_bytes):
             phase = "bwd" if name.endswith("_backward") else "fwd"
             size = nbytes if name == "counts" else nbytes * factor

@@ -252,3 +252,25 @@ def test_mixtral_8x22b_preset_sizes_and_megatron_flops():
         * (1 + f / h * cfg["top_k"] * 1.5 + cfg["kv_heads"] / cfg["heads"] + s / h + v / (2 * layers * h))
     )  # fmt: skip
     assert cost.model_flops_per_step == pytest.approx(megatron, rel=0.002)
+
+
+def test_deepep_dispatch_sends_a_token_once_per_rank():
+    """``ranks_per_token``: the expected distinct ranks of a token's k experts (closed form checked
+    against counting every choice of k of 8 experts on 4 ranks); under ``per_rank`` (DeepEP) the
+    data all-to-alls carry that over k of the rows, the counts exchange is unchanged."""
+    from itertools import combinations
+
+    from cost_models.moe import MoEShape, moe_comms, ranks_per_token
+
+    small = MoEShape(experts=8, top_k=2, hidden=16, ffn=32, tokens=64)
+    choices = list(combinations(range(8), 2))
+    counted = sum(len({e // 2 for e in c}) for c in choices) / len(choices)  # experts 2r, 2r+1 on rank r
+    assert ranks_per_token(small, 4) == pytest.approx(counted)
+    assert ranks_per_token(small, 1) == 1.0
+    qwen3 = MoEShape(experts=128, top_k=8, hidden=2048, ffn=768, tokens=16384)
+    assert ranks_per_token(qwen3, 8) == pytest.approx(5.34, abs=0.005)
+    per_expert = {c.name: c.nbytes for c in moe_comms(qwen3, ep=8)}
+    per_rank = {c.name: c.nbytes for c in moe_comms(qwen3, ep=8, per_rank=True)}
+    for name, nbytes in per_expert.items():
+        factor = 1.0 if name.endswith("counts") else ranks_per_token(qwen3, 8) / 8
+        assert per_rank[name] == pytest.approx(nbytes * factor), name

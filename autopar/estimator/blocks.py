@@ -295,7 +295,14 @@ def _comms(ctx: BlockContext) -> list[CommWork]:
     out = []
     for n in ctx.nodes:
         if moe.is_moe(n):
-            out += moe.node_comms(n, batch=ctx.sc.batch, ep=ctx.sc.ep, tp=ctx.sc.tp, act=ctx.sc.act)
+            out += moe.node_comms(
+                n,
+                batch=ctx.sc.batch,
+                ep=ctx.sc.ep,
+                tp=ctx.sc.tp,
+                act=ctx.sc.act,
+                per_rank=ctx.calib.ep_dispatch_per_rank,
+            )
             continue
         for c in ctx.tp.comms.get(n.name, ()):
             nbytes = c.nbytes * ctx.sc.batch * (ctx.sc.act if c.nbytes else 1.0)

@@ -149,11 +149,19 @@ def _renamed(op: T, prefix: str) -> T:
     return replace(op, name=f"{prefix}:{op.name}")
 
 
-def node_comms(node: OpNode, *, batch: float, ep: int, tp: int, act: float) -> list[CommWork]:
-    """The MoE node's all-to-alls (axis ``ep``) and expert tensor-parallel all-reduces (``tp``)."""
+def node_comms(
+    node: OpNode, *, batch: float, ep: int, tp: int, act: float, per_rank: bool = False
+) -> list[CommWork]:
+    """The MoE node's all-to-alls (axis ``ep``) and expert tensor-parallel all-reduces (``tp``);
+    ``per_rank``: DeepEP's dispatch (``Calibration.ep_dispatch_per_rank``), not autopar's."""
     shape, tp = shape_of(node, batch), expert_tp(node, tp)
     comms = moe_model.moe_comms(
-        shape, ep=ep, tp=tp, imbalance=imbalance_of(node), elem_bytes=elem_bytes(node, act)
+        shape,
+        ep=ep,
+        tp=tp,
+        imbalance=imbalance_of(node),
+        elem_bytes=elem_bytes(node, act),
+        per_rank=per_rank,
     )
     return [_renamed(c, node.name) for c in comms]
 

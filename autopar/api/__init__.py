@@ -202,24 +202,16 @@ class ParallelModule(MeasuredMethods, ReplanMethods, StateMethods):
         batchnorm: str = "sync",
         nan_check: str = "loss",
     ) -> None:
+        # What a live re-plan rebuilds from (maybe_replan / replan_to; runtime/replan.py): every
+        # keyword argument this was called with (read first, so nothing else is in locals()).
+        self._rebuild = {
+            k: v for k, v in locals().items() if k not in ("self", "model", "plan") and not k.startswith("__")
+        }
+        self._source_model = model
         self.plan = plan
         self.seed = seed
         self.nan_check = nan_check
         self.cluster = cluster
-        # What a live re-plan rebuilds from (maybe_replan / replan_to; runtime/replan.py).
-        self._source_model = model
-        self._rebuild = dict(
-            cluster=cluster,
-            example_inputs=example_inputs,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            mode=mode,
-            num_targets=num_targets,
-            seed=seed,
-            timeout_s=timeout_s,
-            batchnorm=batchnorm,
-            nan_check=nan_check,
-        )
         self.replans: list[dict] = []
         """Every live re-planning check (:class:`autopar.runtime.replan.Replan` as a dict)."""
         self.replan_after: int | None = None

@@ -357,3 +357,60 @@ def test_ops_the_sharding_rules_know_are_costed_too():
     ):
         node = by_name[name]
         assert (node.op_kind, node.flops_fwd) == (kind, 32.0), name
+
+
+class _Pair(nn.Module):
+    """A submodule returning a tuple, as an MoE layer returns ``(y, aux)``."""
+
+    def forward(self, x):
+        return x * 2, x.mean()
+
+
+class _Traffic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.pair = _Pair()
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        a, b = self.lin(x).chunk(2, dim=-1)  # views: getitem of chunk's tuple
+        c = torch.cat((-b, a), dim=-1)  # a copy
+        y, aux = self.pair(c)  # getitem of a module's tuple
+        cos = torch.arange(16, device=x.device).double().cos().type_as(y)  # reads the table only
+        z = self.drop(y * cos.type_as(y)) + torch.zeros_like(
+            y
+        )  # the second type_as: a no-op  # p = 0: no kernel; zeros_like reads nothing
+        return z.sum() + aux
+
+
+def test_traffic_counts_only_what_kernels_move():
+    """Views of a tuple, a same-dtype dropout, ``type_as``'s dtype argument and ``zeros_like``'s
+    input move no bytes; a real copy (``cat``) does."""
+    x = torch.randn(4, 16)
+    graph = autopar.trace(_Traffic(), (x,))
+    nodes = {n.name: n for n in graph.nodes}
+    act = 4 * 16 * 4  # bytes of one [4, 16] fp32 activation
+    getitems = [n for n in graph.nodes if n.name.startswith("getitem")]
+    assert len(getitems) >= 2  # chunk's two (the tuple-returning submodule may be traced through)
+    assert all(n.bytes_read == 0 and n.bytes_written == 0 for n in getitems)
+    assert nodes["cat"].bytes_read == act and nodes["cat"].bytes_written == act
+    assert nodes["type_as"].bytes_read == 16 * 8 and nodes["type_as"].bytes_written == 16 * 4
+    assert nodes["type_as_1"].bytes_read == 0 and nodes["type_as_1"].bytes_written == 0
+    drop = next(n for n in graph.nodes if n.op_kind == "dropout")
+    assert drop.bytes_read == 0 and drop.bytes_written == 0
+    assert nodes["zeros_like"].bytes_read == 0 and nodes["zeros_like"].bytes_written == act
+
+
+def test_dropout_that_runs_still_moves_its_tensor():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.drop(x).sum()
+
+    graph = autopar.trace(M(), (torch.randn(4, 16),))
+    drop = next(n for n in graph.nodes if n.op_kind == "dropout")
+    assert drop.bytes_read == 4 * 16 * 4 and drop.bytes_written == 4 * 16 * 4

@@ -152,6 +152,40 @@ def _module_params(module: nn.Module, qualname: str, index: _ParamIndex) -> list
     return names
 
 
+ALIAS_NO_OPS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as"})
+"""Conversions that return their input itself when it already has the asked dtype and device (no
+kernel runs; the propagated output aliases the input)."""
+
+READS_FIRST_ONLY = frozenset({"type_as", "expand_as", "view_as", "reshape_as"})
+"""Ops whose second tensor is read for its dtype or shape only, never its data."""
+
+READS_NOTHING = opkinds.names_of_family("like") | opkinds.names_of_family("new")
+"""Ops that only write: ``zeros_like(x)`` and ``x.new_zeros(...)`` take x's dtype and device."""
+
+
+def _moves_nothing(node: torch.fx.Node, module: nn.Module | None, kind: str, name: str) -> bool:
+    """Whether ``node`` runs no kernel: a view (its output shares its input's storage, a tuple's
+    element included), a conversion to the dtype its input already has, or a dropout that returns
+    its input (``p = 0``, or evaluation) without writing into it."""
+    if not node.meta.get("aliases_input", kind == "view"):
+        return False
+    if kind == "view" or name in ALIAS_NO_OPS:
+        return True
+    if kind == "dropout":
+        inplace = bool(getattr(module, "inplace", False) or node.kwargs.get("inplace", False))
+        return not (inplace or str(node.target).endswith("_"))
+    return False
+
+
+def _read_tensors(name: str, tensor_in: list) -> list:
+    """The inputs whose data ``name`` reads (of the tensor inputs it is given)."""
+    if name in READS_NOTHING:
+        return []
+    if name in READS_FIRST_ONLY:
+        return tensor_in[:1]
+    return tensor_in
+
+
 def _analyse_node(node: torch.fx.Node, gm: torch.fx.GraphModule, index: _ParamIndex) -> OpNode:
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     kind = opkinds.op_kind(node, module)
@@ -196,10 +230,10 @@ def _analyse_node(node: torch.fx.Node, gm: torch.fx.GraphModule, index: _ParamIn
     fwd, bwd = opkinds.flops(kind, name, in_shapes, out_shape, gemm, extra)
     bwd = _backward_flops(kind, fwd, bwd, tensor_in, first_out, bool(param_names))
 
-    aliases = node.meta.get("aliases_input", kind == "view")
-    bytes_read = 0.0 if aliases and kind == "view" else sum(_nbytes(m) for _, m in tensor_in)
+    moved_nothing = _moves_nothing(node, module, kind, name)
+    bytes_read = 0.0 if moved_nothing else sum(_nbytes(m) for _, m in _read_tensors(name, tensor_in))
     bytes_read += sum(p["bytes"] for p in module_param_metas)
-    bytes_written = 0.0 if aliases and kind == "view" else _nbytes(out_meta)
+    bytes_written = 0.0 if moved_nothing else _nbytes(out_meta)
     if node.op in ("placeholder", "get_attr", "output"):
         bytes_read = bytes_written = 0.0
 

@@ -48,6 +48,15 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return (st._cdata, st.nbytes())
 
 
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """``value`` if it is a tensor, the tensors of a tuple or list (``chunk``'s, a module's ``(y, aux)``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
 def _tensor_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return _extract_tensor_metadata(value)
@@ -223,11 +232,7 @@ class _Propagator(torch.fx.Interpreter):
             raise PropagationError(n, exc) from exc
         n.meta["tensor_meta"] = _tensor_meta(result)
         if isinstance(result, torch.Tensor):
-            in_keys = {
-                _storage_key(v)[0]
-                for m in n.all_input_nodes
-                if isinstance(v := self.env.get(m), torch.Tensor)
-            }
+            in_keys = {_storage_key(v)[0] for m in n.all_input_nodes for v in _tensors_in(self.env.get(m))}
             n.meta["aliases_input"] = _storage_key(result)[0] in in_keys
         if not (self.keep_val and "val" in n.meta):
             n.meta["val"] = result

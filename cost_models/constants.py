@@ -42,6 +42,12 @@ class Calibration:
     """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused
     bias-GeLU, bias-dropout-add, scale-mask-softmax and Apex LayerNorm; torch.compile does the same).
     Their traffic is then the chain's external inputs and outputs only."""
+    fused_norms: bool = True
+    """A normalisation layer written as several tensor ops (an RMSNorm's ``pow``, ``mean``, ``rsqrt``
+    and products, as Llama-style and HuggingFace models write it) runs as one kernel that reads its
+    input and weight and writes its output: Megatron's and Apex's ``FusedRMSNorm`` /
+    ``FusedLayerNorm``, Transformer Engine's ``RMSNorm`` / ``LayerNorm``. False: eager PyTorch, one
+    kernel per op (a ``LayerNorm`` module is one kernel either way)."""
     fuse_sibling_gemms: bool = True
     """Linears that read the same tensor with the same reduction dim run as one GEMM with the output
     widths added (Megatron's fused QKV projection; fused gate/up projections of SwiGLU MLPs)."""

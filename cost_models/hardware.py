@@ -134,9 +134,10 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     "megatron": {},
     "megatron-deepspeed-2021": {"ring_node_nics": False},
     "megatron-2019": {"fuse_elementwise": False, "dp_overlap": False},
-    "fsdp": {"fuse_elementwise": False, "zero3_regather_for_recompute": False},
+    "fsdp": {"fuse_elementwise": False, "fused_norms": False, "zero3_regather_for_recompute": False},
     "composer": {
         "fuse_elementwise": False,
+        "fused_norms": False,
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
     },
@@ -148,6 +149,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
     },
     "autopar": {
         "fuse_elementwise": False,
+        "fused_norms": False,
         "fuse_sibling_gemms": False,
         "zero3_regather_for_recompute": False,
         "zero_fsdp2": True,
@@ -175,7 +177,9 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
-micro-batch (``Calibration.train_metric_passes``; sources there). ``nemo-mcore``: NeMo on
+micro-batch (``Calibration.train_metric_passes``; sources there). The eager frameworks (``fsdp``, ``composer``,
+``autopar``) also run a normalisation written as tensor ops one kernel per op (``fused_norms``
+off); ``automodel`` keeps it on (Transformer Engine's ``RMSNorm``: its config's ``rms_norm: te``). ``nemo-mcore``: NeMo on
 Megatron-Core with Transformer Engine (the dgxc-benchmarking rows: NeMo Megatron 24.11 for GPT-3
 175B, NeMo 2 in the 25.02 container for Nemotron-4; both set the same features): Megatron's fused
 kernels, TE's fused attention (cuDNN; FlashAttention-3-class on Hopper: ``native_attention`` picks

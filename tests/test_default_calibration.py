@@ -85,7 +85,7 @@ def test_the_autopar_software_entry_describes_what_the_profiled_mode_runs():
     )
     profiled = local_calibration(layout, DEFAULT)
     entry = FRAMEWORKS["autopar"]
-    for name in ("fuse_elementwise", "fuse_sibling_gemms", "zero_fsdp2"):
+    for name in ("fuse_elementwise", "fused_norms", "fuse_sibling_gemms", "zero_fsdp2"):
         assert entry[name] == getattr(profiled, name), name
     autopar_h100 = calibration_for("h100-sxm", framework="autopar")
     assert not autopar_h100.fuse_elementwise and autopar_h100.zero_fsdp2

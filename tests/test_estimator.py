@@ -271,3 +271,25 @@ def test_profiled_op_times_replace_the_roofline():
     assert cost.breakdown_s["compute"] == pytest.approx(len(nodes) * 3e-3 * 2)
     roofline = estimate(graph, Cluster.local(ranks=1), plan)
     assert roofline.breakdown_s["compute"] != pytest.approx(cost.breakdown_s["compute"])
+
+
+def test_fused_norms_read_the_input_once_and_write_the_output_once():
+    """An RMSNorm traced as pow, mean, add, rsqrt and two products is one kernel under
+    ``fused_norms`` (Apex / Transformer Engine): it reads x and the weight and writes y."""
+    graph = gpt_graph(norm="rmsnorm", dropout=0.0)
+    plan = Plan.manual(dp=1, global_batch=B, micro_batch_size=B)
+    one = Cluster.preset("dgx-a100-80g", devices=1)
+    calib = autopar.estimator.default_calibration(one).with_(fuse_elementwise=False)
+
+    def memory_ops(c):
+        block = layer_block(workload(graph, one, plan, calib=c))
+        return [op for op in block.ops if op.op_class == "memory"]
+
+    x = B * S * H * 2  # one fp16 activation
+    fused, eager = memory_ops(calib), memory_ops(calib.with_(fused_norms=False))
+    norms = [op.bytes_fwd for op in fused if op.name.startswith("pow")]  # a group is named by its first op
+    assert norms == pytest.approx([2 * x + 2 * H] * 2)  # ln_1 and ln_2: read x and the weight, write y
+    # eager, per norm: pow (2x), mean (x), x * rsqrt (2x), * weight (2x): 5 x more than fused
+    saved = sum(op.bytes_fwd for op in eager) - sum(op.bytes_fwd for op in fused)
+    assert saved == pytest.approx(2 * 5 * x, rel=0.01)
+    assert len(eager) - len(fused) == 2 * 5  # and five kernels fewer per norm

@@ -175,7 +175,7 @@ def workload(
         op_times = local.times_for(graph.batch_size, local.slowdown_for(plan))
         calib = local.calibration(calib)
     if op_times:  # the profiled program is the eager one: no fused kernels, no merged GEMMs
-        calib = calib.with_(fuse_elementwise=False, fuse_sibling_gemms=False)
+        calib = calib.with_(fuse_elementwise=False, fused_norms=False, fuse_sibling_gemms=False)
     check_profiled(cluster, op_times)
     validate_plan(graph, cluster, plan)
     placed = stage_devices(cluster, plan)

@@ -147,12 +147,39 @@ def _fused_away(ctx: BlockContext) -> set[str]:
     return gone
 
 
+def is_norm_op(n: OpNode) -> bool:
+    """Whether ``n`` runs inside a normalisation module (``RMSNorm``, ``LlamaRMSNorm``, ``LayerNorm``...)."""
+    return bool(n.module_path) and "norm" in str(n.meta.get("module_type", "")).lower()
+
+
+def _norm_internal(ctx: BlockContext) -> set[str]:
+    """Outputs a fused normalisation kernel never writes: those of a norm module's ops read only
+    inside the same module instance (``calib.fused_norms``)."""
+    members: dict[str, set[str]] = defaultdict(set)
+    for n in ctx.nodes:
+        if is_norm_op(n):
+            members[n.module_path].add(n.name)
+    gone = set()
+    for n in ctx.nodes:
+        if n.op_kind not in _MEMORY_KINDS or not is_norm_op(n) or not (n.bytes_written > 0):
+            continue
+        inside = members[n.module_path]
+        readers = _readers(ctx, n.name, out_bytes(n), inside)
+        if readers and all(r.op_kind in _MEMORY_KINDS for r in readers):
+            gone.add(n.name)
+    return gone
+
+
 def _memory_ops(ctx: BlockContext) -> list[OpWork]:
-    """Memory-bound ops; chains fused into one kernel when ``calib.fuse_elementwise``."""
+    """Memory-bound ops; chains fused into one kernel when ``calib.fuse_elementwise``, a
+    normalisation module's ops into one when ``calib.fused_norms``."""
     by_name = {n.name: n for n in ctx.nodes}
     gone = _fused_away(ctx) if ctx.calib.fuse_elementwise else set()
+    if ctx.calib.fused_norms:
+        gone |= _norm_internal(ctx)
     group_of: dict[str, str] = {}
     traffic: dict[str, float] = defaultdict(float)
+    read_by: dict[str, set[str]] = defaultdict(set)  # a fused norm's inputs already read
     for n in ctx.nodes:
         nbytes = _node_bytes(n)
         if n.op_kind not in _MEMORY_KINDS or nbytes <= 0:
@@ -163,11 +190,23 @@ def _memory_ops(ctx: BlockContext) -> list[OpWork]:
             nbytes -= out_bytes(n)
         root = group_of.get(fused_inputs[0], n.name) if fused_inputs else n.name
         group_of[n.name] = root
+        if ctx.calib.fused_norms and is_norm_op(n):  # one kernel reads each input once
+            outside = [i for i in dict.fromkeys(n.inputs) if i not in gone]
+            nbytes -= sum(_out_bytes_of(ctx, i) for i in outside if i in read_by[root])
+            read_by[root].update(outside)
         traffic[root] += ctx.sc.bytes(max(nbytes, 0.0), ctx.tp.shard[n.name])
     return [
         OpWork(name=root, op_class="memory", bytes_fwd=b, selective_recompute=root in ctx.region)
         for root, b in traffic.items()
     ]
+
+
+def _out_bytes_of(ctx: BlockContext, name: str) -> float:
+    """Bytes of the tensor named ``name`` (made in this block or before it; 0 if not in the graph)."""
+    try:
+        return out_bytes(ctx.graph[name])
+    except KeyError:
+        return 0.0
 
 
 def _node_bytes(n: OpNode) -> float:

@@ -146,6 +146,7 @@ def local_calibration(layout: LayoutCalibration, calib: Calibration) -> Calibrat
         inter_node_efficiency=1.0,
         collective_base_latency_s=0.0,
         fuse_elementwise=False,
+        fused_norms=False,
         fuse_sibling_gemms=False,
         zero3_prefetch_overlap=False,
         zero_fsdp2=True,

@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from autopar.core.ir import BlockType, OpGraph, OpNode
 from autopar.tracing import hf_moe, opkinds
-from autopar.tracing.blocks import node_module_path, strip_prefix
+from autopar.tracing.blocks import node_module_path, node_module_type, strip_prefix
 from autopar.tracing.fx import fx_trace, is_user_file
 from autopar.tracing.wrap import MODEL_PREFIX
 
@@ -300,6 +300,8 @@ def uses_batch_statistics(node: torch.fx.Node, module: nn.Module | None) -> bool
 
 def _op_meta(node: torch.fx.Node, module: nn.Module | None, name: str) -> dict:
     meta: dict = {"op": node.op, "base": name}
+    if module_type := node_module_type(node, module):
+        meta["module_type"] = module_type
     if module is not None:
         for attr in ("p", "eps", "in_features", "out_features", "num_embeddings", "embedding_dim"):
             if hasattr(module, attr):

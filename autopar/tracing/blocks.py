@@ -78,6 +78,18 @@ def node_module_path(node: torch.fx.Node) -> str:
     return ""
 
 
+def node_module_type(node: torch.fx.Node, module: nn.Module | None = None) -> str:
+    """Class name of the innermost module that issued ``node`` (``""`` when none recorded)."""
+    if module is not None:
+        return type(module).__name__
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    kind = list(stack.values())[-1][1]
+    name = getattr(kind, "__name__", None) or str(kind)
+    return name.rstrip("'>").rsplit(".", 1)[-1]
+
+
 def _raw_module_path(node: torch.fx.Node) -> str:
     """Like :func:`node_module_path`, with the wrapper prefix kept (it tells the model's modules
     from the loss module's)."""

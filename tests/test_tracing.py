@@ -414,3 +414,16 @@ def test_dropout_that_runs_still_moves_its_tensor():
     graph = autopar.trace(M(), (torch.randn(4, 16),))
     drop = next(n for n in graph.nodes if n.op_kind == "dropout")
     assert drop.bytes_read == 4 * 16 * 4 and drop.bytes_written == 4 * 16 * 4
+
+
+def test_an_in_place_dropout_that_runs_is_costed_though_it_returns_its_input():
+    import torch.nn.functional as F
+
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            return F.dropout(y, 0.1, True, True).sum()  # in place, given positionally
+
+    graph = autopar.trace(M(), (torch.randn(4, 16),))
+    drop = next(n for n in graph.nodes if n.op_kind == "dropout")
+    assert drop.bytes_read == 4 * 16 * 4 and drop.bytes_written == 4 * 16 * 4

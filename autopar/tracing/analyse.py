@@ -172,7 +172,8 @@ def _moves_nothing(node: torch.fx.Node, module: nn.Module | None, kind: str, nam
     if kind == "view" or name in ALIAS_NO_OPS:
         return True
     if kind == "dropout":
-        inplace = bool(getattr(module, "inplace", False) or node.kwargs.get("inplace", False))
+        positional = node.args[3] if node.op == "call_function" and len(node.args) > 3 else False
+        inplace = bool(getattr(module, "inplace", False) or node.kwargs.get("inplace", positional))
         return not (inplace or str(node.target).endswith("_"))
     return False
 

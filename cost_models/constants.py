@@ -162,6 +162,13 @@ class Calibration:
     and writes 4 B per element, then the fp32 ``log_softmax`` reads 4 B and writes 4 B (``nll_loss``
     reads one element per row): 14 B per 2-byte element = 7."""
 
+    grad_reduce_bytes: float = 0.0
+    """Bytes per gradient element the data-parallel reduction moves (all-reduce, ZeRO's
+    reduce-scatter); 0: the compute dtype's (2 for fp16/bf16, as Megatron and DDP reduce). 4 where
+    the framework reduces 16-bit gradients in float32: Composer's FSDP ``mixed_precision: DEFAULT``
+    sets ``reduce_dtype=torch.float32`` (mosaicml/composer ``composer/trainer/mosaic_fsdp_utils.py``
+    ``get_mixed_precision``; :data:`cost_models.hardware.FRAMEWORKS` ``composer``)."""
+
     # ------------------------------------------------------------------ optimizer and memory
     optimizer_bytes_per_param: float = 36.0
     """HBM traffic of a mixed-precision Adam step per parameter: read fp16/fp32 grad (4), fp32 master,

@@ -140,6 +140,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "fused_norms": False,
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
+        "grad_reduce_bytes": 4.0,
     },
     "automodel": {
         "fuse_elementwise": False,
@@ -177,7 +178,8 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 ``torch.compile``): LayerNorm, GELU and residual adds run as separate kernels, and the checkpointed
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
-micro-batch (``Calibration.train_metric_passes``; sources there). The eager frameworks (``fsdp``, ``composer``,
+micro-batch (``Calibration.train_metric_passes``; sources there) and, under its FSDP
+``mixed_precision: DEFAULT``, reduces gradients in float32 (``Calibration.grad_reduce_bytes``). The eager frameworks (``fsdp``, ``composer``,
 ``autopar``) also run a normalisation written as tensor ops one kernel per op (``fused_norms``
 off); ``automodel`` keeps it on (Transformer Engine's ``RMSNorm``: its config's ``rms_norm: te``). ``nemo-mcore``: NeMo on
 Megatron-Core with Transformer Engine (the dgxc-benchmarking rows: NeMo Megatron 24.11 for GPT-3

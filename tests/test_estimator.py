@@ -293,3 +293,34 @@ def test_fused_norms_read_the_input_once_and_write_the_output_once():
     saved = sum(op.bytes_fwd for op in eager) - sum(op.bytes_fwd for op in fused)
     assert saved == pytest.approx(2 * 5 * x, rel=0.01)
     assert len(eager) - len(fused) == 2 * 5  # and five kernels fewer per norm
+
+
+def test_a_framework_reducing_gradients_in_fp32_moves_twice_their_bytes():
+    """Composer's FSDP reduces 16-bit gradients in float32: ZeRO-3's reduce-scatter doubles, the
+    two parameter gathers stay 16-bit."""
+    from cost_models import collective_time_s, step_time
+    from cost_models.hardware import calibration_for
+
+    graph = gpt_graph()  # fp16
+    plan = Plan.manual(dp=8, global_batch=8 * B, micro_batch_size=B, zero_stage=3)
+    base = autopar.estimator.default_calibration(dgx())
+    assert calibration_for("a100-80g", framework="composer").grad_reduce_bytes == 4.0
+
+    def zero_comm(calib):
+        w = workload(graph, dgx(), plan, calib=calib)
+        return w.spec.grad_bytes, step_time(w.spec, w.rates, calib).stage_times[0].zero_comm_s
+
+    (g16, z16), (g32, z32) = zero_comm(base), zero_comm(base.with_(grad_reduce_bytes=4.0))
+    assert (g16, g32) == (2.0, 4.0)
+    w = workload(graph, dgx(), plan, calib=base)
+    dp = w.spec.groups["dp"]
+    extra = sum(  # each block's reduce-scatter moves 4 bytes a parameter instead of 2
+        count
+        * (
+            collective_time_s("reduce_scatter", b.param_count * 4.0, dp, calib=base)
+            - collective_time_s("reduce_scatter", b.param_count * 2.0, dp, calib=base)
+        )
+        for b, count in w.spec.stages[0].blocks
+        if b.param_count
+    )
+    assert extra > 0 and z32 - z16 == pytest.approx(extra, rel=1e-9)

@@ -218,7 +218,7 @@ def workload(
         pp_link_inter_node=pp_group.spans_nodes,
         tp=plan.tp,
         param_bytes=elem,
-        grad_bytes=elem,
+        grad_bytes=calib.grad_reduce_bytes or elem,
         stage_groups=per_stage_groups,
     )
     experts = moe.moe_memory(graph, plan, batch=sc.batch, act=act)

@@ -169,6 +169,20 @@ class Calibration:
     sets ``reduce_dtype=torch.float32`` (mosaicml/composer ``composer/trainer/mosaic_fsdp_utils.py``
     ``get_mixed_precision``; :data:`cost_models.hardware.FRAMEWORKS` ``composer``)."""
 
+    loss_bytes_factor: tuple[float, float] = (19.0, 7.0)
+    """HBM bytes the training loss (cross-entropy over the logits) moves, forward and backward, per
+    byte of the logits as traced (16-bit on a GPU). () : the traced op's own traffic. The default is
+    Megatron-LM's ``vocab_parallel_cross_entropy``, which runs on ``output.float()``
+    (``--fp16-lm-cross-entropy`` off by default) and, unfused (Megatron-Core's
+    ``cross_entropy_loss_fusion`` off by default), makes these passes per 2-byte logit: forward the
+    fp32 cast (2 read, 4 written), ``max`` (4), ``sub_`` (4 + 4), ``exp`` (4 + 4), ``sum`` (4) and the
+    in-place softmax ``div_`` kept for the backward (4 + 4): 38 B = 19 x 2; backward ``mul_`` by the
+    output gradient (4 + 4) and the cast back (4 + 2): 14 B = 7 x 2. A fused kernel (Megatron-Core's
+    and Transformer Engine's fused cross-entropy, flash-attn's ``CrossEntropyLoss``) reads the logits
+    once forward and once backward and writes their gradient: (1, 2). Eager PyTorch on ``.float()``
+    logits (cast, ``log_softmax``; backward ``nll_loss`` gradient, ``log_softmax`` backward, cast):
+    (7, 11); on 16-bit logits: (2, 4). :data:`cost_models.hardware.FRAMEWORKS` sets each."""
+
     # ------------------------------------------------------------------ optimizer and memory
     optimizer_bytes_per_param: float = 36.0
     """HBM traffic of a mixed-precision Adam step per parameter: read fp16/fp32 grad (4), fp32 master,

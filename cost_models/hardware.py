@@ -130,23 +130,30 @@ for _name in ("v100-16g", "v100-32g", "v100-sxm3-32g"):
 REFERENCE_KIND = "a100-80g"
 """The kind the fitted constants of :data:`cost_models.DEFAULT` were fitted on (SC'21, DGX A100)."""
 
-FRAMEWORKS: dict[str, dict[str, float | bool]] = {
+FRAMEWORKS: dict[str, dict[str, float | bool | tuple[float, ...]]] = {
     "megatron": {},
     "megatron-deepspeed-2021": {"ring_node_nics": False},
     "megatron-2019": {"fuse_elementwise": False, "dp_overlap": False},
-    "fsdp": {"fuse_elementwise": False, "fused_norms": False, "zero3_regather_for_recompute": False},
+    "fsdp": {
+        "fuse_elementwise": False,
+        "fused_norms": False,
+        "zero3_regather_for_recompute": False,
+        "loss_bytes_factor": (7.0, 11.0),
+    },
     "composer": {
         "fuse_elementwise": False,
         "fused_norms": False,
         "zero3_regather_for_recompute": False,
         "train_metric_passes": 2.0,
         "grad_reduce_bytes": 4.0,
+        "loss_bytes_factor": (1.0, 2.0),
     },
     "automodel": {
         "fuse_elementwise": False,
         "zero3_regather_for_recompute": False,
         "native_attention": True,
         "ep_dispatch_per_rank": True,
+        "loss_bytes_factor": (2.0, 4.0),
     },
     "autopar": {
         "fuse_elementwise": False,
@@ -154,6 +161,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "fuse_sibling_gemms": False,
         "zero3_regather_for_recompute": False,
         "zero_fsdp2": True,
+        "loss_bytes_factor": (),
     },
     "nemo-mcore": {
         "native_attention": True,
@@ -161,6 +169,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool]] = {
         "pp_p2p_overlap_interleaved": True,
         "megatron_distributed_optimizer": True,
         "dp_last_bucket_bytes": 2 * 128 * 2**20,  # 128 Mi parameters (MCore counts parameters), bf16
+        "loss_bytes_factor": (1.0, 2.0),
     },
 }
 """Software behaviour by training framework (no numbers fitted). ``megatron``: the defaults (fused
@@ -179,7 +188,8 @@ are commented out): no overlap. ``fsdp``: eager PyTorch with FSDP (llm-foundry, 
 forward reuses the backward's parameter gather. ``composer``: ``fsdp`` under MosaicML Composer
 (llm-foundry), whose trainer also runs two train-metric cross-entropies over the logits after every
 micro-batch (``Calibration.train_metric_passes``; sources there) and, under its FSDP
-``mixed_precision: DEFAULT``, reduces gradients in float32 (``Calibration.grad_reduce_bytes``). The eager frameworks (``fsdp``, ``composer``,
+``mixed_precision: DEFAULT``, reduces gradients in float32 (``Calibration.grad_reduce_bytes``).
+Each framework's loss kernel is ``Calibration.loss_bytes_factor`` (sources there). The eager frameworks (``fsdp``, ``composer``,
 ``autopar``) also run a normalisation written as tensor ops one kernel per op (``fused_norms``
 off); ``automodel`` keeps it on (Transformer Engine's ``RMSNorm``: its config's ``rms_norm: te``). ``nemo-mcore``: NeMo on
 Megatron-Core with Transformer Engine (the dgxc-benchmarking rows: NeMo Megatron 24.11 for GPT-3
@@ -208,7 +218,7 @@ def calibration_for(kind: str, base: Calibration = DEFAULT, *, framework: str = 
     datasheet peaks still apply through DeviceRates)."""
     if framework not in FRAMEWORKS:
         raise KeyError(f"unknown framework {framework!r}; known: {sorted(FRAMEWORKS)}")
-    changes: dict[str, float | bool] = dict(FRAMEWORKS[framework])
+    changes: dict[str, float | bool | tuple[float, ...]] = dict(FRAMEWORKS[framework])
     native_attention = bool(changes.pop("native_attention", False))
     k, ref = KINDS.get(kind), KINDS[REFERENCE_KIND]
     if k is not None and k is not ref:

@@ -108,6 +108,10 @@ def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> 
             )
             fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, efficiency=eff, calib=calib)
             bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
+    if calib.loss_bytes_factor and op.op_class == "memory" and is_loss_op(op):
+        fwd_factor, bwd_factor = calib.loss_bytes_factor
+        fwd = memory_op_time_s(fwd_factor * op.bytes_fwd, device, calib=calib)
+        bwd = memory_op_time_s(bwd_factor * op.bytes_fwd, device, calib=calib)
     if op.measured_fwd_s is not None:
         fwd = op.measured_fwd_s
     if calib.train_metric_passes > 0 and is_loss_op(op):

@@ -498,9 +498,10 @@ def test_composer_train_metrics_reread_the_logits_once_per_pass():
     logits = 6.6e9  # bf16 logits of 65536 tokens x 50368 vocabulary
     loss = OpWork(name="cross_entropy", op_class="memory", bytes_fwd=logits)
     norm = OpWork(name="ln_f", op_class="memory", bytes_fwd=logits)
-    fsdp = calibration_for("a100-80g", framework="fsdp")
     composer = calibration_for("a100-80g", framework="composer")
-    assert fsdp.train_metric_passes == 0 and composer.train_metric_passes == 2
+    fsdp = composer.with_(train_metric_passes=0.0)  # the same loss kernel, without the metrics
+    assert calibration_for("a100-80g", framework="fsdp").train_metric_passes == 0
+    assert composer.train_metric_passes == 2
     extra = op_time_s(loss, A100, composer)[0] - op_time_s(loss, A100, fsdp)[0]
     bandwidth = A100.hbm_bytes_per_s * composer.hbm_efficiency
     assert extra == pytest.approx(2 * (7 * logits / bandwidth + composer.kernel_overhead_s))
@@ -621,3 +622,28 @@ def test_each_stage_can_be_timed_with_its_own_constants():
     assert step_time(spec, A100, slow).step_time_s > both.step_time_s > step_time(spec, A100).step_time_s
     with pytest.raises(ValueError, match="3 calibrations for 2 stages"):
         step_time(spec, A100, (DEFAULT, slow, slow))
+
+
+def test_the_loss_moves_what_its_framework_kernels_move():
+    """Megatron's unfused fp32 cross-entropy makes 19 + 7 passes of the 16-bit logits' bytes, a
+    fused kernel 1 + 2; an empty factor keeps the traced op's own traffic (1 + 1.5)."""
+    from cost_models.compute import memory_op_time_s
+    from cost_models.hardware import calibration_for
+
+    dev = DeviceRates(peak_flops_per_s=1e15, hbm_bytes_per_s=2e12)
+    loss = OpWork(name="cross_entropy", op_class="memory", bytes_fwd=1e9)
+    for calib, (f, b) in [
+        (DEFAULT, (19.0, 7.0)),
+        (calibration_for("h100-sxm", framework="nemo-mcore"), (1.0, 2.0)),
+        (calibration_for("a100-80g", framework="composer"), (1.0, 2.0)),
+        (DEFAULT.with_(loss_bytes_factor=()), (1.0, DEFAULT.bwd_bytes_factor)),
+    ]:
+        fwd, bwd = op_time_s(loss, dev, calib)
+        if calib.train_metric_passes:  # Composer's metrics are their own passes, added to the forward
+            fwd -= calib.train_metric_passes * memory_op_time_s(
+                calib.train_metric_bytes_factor * 1e9, dev, calib=calib
+            )
+        assert fwd == pytest.approx(memory_op_time_s(f * 1e9, dev, calib=calib))
+        assert bwd == pytest.approx(memory_op_time_s(b * 1e9, dev, calib=calib))
+    other = OpWork(name="gelu", op_class="memory", bytes_fwd=1e9)  # other memory ops keep theirs
+    assert op_time_s(other, dev, DEFAULT)[0] == pytest.approx(memory_op_time_s(1e9, dev, calib=DEFAULT))

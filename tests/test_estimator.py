@@ -324,3 +324,18 @@ def test_a_framework_reducing_gradients_in_fp32_moves_twice_their_bytes():
         if b.param_count
     )
     assert extra > 0 and z32 - z16 == pytest.approx(extra, rel=1e-9)
+
+
+def test_a_dropout_that_runs_no_kernel_does_not_hide_the_write_before_it():
+    """With p = 0 the embedding dropout returns its input, so the fused chain before it still writes
+    the embedding sum that the first layer reads (lookups of the token and position rows, the
+    sum written once)."""
+    graph = gpt_graph(dropout=0.0)
+    one = Cluster.preset("dgx-a100-80g", devices=1)
+    plan = Plan.manual(dp=1, global_batch=B, micro_batch_size=B)
+    w = workload(graph, one, plan)
+    stem = next(b for stage in w.stages for b, _ in stage.blocks if b.name == "stem")
+    x = B * S * H * 2  # the fp16 embedding sum
+    pos = S * H * 2  # the position rows read
+    memory = sum(op.bytes_fwd for op in stem.ops if op.op_class == "memory")
+    assert memory == pytest.approx(x + x + pos, rel=0.01)  # token rows read, the sum written, positions

@@ -112,12 +112,13 @@ class BlockContext:
 
 
 def _readers(ctx: BlockContext, name: str, full_bytes: float, inside: set[str]) -> list[OpNode] | None:
-    """Consumers reading ``name`` in full, looking through zero-byte views; None = read outside."""
+    """Consumers reading ``name`` in full, looking through zero-byte views and ops that run no
+    kernel (a ``p = 0`` dropout returns its input); None = read outside."""
     found: list[OpNode] = []
     for c in ctx.consumers.get(name, []):
         if c.name not in inside:
             return None
-        if c.op_kind == "view" and c.bytes_read == 0:
+        if c.bytes_read == 0 and (c.op_kind == "view" or c.bytes_written == 0):
             if out_bytes(c) < 0.5 * full_bytes:
                 continue  # a shape-only use, e.g. ones_like(scores[0, 0])
             sub = _readers(ctx, c.name, full_bytes, inside)

@@ -38,6 +38,15 @@ class Calibration:
     kernel_overhead_s: float = 4e-6
     """Fixed cost of one kernel (launch + tail): CUDA launch latency is 3-5 us (NVIDIA CUDA C++ Best
     Practices Guide, "Asynchronous transfers"; measured by many, e.g. PyTorch dev-discuss)."""
+    causal_attention_skip: bool = True
+    """A fused causal attention kernel computes only the score tiles on and below the diagonal:
+    FlashAttention-2/3, cuDNN's fused attention (Transformer Engine) and PyTorch's flash SDPA backend
+    loop each query tile over the key tiles up to the diagonal, so they execute ``1/2 + t/(2s)`` of
+    the whole ``s x s`` work (tiles of ``t = 128``), and their published TFLOP/s count that half
+    (flash-attn's ``benchmark_flash_attention.py`` halves the FLOPs of causal runs; the Azure figures
+    of :mod:`cost_models.hardware` are causal runs of it). Model FLOPs (MFU) keep the whole square,
+    Megatron's convention. False: a kernel whose rate is only known per whole-square FLOP
+    (``composer``: the rows ran llm-foundry's Triton kernel, whose own rate no source gives)."""
     fuse_elementwise: bool = True
     """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused
     bias-GeLU, bias-dropout-add, scale-mask-softmax and Apex LayerNorm; torch.compile does the same).

@@ -147,6 +147,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool | tuple[float, ...]]] = {
         "train_metric_passes": 2.0,
         "grad_reduce_bytes": 4.0,
         "loss_bytes_factor": (1.0, 2.0),
+        "causal_attention_skip": False,
     },
     "automodel": {
         "fuse_elementwise": False,

@@ -81,6 +81,19 @@ def attention_efficiency(score_gemm: tuple[float, float, float], calib: Calibrat
     return calib.fused_attention_efficiency * gemm_efficiency(b, m, k, k, calib) / calib.gemm_max_efficiency
 
 
+CAUSAL_TILE = 128
+"""Key/query tile length of flash attention kernels (FlashAttention-2's 128 x 128 / 128 x 64 blocks)."""
+
+
+def causal_fraction(op: OpWork, calib: Calibration) -> float:
+    """Share of a fused attention kernel's whole-square FLOPs it executes: ``1/2 + t/(2s)`` for a
+    causal kernel that skips the tiles above the diagonal (``calib.causal_attention_skip``), else 1."""
+    if not (op.causal and op.attention_gemm is not None and calib.causal_attention_skip):
+        return 1.0
+    s = op.attention_gemm[1]
+    return min(1.0, 0.5 + CAUSAL_TILE / (2.0 * s)) if s > 0 else 1.0
+
+
 def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> tuple[float, float]:
     """(forward, backward) seconds of ``op`` (all ``count`` copies)."""
     if op.op_class == "gemm":
@@ -106,8 +119,9 @@ def op_time_s(op: OpWork, device: DeviceRates, calib: Calibration = DEFAULT) -> 
             eff = (
                 op.efficiency if op.attention_gemm is None else attention_efficiency(op.attention_gemm, calib)
             )
-            fwd = roofline_time_s(op.flops_fwd, op.bytes_fwd, device, efficiency=eff, calib=calib)
-            bwd = roofline_time_s(op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
+            executed = causal_fraction(op, calib)
+            fwd = roofline_time_s(executed * op.flops_fwd, op.bytes_fwd, device, efficiency=eff, calib=calib)
+            bwd = roofline_time_s(executed * op.flops_bwd, bytes_bwd, device, efficiency=eff, calib=calib)
     if calib.loss_bytes_factor and op.op_class == "memory" and is_loss_op(op):
         fwd_factor, bwd_factor = calib.loss_bytes_factor
         fwd = memory_op_time_s(fwd_factor * op.bytes_fwd, device, calib=calib)

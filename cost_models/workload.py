@@ -42,6 +42,9 @@ class OpWork:
     """A fused (flash) attention kernel: ``(batch, m, k)`` of its score product. It runs at
     ``calib.fused_attention_efficiency`` times that GEMM's wave factor, taken from the calibration
     it is timed under (so one workload can be timed on several device kinds)."""
+    causal: bool = False
+    """A fused attention kernel under a causal mask (``is_causal=True``): flash kernels skip the score
+    tiles above the diagonal (``Calibration.causal_attention_skip``)."""
     selective_recompute: bool = False
     """Recomputed under ``recompute='selective'`` (the attention-score region)."""
     count: float = 1.0

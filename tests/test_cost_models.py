@@ -647,3 +647,29 @@ def test_the_loss_moves_what_its_framework_kernels_move():
         assert bwd == pytest.approx(memory_op_time_s(b * 1e9, dev, calib=calib))
     other = OpWork(name="gelu", op_class="memory", bytes_fwd=1e9)  # other memory ops keep theirs
     assert op_time_s(other, dev, DEFAULT)[0] == pytest.approx(memory_op_time_s(1e9, dev, calib=DEFAULT))
+
+
+def test_a_causal_flash_kernel_executes_the_tiles_on_and_below_the_diagonal():
+    """``1/2 + t/(2s)`` of the whole-square work under ``causal_attention_skip``; the whole square
+    for a non-causal kernel, for a framework whose kernel rate is known only per whole-square FLOP
+    (composer), and for an op that is not fused attention."""
+    from cost_models.hardware import calibration_for
+    from cost_models.step import CAUSAL_TILE, causal_fraction
+
+    dev = DeviceRates(peak_flops_per_s=1e15, hbm_bytes_per_s=2e12)
+    s, full = 4096, 4.0 * 32 * 4096 * 4096 * 128
+    kw = dict(op_class="roofline", flops_fwd=full, flops_bwd=2 * full, bytes_fwd=1e6)
+    causal = OpWork(name="sdpa", attention_gemm=(32, s, 128), causal=True, **kw)
+    whole = OpWork(name="sdpa", attention_gemm=(32, s, 128), **kw)
+    assert causal_fraction(causal, DEFAULT) == pytest.approx(0.5 + CAUSAL_TILE / (2 * s))
+    assert causal_fraction(whole, DEFAULT) == 1.0
+    f_c, b_c = op_time_s(causal, dev, DEFAULT)
+    f_w, b_w = op_time_s(whole, dev, DEFAULT)
+    k = DEFAULT.kernel_overhead_s
+    assert (f_c - k) == pytest.approx((f_w - k) * (0.5 + CAUSAL_TILE / (2 * s)))
+    assert (b_c - k) == pytest.approx((b_w - k) * (0.5 + CAUSAL_TILE / (2 * s)))
+    composer = calibration_for("a100-80g", framework="composer")
+    assert not composer.causal_attention_skip and causal_fraction(causal, composer) == 1.0
+    assert causal_fraction(OpWork(name="x", causal=True, **kw), DEFAULT) == 1.0  # not fused attention
+    short = OpWork(name="sdpa", attention_gemm=(1, 64, 64), causal=True, **kw)
+    assert causal_fraction(short, DEFAULT) == 1.0  # one tile: nothing to skip

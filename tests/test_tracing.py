@@ -427,3 +427,16 @@ def test_an_in_place_dropout_that_runs_is_costed_though_it_returns_its_input():
     graph = autopar.trace(M(), (torch.randn(4, 16),))
     drop = next(n for n in graph.nodes if n.op_kind == "dropout")
     assert drop.bytes_read == 4 * 16 * 4 and drop.bytes_written == 4 * 16 * 4
+
+
+def test_fused_attention_records_whether_it_is_causal():
+    class M(nn.Module):
+        def forward(self, q, k, v):
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            b = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return (a + b).sum()
+
+    q = torch.randn(1, 2, 8, 4)
+    graph = autopar.trace(M(), (q, q.clone(), q.clone()))
+    flags = [n.meta.get("causal", False) for n in graph.nodes if n.op_kind == "attention"]
+    assert flags == [True, False]

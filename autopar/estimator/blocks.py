@@ -238,6 +238,7 @@ def _gemm_ops(ctx: BlockContext) -> list[OpWork]:
                     flops_bwd=n.flops_bwd * div,
                     bytes_fwd=(n.bytes_read + n.bytes_written) * div * ctx.sc.act,
                     attention_gemm=(b, m, k),
+                    causal=bool(n.meta.get("causal", False)),
                     selective_recompute=n.name in ctx.region,
                 )
             )

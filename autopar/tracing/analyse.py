@@ -314,7 +314,25 @@ def _op_meta(node: torch.fx.Node, module: nn.Module | None, name: str) -> dict:
     if name in ("softmax", "log_softmax", "_softmax"):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         meta["dim"] = dim
+    if name in IS_CAUSAL_ARG and _is_causal(node, IS_CAUSAL_ARG[name]):
+        meta["causal"] = True
     return meta
+
+
+IS_CAUSAL_ARG = {
+    "scaled_dot_product_attention": 5,
+    "_scaled_dot_product_flash_attention": 4,
+    "_scaled_dot_product_flash_attention_for_cpu": 4,
+    "_scaled_dot_product_efficient_attention": 6,
+    "_scaled_dot_product_cudnn_attention": 6,
+}
+"""Fused attention ops -> the position of their ``is_causal`` argument (when not given by keyword)."""
+
+
+def _is_causal(node: torch.fx.Node, position: int) -> bool:
+    if "is_causal" in node.kwargs:
+        return node.kwargs["is_causal"] is True
+    return len(node.args) > position and node.args[position] is True
 
 
 def _block_tables(blocks: list[dict]) -> tuple[dict[str, BlockType], list[tuple[str, int]]]:

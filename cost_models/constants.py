@@ -45,8 +45,8 @@ class Calibration:
     the whole ``s x s`` work (tiles of ``t = 128``), and their published TFLOP/s count that half
     (flash-attn's ``benchmark_flash_attention.py`` halves the FLOPs of causal runs; the Azure H100 and
     H200 figures of :mod:`cost_models.hardware` are its causal, head-dim-128 entries, which the
-    Azure guide's ``Benchmarks/NVIDIA/FlashAttention.py`` records; its A100 figure does not say). Model FLOPs (MFU) keep the whole square,
-    Megatron's convention. False: a kernel whose rate is only known per whole-square FLOP
+    Azure guide's ``Benchmarks/NVIDIA/FlashAttention.py`` records; its A100 figure does not say).
+    Model FLOPs (MFU) keep the whole square, Megatron's convention. False: a kernel whose rate is only known per whole-square FLOP
     (``composer``: the rows ran llm-foundry's Triton kernel, whose own rate no source gives)."""
     fuse_elementwise: bool = True
     """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused

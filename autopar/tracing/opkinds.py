@@ -17,7 +17,9 @@ FLOPs (a multiply-add counts 2):
 
 * linear ``[.., k] x [n, k]^T``: ``2·m·n·k`` (+ ``m·n`` for a bias); matmul ``[.., m, k] x [.., k, n]``:
   ``2·batch·m·n·k``; fused attention: ``4·b·a·s_q·s_k·d`` (both GEMMs, causal masking not discounted,
-  as in Megatron's formula). Backward = 2 x forward (input and weight gradients).
+  as in Megatron's formula; a causal kernel is timed over the tiles it executes, from the node's
+  ``meta["causal"]``: :func:`cost_models.step.causal_fraction`). Backward = 2 x forward (input and
+  weight gradients).
 * elementwise: 1 per output element (8 for transcendental ones: exp, gelu, silu, ...);
   softmax 5, norm 8, loss 6 per input element; reduction 1 per input element. Backward = 2 x forward.
 * embedding, dropout, views: no FLOPs in forward (dropout: 1 per element); embedding backward

@@ -47,7 +47,9 @@ class Calibration:
     H200 figures of :mod:`cost_models.hardware` are its causal, head-dim-128 entries, which the
     Azure guide's ``Benchmarks/NVIDIA/FlashAttention.py`` records; its A100 figure does not say).
     Model FLOPs (MFU) keep the whole square, Megatron's convention. False: a kernel whose rate is only known per whole-square FLOP
-    (``composer``: the rows ran llm-foundry's Triton kernel, whose own rate no source gives)."""
+    (``composer``: the rows ran llm-foundry's Triton kernel, whose own rate no source gives; the
+    whole square at FlashAttention-2's rate equals the executed half at a FlashAttention 1.x-class
+    kernel's, FlashAttention-2 being "2x faster" per the flash-attention README's changelog)."""
     fuse_elementwise: bool = True
     """Chains of memory-bound ops between two GEMMs run as one fused kernel (Megatron's fused
     bias-GeLU, bias-dropout-add, scale-mask-softmax and Apex LayerNorm; torch.compile does the same).

@@ -13,6 +13,7 @@ nodes and compares the predicted iteration time with the published one,
                                                   # set, the rows the data file excludes (with its
                                                   # reasons), and the leave-one-set-out fit
     python benchmarks/fidelity.py --sets --rows   # plus every row of the V100 (Megatron-LM 2019) sets
+    python benchmarks/fidelity.py --sets --rows mpt_h100 dgxc_gpt3_h100   # every row of the named sets
     python benchmarks/fidelity.py --sets --figure docs/img/fig-fidelity.png   # the parity plot
 
 The SC'21 rows are modelled as they ran: explicit (non-flash) attention and the 2021 software's
@@ -334,14 +335,20 @@ def table_stats(cases: list[Case], calib: Calibration) -> dict[str, tuple[float,
 
 
 # ------------------------------------------------------------------------------ sets beyond SC'21
+def set_runs(max_seq: int) -> list:
+    """Every published row of ``benchmarks/data/`` beyond SC'21 (read, not yet traced)."""
+    from fidelity_sets import load_gpt3_h100, load_megatron2019, load_mpt, load_nemotron4
+
+    return load_mpt(max_seq=max_seq) + load_megatron2019() + load_nemotron4() + load_gpt3_h100()
+
+
 def set_cases(max_seq: int) -> dict[str, list]:
     """SC'21 (one set: its three tables) and each set of ``benchmarks/data/`` as cases whose
     ``error(base)`` applies the case's device-kind calibration on top of ``base``."""
-    from fidelity_sets import build_set_cases, load_gpt3_h100, load_megatron2019, load_mpt, load_nemotron4
+    from fidelity_sets import build_set_cases
 
     out: dict[str, list] = {"sc21": [_Kinded(c, None) for c in build_cases(load_rows(DATA))]}
-    runs = load_mpt(max_seq=max_seq) + load_megatron2019() + load_nemotron4() + load_gpt3_h100()
-    for c in build_set_cases(runs):
+    for c in build_set_cases(set_runs(max_seq)):
         out.setdefault(c.run.set_name, []).append(_Kinded(c, c.run.kind, c.run.framework))
     return out
 
@@ -370,25 +377,28 @@ def set_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[
     return lines
 
 
-def v100_row_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> list[str]:
-    """Each Megatron-LM 2019 (DGX-2H, V100) row: plan, published and predicted step, error, where the
-    predicted time goes, and the row's citation."""
+def set_row_lines(sets: dict[str, list], base: Calibration, markdown: bool, names: list[str]) -> list[str]:
+    """Each row of the sets ``names`` (beyond SC'21, whose rows the main table prints): plan,
+    published and predicted step, error, where the predicted time goes, and the row's citation."""
     head = (
         "set",
         "run",
         "tp",
+        "pp",
         "dp",
         "mbs",
+        "recompute",
         "published s",
         "predicted s",
         "error",
-        "compute+recompute",
+        "comp+recomp",
         "tp_comm",
         "dp_comm",
+        "zero3_comm",
     )
     lines = [_fmt_wide(head, markdown, header=True)]
     for name, cases in sets.items():
-        if not name.startswith("megatron2019"):
+        if name not in names or name == "sc21":
             continue
         for k in cases:
             run = k.case.run
@@ -399,14 +409,17 @@ def v100_row_lines(sets: dict[str, list], base: Calibration, markdown: bool) -> 
                 name,
                 run.label,
                 run.tp,
-                run.gpus // run.tp,
+                run.pp,
+                run.gpus // (run.tp * run.pp),
                 run.mbs,
+                run.recompute,
                 f"{run.published_s:.3f}",
                 f"{st.step_time_s:.3f}",
                 f"{st.step_time_s / run.published_s - 1:+.1%}",
                 f"{b['compute'] + b['recompute']:.3f}",
                 f"{b['tp_comm']:.3f}",
                 f"{b['dp_comm_exposed']:.3f}",
+                f"{b['zero_comm_exposed']:.3f}",
             )
             lines.append(_fmt_wide(cells, markdown))
             if not markdown:
@@ -419,7 +432,7 @@ def _fmt_wide(cells, markdown: bool, header: bool = False) -> str:
     if markdown:
         line = "| " + " | ".join(cells) + " |"
         return line + "\n|" + "---|" * len(cells) if header else line
-    return cells[0].ljust(22) + cells[1].ljust(15) + "".join(c.rjust(12) for c in cells[2:])
+    return cells[0].ljust(22) + cells[1].ljust(26) + "".join(c.rjust(12) for c in cells[2:])
 
 
 def excluded_lines() -> list[str]:
@@ -512,9 +525,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablate", action="store_true", help="error with each modelled effect switched off")
     ap.add_argument("--sets", action="store_true", help="per-set errors beyond SC'21 and leave-one-set-out")
     ap.add_argument("--max-seq", type=int, default=4096, help="--sets: skip rows with a longer sequence")
-    ap.add_argument("--rows", action="store_true", help="--sets: print each V100 (Megatron-LM 2019) row")
+    ap.add_argument(
+        "--rows",
+        nargs="*",
+        metavar="SET",
+        help="--sets: print each row of the named sets with where its predicted time goes "
+        "(no name: the V100 / Megatron-LM 2019 sets)",
+    )
     ap.add_argument("--figure", type=Path, help="--sets: write the predicted-vs-published parity plot (PNG)")
     args = ap.parse_args(argv)
+    if args.rows:  # named sets checked before the minutes of tracing
+        known = {r.set_name for r in set_runs(args.max_seq)}
+        unknown = sorted(set(args.rows) - known)
+        if unknown:
+            print(f"--rows: no set {', '.join(unknown)}; sets: {', '.join(sorted(known))}", file=sys.stderr)
+            return 2
 
     t0 = time.perf_counter()
     cases = build_cases(load_rows(args.data))
@@ -547,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         sets = set_cases(args.max_seq)
         print("\n".join(set_lines(sets, calib, args.markdown)))
         print("\n".join(excluded_lines()))
-        if args.rows:
+        if args.rows is not None:
+            names = args.rows or [n for n in sets if n.startswith("megatron2019")]
             print()
-            print("\n".join(v100_row_lines(sets, calib, args.markdown)))
+            print("\n".join(set_row_lines(sets, calib, args.markdown, names)))
         print()
         if args.figure:
             parity_figure(sets, calib, args.figure)

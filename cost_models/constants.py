@@ -179,7 +179,8 @@ class Calibration:
     reduce-scatter); 0: the compute dtype's (2 for fp16/bf16, as Megatron and DDP reduce). 4 where
     the framework reduces 16-bit gradients in float32: Composer's FSDP ``mixed_precision: DEFAULT``
     sets ``reduce_dtype=torch.float32`` (mosaicml/composer ``composer/trainer/mosaic_fsdp_utils.py``
-    ``get_mixed_precision``; :data:`cost_models.hardware.FRAMEWORKS` ``composer``)."""
+    ``get_mixed_precision``; :data:`cost_models.hardware.FRAMEWORKS` ``composer``), and torchtitan,
+    whose ``mixed_precision_reduce`` defaults to ``"float32"`` (its job config; ``fsdp``)."""
 
     loss_bytes_factor: tuple[float, float] = (19.0, 7.0)
     """HBM bytes the training loss (cross-entropy over the logits) moves, forward and backward, per

@@ -139,6 +139,7 @@ FRAMEWORKS: dict[str, dict[str, float | bool | tuple[float, ...]]] = {
         "fused_norms": False,
         "zero3_regather_for_recompute": False,
         "loss_bytes_factor": (7.0, 11.0),
+        "grad_reduce_bytes": 4.0,
     },
     "composer": {
         "fuse_elementwise": False,

@@ -305,6 +305,8 @@ def test_a_framework_reducing_gradients_in_fp32_moves_twice_their_bytes():
     plan = Plan.manual(dp=8, global_batch=8 * B, micro_batch_size=B, zero_stage=3)
     base = autopar.estimator.default_calibration(dgx())
     assert calibration_for("a100-80g", framework="composer").grad_reduce_bytes == 4.0
+    assert calibration_for("a100-80g", framework="fsdp").grad_reduce_bytes == 4.0
+    assert calibration_for("a100-80g").grad_reduce_bytes == 0.0  # Megatron reduces in the compute dtype
 
     def zero_comm(calib):
         w = workload(graph, dgx(), plan, calib=calib)

@@ -410,21 +410,13 @@ def test_dgx2h_preset_is_the_megatron_2019_machine():
         p.device.peak_flops("bf16")
 
 
-def test_megatron_2019_rows_are_derived_from_the_papers_numbers():
+def test_megatron_2019_rows_are_derived_from_the_papers_numbers(benchmark_module):
     """The V100 set's published steps come from the paper's own numbers only: the epoch rows from
     Table 2 (days x 86400 / 68507 iterations), the weak-scaling rows from 39 TFLOPS x efficiency under
     the 96 B s l h^2 count, the strong-scaling rows from the 1-GPU time / Table 8's speedup."""
-    import importlib.util
-    import sys
-
     from cost_models.transformer import megatron_flops_per_iteration
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_sets.py"
-    spec = importlib.util.spec_from_file_location("fidelity_sets_v100", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    load_megatron2019 = module.load_megatron2019
+    load_megatron2019 = benchmark_module("fidelity_sets").load_megatron2019
 
     runs = {r.label: r for r in load_megatron2019()}
     assert len(runs) == 11
@@ -569,23 +561,11 @@ def test_nemo_2025_software_runs_hopper_attention_and_its_overlaps():
     assert a100.fused_attention_efficiency == DEFAULT.fused_attention_efficiency
 
 
-def _fidelity_sets():
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_sets.py"
-    spec = importlib.util.spec_from_file_location("fidelity_sets_dgxc", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dgxc_rows_keep_the_published_layouts():
+def test_dgxc_rows_keep_the_published_layouts(benchmark_module):
     """The dgxc-benchmarking H100 rows: every GPU is in the layout (tp x pp x dp), the global batch is
     the README's (Nemotron-4 15B: 4 per GPU, 340B: 1 per 4 GPUs; GPT-3: 2 per GPU), the 340B rows run
     the launch script's VP 12 and all run NeMo's Megatron-Core software."""
-    fs = _fidelity_sets()
+    fs = benchmark_module("fidelity_sets")
     nemotron = {r.label: r for r in fs.load_nemotron4()}
     gpt3 = {r.label: r for r in fs.load_gpt3_h100()}
     assert len(nemotron) == 12 and len(gpt3) == 5

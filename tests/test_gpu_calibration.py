@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_calibration.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_calibration", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_run_measures_every_group_beside_a_prediction(tmp_path):
-    gc = _module()
+def test_smoke_run_measures_every_group_beside_a_prediction(tmp_path, benchmark_module):
+    gc = benchmark_module("gpu_calibration")
     out = tmp_path / "gpu.json"
     assert gc.main(["--smoke", "--out", str(out), "--markdown"]) == 0
     data = json.loads(out.read_text())
@@ -35,8 +22,8 @@ def test_smoke_run_measures_every_group_beside_a_prediction(tmp_path):
     assert data["kind"] == "cpu" and data["calibration"]["loss_bytes_factor"]
 
 
-def test_gpu_names_map_to_the_cost_models_kinds_and_no_gpu_is_a_clear_refusal(capsys):
-    gc = _module()
+def test_gpu_names_map_to_the_cost_models_kinds_and_no_gpu_is_a_clear_refusal(capsys, benchmark_module):
+    gc = benchmark_module("gpu_calibration")
     assert gc.kind_of("NVIDIA H200") == "h200"
     assert gc.kind_of("NVIDIA H100 80GB HBM3") == "h100-sxm"
     assert gc.kind_of("NVIDIA A100-SXM4-80GB") == "a100-80g"

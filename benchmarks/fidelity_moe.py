@@ -48,18 +48,29 @@ def predict_tflops_per_gpu(row: dict) -> float:
     return cost.model_flops_per_step / cost.step_time_s / row["gpus"] / 1e12
 
 
+def row_graph(row: dict):
+    """The row's model (its preset at the row's sequence) traced at its micro-batch, with the row's
+    benchmark gate (``gate_routing``, :data:`cost_models.moe.ROUTINGS`) on its MoE layers."""
+    from autopar.estimator.moe import moe_nodes
+    from autopar.models.spec import load_model
+
+    graph = load_model(f"{row['model']}:seq={row['seq']}").trace(row["mbs"])
+    if "gate_routing" in row:  # a fixed benchmark gate in place of the model's router
+        for node in moe_nodes(graph):
+            node.meta["moe"]["routing"] = row["gate_routing"]
+    return graph
+
+
 def _predict(row: dict):
     """The row's published plan (its model preset on its device kind) estimated by autopar."""
     from autopar.cluster import Cluster
     from autopar.core.plan import Plan
     from autopar.estimator import estimate
-    from autopar.models.spec import load_model
     from cost_models.hardware import calibration_for
 
     presets = {"h100-sxm": "dgx-h100", "h200": "hgx-h200", "a100-80g": "dgx-a100-80g"}
     cluster = Cluster.parse(f"{presets[row['device']]}:{row['gpus']}")
-    loaded = load_model(f"{row['model']}:seq={row['seq']}")
-    graph = loaded.trace(row["mbs"])
+    graph = row_graph(row)
     dp = row["gpus"] // (row.get("tp", 1) * row.get("pp", 1))
     plan = Plan.manual(
         dp=dp,

@@ -53,11 +53,15 @@ fewer, larger messages across nodes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from cost_models.comm import GroupSpec, collective_time_s
 from cost_models.constants import DEFAULT, Calibration
 from cost_models.workload import CommWork, OpWork
+
+ROUTINGS = ("uniform", "round_robin")
+"""The routing patterns :func:`ranks_per_token` knows (:attr:`MoEShape.routing`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +84,10 @@ class MoEShape:
     """C: an expert takes at most C times its balanced load; None: no dropping."""
     gated: bool = True
     """SwiGLU experts (gate, up, down: 3 matrices) rather than 2-matrix MLPs."""
+    routing: str = "uniform"
+    """How a token's ``k`` experts fall on ranks (:data:`ROUTINGS`): ``uniform``, any ``k`` distinct
+    experts alike (a learned router); ``round_robin``, token ``t`` takes experts ``t k .. t k + k - 1``
+    (mod ``E``), the fixed balanced gate benchmarks swap in to take imbalance out of a measurement."""
 
     def __post_init__(self) -> None:
         for name in ("experts", "top_k", "hidden", "ffn"):
@@ -92,6 +100,8 @@ class MoEShape:
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"MoEShape capacity_factor={self.capacity_factor}: must be > 0 or None")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"MoEShape routing={self.routing!r}: choose one of {', '.join(ROUTINGS)}")
 
     @property
     def matrices(self) -> int:
@@ -100,16 +110,7 @@ class MoEShape:
 
     def scaled(self, tokens: float) -> MoEShape:
         """The same layer over ``tokens`` tokens."""
-        return MoEShape(
-            experts=self.experts,
-            top_k=self.top_k,
-            hidden=self.hidden,
-            ffn=self.ffn,
-            tokens=tokens,
-            shared=self.shared,
-            capacity_factor=self.capacity_factor,
-            gated=self.gated,
-        )
+        return replace(self, tokens=tokens)
 
 
 def check_degrees(shape: MoEShape, ep: int, tp: int) -> None:
@@ -147,12 +148,22 @@ def received_tokens(shape: MoEShape, ep: int, imbalance: float = 1.0) -> float:
 
 
 def ranks_per_token(shape: MoEShape, ep: int) -> float:
-    """Distinct ranks a token's ``k`` experts live on, in expectation, with the ``E`` experts split
-    evenly over ``ep`` ranks and the ``k`` chosen uniformly without repetition:
-    ``ep (1 - C(E - E/ep, k) / C(E, k))`` (Qwen3-30B-A3B: E=128, k=8, ep=8 gives 5.34)."""
+    """Distinct ranks a token's ``k`` experts live on, on average, with the ``E`` experts split
+    into ``ep`` contiguous blocks of ``E / ep``:
+
+    * ``uniform`` routing (any ``k`` distinct experts alike):
+      ``ep (1 - C(E - E/ep, k) / C(E, k))`` (Qwen3-30B-A3B: E=128, k=8, ep=8 gives 5.34);
+    * ``round_robin`` routing (token ``t`` takes experts ``t k + j mod E``): the blocks the run of
+      ``k`` consecutive experts starting at ``t k mod E`` touches, averaged over the period
+      ``E / gcd(E, k)`` of the starts (E=128, k=8, ep=8: every run sits in one block, 1.0)."""
     if ep <= 1:
         return 1.0
     per_rank = shape.experts / ep
+    if shape.routing == "round_robin":
+        e, k = shape.experts, shape.top_k
+        starts = range(0, e * k // math.gcd(e, k), k)  # t k for t over one period, below lcm(E, k)
+        touched = [len({((s + j) % e) // int(per_rank) for j in range(k)}) for s in starts]
+        return sum(touched) / len(touched)
     miss = 1.0  # probability that none of the k experts is on a given rank
     for i in range(shape.top_k):
         miss *= max(shape.experts - per_rank - i, 0.0) / (shape.experts - i)

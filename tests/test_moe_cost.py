@@ -274,3 +274,62 @@ def test_deepep_dispatch_sends_a_token_once_per_rank():
     for name, nbytes in per_expert.items():
         factor = 1.0 if name.endswith("counts") else ranks_per_token(qwen3, 8) / 8
         assert per_rank[name] == pytest.approx(nbytes * factor), name
+
+
+@pytest.mark.parametrize(
+    ("experts", "top_k", "ep"), [(128, 8, 8), (8, 2, 4), (12, 5, 4), (6, 4, 3), (64, 6, 16)]
+)
+def test_round_robin_routing_ranks_per_token_counts_the_gate(experts, top_k, ep):
+    """``routing="round_robin"``: the distinct ranks per token equal those of the indices a fixed
+    balanced gate produces (``arange(T k).view(T, k) % E``, experts in contiguous blocks of ``E / ep``
+    per rank), counted over many tokens; NeMo AutoModel's benchmark gate on Qwen3-30B-A3B (E=128,
+    k=8, ep=8) puts every token's experts on one rank, so DeepEP's dispatch carries 1/k of the rows."""
+    from dataclasses import replace
+
+    import torch
+
+    from cost_models.moe import MoEShape, moe_comms, ranks_per_token
+
+    shape = MoEShape(experts=experts, top_k=top_k, hidden=16, ffn=32, tokens=64, routing="round_robin")
+    tokens = 10 * experts  # whole periods of the gate's pattern
+    indices = torch.arange(tokens * top_k).view(tokens, top_k) % experts
+    counted = sum(len(set((row // (experts // ep)).tolist())) for row in indices) / tokens
+    assert ranks_per_token(shape, ep) == pytest.approx(counted)
+    if (experts, top_k, ep) == (128, 8, 8):
+        assert counted == 1.0
+        uniform = {c.name: c.nbytes for c in moe_comms(replace(shape, routing="uniform"), ep=ep)}
+        fixed = {c.name: c.nbytes for c in moe_comms(shape, ep=ep, per_rank=True)}
+        assert fixed["moe.all_to_all.dispatch"] == pytest.approx(uniform["moe.all_to_all.dispatch"] / top_k)
+
+
+def test_moe_routing_is_checked():
+    from cost_models.moe import MoEShape
+
+    with pytest.raises(ValueError, match="routing='random'.*uniform, round_robin"):
+        MoEShape(experts=8, top_k=2, hidden=16, ffn=32, tokens=64, routing="random")
+
+
+def test_benchmark_gate_routing_reaches_the_estimate(benchmark_module):
+    """A published row's ``gate_routing`` (``benchmarks/data/moe_published.json``) is one the cost
+    model knows and reaches the traced MoE nodes the estimator reads: the AutoModel Qwen3 row's
+    DeepEP dispatch under its round-robin gate carries 1 / ``ranks_per_token`` (uniform) of the
+    bytes it carries under a learned router."""
+    from autopar.estimator.moe import elem_bytes, moe_nodes, node_comms, shape_of
+    from cost_models.moe import ROUTINGS, ranks_per_token
+
+    fidelity_moe = benchmark_module("fidelity_moe")
+    rows = [r for r in fidelity_moe.load_rows() if "gate_routing" in r]
+    assert rows and all(r["gate_routing"] in ROUTINGS for r in rows)
+    row = next(r for r in rows if r["model"] == "qwen3-moe-30b-a3b")
+    nodes = moe_nodes(fidelity_moe.row_graph(row))
+    assert len(nodes) == 48 and {n.meta["moe"]["routing"] for n in nodes} == {"round_robin"}
+
+    def dispatch_bytes(node):
+        comms = node_comms(node, batch=1.0, ep=8, tp=1, act=1.0, per_rank=True)
+        return next(c.nbytes for c in comms if c.name.endswith("all_to_all.dispatch"))
+
+    fixed = dispatch_bytes(nodes[0])
+    nodes[0].meta["moe"].pop("routing")
+    learned = dispatch_bytes(nodes[0])
+    assert fixed / learned == pytest.approx(1.0 / ranks_per_token(shape_of(nodes[0]), 8))
+    assert fixed == pytest.approx(4 * 4096 * 2048 * elem_bytes(nodes[0], 1.0))  # one copy of each token

@@ -23,6 +23,8 @@ ranks, ``Plan.groups("ep")``):
 
 The load-imbalance factor is ``node.meta["moe"]["imbalance"]`` when routing was measured, else
 :data:`DEFAULT_IMBALANCE` (balanced routing, what the auxiliary load-balancing loss aims at).
+``node.meta["moe"]["routing"]`` (:data:`cost_models.moe.ROUTINGS`, default ``uniform``) says how a
+token's experts spread over ranks, which sets a per-rank (DeepEP) dispatch's volume.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def shape_of(node: OpNode, batch_scale: float = 1.0) -> moe_model.MoEShape:
         shared=int(m.get("shared", 0) or 0),
         capacity_factor=m.get("capacity_factor"),
         gated=bool(m.get("gated", True)),
+        routing=str(m.get("routing", "uniform")),
     )
 
 
